@@ -1,0 +1,235 @@
+"""Typed run configuration, validated on construction.
+
+Every field has a docstring-style comment; `__post_init__` raises `ConfigError` naming the field and the
+bad value, which the CLI prints as one line (exit code 2). `asdict(cfg)` is saved with every run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+
+OPS = ("add", "sub", "mul", "div")
+MODELS = ("mlp", "transformer")
+LOSSES = ("ce", "mse")
+DTYPES = ("float32", "float64")
+DEVICES = ("auto", "cpu", "cuda")
+KERNELS = ("auto", "triton", "torch")
+CLAMP_MODES = ("total", "layer")
+COMPILE = ("auto", "on", "off")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a configuration; the message names the field and the value."""
+
+
+def is_prime(n: int) -> bool:
+    return n >= 2 and all(n % k for k in range(2, int(math.isqrt(n)) + 1))
+
+
+def _default_clamp_from(loss: str, model: str) -> int:
+    """The study's t_int: 500 for CE, 50 for MSE, 600 for the transformer."""
+    if model == "transformer":
+        return 600
+    return 50 if loss == "mse" else 500
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    # --- task ---
+    p: int = 59
+    """Modulus; the task is `a op b mod p`, a p-way classification."""
+    op: str = "add"
+    """One of add, sub, mul, div (div needs a prime p; pairs with b = 0 are left out)."""
+    train_frac: float = 0.4
+    """Fraction of the pairs in each model's training split, n_train = int(train_frac * n_pairs)."""
+
+    # --- model ---
+    model: str = "mlp"
+    """`mlp` (the study's 2-layer MLP) or `transformer` (1-layer, no biases)."""
+    d_embed: int = 128
+    """MLP: embedding width d (the input to W1 is 2d)."""
+    hidden: int = 256
+    """MLP: hidden width H."""
+    d_model: int = 128
+    """Transformer: residual width."""
+    n_heads: int = 4
+    """Transformer: attention heads."""
+    n_layers: int = 1
+    """Transformer: blocks."""
+    d_mlp: int = 512
+    """Transformer: MLP hidden width."""
+    layernorm: bool = False
+    """Transformer: LayerNorm before attention, MLP and unembedding."""
+
+    # --- cells and seeds ---
+    seeds: int = 12
+    """Models per cell; model s of a cell uses seed seed0 + s (init and split both derive from it)."""
+    seed0: int = 0
+    """First seed."""
+    taus: tuple[float, ...] = (1.0,)
+    """Temperatures; logits are divided by tau before the loss and the readouts."""
+    norm_targets: tuple[float, ...] = ()
+    """Clamp targets for the total matrix norm (absolute); empty means no clamp."""
+    clamp_from: int | None = None
+    """First step of the clamp (t_int); None means the study's default for the loss and model."""
+    clamp_mode: str = "total"
+    """`total` (one norm over all matrices) or `layer` (each matrix to its share, see layer_fracs)."""
+    layer_fracs: tuple[float, ...] = ()
+    """Per-layer clamp: the squared-norm share of each matrix (sums to 1); empty means the shares at
+    the clamp's first step."""
+
+    # --- optimisation ---
+    loss: str = "ce"
+    """`ce` (cross-entropy on z/tau) or `mse` (sum over classes of (z/tau - onehot)^2)."""
+    steps: int = 20000
+    """Budget of optimizer steps."""
+    lr: float = 1e-3
+    wd: float = 1.0
+    """Decoupled weight decay, on matrices only, applied after the Adam update."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    # --- readouts ---
+    eval_every: int = 25
+    """Evaluate train/test accuracy every this many steps."""
+    logit_every: int = 200
+    """Record the effective logit scale L every this many steps (a multiple of eval_every)."""
+    mem_threshold: float = 0.99
+    grok_threshold: float = 0.90
+    stop_when_grokked: bool = True
+    """Stop once every model has grokked (or diverged)."""
+
+    # --- execution ---
+    dtype: str = "float32"
+    device: str = "auto"
+    compile: str = "auto"
+    """`auto` uses torch.compile where the benchmark measured it faster (the MLP), `on`, `off`."""
+    kernels: str = "auto"
+    """Loss/clamp implementation: `auto` (Triton on CUDA, PyTorch elsewhere), `triton`, `torch`."""
+    checkpoint_every: int = 1000
+    """Write a resumable checkpoint every this many steps (and at the end)."""
+
+    def __post_init__(self) -> None:
+        self.taus = tuple(float(t) for t in self.taus)
+        self.norm_targets = tuple(float(t) for t in self.norm_targets)
+        self.layer_fracs = tuple(float(t) for t in self.layer_fracs)
+        _choice("op", self.op, OPS)
+        _choice("model", self.model, MODELS)
+        _choice("loss", self.loss, LOSSES)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("device", self.device, DEVICES)
+        _choice("kernels", self.kernels, KERNELS)
+        _choice("clamp_mode", self.clamp_mode, CLAMP_MODES)
+        _choice("compile", self.compile, COMPILE)
+        if not isinstance(self.p, int) or self.p < 2:
+            raise ConfigError(f"p must be an integer >= 2, got {self.p!r}")
+        if self.op == "div" and not is_prime(self.p):
+            raise ConfigError(f"op 'div' needs a prime p, got p={self.p}")
+        if not (0.0 < self.train_frac < 1.0) or not math.isfinite(self.train_frac):
+            raise ConfigError(f"train_frac must be in (0, 1), got {self.train_frac!r}")
+        n_train = int(self.train_frac * self.n_pairs)
+        if n_train < 1 or n_train >= self.n_pairs:
+            raise ConfigError(f"train_frac={self.train_frac} leaves an empty train or test set at p={self.p}")
+        if not self.taus:
+            raise ConfigError("taus must hold at least one temperature")
+        for t in self.taus:
+            if not math.isfinite(t) or t <= 0:
+                raise ConfigError(f"tau must be finite and > 0, got {t!r}")
+        for t in self.norm_targets:
+            if not math.isfinite(t) or t <= 0:
+                raise ConfigError(f"norm target must be finite and > 0, got {t!r}")
+        for name in ("steps", "seed0"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.clamp_from is not None and self.clamp_from < 0:
+            raise ConfigError(f"clamp_from must be >= 0, got {self.clamp_from!r}")
+        if self.seeds < 1:
+            raise ConfigError(f"seeds must be >= 1, got {self.seeds!r}")
+        for name in ("eval_every", "logit_every", "checkpoint_every", "d_embed", "hidden", "d_model",
+                     "n_heads", "n_layers", "d_mlp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.logit_every % self.eval_every:
+            raise ConfigError(f"logit_every ({self.logit_every}) must be a multiple of eval_every ({self.eval_every})")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        for name in ("lr", "eps"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{name} must be finite and > 0, got {v!r}")
+        if not math.isfinite(self.wd) or self.wd < 0:
+            raise ConfigError(f"wd must be finite and >= 0, got {self.wd!r}")
+        for name in ("beta1", "beta2"):
+            if not (0.0 <= getattr(self, name) < 1.0):
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.layer_fracs:
+            if any(f <= 0 for f in self.layer_fracs) or abs(sum(self.layer_fracs) - 1.0) > 1e-6:
+                raise ConfigError(f"layer_fracs must be positive and sum to 1, got {self.layer_fracs!r}")
+
+    # --- derived ---
+    @property
+    def n_pairs(self) -> int:
+        return self.p * (self.p - 1) if self.op == "div" else self.p * self.p
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train_frac * self.n_pairs)
+
+    @property
+    def t_clamp(self) -> int:
+        return _default_clamp_from(self.loss, self.model) if self.clamp_from is None else self.clamp_from
+
+    @property
+    def cells(self) -> list[dict]:
+        """The product of taus and norm targets, in order; norm_target None means unclamped."""
+        targets = self.norm_targets or (None,)
+        return [{"cell": i, "tau": t, "norm_target": r}
+                for i, (t, r) in enumerate(itertools.product(self.taus, targets))]
+
+    @property
+    def n_models(self) -> int:
+        return len(self.cells) * self.seeds
+
+    def model_table(self) -> list[dict]:
+        """One dict per model in batch order: model, cell, seed, tau, norm_target."""
+        rows = []
+        for c in self.cells:
+            for s in range(self.seeds):
+                rows.append({"model": len(rows), "cell": c["cell"], "seed": self.seed0 + s,
+                             "tau": c["tau"], "norm_target": c["norm_target"]})
+        return rows
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        d = dict(d)
+        for k in ("taus", "norm_targets", "layer_fracs"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+# --- presets: functions returning a config, variants via dataclasses.replace ---
+
+def study_mlp_p59() -> TrainConfig:
+    """The study's baseline cell: MLP, p = 59, 12 seeds, no clamp."""
+    return TrainConfig()
+
+
+def quick_cpu() -> TrainConfig:
+    """A configuration that groks in well under a minute on a 2-core CPU (see README)."""
+    return TrainConfig(p=31, train_frac=0.5, lr=3e-3, seeds=4, steps=8000, d_embed=64, hidden=128)
