@@ -1,0 +1,401 @@
+"""Statistics on a run directory: the study's numbers from per-seed results.
+
+Pure functions on pandas DataFrames and numpy arrays; no plotting (figures live in `report.py`).
+The inputs follow the run-directory schema the trainer writes:
+
+    models.parquet  one row per model: model, cell, seed, tau, norm_target, rho, t_mem, t_grok,
+                    logit_scale_at_grok, sc_rate, train_acc, test_acc, weight_norm, diverged, steps,
+                    and for grid runs the setting columns (experiment, p, op, arch, loss, ...).
+    curves.parquet  long format: model, step, metric, value.
+
+The study's conventions (see paper-notes):
+- A cell's T_grok (T_mem) is the median over the seeds that reached it; a cell *counts* only if a
+  strict majority of its seeds grokked. Delay = median T_grok - median T_mem.
+- A cell's L at a step is the mean over its models of `logit_scale` at that step; its L at grok
+  (`L_grok`) is L at the logged step nearest its median T_grok (the earlier step on a tie).
+- Bootstrap CIs resample seeds with `rng = np.random.default_rng(0)`, one `rng.integers(0, S, S)`
+  per resample, the same indices applied to every cell (seeds paired by seed id); medians are
+  recomputed, L values are held fixed; the CI is the 2.5 and 97.5 percentiles.
+
+Analyses over several cells run once per *setting* (the SETTING_COLS present, e.g. one per p).
+Axis letters: K cells, S seeds, B bootstrap resamples.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+SETTING_COLS = ("experiment", "p", "op", "arch", "loss", "lr", "wd", "train_frac", "dtype")
+"""Columns that define a setting; multi-cell analyses run once per distinct combination."""
+CELL_COLS = SETTING_COLS + ("arm", "fork_step", "rho", "tau", "norm_target")
+"""Columns that describe a cell; copied into the cell table when present."""
+N_BOOT = 4000
+"""Bootstrap resamples, as in the study."""
+ATOL = 1e-6
+"""Tolerance when matching a cell's rho or tau to a requested value."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and small helpers
+# ---------------------------------------------------------------------------------------------
+def load_run(run_dir) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Read `models.parquet`, `curves.parquet` (optional) and `config.json` (optional) of a run."""
+    d = Path(run_dir)
+    if not (d / "models.parquet").exists():
+        raise FileNotFoundError(f"{d} has no models.parquet; is it a fastgrok run directory?")
+    models = pd.read_parquet(d / "models.parquet")
+    curves = (pd.read_parquet(d / "curves.parquet") if (d / "curves.parquet").exists()
+              else pd.DataFrame({"model": [], "step": [], "metric": [], "value": []}))
+    config = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+    check_models(models)
+    return models, curves, config
+
+
+def check_models(models: pd.DataFrame) -> None:
+    """Raise ValueError if the columns every analysis relies on are missing or inconsistent."""
+    missing = [c for c in ("model", "cell", "seed", "t_mem", "t_grok") if c not in models.columns]
+    if missing:
+        raise ValueError(f"models table lacks column(s) {missing}")
+    if models["model"].duplicated().any():
+        raise ValueError("model ids repeat in the models table; curves are keyed by model, so the "
+                         "ids must be unique within a run directory")
+    if models[["cell", "seed"]].duplicated().any():
+        raise ValueError("a (cell, seed) pair occurs twice in the models table")
+
+
+def _num(s: pd.Series) -> np.ndarray:
+    """A column as float64 with NaN for nulls (handles nullable Int64)."""
+    return pd.to_numeric(s, errors="coerce").astype("float64").to_numpy()
+
+
+def _nanmedian(x: np.ndarray, axis=None):
+    """np.nanmedian without the all-NaN warning (an all-NaN slice gives NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(x, axis=axis)
+
+
+def _cell_value(s: pd.Series):
+    """One value for a describing column over a cell's seeds: the shared value, else the median."""
+    v = s.dropna()
+    if v.empty:
+        return np.nan
+    if (v == v.iloc[0]).all():
+        return v.iloc[0]
+    return float(np.median(_num(v))) if pd.api.types.is_numeric_dtype(v) else v.iloc[0]
+
+
+def is_fork(df: pd.DataFrame) -> np.ndarray:
+    """Boolean mask of the rows that belong to a same-state fork arm (non-null `arm`)."""
+    return df["arm"].notna().to_numpy() if "arm" in df.columns else np.zeros(len(df), bool)
+
+
+def setting_groups(df: pd.DataFrame, extra: tuple[str, ...] = ()):
+    """Yield (keys dict, sub-frame) per setting (SETTING_COLS + extra present in df)."""
+    keys = [c for c in (*SETTING_COLS, *extra) if c in df.columns]
+    if not keys:
+        yield {}, df
+        return
+    for vals, g in df.groupby(keys, dropna=False, sort=True):
+        vals = vals if isinstance(vals, tuple) else (vals,)
+        yield dict(zip(keys, vals)), g
+
+
+def match_value(values: pd.Series, x: float) -> np.ndarray:
+    """Boolean mask of values equal to x within ATOL (NaN never matches)."""
+    return np.isclose(_num(values), x, rtol=0.0, atol=ATOL)
+
+
+def _need_rho(cells: pd.DataFrame, what: str) -> None:
+    if "rho" not in cells.columns or cells["rho"].isna().all():
+        raise ValueError(f"{what} needs each cell's clamp dose rho (column 'rho', target = rho * "
+                         "w_c); this run has no rho values")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-cell table
+# ---------------------------------------------------------------------------------------------
+def cell_logit_scale(models: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """A cell's L per logged step: mean over its models of `logit_scale`. Columns cell, step, L."""
+    lc = curves.loc[curves["metric"] == "logit_scale", ["model", "step", "value"]]
+    lc = lc.merge(models[["model", "cell"]], on="model")
+    out = lc.groupby(["cell", "step"], as_index=False)["value"].mean()
+    return out.rename(columns={"value": "L"})
+
+
+def nearest_step_value(steps, values, t: float) -> float:
+    """values at the step nearest t (the earlier step on a tie); NaN if t is NaN or no steps."""
+    steps, values = np.asarray(steps, float), np.asarray(values, float)
+    if not np.isfinite(t) or steps.size == 0:
+        return np.nan
+    order = np.argsort(steps, kind="stable")
+    i = int(np.argmin(np.abs(steps[order] - t)))  # argmin takes the first, i.e. the earlier, tie
+    return float(values[order][i])
+
+
+def cell_curves(models: pd.DataFrame, curves: pd.DataFrame,
+                metrics=("train_acc", "test_acc")) -> pd.DataFrame:
+    """Per-cell mean over seeds of each metric per step. Columns cell, metric, step, value."""
+    c = curves.loc[curves["metric"].isin(list(metrics)), ["model", "step", "metric", "value"]]
+    c = c.merge(models[["model", "cell"]], on="model")
+    return c.groupby(["cell", "metric", "step"], as_index=False)["value"].mean()
+
+
+def cell_table(models: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per cell: describing columns, n_seeds, n_grokked, n_diverged, counts, T_mem,
+    T_grok, delay, L_grok, sc_rate (mean final), W_final (median final ‖W‖) and W_grok (median
+    over grokked seeds of ‖W‖ at their T_grok: w_c when the cell is a free control)."""
+    check_models(models)
+    desc = [c for c in CELL_COLS if c in models.columns]
+    rows = []
+    for cell, g in models.groupby("cell", sort=True):
+        tg, tm = _num(g["t_grok"]), _num(g["t_mem"])
+        n, n_grok = len(g), int(np.isfinite(tg).sum())
+        row = {"cell": cell, **{c: _cell_value(g[c]) for c in desc}}
+        row.update(
+            n_seeds=n, n_grokked=n_grok,
+            n_diverged=int(np.nansum(_num(g["diverged"]))) if "diverged" in g else 0,
+            counts=bool(2 * n_grok > n),
+            T_mem=float(_nanmedian(tm)), T_grok=float(_nanmedian(tg)))
+        row["delay"] = row["T_grok"] - row["T_mem"]
+        row["sc_rate"] = float(np.nanmean(_num(g["sc_rate"]))) if "sc_rate" in g and n else np.nan
+        row["W_final"] = float(_nanmedian(_num(g["weight_norm"]))) if "weight_norm" in g else np.nan
+        rows.append(row)
+    cells = pd.DataFrame(rows)
+    if curves is None or curves.empty:
+        cells["L_grok"], cells["W_grok"] = np.nan, np.nan
+        return cells
+
+    # L at grok: the cell's L at the logged step nearest its median T_grok.
+    L = cell_logit_scale(models, curves)
+    by_cell = {c: g for c, g in L.groupby("cell")}
+    cells["L_grok"] = [
+        nearest_step_value(by_cell[c]["step"], by_cell[c]["L"], t) if c in by_cell else np.nan
+        for c, t in zip(cells["cell"], cells["T_grok"])]
+
+    # ‖W‖ at each grokked seed's own T_grok (an evaluation step, so an exact match).
+    w = curves.loc[curves["metric"] == "weight_norm", ["model", "step", "value"]]
+    at = models[["model", "cell"]].assign(step=_num(models["t_grok"])).dropna(subset=["step"])
+    at = at.merge(w.assign(step=w["step"].astype("float64")), on=["model", "step"])
+    wg = at.groupby("cell")["value"].median()
+    cells["W_grok"] = cells["cell"].map(wg).astype("float64")
+    return cells
+
+
+def memorization_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """T_mem and delay beside T_grok per (non-fork) cell: does tau move T_grok but not T_mem?"""
+    c = cells.loc[~is_fork(cells)]
+    keys = [k for k in (*SETTING_COLS, "rho", "norm_target", "tau") if k in c.columns]
+    cols = ["cell", *keys, "n_seeds", "n_grokked", "counts", "T_mem", "T_grok", "delay"]
+    return c.sort_values(keys or "cell")[cols].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired bootstrap over seeds
+# ---------------------------------------------------------------------------------------------
+def seed_matrix(models: pd.DataFrame, cell_ids, col: str = "t_grok") -> tuple[np.ndarray, np.ndarray]:
+    """(K, S) matrix of `col` for the given cells (rows, in order) and the sorted union of their
+    seed ids (columns); NaN where a seed did not reach it or is absent from a cell."""
+    sub = models.loc[models["cell"].isin(list(cell_ids)), ["cell", "seed"]].assign(v=_num(
+        models.loc[models["cell"].isin(list(cell_ids)), col]))
+    wide = sub.pivot(index="cell", columns="seed", values="v").reindex(list(cell_ids))
+    wide = wide.reindex(columns=sorted(wide.columns))
+    return wide.to_numpy(dtype="float64"), wide.columns.to_numpy()
+
+
+def paired_bootstrap(T: np.ndarray, stat: Callable[[np.ndarray], float], *, n_boot: int = N_BOOT,
+                     seed: int = 0) -> tuple[float, float, float, np.ndarray]:
+    """Point estimate and 95% CI of stat(per-cell medians) under the study's paired bootstrap.
+
+    T is (K, S): per-seed values (NaN = never reached) with seeds aligned across cells. Each
+    resample draws idx = rng.integers(0, S, S) (one call per resample, as the study does), applies it
+    to every cell, and recomputes each cell's nanmedian. Returns (point, lo, hi, samples (B,));
+    lo/hi are the 2.5/97.5 percentiles over the finite samples.
+    """
+    T = np.asarray(T, dtype="float64")
+    K, S = T.shape
+    point = float(stat(_nanmedian(T, axis=1)))
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.integers(0, S, S) for _ in range(n_boot)])  # (B, S)
+    med = _nanmedian(T[:, idx], axis=2)                              # (K, B)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        samples = np.array([stat(med[:, b]) for b in range(n_boot)], dtype="float64")
+    ok = samples[np.isfinite(samples)]
+    lo, hi = np.percentile(ok, [2.5, 97.5]) if ok.size else (np.nan, np.nan)
+    return point, float(lo), float(hi), samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Mediation (tau sweep at rho_high)
+# ---------------------------------------------------------------------------------------------
+def interp_t2(L0: float, L_sweep: np.ndarray, T_sweep: np.ndarray) -> float:
+    """T2 = np.interp(L0, L, T) over the sweep's cells sorted by L ascending (cells with NaN T or L
+    left out; np.interp holds the end values outside the range)."""
+    L_sweep, T_sweep = np.asarray(L_sweep, float), np.asarray(T_sweep, float)
+    ok = np.isfinite(L_sweep) & np.isfinite(T_sweep)
+    if not ok.any() or not np.isfinite(L0):
+        return np.nan
+    order = np.argsort(L_sweep[ok], kind="stable")
+    return float(np.interp(L0, L_sweep[ok][order], T_sweep[ok][order]))
+
+
+def _find_cell(cells: pd.DataFrame, rho: float, tau: float) -> pd.Series:
+    hit = cells.loc[match_value(cells["rho"], rho) & match_value(cells["tau"], tau)]
+    if len(hit) != 1:
+        have = sorted(set(zip(_num(cells["rho"]).round(4), _num(cells["tau"]).round(4))))
+        what = "no cell" if hit.empty else f"{len(hit)} cells (pass one setting at a time)"
+        raise ValueError(f"{what} with (rho, tau) = ({rho}, {tau}); (rho, tau) present: {have}")
+    return hit.iloc[0]
+
+
+def mediation(cells: pd.DataFrame, per_seed: pd.DataFrame, *, rho_high: float = 1.15,
+              baseline: tuple[float, float] = (1.0, 1.0), n_boot: int = N_BOOT,
+              seed: int = 0) -> dict:
+    """Mediation for one setting: T0 (baseline cell), T1 (rho_high, tau=1), T2 and recovery.
+
+    cells: a cell table (cell, rho, tau, L_grok) of one setting; per_seed: rows cell, seed,
+    t_grok (e.g. the models table). Cells are identified by (rho, tau). The sweep is every cell at
+    rho_high with a finite L_grok (tau = 1 included). T2 = np.interp(L0, L, T) over the sweep sorted
+    by L; recovery = (T1 - T2) / (T1 - T0); CI from the paired bootstrap (L held fixed).
+    """
+    _need_rho(cells, "mediation")
+    cells = cells.loc[~is_fork(cells)]
+    base, high = _find_cell(cells, *baseline), _find_cell(cells, rho_high, 1.0)
+    sweep = cells.loc[match_value(cells["rho"], rho_high) & np.isfinite(_num(cells["L_grok"]))]
+    sweep = sweep.sort_values("L_grok", kind="stable")
+    if len(sweep) < 2:
+        raise ValueError(f"the tau sweep at rho = {rho_high} needs >= 2 cells with an L at grok, "
+                         f"found {len(sweep)}")
+    ids = [base["cell"], high["cell"], *sweep["cell"]]
+    T, seeds = seed_matrix(per_seed, ids)          # (K, S), rows: baseline, T1 cell, sweep...
+    L0, L_sweep = float(base["L_grok"]), _num(sweep["L_grok"])
+
+    def recovery(med: np.ndarray) -> float:
+        t0, t1, t2 = med[0], med[1], interp_t2(L0, L_sweep, med[2:])
+        return (t1 - t2) / (t1 - t0) if t1 != t0 else np.nan
+
+    med = _nanmedian(T, axis=1)
+    rec, lo, hi, samples = paired_bootstrap(T, recovery, n_boot=n_boot, seed=seed)
+    counted = cells.set_index("cell").loc[ids, "counts"].astype(bool)
+    return dict(rho_high=rho_high, L0=L0, L1=float(high["L_grok"]), T0=float(med[0]),
+                T1=float(med[1]), T2=interp_t2(L0, L_sweep, med[2:]), recovery=rec, ci_low=lo,
+                ci_high=hi, n_sweep=len(sweep), n_seeds=len(seeds),
+                extrapolated=bool(L0 < L_sweep.min() or L0 > L_sweep.max()),
+                all_count=bool(counted.all()), n_boot_ok=int(np.isfinite(samples).sum()))
+
+
+def mediation_table(cells: pd.DataFrame, per_seed: pd.DataFrame, *, rho_high: float = 1.15,
+                    baseline: tuple[float, float] = (1.0, 1.0), n_boot: int = N_BOOT,
+                    seed: int = 0) -> pd.DataFrame:
+    """`mediation` for every setting that holds the baseline, the (rho_high, 1) cell and >= 2 sweep
+    cells; one row per setting (empty if none does)."""
+    _need_rho(cells, "mediation")
+    rows = []
+    for keys, g in setting_groups(cells.loc[~is_fork(cells)]):
+        try:
+            rows.append({**keys, **mediation(g, per_seed, rho_high=rho_high, baseline=baseline,
+                                             n_boot=n_boot, seed=seed)})
+        except ValueError:
+            continue  # this setting is not a mediation sweep
+    return pd.DataFrame(rows)
+
+
+def mediation_from_run(models: pd.DataFrame, curves: pd.DataFrame, rho_high: float = 1.15,
+                       baseline: tuple[float, float] = (1.0, 1.0), *, n_boot: int = N_BOOT,
+                       seed: int = 0) -> pd.DataFrame:
+    """Cell table + `mediation_table` straight from a run's models and curves."""
+    return mediation_table(cell_table(models, curves), models, rho_high=rho_high,
+                           baseline=baseline, n_boot=n_boot, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions: collapse grid and dose law
+# ---------------------------------------------------------------------------------------------
+def ols_r2(y, *xs) -> float:
+    """R² of an ordinary least-squares fit of y on the regressors xs with an intercept."""
+    y = np.asarray(y, float)
+    X = np.column_stack([np.ones_like(y), *[np.asarray(x, float) for x in xs]])  # (N, 1 + k)
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    ss_res, ss_tot = np.sum((y - X @ beta) ** 2), np.sum((y - y.mean()) ** 2)
+    return float(1.0 - ss_res / ss_tot) if ss_tot > 0 else np.nan
+
+
+def counting_cells(cells: pd.DataFrame) -> pd.DataFrame:
+    """Non-fork cells that count (majority grokked) with a positive T_grok."""
+    c = cells.loc[~is_fork(cells) & cells["counts"].astype(bool).to_numpy()]
+    return c.loc[_num(c["T_grok"]) > 0]
+
+
+def collapse_r2(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per setting: OLS (with intercept, one point per counting cell) of ln T_grok on L_grok, on
+    rho, and on both; columns n_cells, r2_L, r2_rho, r2_both, delta_r2 = r2_both - r2_L. Settings
+    with fewer than 4 usable cells are left out."""
+    _need_rho(cells, "the collapse regression")
+    c = counting_cells(cells)
+    c = c.loc[np.isfinite(_num(c["L_grok"])) & np.isfinite(_num(c["rho"]))]
+    rows = []
+    for keys, g in setting_groups(c):
+        if len(g) < 4:
+            continue
+        y, L, rho = np.log(_num(g["T_grok"])), _num(g["L_grok"]), _num(g["rho"])
+        r2_L, r2_rho, r2_both = ols_r2(y, L), ols_r2(y, rho), ols_r2(y, L, rho)
+        rows.append({**keys, "n_cells": len(g), "r2_L": r2_L, "r2_rho": r2_rho,
+                     "r2_both": r2_both, "delta_r2": r2_both - r2_L})
+    return pd.DataFrame(rows)
+
+
+def dose_law(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per setting and tau: fit ln T_grok = c + alpha * ‖W‖ over the counting cells, ‖W‖ being the
+    cell's norm_target, or its median final weight_norm (W_final) when unclamped. Columns n_cells,
+    W_min, W_max, c, alpha, r2; settings with fewer than 3 distinct ‖W‖ are left out."""
+    c = counting_cells(cells)
+    W = _num(c["norm_target"]) if "norm_target" in c.columns else np.full(len(c), np.nan)
+    c = c.assign(W=np.where(np.isfinite(W), W, _num(c["W_final"])))
+    c = c.loc[np.isfinite(c["W"].to_numpy())]
+    rows = []
+    for keys, g in setting_groups(c, extra=("tau",)):
+        if g["W"].round(9).nunique() < 3:
+            continue
+        y, w = np.log(_num(g["T_grok"])), g["W"].to_numpy()
+        X = np.column_stack([np.ones_like(w), w])  # (N, 2)
+        (c0, alpha), *_ = np.linalg.lstsq(X, y, rcond=None)
+        rows.append({**keys, "n_cells": len(g), "W_min": float(w.min()), "W_max": float(w.max()),
+                     "c": float(c0), "alpha": float(alpha), "r2": ols_r2(y, w)})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Same-state forks
+# ---------------------------------------------------------------------------------------------
+def fork_table(models: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
+    """Per fork (setting, tau, fork_step) and arm: the delay from the fork, median over the seeds
+    that grokked of T_grok - fork_step; for each arm but "same", ratio = delay(arm) / delay(same)
+    with a paired bootstrap CI (seeds paired by id; a fresh default_rng(seed) per ratio)."""
+    if "arm" not in models.columns or "fork_step" not in models.columns:
+        raise ValueError("fork_table needs the columns 'arm' and 'fork_step'")
+    f = models.loc[models["arm"].notna()]
+    f = f.assign(delay_from_fork=_num(f["t_grok"]) - _num(f["fork_step"]))
+    rows = []
+    for keys, g in setting_groups(f, extra=("tau", "fork_step")):
+        if g.groupby("arm")["cell"].nunique().max() > 1:
+            raise ValueError(f"fork {keys} has several cells for one arm")
+        arms = sorted(g["arm"].unique(), key=lambda a: (a != "same", a))
+        cell_of = {a: g.loc[g["arm"] == a, "cell"].iloc[0] for a in arms}
+        for a in arms:
+            ga = g.loc[g["arm"] == a]
+            row = {**keys, "arm": a, "cell": cell_of[a], "n_seeds": len(ga),
+                   "n_grokked": int(np.isfinite(ga["delay_from_fork"]).sum()),
+                   "delay": float(_nanmedian(ga["delay_from_fork"].to_numpy())),
+                   "ratio": np.nan, "ci_low": np.nan, "ci_high": np.nan}
+            if a != "same" and "same" in cell_of:
+                D, _ = seed_matrix(g, [cell_of[a], cell_of["same"]], col="delay_from_fork")
+                ratio = lambda med: med[0] / med[1]  # noqa: E731
+                row["ratio"], row["ci_low"], row["ci_high"], _ = paired_bootstrap(
+                    D, ratio, n_boot=n_boot, seed=seed)
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,116 @@
+"""The `fastgrok` command: argument parsing and error reporting only; it calls the library.
+
+A user mistake (ConfigError, BackendError) prints one line on stderr and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import COMPILE, DEVICES, DTYPES, KERNELS, LOSSES, MODELS, OPS, ConfigError, TrainConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):                   # one line, exit 2 (argparse prints usage otherwise)
+        self.exit(2, f"fastgrok: error: {message}\n")
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a batch of models (cells x seeds) and record when they grok")
+    d = TrainConfig()
+    a = p.add_argument
+    a("--p", type=int, default=d.p, help="modulus (default %(default)s)")
+    a("--op", default=d.op, choices=OPS)
+    a("--model", default=d.model, choices=MODELS)
+    a("--loss", default=d.loss, choices=LOSSES)
+    a("--seeds", type=int, default=d.seeds, help="models per cell (default %(default)s)")
+    a("--seed0", type=int, default=d.seed0)
+    a("--tau", type=float, nargs="+", default=list(d.taus), help="temperature(s); several make cells")
+    a("--norm-target", type=float, nargs="+", default=[], help="clamp target(s) for ||W||; none = no clamp")
+    a("--clamp-from", type=int, default=None, help="first clamped step (default: 500 CE, 50 MSE, 600 transformer)")
+    a("--clamp-mode", default=d.clamp_mode, choices=("total", "layer"))
+    a("--steps", type=int, default=d.steps)
+    a("--eval-every", type=int, default=d.eval_every)
+    a("--train-frac", type=float, default=d.train_frac)
+    a("--lr", type=float, default=d.lr)
+    a("--wd", type=float, default=d.wd)
+    a("--d-embed", type=int, default=d.d_embed, help="MLP embedding width")
+    a("--hidden", type=int, default=d.hidden, help="MLP hidden width")
+    a("--d-model", type=int, default=d.d_model, help="transformer width")
+    a("--n-heads", type=int, default=d.n_heads)
+    a("--d-mlp", type=int, default=d.d_mlp, help="transformer MLP width")
+    a("--layernorm", action="store_true", help="transformer: pre-LayerNorm")
+    a("--dtype", default=d.dtype, choices=DTYPES)
+    a("--device", default=d.device, choices=DEVICES)
+    a("--kernels", default=d.kernels, choices=KERNELS,
+      help="loss/clamp implementation: auto (Triton on CUDA), triton, torch")
+    a("--compile", default=d.compile, choices=COMPILE, help="torch.compile the step (auto: where faster)")
+    a("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
+    a("--checkpoint-every", type=int, default=d.checkpoint_every)
+    a("--keep-going", action="store_true", help="train to --steps even after every model grokked")
+    a("--out", type=Path, default=None, help="run directory (default runs/<time>)")
+    a("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR with its saved config")
+    a("--quiet", action="store_true", help="no progress bar")
+
+
+def _config_from_args(args) -> TrainConfig:
+    return TrainConfig(p=args.p, op=args.op, model=args.model, loss=args.loss, seeds=args.seeds, seed0=args.seed0,
+                       taus=tuple(args.tau), norm_targets=tuple(args.norm_target), clamp_from=args.clamp_from,
+                       clamp_mode=args.clamp_mode, steps=args.steps, eval_every=args.eval_every,
+                       logit_every=_logit_every(args.eval_every), train_frac=args.train_frac, lr=args.lr, wd=args.wd,
+                       d_embed=args.d_embed, hidden=args.hidden, d_model=args.d_model, n_heads=args.n_heads,
+                       d_mlp=args.d_mlp, layernorm=args.layernorm, dtype=args.dtype, device=args.device,
+                       kernels=args.kernels, compile=args.compile, checkpoint_every=args.checkpoint_every,
+                       stop_when_grokked=not args.keep_going)
+
+
+def _logit_every(eval_every: int) -> int:
+    """200 as in the study, rounded up to a multiple of eval_every."""
+    return max(1, -(-200 // max(eval_every, 1))) * max(eval_every, 1)
+
+
+def cmd_train(args) -> int:
+    from .summary import print_summary
+    from .trainer import Interrupted, load_config, train
+    if args.resume is not None:
+        cfg, run_dir, resume = load_config(args.resume), args.resume, True
+    else:
+        cfg = _config_from_args(args)
+        run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        resume = False
+    from .trainer import resolve_device
+    resolve_device(cfg.device)                   # a CUDA request without CUDA fails here, before any work
+    print(f"fastgrok: {cfg.n_models} models ({len(cfg.cells)} cells x {cfg.seeds} seeds), p={cfg.p} {cfg.op} "
+          f"{cfg.model} {cfg.loss} {cfg.dtype} -> {run_dir}", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        df = train(cfg, run_dir, resume=resume, progress=not args.quiet)
+    except Interrupted as e:
+        print(f"fastgrok: {e}", file=sys.stderr)
+        return 130
+    print_summary(cfg, df, time.perf_counter() - t0)
+    print(f"results: {run_dir}/models.parquet, {run_dir}/curves.parquet")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastgrok", description="A performance-first trainer for grokking research.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    from fastgrok.kernels import BackendError
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": cmd_train}[args.command](args)
+    except (ConfigError, BackendError) as e:
+        print(f"fastgrok: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Models with a leading model axis M, their parameters living in one flat (M, P) buffer.
+
+Layout of the flat buffer: all matrices first (they take weight decay and the clamp), then vectors
+(biases, LayerNorm gains). `ParamLayout.views(flat)` gives named (M, ...) views; `bounds` are the
+matrix segments' offsets (the clamp's per-layer segments), `n_mat` where the matrices end.
+
+Initialisation: each matrix N(0, 1)/sqrt(fan_in) with fan_in = its first dimension, biases 0, drawn in
+float32 on the CPU from the model's own generator (seeded by its seed), so a model's weights never
+depend on the batch it trains in, and a float64 run starts from the same weights as a float32 one.
+
+The MLP has a hand-written backward (exact algebra, one screen): it keeps the training step a plain
+tensor program that torch.compile traces whole. The transformer uses autograd.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    n_matrices: int            # the first n_matrices entries are matrices
+
+    @property
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def offsets(self) -> list[int]:
+        out = [0]
+        for n in self.sizes:
+            out.append(out[-1] + n)
+        return out
+
+    @property
+    def n_params(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def n_mat(self) -> int:
+        return self.offsets[self.n_matrices]
+
+    @property
+    def bounds(self) -> list[int]:
+        """Offsets of the matrix segments (S + 1 entries, S = number of matrices)."""
+        return self.offsets[: self.n_matrices + 1]
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        M = flat.shape[0]
+        off = self.offsets
+        return {n: flat[:, off[i]:off[i + 1]].view(M, *s) for i, (n, s) in enumerate(zip(self.names, self.shapes))}
+
+    def pack(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        M = next(iter(tensors.values())).shape[0]
+        return torch.cat([tensors[n].reshape(M, -1) for n in self.names], 1)
+
+    def init(self, seeds: list[int], dtype: torch.dtype, device) -> torch.Tensor:
+        rows = []
+        for s in seeds:
+            g = torch.Generator().manual_seed(int(s))
+            parts = [torch.randn(shape, generator=g) / math.sqrt(shape[0]) for shape in self.shapes[: self.n_matrices]]
+            parts += [_vector_init(n, shape) for n, shape in zip(self.names[self.n_matrices:], self.shapes[self.n_matrices:])]
+            rows.append(torch.cat([p.reshape(-1) for p in parts]))
+        return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def _vector_init(name: str, shape) -> torch.Tensor:
+    return torch.ones(shape) if name.endswith("_g") else torch.zeros(shape)
+
+
+def gelu_grad(x: torch.Tensor) -> torch.Tensor:
+    """d/dx of the exact (erf) GeLU: Phi(x) + x * phi(x)."""
+    cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + x * pdf
+
+
+def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """table (M, R, H), idx (N,) shared or (M, N) per model -> (M, N, H)."""
+    if idx.dim() == 1:
+        return table[:, idx]
+    return torch.gather(table, 1, idx[..., None].expand(-1, -1, table.shape[-1]))
+
+
+def _scatter_rows(grad_rows: torch.Tensor, idx: torch.Tensor, R: int) -> torch.Tensor:
+    """Adjoint of _rows: (M, N, H) -> (M, R, H), summing rows that share an index."""
+    M, N, H = grad_rows.shape
+    out = grad_rows.new_zeros(M, R, H)
+    if idx.dim() == 1:
+        return out.index_add_(1, idx, grad_rows)
+    return out.scatter_add_(1, idx[..., None].expand(-1, -1, H), grad_rows)
+
+
+class MLP:
+    """The study's MLP: z = GeLU([E[a], E[b]] W1 + b1) W2 + b2, all with a leading model axis.
+
+    The first layer uses the table form: [E[a], E[b]] W1 = (E W1_top)[a] + (E W1_bot)[b], a p-row
+    product instead of an N-row one (exact algebra; equal to the direct form within float rounding).
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        p, d, H = cfg.p, cfg.d_embed, cfg.hidden
+        self.p, self.d = p, d
+        self.layout = ParamLayout(names=("E", "W1", "W2", "b1", "b2"),
+                                  shapes=((p, d), (2 * d, H), (H, p), (H,), (p,)), n_matrices=3)
+
+    def _hidden_pre(self, P, a, b):
+        d = self.d
+        TA = torch.bmm(P["E"], P["W1"][:, :d])                      # (M, p, H)
+        TB = torch.bmm(P["E"], P["W1"][:, d:])                      # (M, p, H)
+        pre = _rows(TA, a) + _rows(TB, b) + P["b1"][:, None]        # (M, N, H)
+        return pre
+
+    def logits(self, flat, a, b):
+        P = self.layout.views(flat)
+        h = F.gelu(self._hidden_pre(P, a, b))                       # (M, N, H)
+        return torch.baddbmm(P["b2"][:, None], h, P["W2"])          # (M, N, V)
+
+    def loss_and_grads(self, flat, a, b, y, lossfn):
+        """Forward, fused loss, hand-written backward. Returns (loss (M,), grad (M, P), stats)."""
+        P = self.layout.views(flat)
+        d = self.d
+        # forward for all M models
+        pre = self._hidden_pre(P, a, b)                             # (M, N, H)
+        h = F.gelu(pre)
+        z = torch.baddbmm(P["b2"][:, None], h, P["W2"])             # (M, N, V)
+        # fused loss: per-model mean, dL/dz and readouts in one call
+        loss, dz, stats = lossfn(z, y)
+        # backward
+        dW2 = torch.bmm(h.transpose(1, 2), dz)                      # (M, H, V)
+        db2 = dz.sum(1)                                             # (M, V)
+        dpre = torch.bmm(dz, P["W2"].transpose(1, 2)) * gelu_grad(pre)  # (M, N, H)
+        db1 = dpre.sum(1)                                           # (M, H)
+        dTA = _scatter_rows(dpre, a, self.p)                        # (M, p, H)
+        dTB = _scatter_rows(dpre, b, self.p)
+        W1a, W1b = P["W1"][:, :d], P["W1"][:, d:]                   # (M, d, H)
+        Et = P["E"].transpose(1, 2)                                 # (M, d, p)
+        dW1 = torch.cat([torch.bmm(Et, dTA), torch.bmm(Et, dTB)], 1)  # (M, 2d, H)
+        dE = torch.bmm(dTA, W1a.transpose(1, 2)) + torch.bmm(dTB, W1b.transpose(1, 2))  # (M, p, d)
+        M = flat.shape[0]
+        grad = torch.cat([dE.reshape(M, -1), dW1.reshape(M, -1), dW2.reshape(M, -1), db1, db2], 1)
+        return loss, grad, stats
+
+
+class Transformer:
+    """1-layer (n_layers) attention-only-then-MLP transformer on tokens [a, b, =], no biases.
+
+    Learned positions, residual stream, GeLU MLP, separate unembedding read at the last position;
+    optional pre-LayerNorm (gains/biases are vectors: no decay, no clamp). Causal attention.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        p, D, Hm, L = cfg.p, cfg.d_model, cfg.d_mlp, cfg.n_layers
+        self.p, self.D, self.heads, self.n_layers, self.ln = p, D, cfg.n_heads, L, cfg.layernorm
+        names, shapes = ["W_E", "W_pos"], [(p + 1, D), (3, D)]
+        for i in range(L):
+            names += [f"W_Q{i}", f"W_K{i}", f"W_V{i}", f"W_O{i}", f"W_in{i}", f"W_out{i}"]
+            shapes += [(D, D)] * 4 + [(D, Hm), (Hm, D)]
+        names.append("W_U")
+        shapes.append((D, p))
+        n_mat = len(names)
+        if self.ln:
+            for i in range(L):
+                names += [f"ln1_{i}_g", f"ln1_{i}_b", f"ln2_{i}_g", f"ln2_{i}_b"]
+                shapes += [(D,)] * 4
+            names += ["lnf_g", "lnf_b"]
+            shapes += [(D,)] * 2
+        self.layout = ParamLayout(names=tuple(names), shapes=tuple(shapes), n_matrices=n_mat)
+
+    def _norm(self, x, P, name):
+        if not self.ln:
+            return x
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        g, b = P[name + "_g"].view(shape), P[name + "_b"].view(shape)
+        return F.layer_norm(x, x.shape[-1:]) * g + b
+
+    def logits(self, flat, a, b):
+        P = self.layout.views(flat)
+        M = flat.shape[0]
+        eq = torch.full_like(a, self.p)
+        tok = torch.stack([a, b, eq], -1)                               # (N, 3) or (M, N, 3)
+        if tok.dim() == 2:
+            x = P["W_E"][:, tok]                                        # (M, N, 3, D)
+        else:
+            x = torch.gather(P["W_E"], 1, tok.reshape(M, -1, 1).expand(-1, -1, self.D)).view(M, -1, 3, self.D)
+        x = x + P["W_pos"][:, None]                                     # (M, N, 3, D)
+        Nh, dh = self.heads, self.D // self.heads
+        causal = torch.ones(3, 3, dtype=torch.bool, device=flat.device).tril()
+        for i in range(self.n_layers):
+            h = self._norm(x, P, f"ln1_{i}")
+            q, k, v = (torch.einsum("mnsd,mde->mnse", h, P[f"W_{c}{i}"]).unflatten(-1, (Nh, dh)).transpose(2, 3)
+                       for c in "QKV")                                  # (M, N, Nh, 3, dh)
+            att = (q @ k.transpose(-1, -2)) / math.sqrt(dh)             # (M, N, Nh, 3, 3)
+            att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+            o = (att @ v).transpose(2, 3).flatten(-2)                   # (M, N, 3, D)
+            x = x + torch.einsum("mnsd,mde->mnse", o, P[f"W_O{i}"])
+            h = self._norm(x, P, f"ln2_{i}")
+            x = x + torch.einsum("mnsh,mhd->mnsd", F.gelu(torch.einsum("mnsd,mdh->mnsh", h, P[f"W_in{i}"])),
+                                 P[f"W_out{i}"])
+        x = self._norm(x[:, :, -1], P, "lnf")                           # (M, N, D)
+        return torch.bmm(x, P["W_U"])                                   # (M, N, V)
+
+    def loss_and_grads(self, flat, a, b, y, lossfn):
+        with torch.enable_grad():
+            leaf = flat.detach().requires_grad_(True)
+            z = self.logits(leaf, a, b)
+            loss, dz, stats = lossfn(z.detach(), y)
+            (grad,) = torch.autograd.grad(z, leaf, dz)
+        return loss, grad, stats
+
+
+def build_model(cfg: TrainConfig):
+    return MLP(cfg) if cfg.model == "mlp" else Transformer(cfg)

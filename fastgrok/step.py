@@ -1,0 +1,102 @@
+"""The training step and the evaluation pass, each one function with no host synchronisation.
+
+State (all tensors with leading axis M, living on the device):
+    flat (M, P) parameters, m/v (M, P) Adam moments, t (M,) steps taken, alive (M,) bool
+Per-model settings: tau (M,), target (M, S) clamp targets, clamp_on (M,) bool, t_clamp (M,).
+
+`train_step` = forward for all M models -> fused loss and dL/dz -> backward -> AdamW -> clamp, with a
+model whose loss or parameters turn non-finite frozen (alive = False) so the others are unaffected.
+Nothing here calls .item() or .cpu(): metrics are read on the host only at evaluation steps.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+import fastgrok.kernels as K
+
+from .config import TrainConfig
+from .optim import adamw
+
+N_EVAL = 6
+EVAL_METRICS = ("train_loss", "train_acc", "test_acc", "sc_rate", "logit_scale", "weight_norm")
+
+
+@dataclass
+class Batch:
+    """Everything per-model the step reads, on the device."""
+    train_a: torch.Tensor   # (M, n_train)
+    train_b: torch.Tensor
+    train_y: torch.Tensor
+    a: torch.Tensor         # (N,) all pairs
+    b: torch.Tensor
+    y: torch.Tensor
+    train_mask: torch.Tensor  # (M, N) bool
+    tau: torch.Tensor       # (M,)
+    clamp_on: torch.Tensor  # (M,) bool
+    t_clamp: torch.Tensor   # (M,) int64
+
+
+def make_lossfn(loss: str, backend: str, tau: torch.Tensor, mask=None):
+    def lossfn(z, y):
+        return K.loss_and_grad(z, y, tau, mask, backend=backend, loss=loss)
+    return lossfn
+
+
+def train_step(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch) -> torch.Tensor:
+    """One optimizer step for all M models, in place on `state`. Returns the train loss (M,)."""
+    flat, m, v, t, alive = state["flat"], state["m"], state["v"], state["t"], state["alive"]
+    # forward, fused loss with readouts, backward (hand-written for the MLP, autograd otherwise)
+    lossfn = make_lossfn(cfg.loss, backend, batch.tau)
+    loss, grad, _ = model.loss_and_grads(flat, batch.train_a, batch.train_b, batch.train_y, lossfn)
+    # AdamW (decay on matrices only)
+    t_new = t + 1
+    new, m_new, v_new = adamw(flat, grad, m, v, t_new, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2,
+                              eps=cfg.eps, wd=cfg.wd, n_mat=model.layout.n_mat)
+    # divergence: a model whose loss or update is non-finite stops updating, the others go on
+    ok = alive & torch.isfinite(loss) & torch.isfinite(new).all(1)
+    keep = ok[:, None]
+    flat.copy_(torch.where(keep, new, flat))
+    m.copy_(torch.where(keep, m_new, m))
+    v.copy_(torch.where(keep, v_new, v))
+    t.copy_(torch.where(ok, t_new, t))
+    alive.copy_(ok)
+    # clamp: from step t_clamp on, each clamped model's matrix norm(s) set to its own target
+    active = ok & batch.clamp_on & (t_new >= batch.t_clamp)
+    K.clamp_flat_(flat, state["bounds"], state["target"], active, backend=backend)
+    return loss
+
+
+def evaluate(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch) -> torch.Tensor:
+    """All pairs through every model: (M, 6) of EVAL_METRICS. The caller syncs once to read it."""
+    flat = state["flat"]
+    z = model.logits(flat, batch.a, batch.b)                            # (M, N, V)
+    mask = batch.train_mask
+    loss, _, st = K.loss_and_grad(z, batch.y, batch.tau, mask, backend=backend, loss=cfg.loss)
+    wdt = st.logit_norm.dtype
+    train = mask.to(wdt)
+    n_train = train.sum(1)
+    test = 1.0 - train
+    n_test = test.sum(1).clamp_min(1.0)
+    bounds = state["bounds"]
+    wn = flat[:, bounds[0]:bounds[-1]].to(wdt).square().sum(1).sqrt()
+    return torch.stack([
+        loss.to(wdt),
+        (st.correct.to(wdt) * train).sum(1) / n_train,
+        (st.correct.to(wdt) * test).sum(1) / n_test,
+        (st.collapsed.to(wdt) * train).sum(1) / n_train,
+        st.logit_norm.mean(1),
+        wn,
+    ], 1)
+
+
+def build_step_fns(model, cfg: TrainConfig, backend: str, compile_step: bool):
+    """(step, eval) callables over (state, batch); compiled when asked."""
+    step = functools.partial(train_step, model, cfg, backend)
+    ev = functools.partial(evaluate, model, cfg, backend)
+    if compile_step:
+        step = torch.compile(step, fullgraph=cfg.model == "mlp", dynamic=False)
+        ev = torch.compile(ev, fullgraph=cfg.model == "mlp", dynamic=False)
+    return step, ev

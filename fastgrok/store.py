@@ -1,0 +1,69 @@
+"""The run directory: config, checkpoints and results, every file written atomically.
+
+    DIR/config.json        the run's TrainConfig (asdict)
+    DIR/checkpoint.pt      resumable state (tensors + host-side records), replaced atomically
+    DIR/models.parquet     one row per model
+    DIR/curves.parquet     long format: model, step, metric, value
+    DIR/progress.json      step reached, done flag
+
+A file is written to a temporary name in the same directory, flushed and fsynced, then renamed over
+the old one, so a kill at any instant leaves either the old or the new version, never a torn file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+CONFIG = "config.json"
+CHECKPOINT = "checkpoint.pt"
+MODELS = "models.parquet"
+CURVES = "curves.parquet"
+PROGRESS = "progress.json"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then fsync and rename tmp over path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, obj) -> None:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+    atomic_write(path, w)
+
+
+def read_json(path: Path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_parquet(path: Path, df: pd.DataFrame) -> None:
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def save_checkpoint(run_dir: Path, payload: dict) -> None:
+    atomic_write(Path(run_dir) / CHECKPOINT, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
