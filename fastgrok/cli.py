@@ -95,10 +95,70 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_run(sub):
+    p = sub.add_parser("run", help="run a built-in experiment or a SPEC.toml grid (resumes an existing --out)")
+    p.add_argument("experiment", help="a name from `fastgrok experiments`, or a path to a SPEC.toml")
+    p.add_argument("--p", type=int, default=None, help="override the modulus")
+    p.add_argument("--seeds", type=int, default=None, help="override seeds per cell")
+    p.add_argument("--max-steps", type=int, default=None, help="cap every cell's step budget")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<experiment>)")
+    p.add_argument("--executor", default="local", choices=("local", "ray"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_run(args) -> int:
+    from .executors import run_experiment
+    overrides = {k: v for k, v in (("p", args.p), ("seeds", args.seeds), ("max_steps", args.max_steps)) if v is not None}
+    run_experiment(args.experiment, overrides=overrides, out=args.out, executor=args.executor, device=args.device,
+                   progress=not args.quiet)
+    return 0
+
+
+def cmd_experiments(args) -> int:
+    from .experiments import list_experiments
+    for name, description in list_experiments():
+        print(f"{name:12s} {description}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .grid import print_status
+    print_status(args.dir)
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from .report import analyze_dir, render_terminal, write_report
+    if not (args.dir / "models.parquet").exists():
+        raise ConfigError(f"{args.dir} holds no results (no models.parquet)")
+    result = analyze_dir(args.dir)
+    render_terminal(result)
+    print(f"report: {write_report(args.dir)}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+    run_bench(quick=args.quick, device=args.device, json_path=args.json, plot_path=args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastgrok", description="A performance-first trainer for grokking research.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
+    _add_run(sub)
+    sub.add_parser("experiments", help="list the built-in experiments")
+    p = sub.add_parser("status", help="progress of a grid run, per cell")
+    p.add_argument("dir", type=Path)
+    p = sub.add_parser("analyze", help="the study's tables, figures and a report from a run directory")
+    p.add_argument("dir", type=Path)
+    p = sub.add_parser("bench", help="measure kernels, the training step and a small grid, side by side")
+    p.add_argument("--quick", action="store_true", help="small sizes, a minute or two")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--json", type=Path, default=Path("bench.json"), help="where to write the JSON results")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG of throughput against M")
     return parser
 
 
@@ -106,7 +166,8 @@ def main(argv=None) -> int:
     from fastgrok.kernels import BackendError
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train}[args.command](args)
+        return {"train": cmd_train, "run": cmd_run, "experiments": cmd_experiments, "status": cmd_status,
+                "analyze": cmd_analyze, "bench": cmd_bench}[args.command](args)
     except (ConfigError, BackendError) as e:
         print(f"fastgrok: error: {e}", file=sys.stderr)
         return 2
