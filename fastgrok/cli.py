@@ -5,11 +5,12 @@ A user mistake (ConfigError, BackendError) prints one line on stderr and exits w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
-from .config import COMPILE, DEVICES, DTYPES, KERNELS, LOSSES, MODELS, OPS, ConfigError, TrainConfig
+from .config import COMPILE, DEVICES, DTYPES, KERNELS, LOSSES, MODELS, OPS, PRESETS, ConfigError, TrainConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -17,53 +18,65 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"fastgrok: error: {message}\n")
 
 
+# flag -> (TrainConfig field, argparse kwargs). Defaults come from the preset (TrainConfig() unless
+# --preset), so only the flags a user gives override it.
+_TRAIN_FLAGS = {
+    "--p": ("p", dict(type=int, help="modulus")),
+    "--op": ("op", dict(choices=OPS)),
+    "--model": ("model", dict(choices=MODELS)),
+    "--loss": ("loss", dict(choices=LOSSES)),
+    "--seeds": ("seeds", dict(type=int, help="models per cell")),
+    "--seed0": ("seed0", dict(type=int)),
+    "--tau": ("taus", dict(type=float, nargs="+", help="temperature(s); several make cells")),
+    "--norm-target": ("norm_targets", dict(type=float, nargs="+", help="clamp target(s) for ||W||; none = no clamp")),
+    "--clamp-from": ("clamp_from", dict(type=int, help="first clamped step (default: 500 CE, 50 MSE, 600 transformer)")),
+    "--clamp-mode": ("clamp_mode", dict(choices=("total", "layer"))),
+    "--steps": ("steps", dict(type=int, help="step budget")),
+    "--eval-every": ("eval_every", dict(type=int)),
+    "--train-frac": ("train_frac", dict(type=float)),
+    "--lr": ("lr", dict(type=float)),
+    "--wd": ("wd", dict(type=float)),
+    "--d-embed": ("d_embed", dict(type=int, help="MLP embedding width")),
+    "--hidden": ("hidden", dict(type=int, help="MLP hidden width")),
+    "--d-model": ("d_model", dict(type=int, help="transformer width")),
+    "--n-heads": ("n_heads", dict(type=int)),
+    "--d-mlp": ("d_mlp", dict(type=int, help="transformer MLP width")),
+    "--layernorm": ("layernorm", dict(action="store_const", const=True, help="transformer: pre-LayerNorm")),
+    "--dtype": ("dtype", dict(choices=DTYPES)),
+    "--device": ("device", dict(choices=DEVICES)),
+    "--kernels": ("kernels", dict(choices=KERNELS, help="loss/clamp implementation: auto (Triton on CUDA), triton, torch")),
+    "--compile": ("compile", dict(choices=COMPILE, help="torch.compile the step (auto: where measured faster)")),
+    "--no-compile": ("compile", dict(action="store_const", const="off", help="same as --compile off")),
+    "--checkpoint-every": ("checkpoint_every", dict(type=int)),
+    "--keep-going": ("stop_when_grokked", dict(action="store_const", const=False,
+                                               help="train to --steps even after every model grokked")),
+}
+
+
 def _add_train(sub):
     p = sub.add_parser("train", help="train a batch of models (cells x seeds) and record when they grok")
-    d = TrainConfig()
-    a = p.add_argument
-    a("--p", type=int, default=d.p, help="modulus (default %(default)s)")
-    a("--op", default=d.op, choices=OPS)
-    a("--model", default=d.model, choices=MODELS)
-    a("--loss", default=d.loss, choices=LOSSES)
-    a("--seeds", type=int, default=d.seeds, help="models per cell (default %(default)s)")
-    a("--seed0", type=int, default=d.seed0)
-    a("--tau", type=float, nargs="+", default=list(d.taus), help="temperature(s); several make cells")
-    a("--norm-target", type=float, nargs="+", default=[], help="clamp target(s) for ||W||; none = no clamp")
-    a("--clamp-from", type=int, default=None, help="first clamped step (default: 500 CE, 50 MSE, 600 transformer)")
-    a("--clamp-mode", default=d.clamp_mode, choices=("total", "layer"))
-    a("--steps", type=int, default=d.steps)
-    a("--eval-every", type=int, default=d.eval_every)
-    a("--train-frac", type=float, default=d.train_frac)
-    a("--lr", type=float, default=d.lr)
-    a("--wd", type=float, default=d.wd)
-    a("--d-embed", type=int, default=d.d_embed, help="MLP embedding width")
-    a("--hidden", type=int, default=d.hidden, help="MLP hidden width")
-    a("--d-model", type=int, default=d.d_model, help="transformer width")
-    a("--n-heads", type=int, default=d.n_heads)
-    a("--d-mlp", type=int, default=d.d_mlp, help="transformer MLP width")
-    a("--layernorm", action="store_true", help="transformer: pre-LayerNorm")
-    a("--dtype", default=d.dtype, choices=DTYPES)
-    a("--device", default=d.device, choices=DEVICES)
-    a("--kernels", default=d.kernels, choices=KERNELS,
-      help="loss/clamp implementation: auto (Triton on CUDA), triton, torch")
-    a("--compile", default=d.compile, choices=COMPILE, help="torch.compile the step (auto: where faster)")
-    a("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
-    a("--checkpoint-every", type=int, default=d.checkpoint_every)
-    a("--keep-going", action="store_true", help="train to --steps even after every model grokked")
-    a("--out", type=Path, default=None, help="run directory (default runs/<time>)")
-    a("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR with its saved config")
-    a("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="start from a preset (quick: groks in about a minute on a CPU; study: the baseline cell)")
+    defaults = TrainConfig()
+    for flag, (field, kw) in _TRAIN_FLAGS.items():
+        kw = dict(kw)
+        if "action" not in kw and field not in ("taus", "norm_targets"):
+            kw["help"] = (kw.get("help", "") + f" (default {getattr(defaults, field)})").strip()
+        p.add_argument(flag, dest=field, default=argparse.SUPPRESS, **kw)
+    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<time>)")
+    p.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR with its saved config")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _config_from_args(args) -> TrainConfig:
-    return TrainConfig(p=args.p, op=args.op, model=args.model, loss=args.loss, seeds=args.seeds, seed0=args.seed0,
-                       taus=tuple(args.tau), norm_targets=tuple(args.norm_target), clamp_from=args.clamp_from,
-                       clamp_mode=args.clamp_mode, steps=args.steps, eval_every=args.eval_every,
-                       logit_every=_logit_every(args.eval_every), train_frac=args.train_frac, lr=args.lr, wd=args.wd,
-                       d_embed=args.d_embed, hidden=args.hidden, d_model=args.d_model, n_heads=args.n_heads,
-                       d_mlp=args.d_mlp, layernorm=args.layernorm, dtype=args.dtype, device=args.device,
-                       kernels=args.kernels, compile=args.compile, checkpoint_every=args.checkpoint_every,
-                       stop_when_grokked=not args.keep_going)
+    base = PRESETS[args.preset]() if args.preset else TrainConfig()
+    given = {field: getattr(args, field) for field, _ in _TRAIN_FLAGS.values() if hasattr(args, field)}
+    for k in ("taus", "norm_targets"):
+        if k in given:
+            given[k] = tuple(given[k])
+    if "eval_every" in given and "logit_every" not in given:
+        given["logit_every"] = _logit_every(given["eval_every"])
+    return dataclasses.replace(base, **given)
 
 
 def _logit_every(eval_every: int) -> int:
@@ -75,6 +88,9 @@ def cmd_train(args) -> int:
     from .summary import print_summary
     from .trainer import Interrupted, load_config, train
     if args.resume is not None:
+        given = [f for f, _ in _TRAIN_FLAGS.values() if hasattr(args, f)]
+        if given or args.preset or args.out:
+            raise ConfigError("--resume DIR continues the run with its saved config; give no other run options")
         cfg, run_dir, resume = load_config(args.resume), args.resume, True
     else:
         cfg = _config_from_args(args)

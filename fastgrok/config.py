@@ -233,3 +233,6 @@ def study_mlp_p59() -> TrainConfig:
 def quick_cpu() -> TrainConfig:
     """A configuration that groks in well under a minute on a 2-core CPU (see README)."""
     return TrainConfig(p=31, train_frac=0.5, lr=3e-3, seeds=4, steps=8000, d_embed=64, hidden=128)
+
+
+PRESETS = {"quick": quick_cpu, "study": study_mlp_p59}
