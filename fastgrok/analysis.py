@@ -61,6 +61,8 @@ def check_models(models: pd.DataFrame) -> None:
     missing = [c for c in ("model", "cell", "seed", "t_mem", "t_grok") if c not in models.columns]
     if missing:
         raise ValueError(f"models table lacks column(s) {missing}")
+    if models.empty:
+        raise ValueError("models table has no rows")
     if models["model"].duplicated().any():
         raise ValueError("model ids repeat in the models table; curves are keyed by model, so the "
                          "ids must be unique within a run directory")
@@ -167,9 +169,11 @@ def cell_table(models: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.D
         row["W_final"] = float(_nanmedian(_num(g["weight_norm"]))) if "weight_norm" in g else np.nan
         rows.append(row)
     cells = pd.DataFrame(rows)
+    cells["L_grok"], cells["W_grok"] = np.nan, np.nan
+    order = [c for c in cells.columns if c not in ("sc_rate", "W_final", "W_grok")]
+    order += ["sc_rate", "W_final", "W_grok"]
     if curves is None or curves.empty:
-        cells["L_grok"], cells["W_grok"] = np.nan, np.nan
-        return cells
+        return cells[order]
 
     # L at grok: the cell's L at the logged step nearest its median T_grok.
     L = cell_logit_scale(models, curves)
@@ -184,7 +188,7 @@ def cell_table(models: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.D
     at = at.merge(w.assign(step=w["step"].astype("float64")), on=["model", "step"])
     wg = at.groupby("cell")["value"].median()
     cells["W_grok"] = cells["cell"].map(wg).astype("float64")
-    return cells
+    return cells[order]
 
 
 def memorization_table(cells: pd.DataFrame) -> pd.DataFrame:
@@ -373,8 +377,8 @@ def dose_law(cells: pd.DataFrame) -> pd.DataFrame:
 # Same-state forks
 # ---------------------------------------------------------------------------------------------
 def fork_table(models: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
-    """Per fork (setting, tau, fork_step) and arm: the delay from the fork, median over the seeds
-    that grokked of T_grok - fork_step; for each arm but "same", ratio = delay(arm) / delay(same)
+    """Per fork (setting, tau, fork_step) and arm: delay_from_fork, the median over the seeds that
+    grokked of T_grok - fork_step; for each arm but "same", ratio = delay(arm) / delay(same)
     with a paired bootstrap CI (seeds paired by id; a fresh default_rng(seed) per ratio)."""
     if "arm" not in models.columns or "fork_step" not in models.columns:
         raise ValueError("fork_table needs the columns 'arm' and 'fork_step'")
@@ -390,7 +394,7 @@ def fork_table(models: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0) -> 
             ga = g.loc[g["arm"] == a]
             row = {**keys, "arm": a, "cell": cell_of[a], "n_seeds": len(ga),
                    "n_grokked": int(np.isfinite(ga["delay_from_fork"]).sum()),
-                   "delay": float(_nanmedian(ga["delay_from_fork"].to_numpy())),
+                   "delay_from_fork": float(_nanmedian(ga["delay_from_fork"].to_numpy())),
                    "ratio": np.nan, "ci_low": np.nan, "ci_high": np.nan}
             if a != "same" and "same" in cell_of:
                 D, _ = seed_matrix(g, [cell_of[a], cell_of["same"]], col="delay_from_fork")

@@ -150,7 +150,7 @@ def cmd_analyze(args) -> int:
         raise ConfigError(f"{args.dir} holds no results (no models.parquet)")
     result = analyze_dir(args.dir)
     render_terminal(result)
-    print(f"report: {write_report(args.dir)}")
+    print(f"report: {write_report(args.dir, result)}")
     return 0
 
 

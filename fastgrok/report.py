@@ -24,6 +24,9 @@ TABLES = (("cells", "Cells"), ("mediation", "Mediation: τ sweep at ρ_high"),
 """Result keys that hold tables, in report order, with their section titles."""
 LABEL_COLS = ("experiment", "p", "loss", "arch", "dtype", "arm", "rho", "tau", "norm_target")
 """Describing columns used to label cells in figures (those that vary)."""
+CONFIG_KEYS = ("experiment", "p", "op", "model", "loss", "taus", "norm_targets", "seeds", "steps",
+               "lr", "wd", "train_frac", "dtype")
+"""Config entries shown in the report's header (when present)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,16 +52,14 @@ def format_value(x) -> str:
 
 
 def display_table(df: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
-    """Split a table for display: with several rows, columns holding one value in every row move
-    to a constants dict (all-null columns are dropped); the rest is shown as is."""
+    """Split a table for display: with several rows, columns holding one value in every row (or
+    null in every row) move to a constants dict; the rest is shown as is."""
     if len(df) <= 1:
         return {}, df
     consts, shown = {}, []
     for c in df.columns:
         col = df[c]
-        if col.isna().all():
-            continue
-        if col.notna().all() and col.nunique(dropna=False) == 1:
+        if col.isna().all() or (col.notna().all() and col.nunique() == 1):
             consts[c] = col.iloc[0]
         else:
             shown.append(c)
@@ -105,7 +106,7 @@ def analyze_dir(run_dir, *, rho_high: float = 1.15, baseline=(1.0, 1.0),
             if len(col):
                 out["collapse"] = col
     elif taus_vary:
-        out["notes"].append("No rho column: mediation and the collapse regression need the "
+        out["notes"].append("No rho values: mediation and the collapse regression need the "
                             "clamp dose rho of each cell.")
     dose = A.dose_law(cells)
     if len(dose):
@@ -217,7 +218,7 @@ def fig_forks(forks: pd.DataFrame, curves_c: pd.DataFrame, stem: Path) -> list[P
     for ax, g in zip(axes, groups):
         for _, r in g.iterrows():
             c = test.loc[test["cell"] == r["cell"]]
-            ax.plot(c["step"], c["value"], lw=1, label=f"{r['arm']} (delay {format_value(r['delay'])})")
+            ax.plot(c["step"], c["value"], lw=1, label=f"{r['arm']} (delay {format_value(r['delay_from_fork'])})")
         ax.axvline(g["fork_step"].iloc[0], ls=":", color="gray")
         ax.set(xlabel="step", ylabel="test_acc", title=_title(_keys(g.iloc[0])))
         ax.legend(fontsize=7)
@@ -228,8 +229,18 @@ def fig_forks(forks: pd.DataFrame, curves_c: pd.DataFrame, stem: Path) -> list[P
 # Report and terminal
 # ---------------------------------------------------------------------------------------------
 def _config_line(config: dict) -> str:
-    items = [(k, v) for k, v in config.items() if isinstance(v, (int, float, str, bool))][:16]
-    return "; ".join(f"{k} = {format_value(v)}" for k, v in items)
+    """Scalar entries and short lists of scalars of the run's config, for the report's header."""
+    def show(v):
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(format_value(x) for x in v) + "]"
+        return format_value(v)
+    items = [(k, v) for k, v in config.items() if v is not None and (
+        isinstance(v, (int, float, str, bool)) or (isinstance(v, (list, tuple)) and len(v) <= 8
+                                                   and all(isinstance(x, (int, float, str)) for x in v)))]
+    key = [k for k, _ in items if k in CONFIG_KEYS]
+    items = sorted((kv for kv in items if kv[0] in key), key=lambda kv: CONFIG_KEYS.index(kv[0])) \
+        if key else items[:12]
+    return "; ".join(f"{k} = {show(v)}" for k, v in items)
 
 
 def write_report(run_dir, result: dict | None = None) -> Path:

@@ -1,0 +1,273 @@
+"""analysis.py: every statistic against values worked out by hand on small synthetic per-seed data,
+and the bootstrap against a plain re-implementation of the study's procedure."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from fastgrok import analysis as A
+
+NA = None
+
+
+def _models(rows, **extra_cols):
+    """models table from (cell, seed, tau, rho, t_mem, t_grok) tuples; model ids 0..N-1."""
+    df = pd.DataFrame(rows, columns=["cell", "seed", "tau", "rho", "t_mem", "t_grok"])
+    df.insert(0, "model", np.arange(len(df)))
+    df["t_mem"] = df["t_mem"].astype("Int64")
+    df["t_grok"] = df["t_grok"].astype("Int64")
+    for k, v in extra_cols.items():
+        df[k] = v
+    return df
+
+
+def _logit_curves(models, L_of_cell, steps=range(0, 6001, 200)):
+    """logit_scale rows: the model of seed k reads L_cell + (-1)^k * 0.5, so the cell mean is L_cell
+    (with seeds 0..S-1, S even)."""
+    rows = []
+    for m, c, seed in zip(models["model"], models["cell"], models["seed"]):
+        for s in steps:
+            rows.append((m, s, "logit_scale", L_of_cell[c] + (0.5 if seed % 2 else -0.5)))
+    return pd.DataFrame(rows, columns=["model", "step", "metric", "value"])
+
+
+# ---------------------------------------------------------------------------------------------
+# cell_table
+# ---------------------------------------------------------------------------------------------
+def test_cell_medians_skip_non_grokked_seeds():
+    # cell 0: t_grok (100, 200, -, 400) -> median of {100, 200, 400} = 200; 3 of 4 grokked -> counts
+    #         t_mem  (25, 50, 75, -)    -> median of {25, 50, 75} = 50; delay = 200 - 50 = 150
+    # cell 1: t_grok (300, -, -, 500)   -> median 400, 2 of 4 is not a strict majority -> no count
+    #         t_mem  (25, 25, 50, 100)  -> median (25 + 50) / 2 = 37.5; delay = 362.5
+    m = _models([(0, 0, 1.0, 1.0, 25, 100), (0, 1, 1.0, 1.0, 50, 200), (0, 2, 1.0, 1.0, 75, NA),
+                 (0, 3, 1.0, 1.0, NA, 400), (1, 0, 1.3, 1.0, 25, 300), (1, 1, 1.3, 1.0, 25, NA),
+                 (1, 2, 1.3, 1.0, 50, NA), (1, 3, 1.3, 1.0, 100, 500)],
+                sc_rate=[0.1, 0.2, 0.3, 0.4, 0.0, 0.0, 0.5, 0.5],
+                diverged=[False, False, True, False, False, False, False, False],
+                weight_norm=[10.0, 20.0, 30.0, 40.0, 1.0, 2.0, 3.0, 4.0])
+    c = A.cell_table(m).set_index("cell")
+    assert c.loc[0, "T_grok"] == 200 and c.loc[0, "T_mem"] == 50 and c.loc[0, "delay"] == 150
+    assert c.loc[1, "T_grok"] == 400 and c.loc[1, "T_mem"] == 37.5 and c.loc[1, "delay"] == 362.5
+    assert list(c["n_seeds"]) == [4, 4] and list(c["n_grokked"]) == [3, 2]
+    assert list(c["counts"]) == [True, False]
+    assert list(c["n_diverged"]) == [1, 0]
+    assert c.loc[0, "sc_rate"] == pytest.approx(0.25)   # mean of 0.1..0.4 over all seeds
+    assert c.loc[0, "W_final"] == 25.0                  # median of 10, 20, 30, 40
+    assert c.loc[1, "tau"] == 1.3 and c.loc[1, "rho"] == 1.0
+    assert np.isnan(c.loc[0, "L_grok"])                 # no curves given
+
+
+@pytest.mark.parametrize("t_grok, expected", [
+    ((100, 200, 300), True),     # 3 of 3
+    ((100, 200, NA), True),      # 2 of 3 > 1.5
+    ((100, NA, NA), False),      # 1 of 3
+])
+def test_majority_rule_odd(t_grok, expected):
+    m = _models([(0, s, 1.0, 1.0, 25, t) for s, t in enumerate(t_grok)])
+    assert bool(A.cell_table(m)["counts"].iloc[0]) is expected
+
+
+def test_nearest_step_lookup_of_L_at_grok():
+    # Two models per cell read L = 0.01 * step + 1 and + 3, so the cell's L(step) = 0.01*step + 2:
+    # L(0) = 2, L(200) = 4, L(400) = 6.
+    # cell 0: median T_grok 275 -> nearest logged step 200 (75 away vs 125) -> L = 4
+    # cell 1: median T_grok 350 -> 400 -> L = 6
+    # cell 2: median T_grok (250 + 350) / 2 = 300, equidistant from 200 and 400 -> the earlier, 4
+    m = _models([(0, 0, 1.0, 1.0, 25, 275), (0, 1, 1.0, 1.0, 25, 275),
+                 (1, 0, 1.3, 1.0, 25, 350), (1, 1, 1.3, 1.0, 25, 350),
+                 (2, 0, 1.7, 1.0, 25, 250), (2, 1, 1.7, 1.0, 25, 350)])
+    rows = [(mid, s, "logit_scale", 0.01 * s + (1 if mid % 2 == 0 else 3))
+            for mid in m["model"] for s in (400, 0, 200)]  # unsorted on purpose
+    # weight_norm at every eval step: 50 + step / 100 -> at the seeds' own T_grok
+    rows += [(mid, s, "weight_norm", 50 + s / 100) for mid in m["model"] for s in range(0, 401, 25)]
+    curves = pd.DataFrame(rows, columns=["model", "step", "metric", "value"])
+    c = A.cell_table(m, curves).set_index("cell")
+    assert list(c["L_grok"]) == pytest.approx([4.0, 6.0, 4.0])
+    # W_grok, cell 2: median of 50 + 250/100 = 52.5 and 50 + 350/100 = 53.5 -> 53.0
+    assert list(c["W_grok"]) == pytest.approx([52.75, 53.5, 53.0])
+    assert A.nearest_step_value([400, 0, 200], [6.0, 2.0, 4.0], 290) == 4.0
+    assert np.isnan(A.nearest_step_value([0, 200], [1.0, 2.0], np.nan))
+
+
+def test_memorization_table():
+    m = _models([(0, 0, 1.0, 1.15, 175, 3000), (0, 1, 1.0, 1.15, 175, 3100),
+                 (1, 0, 1.7, 1.15, 175, 900), (1, 1, 1.7, 1.15, 200, 1000)])
+    t = A.memorization_table(A.cell_table(m))
+    assert list(t["tau"]) == [1.0, 1.7]
+    assert list(t["T_mem"]) == [175, 187.5] and list(t["T_grok"]) == [3050, 950]
+    assert list(t["delay"]) == [2875, 762.5]
+
+
+# ---------------------------------------------------------------------------------------------
+# Mediation
+# ---------------------------------------------------------------------------------------------
+# Hand case: baseline (rho 1, tau 1): T0 = 1000 at L0 = 20. Sweep at rho 1.15:
+#   tau 1.0: T = 3000, L = 30 (this is T1)   tau 1.3: T = 2000, L = 24   tau 1.7: T = 900, L = 18
+# Sorted by L: L = (18, 24, 30), T = (900, 2000, 3000). L0 = 20 lies in [18, 24]:
+#   T2 = 900 + (20 - 18) / (24 - 18) * (2000 - 900) = 900 + 1100 / 3 = 3800 / 3
+#   recovery = (3000 - 3800/3) / (3000 - 1000) = (5200/3) / 2000 = 13/15
+HAND = {0: (1.0, 1.0, 1000, 20.0), 1: (1.15, 1.0, 3000, 30.0), 2: (1.15, 1.3, 2000, 24.0),
+        3: (1.15, 1.7, 900, 18.0)}
+
+
+def _hand_run():
+    # three seeds per cell at T - 100, T, T + 100: the median is T
+    rows = [(c, s, tau, rho, 175, T + d) for c, (rho, tau, T, _) in HAND.items()
+            for s, d in enumerate((-100, 0, 100))]
+    rows += [(c, 3, tau, rho, 175, HAND[c][2]) for c, (rho, tau, _, _) in HAND.items()]  # 4 seeds
+    m = _models(rows)
+    return m, _logit_curves(m, {c: v[3] for c, v in HAND.items()})
+
+
+def test_interp_t2_by_hand():
+    assert A.interp_t2(20.0, [30, 24, 18], [3000, 2000, 900]) == pytest.approx(3800 / 3)
+    assert A.interp_t2(40.0, [30, 24, 18], [3000, 2000, 900]) == 3000  # np.interp holds the end
+
+
+def test_mediation_point_estimate_by_hand():
+    m, curves = _hand_run()
+    r = A.mediation_from_run(m, curves).iloc[0]
+    assert (r["T0"], r["T1"], r["L0"], r["L1"]) == (1000, 3000, 20, 30)
+    assert r["T2"] == pytest.approx(3800 / 3)
+    assert r["recovery"] == pytest.approx(13 / 15)
+    assert r["n_sweep"] == 3 and r["n_seeds"] == 4 and not r["extrapolated"] and r["all_count"]
+    assert r["ci_low"] <= r["recovery"] <= r["ci_high"]
+
+
+def _naive_ci(T_by_cell, L0, L_by_sweep_cell, n_boot=4000):
+    """The study's procedure written plainly: T_by_cell maps 'base', 't1' and sweep names to
+    per-seed arrays aligned by seed id."""
+    S = len(T_by_cell["base"])
+    names = sorted(L_by_sweep_cell, key=L_by_sweep_cell.get)   # sweep sorted by L ascending
+    L_sorted = [L_by_sweep_cell[k] for k in names]
+    rng = np.random.default_rng(0)
+    recs = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, S, S)
+        med = {k: np.nanmedian(v[idx]) for k, v in T_by_cell.items()}
+        t2 = np.interp(L0, L_sorted, [med[k] for k in names])
+        recs.append((med["t1"] - t2) / (med["t1"] - med["base"]))
+    recs = np.array(recs)
+    return np.percentile(recs[np.isfinite(recs)], [2.5, 97.5])
+
+
+def test_bootstrap_matches_plain_reimplementation_and_is_deterministic():
+    g = np.random.default_rng(123)
+    spec = {0: (1.0, 1.0, 1000, 20.0), 1: (1.15, 1.0, 3000, 30.0), 2: (1.15, 1.3, 2000, 24.0),
+            3: (1.15, 1.7, 900, 18.0)}
+    S = 8
+    per_cell = {c: (T + g.integers(-400, 400, S) // 25 * 25).astype(float) for c, (_, _, T, _) in spec.items()}
+    per_cell[0][2] = np.nan   # one baseline seed never grokked
+    rows = [(c, s, spec[c][1], spec[c][0], 175, None if np.isnan(t) else int(t))
+            for c, ts in per_cell.items() for s, t in enumerate(ts)]
+    m = _models(rows).sample(frac=1.0, random_state=1).reset_index(drop=True)  # row order scrambled
+    m["model"] = np.arange(len(m))
+    curves = _logit_curves(m, {c: v[3] for c, v in spec.items()})
+    r1 = A.mediation_from_run(m, curves).iloc[0]
+    r2 = A.mediation_from_run(m, curves).iloc[0]
+    assert r1.equals(r2)   # deterministic
+    lo, hi = _naive_ci({"base": per_cell[0], "t1": per_cell[1], 1: per_cell[1], 2: per_cell[2],
+                        3: per_cell[3]}, 20.0, {1: 30.0, 2: 24.0, 3: 18.0})
+    assert (r1["ci_low"], r1["ci_high"]) == pytest.approx((lo, hi), rel=1e-12)
+    assert r1["ci_low"] < r1["recovery"] < r1["ci_high"]
+    # the point estimate from the seeds' medians
+    med = {c: np.nanmedian(v) for c, v in per_cell.items()}
+    t2 = np.interp(20.0, [18, 24, 30], [med[3], med[2], med[1]])
+    assert r1["recovery"] == pytest.approx((med[1] - t2) / (med[1] - med[0]))
+
+
+def test_mediation_per_setting_and_errors():
+    m, curves = _hand_run()
+    m2 = m.assign(model=m["model"] + len(m), cell=m["cell"] + 10, p=97)
+    both = pd.concat([m.assign(p=59), m2], ignore_index=True)
+    c2 = curves.assign(model=curves["model"] + len(m))
+    t = A.mediation_from_run(both, pd.concat([curves, c2]), n_boot=200)
+    assert list(t["p"]) == [59, 97] and list(t["recovery"]) == pytest.approx([13 / 15] * 2)
+    cells = A.cell_table(both, pd.concat([curves, c2]))
+    with pytest.raises(ValueError, match="2 cells"):
+        A.mediation(cells, both)   # two settings mixed: (rho, tau) is ambiguous
+    with pytest.raises(ValueError, match="rho"):
+        A.mediation_from_run(m.drop(columns="rho"), curves)
+    with pytest.raises(ValueError, match="rho"):
+        A.mediation_from_run(m.assign(rho=np.nan), curves)
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions
+# ---------------------------------------------------------------------------------------------
+def test_ols_r2_by_hand():
+    # y = (0, 2, 1) on x = (0, 1, 2): slope Sxy/Sxx = 1/2, intercept 1 - 1/2 = 1/2,
+    # fitted (0.5, 1, 1.5), residuals (-0.5, 1, -0.5): SSres = 1.5, SStot = 2 -> R² = 0.25
+    assert A.ols_r2([0, 2, 1], [0, 1, 2]) == pytest.approx(0.25)
+    assert A.ols_r2([1, 3, 5, 7], [0, 1, 2, 3]) == pytest.approx(1.0)
+
+
+def test_collapse_r2_by_hand():
+    # ln T = L exactly -> R²(L) = 1 = R²(both), ΔR² = 0.
+    # On rho = (1, 1, 2, 2): fitted values are the group means 1.5, 3.5, residuals ±0.5:
+    # SSres = 4 * 0.25 = 1, SStot = 2.25 + 0.25 + 0.25 + 2.25 = 5 -> R²(rho) = 0.8
+    L = np.array([1.0, 2.0, 3.0, 4.0])
+    cells = pd.DataFrame({"cell": range(4), "rho": [1, 1, 2, 2], "tau": [1, 1.3, 1, 1.3],
+                          "L_grok": L, "T_grok": np.exp(L), "counts": True})
+    r = A.collapse_r2(cells).iloc[0]
+    assert (r["r2_L"], r["r2_rho"], r["r2_both"], r["delta_r2"]) == pytest.approx((1, 0.8, 1, 0))
+    assert r["n_cells"] == 4
+
+
+def test_dose_law_on_exact_exponentials():
+    # p = 59: T = exp(2 + 0.1 W); p = 97: T = exp(1 + 0.05 W). The unclamped p = 59 cell uses its
+    # median final norm W_final = 45; the non-counting cell would break the exact fit if used.
+    W = [50.0, 55.0, 60.0, 65.0]
+    rows = [dict(cell=i, p=59, tau=1.0, norm_target=w, W_final=w, T_grok=np.exp(2 + 0.1 * w),
+                 counts=True) for i, w in enumerate(W)]
+    rows += [dict(cell=10 + i, p=97, tau=1.0, norm_target=w, W_final=w,
+                  T_grok=np.exp(1 + 0.05 * w), counts=True) for i, w in enumerate(W)]
+    rows += [dict(cell=20, p=59, tau=1.0, norm_target=np.nan, W_final=45.0,
+                  T_grok=np.exp(2 + 4.5), counts=True),
+             dict(cell=21, p=59, tau=1.0, norm_target=70.0, W_final=70.0, T_grok=10.0, counts=False)]
+    d = A.dose_law(pd.DataFrame(rows)).set_index("p")
+    assert d.loc[59, "c"] == pytest.approx(2) and d.loc[59, "alpha"] == pytest.approx(0.1)
+    assert d.loc[97, "c"] == pytest.approx(1) and d.loc[97, "alpha"] == pytest.approx(0.05)
+    assert list(d["r2"]) == pytest.approx([1, 1]) and list(d["n_cells"]) == [5, 4]
+    assert d.loc[59, "W_min"] == 45.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Same-state forks
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
+def test_fork_ratio_by_hand():
+    # fork at 800. same: T_grok (1800, 2000, 2200, -) -> delays (1000, 1200, 1400) -> median 1200
+    # raised: (3800, 4400, 5000, 5800) -> (3000, 3600, 4200, 5000) -> median 3900
+    # ratio = 3900 / 1200 = 3.25
+    same, raised = [1800, 2000, 2200, None], [3800, 4400, 5000, 5800]
+    m = _models([(0, s, 1.0, np.nan, 175, t) for s, t in enumerate(same)]
+                + [(1, s, 1.0, np.nan, 175, t) for s, t in enumerate(raised)],
+                arm=["same"] * 4 + ["raised"] * 4, fork_step=800)
+    f = A.fork_table(m).set_index("arm")
+    assert f.loc["same", "delay_from_fork"] == 1200 and f.loc["raised", "delay_from_fork"] == 3900
+    assert f.loc["raised", "ratio"] == pytest.approx(3.25)
+    assert np.isnan(f.loc["same", "ratio"])
+    # CI: the same paired scheme written plainly
+    d_same = np.array([1000, 1200, 1400, np.nan])
+    d_raised = np.array([3000, 3600, 4200, 5000], float)
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(4000):
+        idx = rng.integers(0, 4, 4)
+        ratios.append(np.median(d_raised[idx]) / np.nanmedian(d_same[idx]))
+    ratios = np.array(ratios)
+    lo, hi = np.percentile(ratios[np.isfinite(ratios)], [2.5, 97.5])
+    assert (f.loc["raised", "ci_low"], f.loc["raised", "ci_high"]) == pytest.approx((lo, hi))
+    assert lo <= 3.25 <= hi
+
+
+def test_load_run_roundtrip(tmp_path):
+    m, curves = _hand_run()
+    m.to_parquet(tmp_path / "models.parquet")
+    curves.to_parquet(tmp_path / "curves.parquet")
+    (tmp_path / "config.json").write_text('{"p": 59}')
+    m2, c2, cfg = A.load_run(tmp_path)
+    assert cfg == {"p": 59} and len(m2) == len(m) and len(c2) == len(curves)
+    m.iloc[:2].assign(model=0).to_parquet(tmp_path / "models.parquet")
+    with pytest.raises(ValueError, match="unique"):
+        A.load_run(tmp_path)
