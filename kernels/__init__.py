@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .reference import (clamp_flat_reference_, clamp_list_reference_, tempered_ce_reference,
+from .reference import (check_ce_inputs, clamp_flat_reference_, clamp_list_reference_, tempered_ce_reference,
                         tempered_mse_reference, working_dtype)
 
 BACKENDS = ("auto", "triton", "torch")
@@ -77,17 +77,20 @@ def _tempered_ce_op(logits: torch.Tensor, labels: torch.Tensor, tau: torch.Tenso
 def _(logits, labels, tau, mask):
     M, N, V = logits.shape
     wdt = working_dtype(logits.dtype)
-    return (logits.new_empty((M,), dtype=wdt), torch.empty_like(logits),
+    return (logits.new_empty((M,), dtype=wdt), logits.new_empty((M, N, V)),  # contiguous, as the kernel's
             logits.new_empty((M, N), dtype=torch.bool), logits.new_empty((M, N), dtype=torch.bool),
             logits.new_empty((M, N), dtype=wdt))
 
 
 def _ce_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1], output[4])   # only the loss carries a gradient (as _TorchCE)
 
 
 def _ce_backward(ctx, g_loss, g_grad, g_correct, g_collapsed, g_norm):
     (grad,) = ctx.saved_tensors                       # (M, N, V), owned by this op, never mutated
+    if g_loss is None:
+        return None, None, None, None
     return grad * g_loss.to(grad.dtype)[:, None, None], None, None, None
 
 
@@ -126,26 +129,12 @@ class _TorchCE(torch.autograd.Function):
         return grad * g_loss.to(grad.dtype)[:, None, None], None, None, None
 
 
-def _check_ce_inputs(logits, labels, tau, mask):
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be (M, N, V), got shape {tuple(logits.shape)}")
-    M, N, V = logits.shape
-    if labels.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"labels must be int32/int64, got {labels.dtype}")
-    if tuple(labels.shape) not in ((N,), (M, N)):
-        raise ValueError(f"labels must be (N,) or (M, N) = ({N},) or ({M}, {N}), got {tuple(labels.shape)}")
-    if tuple(tau.shape) != (M,):
-        raise ValueError(f"tau must be (M,) = ({M},), got {tuple(tau.shape)}")
-    if mask is not None and (tuple(mask.shape) != (M, N) or mask.dtype != torch.bool):
-        raise ValueError(f"mask must be bool (M, N) = ({M}, {N}), got {mask.dtype} {tuple(mask.shape)}")
-
-
 def tempered_cross_entropy(logits, labels, tau, mask=None, backend: str = "auto"):
     """Per-model mean of CE(z/tau) over masked rows, differentiable in `logits`, with fused readouts.
 
     Returns (loss (M,), CEStats(correct, collapsed, logit_norm)); see kernels/reference.py for the math.
     """
-    _check_ce_inputs(logits, labels, tau, mask)
+    check_ce_inputs(logits, labels, tau, mask)
     impl = resolve_backend(backend, logits.device, logits.dtype)
     if impl == "triton":
         loss, _, correct, collapsed, norm = _tempered_ce_op(logits, labels, tau, mask)

@@ -1,0 +1,190 @@
+"""Tempered cross-entropy for M stacked models: loss, dL/dz and the readouts in one kernel.
+
+Math, per model m and row n (τ = tau[m], y = label, s = z / τ in float32):
+    lse      = max(s) + log Σ_v exp(s_v − max(s))          (online over blocks of V: no overflow)
+    loss_m   = Σ_n w_mn · (lse − s_y)                       w_mn = 1/count_m on masked rows, 0 elsewhere
+    dz       = (softmax(s) − onehot(y)) · w_mn / τ          written in the logits' dtype, new buffer
+    correct  = argmax(s) == y                               first maximum wins (as torch.argmax)
+    collapsed= exp(s_y − max) / Σ exp(s − max) == 1.0       exactly, in float32 (as torch.softmax)
+    logit_norm = ||s||_2                                    float32
+count_m = number of masked rows of model m (clamped to >= 1); without a mask every row has w = 1/N.
+
+Passes over a row (the kernel reads z, writes dz once):
+    1. statistics: running max, Σ exp(s − max) rescaled when the max grows, first argmax, Σ s².
+    2. readouts and the row's loss from s_y (one gathered load) and the statistics.
+    3. gradient: softmax(s) − onehot, times w/τ, stored in the logits' dtype.
+When V fits one block (SINGLE) the row tile stays in registers and z is read once; otherwise passes 1
+and 3 each loop over V in blocks of BLOCK_V (the second read mostly hits L2).
+
+Grid: (cdiv(N, BLOCK_N), M); each program owns BLOCK_N rows of one model. Row losses go to an (M, N)
+float32 buffer that the launcher sums (no atomics, deterministic). Layout: logits (M, N, V) contiguous,
+labels (N,) or (M, N), tau (M,), mask (M, N) bool. No host synchronisation anywhere: the launcher is
+CUDA-graph capturable. Labels must lie in [0, V); they are not checked (a check would need a sync),
+an out-of-range label is clamped for the one load of s_y and then counts as never correct.
+
+s = z / τ uses the correctly rounded division (div_rn), so s is bitwise the reference's s and the
+argmax readout agrees exactly; exp/log are the hardware's fast versions on GPU (float32 accuracy).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import check_ce_inputs
+
+
+@triton.jit
+def _load_s(z_ptr, row_base, cols, V, tau):
+    """Load a (BLOCK_N, BLOCK_V) tile of z and return s = z / τ in float32 (−inf outside the row)."""
+    z = tl.load(z_ptr + row_base[:, None] + cols[None, :], mask=(cols < V)[None, :], other=float("-inf"))
+    return tl.div_rn(z.to(tl.float32), tau)
+
+
+@triton.jit
+def _tempered_ce_kernel(
+    z_ptr, y_ptr, tau_ptr, mask_ptr, inv_count_ptr,                   # inputs
+    grad_ptr, row_loss_ptr, correct_ptr, collapsed_ptr, norm_ptr,     # outputs
+    N, V, stride_ym,
+    HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                   # (BLOCK_N,)
+    row_ok = rows < N
+    rows_c = tl.minimum(rows, N - 1)           # rows past N recompute row N-1 and are never stored
+    row_id = m * N + rows_c                                          # index into (M, N)
+    row_base = row_id.to(tl.int64) * V                               # into (M, N, V)
+    cols = tl.arange(0, BLOCK_V)
+
+    tau = tl.load(tau_ptr + m)
+    y = tl.load(y_ptr + m * stride_ym + rows_c).to(tl.int32)
+    inv_count = tl.load(inv_count_ptr + m)
+    if HAS_MASK:
+        w = tl.where(tl.load(mask_ptr + row_id) != 0, inv_count, 0.0)
+    else:
+        w = tl.zeros([BLOCK_N], tl.float32) + inv_count
+
+    # 1. statistics: running max m_i, d_i = Σ exp(s − m_i), first argmax, Σ s²
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    d_i = tl.zeros([BLOCK_N], tl.float32)
+    arg = tl.zeros([BLOCK_N], tl.int32)
+    sq = tl.zeros([BLOCK_N], tl.float32)
+    if SINGLE:
+        s = _load_s(z_ptr, row_base, cols, V, tau)                   # (BLOCK_N, BLOCK_V), kept for 3.
+        m_i = tl.max(s, 1)
+        arg = tl.min(tl.where(s == m_i[:, None], cols[None, :], V), 1)
+        d_i = tl.sum(tl.exp(s - m_i[:, None]), 1)
+        sq = tl.sum(tl.where((cols < V)[None, :], s * s, 0.0), 1)
+    else:
+        for v0 in range(0, V, BLOCK_V):
+            c = v0 + cols
+            s = _load_s(z_ptr, row_base, c, V, tau)
+            b_max = tl.max(s, 1)
+            b_arg = tl.min(tl.where(s == b_max[:, None], c[None, :], V), 1)
+            arg = tl.where(b_max > m_i, b_arg, arg)                  # strict: an earlier block wins ties
+            m_new = tl.maximum(m_i, b_max)
+            d_i = d_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+            m_i = m_new
+            sq += tl.sum(tl.where((c < V)[None, :], s * s, 0.0), 1)
+
+    # 2. readouts and the row's loss w·(lse − s_y)
+    y_c = tl.minimum(tl.maximum(y, 0), V - 1)
+    s_y = tl.div_rn(tl.load(z_ptr + row_base + y_c).to(tl.float32), tau)
+    lse = m_i + tl.log(d_i)
+    p_y = tl.div_rn(tl.exp(s_y - m_i), d_i)
+    tl.store(row_loss_ptr + row_id, w * (lse - s_y), mask=row_ok)
+    tl.store(correct_ptr + row_id, arg == y, mask=row_ok)
+    tl.store(collapsed_ptr + row_id, p_y == 1.0, mask=row_ok)
+    tl.store(norm_ptr + row_id, tl.sqrt_rn(sq), mask=row_ok)
+
+    # 3. gradient (softmax(s) − onehot) · w/τ in the logits' dtype
+    coef = tl.div_rn(w, tau)
+    inv_d = tl.div_rn(tl.full([BLOCK_N], 1.0, tl.float32), d_i)
+    if SINGLE:
+        p = tl.exp(s - m_i[:, None]) * inv_d[:, None]
+        g = (p - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)) * coef[:, None]
+        tl.store(grad_ptr + row_base[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (cols < V)[None, :])
+    else:
+        for v0 in range(0, V, BLOCK_V):
+            c = v0 + cols
+            s = _load_s(z_ptr, row_base, c, V, tau)
+            p = tl.exp(s - m_i[:, None]) * inv_d[:, None]
+            g = (p - tl.where(c[None, :] == y[:, None], 1.0, 0.0)) * coef[:, None]
+            tl.store(grad_ptr + row_base[:, None] + c[None, :], g.to(grad_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (c < V)[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------------
+
+_GPU_TILE = 8192        # elements per program on a GPU (registers: ~16-32 floats per thread)
+_GPU_MAX_SINGLE_V = 8192  # above this V, loop over V in blocks of _GPU_BLOCK_V
+_GPU_BLOCK_V = 2048
+_CPU_TILE = 32768       # the interpreter pays ~6 ms per program: fewer, larger tiles
+_CPU_BLOCK_V = 4096
+
+
+def ce_config(N: int, V: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_V, num_warps) for an (N, V) problem on `device`."""
+    v2 = triton.next_power_of_2(V)
+    if device.type == "cuda":
+        block_v = v2 if v2 <= _GPU_MAX_SINGLE_V else _GPU_BLOCK_V
+        block_n = max(1, min(128, _GPU_TILE // block_v))
+        num_warps = 8 if block_n * block_v >= 8192 else 4
+    else:
+        block_v = min(v2, _CPU_BLOCK_V)
+        block_n = max(1, _CPU_TILE // block_v)
+        num_warps = 4
+    block_n = min(block_n, triton.next_power_of_2(max(N, 1)))
+    return block_n, block_v, num_warps
+
+
+def tempered_ce_triton(logits: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor,
+                       mask: torch.Tensor | None = None, *, block_n: int | None = None,
+                       block_v: int | None = None):
+    """(loss (M,), grad (M, N, V), correct (M, N), collapsed (M, N), logit_norm (M, N)).
+
+    block_n / block_v override the tile (powers of two); by default `ce_config` picks them.
+    """
+    check_ce_inputs(logits, labels, tau, mask)
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"logits must be float32/bfloat16/float16, got {logits.dtype}")
+    M, N, V = logits.shape
+    dev = logits.device
+    for name, t in (("labels", labels), ("tau", tau), ("mask", mask)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but logits are on {dev}")
+    bn, bv, num_warps = ce_config(N, V, dev)
+    bn, bv = block_n or bn, block_v or bv
+    for name, b in (("block_n", bn), ("block_v", bv)):
+        if b & (b - 1):
+            raise ValueError(f"{name} must be a power of two, got {b}")
+
+    z = logits.contiguous()                                          # (M, N, V)
+    y = labels.contiguous()
+    stride_ym = 0 if y.dim() == 1 else N
+    t = tau.to(torch.float32).contiguous()                           # (M,)
+    if mask is None:
+        inv_count = torch.full((M,), 1.0 / max(N, 1), dtype=torch.float32, device=dev)
+        mask_arg = inv_count                                         # unused (HAS_MASK=False)
+    else:
+        mask_arg = mask.contiguous()
+        inv_count = 1.0 / mask_arg.sum(1, dtype=torch.float32).clamp_min(1.0)   # (M,), on device
+
+    grad = torch.empty((M, N, V), dtype=logits.dtype, device=dev)    # new buffer, never the logits
+    row_loss = torch.empty((M, N), dtype=torch.float32, device=dev)
+    correct = torch.empty((M, N), dtype=torch.bool, device=dev)
+    collapsed = torch.empty((M, N), dtype=torch.bool, device=dev)
+    norm = torch.empty((M, N), dtype=torch.float32, device=dev)
+    if M * N == 0:
+        return row_loss.sum(1), grad, correct, collapsed, norm
+
+    grid = (triton.cdiv(N, bn), M)
+    _tempered_ce_kernel[grid](
+        z, y, t, mask_arg, inv_count, grad, row_loss, correct, collapsed, norm,
+        N, V, stride_ym,
+        HAS_MASK=mask is not None, BLOCK_N=bn, BLOCK_V=bv, SINGLE=bv >= V, num_warps=num_warps)
+    return row_loss.sum(1), grad, correct, collapsed, norm

@@ -94,3 +94,18 @@ def clamp_list_reference_(params, target):
     for p in params:
         p.mul_(scale.reshape(-1, *([1] * (p.dim() - 1))).to(p.dtype))
     return norms
+
+
+def check_ce_inputs(logits, labels, tau, mask) -> None:
+    """Shapes and dtypes of the CE inputs, shared by both backends; raises ValueError."""
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be (M, N, V), got shape {tuple(logits.shape)}")
+    M, N, V = logits.shape
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"labels must be int32/int64, got {labels.dtype}")
+    if tuple(labels.shape) not in ((N,), (M, N)):
+        raise ValueError(f"labels must be (N,) or (M, N) = ({N},) or ({M}, {N}), got {tuple(labels.shape)}")
+    if tuple(tau.shape) != (M,):
+        raise ValueError(f"tau must be (M,) = ({M},), got {tuple(tau.shape)}")
+    if mask is not None and (tuple(mask.shape) != (M, N) or mask.dtype != torch.bool):
+        raise ValueError(f"mask must be bool (M, N) = ({M}, {N}), got {mask.dtype} {tuple(mask.shape)}")

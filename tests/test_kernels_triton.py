@@ -1,0 +1,387 @@
+"""The Triton kernels (kernels/cross_entropy.py, kernels/norm_clamp.py) against float64 references.
+
+On a machine without CUDA these run real kernels under the Triton interpreter (TRITON_INTERPRET=1, set
+in conftest.py), on CPU tensors. Every output buffer the launchers allocate with torch.empty /
+torch.empty_like is poisoned (NaN for floats, byte 2 for bools, -1 for ints), so an element a kernel
+forgets to write fails the comparison; `test_poison_detects_unwritten_rows` proves it does.
+
+Reference: s = z / τ is the spec's working quantity in float32 (the kernel divides exactly as torch
+does, correctly rounded), so the reference starts from s32 = (z.float() / τ.float()) and computes
+everything after it (lse, softmax, loss, gradient, norm, readouts) in float64.
+
+Tolerances (float32 output):
+    loss      |Δ| <= 1e-5 · (|ref| + max(1, max|s| of the model))   (lse in float32 is exact to ulp(max s))
+    grad      |Δ| <= 1e-5 · w/τ of the row (the gradient's scale; rows outside the mask must be exactly 0)
+    logit_norm rtol 1e-5
+    bf16/fp16 grad: + 2^-7 · |ref| for bf16 (one ulp: the interpreter's fp32->bf16 cast truncates, a GPU
+    rounds to nearest), + 2^-11 · |ref| + 2^-24 for fp16 (half an ulp; 2^-24 covers subnormals);
+    loss and norm keep the float32 tolerance (the kernel upcasts the exact bf16/fp16 inputs).
+Readouts are exact: `correct` on every row (argmax of the same float32 s); `collapsed` on every row
+whose r = Σ_{v≠y} exp(s_v − s_y) is outside [2^-27, 2^-20], where any float32 summation order gives the
+same answer (r < 2^-27: the sum rounds to 1, p_y == 1; r > 2^-20: p_y < 1). Planted rows (z_y well
+above the rest) give clear collapsed cases; few random rows fall in the band (asserted).
+Clamp: norms rtol 1e-6 vs float64; after the clamp each active segment's float64 norm equals its target
+within 1e-6 relative (bf16: 2^-8); inactive models and columns outside the segments bit-for-bit equal.
+"""
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import fastgrok.kernels as K  # noqa: E402
+from fastgrok.kernels import cross_entropy as ce_mod  # noqa: E402
+from fastgrok.kernels import norm_clamp as nc_mod  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TAUS = (1e-3, 0.5, 1.0, 1.7, 1e3)
+RTOL = 1e-5
+# one output rounding: bf16 gets a whole ulp (2^-7) because the interpreter's fp32->bf16 cast truncates
+# (a GPU rounds to nearest, half an ulp); fp16 half an ulp (numpy rounds to nearest)
+LOW_PRECISION_RTOL = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -11}
+
+
+# --------------------------------------------------------------------------------------------------
+# Poisoned allocation
+# --------------------------------------------------------------------------------------------------
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype.is_floating_point:
+        return t.fill_(float("nan"))
+    if t.dtype == torch.bool:
+        t.view(torch.uint8).fill_(2)          # neither False (0) nor True (1)
+        return t
+    return t.fill_(-1)
+
+
+class _PoisonTorch:
+    """Stands in for `torch` inside a kernel module: empty/empty_like hand out poisoned buffers."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def empty(self, *a, **k):
+        return _poison(self._real.empty(*a, **k))
+
+    def empty_like(self, *a, **k):
+        return _poison(self._real.empty_like(*a, **k))
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    monkeypatch.setattr(ce_mod, "torch", _PoisonTorch(torch))
+    monkeypatch.setattr(nc_mod, "torch", _PoisonTorch(torch))
+
+
+def _assert_bool_written(t: torch.Tensor, name: str):
+    assert t.dtype == torch.bool
+    raw = t.view(torch.uint8)
+    assert int(raw.max()) <= 1, f"{name}: {int((raw > 1).sum())} elements never written"
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-entropy
+# --------------------------------------------------------------------------------------------------
+
+def _make_ce_inputs(M, N, V, scale, dtype, labels_2d, mask_kind, seed, tau_shift=0):
+    g = torch.Generator().manual_seed(seed)
+    tau = torch.tensor([TAUS[(m + tau_shift) % len(TAUS)] for m in range(M)], dtype=torch.float32)
+    z = torch.randn(M, N, V, generator=g).clamp(-3, 3) * (scale / 3)          # |z| <= scale
+    y2 = torch.randint(0, V, (M, N), generator=g)
+    y = y2 if labels_2d else y2[0]
+    y2 = y.expand(M, N)
+    # plant clear collapsed rows: z_y well above the row max (>= 30 in s even after bf16 rounding)
+    rows = torch.arange(N) % 4 == 0
+    zmax = z.amax(-1)                                                           # (M, N)
+    lift = torch.maximum(60 * tau[:, None], 0.05 * zmax.abs())
+    zy = z.gather(-1, y2[..., None])[..., 0]
+    z.scatter_(-1, y2[..., None], torch.where(rows, zmax + lift, zy)[..., None])
+    # plant exact ties with the label: first max wins (a tie before y -> not correct, after -> correct)
+    if V > 2 and N > 2:
+        for n in (1, 2):
+            for m in range(M):
+                yy = int(y2[m, n])
+                other = (yy + V // 2) % V if n == 1 else (yy + 1) % V    # far (another V block) / next
+                top = z[m, n].max() + 1.0
+                z[m, n, yy] = top
+                z[m, n, other] = top
+    z = z.to(dtype)
+    if mask_kind is None:
+        mask = None
+    else:
+        mask = torch.rand(M, N, generator=g) < 0.7
+        if mask_kind == "empty_model":
+            mask[M // 2] = False                    # a whole model with no masked row
+        mask[:, N - 1] = False                      # a row masked out in every model
+    if labels_2d:
+        y = y.to(torch.int32)
+    return z, y, tau, mask
+
+
+def _ce_reference64(z, y, tau, mask):
+    """float64 from s32 = fl32(z / τ): (loss, grad, correct, collapsed, norm, ambiguous, scale, coef)."""
+    M, N, V = z.shape
+    t32 = tau.float()
+    s = (z.float() / t32[:, None, None]).double()                             # (M, N, V)
+    y2 = (y if y.dim() == 2 else y.expand(M, N)).long()
+    if mask is None:
+        w = torch.full((M, N), 1.0 / N, dtype=torch.float64)
+    else:
+        mk = mask.double()
+        w = mk / mk.sum(1, keepdim=True).clamp_min(1.0)
+    lse = torch.logsumexp(s, -1)
+    s_y = s.gather(-1, y2[..., None])[..., 0]
+    loss = ((lse - s_y) * w).sum(1)
+    onehot = torch.nn.functional.one_hot(y2, V).double()
+    coef = w / t32.double()[:, None]                                            # (M, N)
+    grad = (torch.softmax(s, -1) - onehot) * coef[..., None]
+    correct = s.argmax(-1) == y2
+    r = torch.where(onehot.bool(), 0.0, torch.exp(s - s_y[..., None])).sum(-1)
+    collapsed = r < 2.0 ** -27
+    ambiguous = (r >= 2.0 ** -27) & (r <= 2.0 ** -20)
+    norm = s.norm(dim=-1)
+    scale = s.abs().amax((1, 2)).clamp_min(1.0)                                 # (M,)
+    return loss, grad, correct, collapsed, norm, ambiguous, scale, coef
+
+
+def _check_once(M, N, V, *, scale=30.0, dtype=torch.float32, labels_2d=False, mask_kind="random",
+                block_n=None, block_v=None, seed=0, tau_shift=0, noncontiguous=False):
+    z, y, tau, mask = _make_ce_inputs(M, N, V, scale, dtype, labels_2d, mask_kind, seed, tau_shift)
+    if noncontiguous:
+        z = z.transpose(0, 1).contiguous().transpose(0, 1)                      # same values, (N, M, V) memory
+    z, y, tau = z.to(DEV), y.to(DEV), tau.to(DEV)
+    mask = None if mask is None else mask.to(DEV)
+    z_before = z.clone()
+    loss, grad, correct, collapsed, norm = ce_mod.tempered_ce_triton(z, y, tau, mask, block_n=block_n,
+                                                                     block_v=block_v)
+    assert torch.equal(z, z_before), "the kernel wrote into the logits"
+    assert grad.data_ptr() != z.data_ptr()
+    assert loss.shape == (M,) and loss.dtype == torch.float32
+    assert grad.shape == (M, N, V) and grad.dtype == dtype and grad.is_contiguous()
+    _assert_bool_written(correct, "correct")
+    _assert_bool_written(collapsed, "collapsed")
+    loss, grad, correct, collapsed, norm = (t.cpu() for t in (loss, grad, correct, collapsed, norm))
+    r_loss, r_grad, r_correct, r_coll, r_norm, ambiguous, s_scale, coef = _ce_reference64(
+        z.cpu(), y.cpu(), tau.cpu(), None if mask is None else mask.cpu())
+
+    # loss: float32 tolerance relative to the scale of s
+    err = (loss.double() - r_loss).abs()
+    tol = RTOL * (r_loss.abs() + s_scale)
+    assert bool((err <= tol).all()), f"loss err {err.tolist()} > tol {tol.tolist()}"
+    if mask is not None:
+        empty = ~mask.cpu().any(1)
+        assert bool((loss[empty] == 0).all()), "a model with no masked row must have loss 0"
+    # gradient: relative to its row scale w/τ, plus one rounding of a low-precision output
+    g = grad.double()
+    assert bool(torch.isfinite(g).all()), "gradient has NaN/inf (unwritten or overflow)"
+    tol = RTOL * coef[..., None] + LOW_PRECISION_RTOL[dtype] * r_grad.abs()
+    if dtype == torch.float16:
+        tol = tol + 2.0 ** -24
+    err = (g - r_grad).abs()
+    bad = err > tol
+    assert not bool(bad.any()), f"{int(bad.sum())} grad elements off, worst excess {float((err - tol).max()):.3g}"
+    # readouts
+    assert torch.equal(correct, r_correct), f"correct differs on {int((correct != r_correct).sum())} rows"
+    clear = ~ambiguous
+    assert int(ambiguous.sum()) <= max(1, M * N // 10), f"{int(ambiguous.sum())} rows near the collapse boundary"
+    assert torch.equal(collapsed[clear], r_coll[clear]), \
+        f"collapsed differs on {int((collapsed[clear] != r_coll[clear]).sum())} rows"
+    assert bool(r_coll.any()) and bool((~r_coll).any()), "the case should hold collapsed and non-collapsed rows"
+    torch.testing.assert_close(norm.double(), r_norm, rtol=RTOL, atol=0)
+
+
+CE_CASES = [
+    # (M, N, V, kwargs) -- each V, M, τ, dtype, label form and mask kind appears somewhere
+    pytest.param(1, 5, 2, dict(scale=3.0, mask_kind=None, tau_shift=2), id="V2-M1-nomask"),
+    pytest.param(3, 37, 59, dict(scale=30.0, labels_2d=True, mask_kind="empty_model"), id="V59-M3-y2d-emptymodel"),
+    pytest.param(16, 19, 97, dict(scale=1e4, mask_kind="random"), id="V97-M16-all-taus-1e4"),
+    pytest.param(3, 50, 113, dict(scale=30.0, dtype=torch.bfloat16, labels_2d=True, tau_shift=1), id="V113-bf16"),
+    pytest.param(3, 33, 113, dict(scale=20.0, dtype=torch.float16, block_n=8, tau_shift=1), id="V113-fp16-8rows"),
+    pytest.param(3, 23, 1000, dict(scale=1e4, labels_2d=True, mask_kind="empty_model", tau_shift=3),
+                 id="V1000-1e4-emptymodel"),
+    pytest.param(3, 21, 4099, dict(scale=100.0, tau_shift=1), id="V4099-cpu-tile-looped"),
+    pytest.param(2, 13, 4099, dict(scale=1e4, dtype=torch.bfloat16, block_n=4, block_v=1024, tau_shift=0),
+                 id="V4099-bf16-looped-1024"),
+    pytest.param(2, 7, 4099, dict(scale=30.0, block_n=1, block_v=8192, labels_2d=True, tau_shift=3),
+                 id="V4099-gpu-tile-single"),
+    pytest.param(3, 300, 59, dict(scale=5.0, block_n=64, block_v=64, mask_kind=None, tau_shift=1),
+                 id="V59-gpu-tile-nomask"),
+    pytest.param(3, 29, 97, dict(scale=1e4, block_n=8, block_v=32, labels_2d=True, tau_shift=0),
+                 id="V97-looped-tail-1e4"),
+    pytest.param(3, 11, 59, dict(scale=30.0, noncontiguous=True, tau_shift=2), id="V59-noncontiguous"),
+]
+
+
+@pytest.mark.parametrize("M, N, V, kw", CE_CASES)
+def test_tempered_ce_matches_float64(M, N, V, kw):
+    _check_once(M, N, V, **kw)
+
+
+def test_poison_detects_unwritten_rows(monkeypatch):
+    """With the grid one row block short, the last rows stay poisoned and the check must fail."""
+    real = ce_mod._tempered_ce_kernel
+
+    class _Short:
+        def __getitem__(self, grid):
+            return real[(grid[0] - 1, grid[1])]
+
+    monkeypatch.setattr(ce_mod, "_tempered_ce_kernel", _Short())
+    with pytest.raises(AssertionError):
+        _check_once(2, 20, 59, block_n=8)
+
+
+def _model_weights(M, seed):
+    return torch.rand(M, generator=torch.Generator().manual_seed(seed)) + 0.5
+
+
+def test_autograd_gradient_and_logits_untouched():
+    """tempered_cross_entropy(backend="triton"): d/dz of Σ c_m loss_m + Σ 2z equals c·ref + 2."""
+    z, y, tau, mask = _make_ce_inputs(3, 31, 97, 30.0, torch.float32, True, "random", seed=5)
+    z, y, tau, mask = z.to(DEV), y.to(DEV), tau.to(DEV), mask.to(DEV)
+    c = _model_weights(3, 6).to(DEV)
+    z0 = z.clone()
+    zz = z.clone().requires_grad_(True)
+    loss, st = K.tempered_cross_entropy(zz, y, tau, mask, backend="triton")
+    total = (loss * c).sum() + (zz * 2).sum()             # a second consumer of the logits
+    total.backward()
+    assert torch.equal(zz.detach(), z0), "logits changed by forward + backward"
+    r_loss, r_grad, r_correct, *_ = _ce_reference64(z.cpu(), y.cpu(), tau.cpu(), mask.cpu())
+    torch.testing.assert_close(loss.detach().cpu().double(), r_loss, rtol=RTOL, atol=RTOL)
+    expected = r_grad * c.cpu().double()[:, None, None] + 2.0
+    torch.testing.assert_close(zz.grad.cpu().double(), expected, rtol=RTOL, atol=RTOL)
+    assert torch.equal(st.correct.cpu(), r_correct)
+    assert not st.logit_norm.requires_grad
+
+
+def test_loss_and_grad_dispatch_matches_reference_twin():
+    z, y, tau, mask = _make_ce_inputs(2, 17, 59, 10.0, torch.float32, False, "random", seed=8)
+    z, y, tau, mask = z.to(DEV), y.to(DEV), tau.to(DEV), mask.to(DEV)
+    loss, dz, st = K.loss_and_grad(z, y, tau, mask, backend="triton")
+    r_loss, r_dz, r_st = K.loss_and_grad(z, y, tau, mask, backend="torch")
+    torch.testing.assert_close(loss, r_loss, rtol=RTOL, atol=RTOL)
+    torch.testing.assert_close(dz, r_dz, rtol=RTOL, atol=RTOL * float((1 / tau).max()))
+    assert torch.equal(st.correct, r_st.correct) and torch.equal(st.collapsed, r_st.collapsed)
+
+
+def test_launcher_validates_inputs():
+    z = torch.randn(2, 3, 5, device=DEV)
+    y = torch.zeros(3, dtype=torch.int64, device=DEV)
+    tau = torch.ones(2, device=DEV)
+    with pytest.raises(ValueError, match="logits must be"):
+        ce_mod.tempered_ce_triton(z[0], y, tau, None)
+    with pytest.raises(ValueError, match="labels must be"):
+        ce_mod.tempered_ce_triton(z, y.float(), tau, None)
+    with pytest.raises(ValueError, match="tau must be"):
+        ce_mod.tempered_ce_triton(z, y, tau[:1], None)
+    with pytest.raises(ValueError, match="mask must be"):
+        ce_mod.tempered_ce_triton(z, y, tau, torch.ones(2, 3, device=DEV))
+    flat = torch.randn(2, 10, device=DEV)
+    act = torch.ones(2, dtype=torch.bool, device=DEV)
+    with pytest.raises(ValueError, match="bounds must be"):
+        nc_mod.clamp_flat_triton_(flat, [0, 11], torch.ones(2, 1, device=DEV), act)
+    with pytest.raises(ValueError, match="target must be"):
+        nc_mod.clamp_flat_triton_(flat, [0, 5, 10], torch.ones(2, 1, device=DEV), act)
+    with pytest.raises(ValueError, match="unit column stride"):
+        nc_mod.clamp_flat_triton_(flat.t(), [0, 2], torch.ones(10, 1, device=DEV),
+                                  torch.ones(10, dtype=torch.bool, device=DEV))
+
+
+# --------------------------------------------------------------------------------------------------
+# Norm clamp
+# --------------------------------------------------------------------------------------------------
+
+def _check_clamp_once(M, P, bounds, *, dtype=torch.float32, block=None, active="mixed", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S = len(bounds) - 1
+    flat = (torch.randn(M, P, generator=g) * 0.3).to(dtype)
+    target = torch.rand(M, S, generator=g) * 4 + 0.5
+    if active == "mixed":
+        act = torch.arange(M) % 3 != 1
+    else:
+        act = torch.full((M,), active == "all")
+    flat0 = flat.clone()
+    flat, target, act = flat.to(DEV), target.to(DEV), act.to(DEV)
+    norms = nc_mod.clamp_flat_triton_(flat, bounds, target, act, block=block)
+    flat, norms, target, act = flat.cpu(), norms.cpu(), target.cpu(), act.cpu()
+    ref = torch.stack([flat0[:, lo:hi].double().norm(dim=1) for lo, hi in zip(bounds[:-1], bounds[1:])], 1)
+    assert norms.shape == (M, S) and norms.dtype == torch.float32
+    torch.testing.assert_close(norms.double(), ref, rtol=1e-6, atol=1e-30)
+    # inactive models and columns outside the segments: bit-for-bit unchanged
+    assert torch.equal(flat[~act], flat0[~act])
+    assert torch.equal(flat[:, :bounds[0]], flat0[:, :bounds[0]])
+    assert torch.equal(flat[:, bounds[-1]:], flat0[:, bounds[-1]:])
+    # active models: each non-empty segment's norm is its target
+    after = torch.stack([flat[:, lo:hi].double().norm(dim=1) for lo, hi in zip(bounds[:-1], bounds[1:])], 1)
+    nonempty = torch.tensor([hi > lo for lo, hi in zip(bounds[:-1], bounds[1:])])
+    sel = act[:, None] & nonempty[None, :]
+    rtol = 1e-6 if dtype == torch.float32 else 2.0 ** -8
+    rel = ((after - target.double()).abs() / target.double())[sel]
+    assert bool((rel <= rtol).all()), f"clamped norms off target by up to {float(rel.max()):.3g}"
+
+
+CLAMP_CASES = [
+    pytest.param(3, 3000, [0, 3000], {}, id="total-M3"),
+    pytest.param(4, 1300, [10, 300, 300, 310, 1200], dict(block=128), id="layers-empty-seg-straddling"),
+    pytest.param(16, 500, [0, 64, 192, 500], dict(active="all", block=64), id="layers-M16-all-active"),
+    pytest.param(2, 777, [0, 500, 777], dict(dtype=torch.bfloat16, block=256), id="layers-bf16"),
+    pytest.param(3, 900, [100, 800], dict(active="none"), id="none-active"),
+    pytest.param(1, 5000, [0, 2000, 4100], dict(block=1024, active="all"), id="M1-chunks"),
+]
+
+
+@pytest.mark.parametrize("M, P, bounds, kw", CLAMP_CASES)
+def test_clamp_flat_matches_float64(M, P, bounds, kw):
+    _check_clamp_once(M, P, bounds, **kw)
+
+
+def test_clamp_norm_list_dispatch():
+    g = torch.Generator().manual_seed(3)
+    M = 4
+    params = [torch.randn(M, 3, 4, generator=g).to(DEV), torch.randn(M, 7, generator=g).to(DEV)]
+    before = [p.clone() for p in params]
+    target = (torch.rand(M, generator=g) + 1.0).to(DEV)
+    norms = K.clamp_norm_(params, target, backend="triton")
+    ref = torch.sqrt(sum(p.double().reshape(M, -1).square().sum(1) for p in before)).cpu()
+    torch.testing.assert_close(norms.cpu().double(), ref, rtol=1e-6, atol=0)
+    after = torch.sqrt(sum(p.double().reshape(M, -1).square().sum(1) for p in params)).cpu()
+    torch.testing.assert_close(after, target.cpu().double(), rtol=1e-6, atol=0)
+    for p, b in zip(params, before):                       # direction kept: p = b * target/norm
+        torch.testing.assert_close(p.double(), b.double() * (target.double() / ref.to(DEV))
+                                   .reshape(M, *[1] * (p.dim() - 1)), rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile traces both custom ops whole
+# --------------------------------------------------------------------------------------------------
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    z, y, tau, mask = _make_ce_inputs(2, 21, 59, 10.0, torch.float32, True, "random", seed=11)
+    bounds = [0, 40, 100]
+    g = torch.Generator().manual_seed(12)
+    flat = torch.randn(2, 120, generator=g)
+    target = torch.rand(2, 2, generator=g) + 1.0
+    active = torch.tensor([True, False])
+    args = [t.to(DEV) for t in (z, y, tau, mask, flat, target, active)]
+
+    def step(z, y, tau, mask, flat, target, active):
+        loss, dz, st = K.loss_and_grad(z * 1.5, y, tau, mask, backend="triton")
+        norms = K.clamp_flat_(flat, bounds, target, active, backend="triton")
+        return loss.sum() * 2, dz.sum(-1), st.correct, st.logit_norm, norms + 1, flat * 3
+
+    eager_args = [a.clone() for a in args]
+    compiled_args = [a.clone() for a in args]
+    want = step(*eager_args)
+    got = torch.compile(step, fullgraph=True)(*compiled_args)
+    for a, b in zip(got, want):
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled_args[4], eager_args[4], rtol=1e-6, atol=1e-7)   # flat clamped in place
+    assert not torch.equal(compiled_args[4], args[4])
