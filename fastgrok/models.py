@@ -98,11 +98,51 @@ def _scatter_rows(grad_rows: torch.Tensor, idx: torch.Tensor, R: int) -> torch.T
     return out.scatter_add_(1, idx[..., None].expand(-1, -1, H), grad_rows)
 
 
+def segment_plan(idx: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of each value, for a gather-and-sum adjoint of `_rows` (built once per split).
+
+    idx (M, N) with values in [0, R) -> slot (M, R, K) int64, valid (M, R, K) bool: slot[m, r, :count]
+    lists, in increasing order, the rows n with idx[m, n] == r; K is the largest count, the rest is
+    padding (valid False, slot 0).
+    """
+    M, N = idx.shape
+    order = torch.argsort(idx, dim=1, stable=True)                  # (M, N) rows grouped by value
+    counts = torch.zeros(M, R, dtype=torch.int64, device=idx.device).scatter_add_(1, idx, torch.ones_like(idx))
+    K = max(int(counts.max()), 1)
+    start = torch.cumsum(counts, 1) - counts                        # (M, R) first slot of each value
+    k = torch.arange(K, device=idx.device)
+    valid = k < counts[..., None]                                   # (M, R, K)
+    pos = (start[..., None] + k).clamp_max(N - 1).reshape(M, R * K)
+    slot = torch.where(valid, torch.gather(order, 1, pos).view(M, R, K), 0)
+    return slot, valid
+
+
+def _segment_sum(rows: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Adjoint of _rows by the plan of `segment_plan`: (M, N, H) -> (M, R, H), no scatter.
+
+    One gather viewed as (M, R, K, H), its K slices added in slot order: the compiler emits one
+    pointwise kernel with K row loads, vectorised along H (a `.sum` over K makes it vectorise along K
+    with scalar gathers, ~5x slower; inductor's scatter_add is ~2x slower). Each output row adds its
+    rows in increasing order, as scatter_add does: the same bits. Eager, the gather is materialised
+    and costs more than one scatter_add: use it under torch.compile.
+    """
+    M, N, H = rows.shape
+    _, R, K = slot.shape
+    g = torch.gather(rows, 1, slot.reshape(M, R * K, 1).expand(-1, -1, H)).view(M, R, K, H)
+    g = torch.where(valid[..., None], g, 0.0)
+    out = g[:, :, 0]
+    for k in range(1, K):
+        out = out + g[:, :, k]
+    return out                                                      # (M, R, H)
+
+
 class MLP:
     """The study's MLP: z = GeLU([E[a], E[b]] W1 + b1) W2 + b2, all with a leading model axis.
 
     The first layer uses the table form: [E[a], E[b]] W1 = (E W1_top)[a] + (E W1_bot)[b], a p-row
     product instead of an N-row one (exact algebra; equal to the direct form within float rounding).
+    Its backward sums dL/dpre over the rows of each table entry: by scatter_add, or under torch.compile
+    by the gathers of a `plan` built once for the fixed train rows (see `_segment_sum`).
     """
 
     def __init__(self, cfg: TrainConfig):
@@ -111,10 +151,20 @@ class MLP:
         self.layout = ParamLayout(names=("E", "W1", "W2", "b1", "b2"),
                                   shapes=((p, d), (2 * d, H), (H, p), (H,), (p,)), n_matrices=3)
 
-    def _hidden_pre(self, P, a, b):
+    def plan(self, a: torch.Tensor, b: torch.Tensor) -> dict:
+        """Index plan of loss_and_grads' backward for fixed rows a, b (M, N); build it once per split."""
+        sa, va = segment_plan(a, self.p)
+        sb, vb = segment_plan(b, self.p)
+        return {"slot_a": sa, "valid_a": va, "slot_b": sb, "valid_b": vb}
+
+    def _tables(self, P):
         d = self.d
         TA = torch.bmm(P["E"], P["W1"][:, :d])                      # (M, p, H)
         TB = torch.bmm(P["E"], P["W1"][:, d:])                      # (M, p, H)
+        return TA, TB
+
+    def _hidden_pre(self, P, a, b):
+        TA, TB = self._tables(P)
         pre = _rows(TA, a) + _rows(TB, b) + P["b1"][:, None]        # (M, N, H)
         return pre
 
@@ -123,12 +173,17 @@ class MLP:
         h = F.gelu(self._hidden_pre(P, a, b))                       # (M, N, H)
         return torch.baddbmm(P["b2"][:, None], h, P["W2"])          # (M, N, V)
 
-    def loss_and_grads(self, flat, a, b, y, lossfn):
-        """Forward, fused loss, hand-written backward. Returns (loss (M,), grad (M, P), stats)."""
+    def loss_and_grads(self, flat, a, b, y, lossfn, plan: dict | None = None):
+        """Forward, fused loss, hand-written backward. Returns (loss (M,), grad (M, P), stats).
+
+        `plan` (from `self.plan(a, b)`, optional) replaces the scatter-adds of the backward; it pays
+        off under torch.compile only.
+        """
         P = self.layout.views(flat)
-        d = self.d
+        d, M = self.d, flat.shape[0]
         # forward for all M models
-        pre = self._hidden_pre(P, a, b)                             # (M, N, H)
+        TA, TB = self._tables(P)                                    # (M, p, H)
+        pre = _rows(TA, a) + _rows(TB, b) + P["b1"][:, None]        # (M, N, H)
         h = F.gelu(pre)
         z = torch.baddbmm(P["b2"][:, None], h, P["W2"])             # (M, N, V)
         # fused loss: per-model mean, dL/dz and readouts in one call
@@ -136,15 +191,23 @@ class MLP:
         # backward
         dW2 = torch.bmm(h.transpose(1, 2), dz)                      # (M, H, V)
         db2 = dz.sum(1)                                             # (M, V)
-        dpre = torch.bmm(dz, P["W2"].transpose(1, 2)) * gelu_grad(pre)  # (M, N, H)
-        db1 = dpre.sum(1)                                           # (M, H)
-        dTA = _scatter_rows(dpre, a, self.p)                        # (M, p, H)
-        dTB = _scatter_rows(dpre, b, self.p)
+        if torch.compiler.is_compiling():
+            # GeLU' needs pre again: summed in another order (equal to float rounding) the compiler
+            # does not merge it with the forward's and recomputes it from the small tables inside the
+            # backward's kernel, instead of writing and re-reading (M, N, H) floats (~10% of a step)
+            pre = _rows(TA, a) + (_rows(TB, b) + P["b1"][:, None])
+        dpre = torch.ops.aten.gelu_backward(torch.bmm(dz, P["W2"].transpose(1, 2)), pre)  # (M, N, H)
+        if plan is None:
+            dTA = _scatter_rows(dpre, a, self.p)                    # (M, p, H)
+            dTB = _scatter_rows(dpre, b, self.p)
+        else:
+            dTA = _segment_sum(dpre, plan["slot_a"], plan["valid_a"])
+            dTB = _segment_sum(dpre, plan["slot_b"], plan["valid_b"])
+        db1 = dTA.sum(1)                                            # (M, H): every row is in one segment
         W1a, W1b = P["W1"][:, :d], P["W1"][:, d:]                   # (M, d, H)
         Et = P["E"].transpose(1, 2)                                 # (M, d, p)
         dW1 = torch.cat([torch.bmm(Et, dTA), torch.bmm(Et, dTB)], 1)  # (M, 2d, H)
         dE = torch.bmm(dTA, W1a.transpose(1, 2)) + torch.bmm(dTB, W1b.transpose(1, 2))  # (M, p, d)
-        M = flat.shape[0]
         grad = torch.cat([dE.reshape(M, -1), dW1.reshape(M, -1), dW2.reshape(M, -1), db1, db2], 1)
         return loss, grad, stats
 

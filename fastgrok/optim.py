@@ -17,8 +17,11 @@ def adamw(flat, grad, m, v, t, *, lr: float, beta1: float, beta2: float, eps: fl
     m_new = beta1 * m + (1.0 - beta1) * grad
     v_new = beta2 * v + (1.0 - beta2) * (grad * grad)
     tt = t.to(flat.dtype)[:, None]                                  # (M, 1)
-    bc1 = 1.0 - torch.pow(beta1, tt)
-    bc2 = 1.0 - torch.pow(beta2, tt)
+    # (2, M, 1); the max over a size-1 axis changes nothing but makes torch.compile compute the two
+    # pows once per model instead of inlining them into every element's update (~2x the cost of the
+    # whole update on a CPU)
+    bc = torch.stack([1.0 - torch.pow(beta1, tt), 1.0 - torch.pow(beta2, tt)]).amax(-1, keepdim=True)
+    bc1, bc2 = bc[0], bc[1]                                         # (M, 1) each
     new = flat - lr * (m_new / bc1) / (torch.sqrt(v_new / bc2) + eps)
     if wd:
         new = torch.cat([new[:, :n_mat] - (lr * wd) * new[:, :n_mat], new[:, n_mat:]], 1)

@@ -4,9 +4,19 @@ One screen of loop (`Trainer.run`): evaluate every `eval_every` steps (the only 
 T_mem/T_grok per model, checkpoint every `checkpoint_every` steps and on SIGINT/SIGTERM, stop when
 every model has grokked or diverged, or at the budget. Training is full batch and deterministic, so a
 run resumed from its checkpoint ends with exactly the results of an uninterrupted one.
+
+`Trainer(cfg, dir)` trains cfg's product of cells x seeds. `Trainer(cfg, dir, table=rows)` trains an
+explicit list of models (the grid engine's packed batches): each row carries its own seed, tau,
+norm_target, t_clamp, step `budget` and `cell`, and a model stops at its own budget, when it diverges,
+or when every model of its cell has grokked (the study's per-cell rule) -- never because of another
+cell, so its results do not depend on the batch it trained in. Stopped models are frozen; with
+`compact_frac`, once that fraction of the batch has stopped their rows are dropped from every tensor
+(index_select on the model axis) and the rest run alone. Records keep the full model axis (NaN for rows
+no longer in the batch); `self.rows` maps batch rows to table rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -53,20 +63,33 @@ def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
 class Records:
     """Host-side results so far (saved in checkpoints)."""
     steps: list            # evaluated steps
-    evals: list            # (M, 6) numpy per evaluated step
+    evals: list            # (M, 6) numpy per evaluated step (NaN: the model had left the batch)
     t_mem: np.ndarray      # (M,) int, -1 = not yet
     t_grok: np.ndarray
     diverged: np.ndarray   # (M,) bool
+    stop: np.ndarray | None = None   # (M,) int: the step a model stopped at, -1 = running
+
+
+ROW_ONLY = ("t_clamp", "budget", "layer_fracs")
+"""Table-row keys the trainer consumes and does not copy into results()."""
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path | str, *, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, run_dir: Path | str, *, progress: bool = True,
+                 table: list[dict] | None = None, compact_frac: float = 0.0):
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self.device = resolve_device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
         self.backend = K.resolve_backend(cfg.kernels, self.device, self.dtype)
-        self.table = cfg.model_table()
+        self.independent = table is not None        # per-cell stopping, per-model budgets, compaction
+        self.table = [dict(r) for r in table] if table is not None else cfg.model_table()
         M = len(self.table)
+        if M == 0:
+            raise ConfigError("table: no models to train")
+        self.budget = np.array([r.get("budget", cfg.steps) for r in self.table], dtype=np.int64)
+        self.group = np.array([r["cell"] for r in self.table]) if self.independent else np.zeros(M, np.int64)
+        self.compact_frac = compact_frac if self.independent else 0.0
+        self.rows = np.arange(M)                    # table row of each batch row
         seeds = [r["seed"] for r in self.table]
         dev = self.device
         self.task = make_task(cfg.p, cfg.op, cfg.n_train, seeds, dev)
@@ -74,24 +97,26 @@ class Trainer:
         lay = self.model.layout
         tgt = torch.tensor([r["norm_target"] or 0.0 for r in self.table], dtype=torch.float64)
         S = lay.n_matrices if cfg.clamp_mode == "layer" else 1
-        fracs = torch.tensor(cfg.layer_fracs or [1.0 / S] * S, dtype=torch.float64)
+        fracs = torch.tensor([(r.get("layer_fracs") or cfg.layer_fracs or [1.0 / S] * S) if S > 1 else [1.0]
+                              for r in self.table], dtype=torch.float64)                  # (M, S)
         ta, tb = self.task.a[self.task.train_idx], self.task.b[self.task.train_idx]
         self.batch = Batch(
             train_a=ta, train_b=tb, train_y=self.task.y[self.task.train_idx],
             a=self.task.a, b=self.task.b, y=self.task.y, train_mask=self.task.train_mask,
             tau=torch.tensor([r["tau"] for r in self.table], dtype=self.dtype, device=dev),
             clamp_on=torch.tensor([r["norm_target"] is not None for r in self.table], device=dev),
-            t_clamp=torch.full((M,), cfg.t_clamp, dtype=torch.int64, device=dev))
+            t_clamp=torch.tensor([r.get("t_clamp", cfg.t_clamp) for r in self.table], dtype=torch.int64, device=dev))
         flat = lay.init(seeds, self.dtype, dev)
         self.state = {
             "flat": flat, "m": torch.zeros_like(flat), "v": torch.zeros_like(flat),
             "t": torch.zeros(M, dtype=torch.int64, device=dev),
             "alive": torch.ones(M, dtype=torch.bool, device=dev),
-            "target": (tgt[:, None] * fracs.sqrt()[None]).to(self.dtype).to(dev),
+            "target": (tgt[:, None] * fracs.sqrt()).to(self.dtype).to(dev),
             "bounds": lay.bounds if cfg.clamp_mode == "layer" else [lay.bounds[0], lay.bounds[-1]],
         }
-        self.capture_shares = cfg.clamp_mode == "layer" and not cfg.layer_fracs
-        self.records = Records([], [], np.full(M, -1), np.full(M, -1), np.zeros(M, bool))
+        self.capture_shares = (cfg.clamp_mode == "layer" and not cfg.layer_fracs
+                               and not any(r.get("layer_fracs") for r in self.table))
+        self.records = Records([], [], np.full(M, -1), np.full(M, -1), np.zeros(M, bool), np.full(M, -1))
         self.step_idx = 0
         self.done = False
         self.step_fn, self.eval_fn = build_step_fns(self.model, cfg, self.backend, use_compile(cfg, dev))
@@ -101,7 +126,8 @@ class Trainer:
     def checkpoint(self) -> None:
         tensors = {k: v.detach().cpu() for k, v in self.state.items() if isinstance(v, torch.Tensor)}
         store.save_checkpoint(self.run_dir, {"step": self.step_idx, "state": tensors, "records": self.records,
-                                             "done": self.done, "capture_shares": self.capture_shares})
+                                             "done": self.done, "capture_shares": self.capture_shares,
+                                             "rows": self.rows})
         self.write_results()
 
     def restore(self, ck: dict) -> None:
@@ -109,24 +135,67 @@ class Trainer:
             self.state[k] = v.to(self.device)
         self.step_idx, self.records, self.done = ck["step"], ck["records"], ck["done"]
         self.capture_shares = ck["capture_shares"]
+        if self.records.stop is None:               # a checkpoint from before per-model stopping
+            self.records.stop = np.full(len(self.table), -1)
+        rows = ck.get("rows", np.arange(len(self.table)))
+        if len(rows) < len(self.table):             # the state was saved compacted: compact the batch too
+            self.batch = _select_batch(self.batch, torch.as_tensor(rows, device=self.device))
+        self.rows = rows
+
+    def compact(self) -> None:
+        """Drop the stopped models' rows from every state and batch tensor (the model axis)."""
+        keep = np.nonzero(self.records.stop[self.rows] < 0)[0]
+        idx = torch.as_tensor(keep, device=self.device)
+        for k, v in self.state.items():
+            if isinstance(v, torch.Tensor):
+                self.state[k] = v.index_select(0, idx)
+        self.batch = _select_batch(self.batch, idx)
+        self.rows = self.rows[keep]
 
     # ---------------------------------------------------------------- the loop
     def _evaluate(self) -> None:
-        out = self.eval_fn(self.state, self.batch).double().cpu().numpy()   # sync point: once per eval
-        r, cfg, s = self.records, self.cfg, self.step_idx
+        ev = self.eval_fn(self.state, self.batch).double().cpu().numpy()    # sync point: once per eval
+        r, cfg, s, rows = self.records, self.cfg, self.step_idx, self.rows
+        out = np.full((len(self.table), ev.shape[1]), np.nan)               # (M, 6) over the whole table
+        out[rows] = ev
         r.steps.append(s)
         r.evals.append(out)
-        r.diverged = ~self.state["alive"].cpu().numpy()
-        mem = (r.t_mem < 0) & (out[:, I_TRAIN_ACC] >= cfg.mem_threshold) & ~r.diverged
-        grok = (r.t_grok < 0) & (out[:, I_TEST_ACC] >= cfg.grok_threshold) & ~r.diverged
+        running = np.zeros(len(self.table), bool)
+        running[rows] = r.stop[rows] < 0
+        alive = np.ones(len(self.table), bool)
+        alive[rows] = self.state["alive"].cpu().numpy()
+        r.diverged |= running & ~alive
+        with np.errstate(invalid="ignore"):
+            mem = running & (r.t_mem < 0) & (out[:, I_TRAIN_ACC] >= cfg.mem_threshold) & ~r.diverged
+            grok = running & (r.t_grok < 0) & (out[:, I_TEST_ACC] >= cfg.grok_threshold) & ~r.diverged
         r.t_mem[mem] = s
         r.t_grok[grok] = s
+        # who stops here: its own budget, (independent) its divergence, or every model of its cell
+        # (of the whole batch without a table) grokked or diverged
+        stop = running & (s >= self.budget)
+        if self.independent:
+            stop |= running & r.diverged
+        if cfg.stop_when_grokked:
+            fin = (r.t_grok >= 0) | r.diverged
+            open_groups = np.unique(self.group[~fin])
+            stop |= running & ~np.isin(self.group, open_groups)
+        r.stop[stop] = s
+        self.done = bool((r.stop >= 0).all())
+        if stop.any() and not self.done:           # freeze the stopped models (a sync-free mask update)
+            pos = np.nonzero(stop[rows])[0]
+            self.state["alive"][torch.as_tensor(pos, device=self.device)] = False
+
+    def _eval_due(self, s: int) -> bool:
+        if self.records.steps and self.records.steps[-1] == s:
+            return False
+        return s % self.cfg.eval_every == 0 or bool((self.budget[self.rows] == s).any())
 
     def _capture_layer_targets(self) -> None:
         """Per-layer clamp with no fixed shares: each matrix keeps its share of ||W||^2 from now on."""
         flat, b = self.state["flat"], self.state["bounds"]
         sq = torch.stack([flat[:, lo:hi].double().square().sum(1) for lo, hi in zip(b[:-1], b[1:])], 1)
-        total = torch.tensor([r["norm_target"] or 0.0 for r in self.table], dtype=torch.float64, device=flat.device)
+        total = torch.tensor([self.table[i]["norm_target"] or 0.0 for i in self.rows], dtype=torch.float64,
+                             device=flat.device)
         self.state["target"] = (total[:, None] * (sq / sq.sum(1, keepdim=True)).sqrt()).to(self.dtype)
         self.capture_shares = False
 
@@ -138,14 +207,15 @@ class Trainer:
             with bar:
                 while not self.done:
                     s = self.step_idx
-                    if s % cfg.eval_every == 0 and (not self.records.steps or self.records.steps[-1] != s):
-                        self._evaluate()
+                    if self._eval_due(s):
+                        self._evaluate()                    # also decides who stops here (and done)
                         bar.update(s, self.records)
+                        n_stopped = int((self.records.stop[self.rows] >= 0).sum())
+                        if not self.done and self.compact_frac and n_stopped >= self.compact_frac * len(self.rows):
+                            self.compact()                  # results are per model: unchanged by this
                         if s > 0 and s % cfg.checkpoint_every == 0:
                             self.checkpoint()
-                    finished = (self.records.t_grok >= 0) | self.records.diverged
-                    if s >= cfg.steps or (cfg.stop_when_grokked and finished.all()):
-                        self.done = True
+                    if self.done:
                         break
                     if self._stop_signal is not None:
                         self.checkpoint()
@@ -165,24 +235,30 @@ class Trainer:
         return self.results()
 
     # ---------------------------------------------------------------- results
+    def _ends(self) -> np.ndarray:
+        """(M,) each model's last evaluated step: where it stopped, else the latest evaluation."""
+        return np.where(self.records.stop >= 0, self.records.stop, self.records.steps[-1])
+
     def results(self) -> pd.DataFrame:
         r, cfg = self.records, self.cfg
         ev = np.stack(r.evals)                                  # (T, M, 6)
         steps = np.asarray(r.steps)
         logged = (steps % cfg.logit_every) == 0
-        last = ev[-1]
+        ends = self._ends()
         rows = []
         for i, row in enumerate(self.table):
             tg = int(r.t_grok[i])
+            last = ev[np.searchsorted(steps, ends[i])]          # (M, 6) at this model's last step
+            ok = logged & (steps <= ends[i])
             L = float("nan")
-            if tg >= 0 and logged.any():
-                ls = steps[logged]
-                L = float(ev[logged][np.argmin(np.abs(ls - tg)), i, I_LOGIT])
-            rows.append({**row, "rho": None,
+            if tg >= 0 and ok.any():
+                ls = steps[ok]
+                L = float(ev[ok][np.argmin(np.abs(ls - tg)), i, I_LOGIT])
+            rows.append({**{k: v for k, v in row.items() if k not in ROW_ONLY}, "rho": row.get("rho"),
                          "t_mem": int(r.t_mem[i]) if r.t_mem[i] >= 0 else None,
                          "t_grok": tg if tg >= 0 else None, "logit_scale_at_grok": L,
                          **{m: float(last[i, k]) for k, m in enumerate(EVAL_METRICS) if m != "logit_scale"},
-                         "diverged": bool(r.diverged[i]), "steps": int(steps[-1])})
+                         "diverged": bool(r.diverged[i]), "steps": int(ends[i])})
         df = pd.DataFrame(rows)
         for c in ("t_mem", "t_grok"):
             df[c] = df[c].astype("Int64")
@@ -195,9 +271,10 @@ class Trainer:
         ev = np.stack(r.evals)                                  # (T, M, 6)
         T, M, K_ = ev.shape
         steps = np.repeat(np.asarray(r.steps), M * K_).reshape(T, M, K_)
-        model = np.broadcast_to(np.arange(M)[None, :, None], (T, M, K_))
+        ids = np.array([row["model"] for row in self.table])
+        model = np.broadcast_to(ids[None, :, None], (T, M, K_))
         metric = np.broadcast_to(np.arange(K_)[None, None, :], (T, M, K_))
-        keep = (metric != I_LOGIT) | (steps % cfg.logit_every == 0)
+        keep = ((metric != I_LOGIT) | (steps % cfg.logit_every == 0)) & (steps <= self._ends()[None, :, None])
         return pd.DataFrame({"model": model[keep], "step": steps[keep],
                              "metric": np.asarray(EVAL_METRICS)[metric[keep]], "value": ev[keep]})
 
@@ -228,6 +305,24 @@ class Trainer:
             signal.signal(sig, h)
 
 
+_SHARED = ("a", "b", "y")
+"""Batch fields without a model axis."""
+
+
+def _select_batch(batch: Batch, idx: torch.Tensor) -> Batch:
+    """The batch restricted to rows idx of the model axis (derived non-tensor fields are reset)."""
+    kw = {}
+    for f in dataclasses.fields(batch):
+        v = getattr(batch, f.name)
+        if f.name in _SHARED:
+            kw[f.name] = v
+        elif isinstance(v, torch.Tensor):
+            kw[f.name] = v.index_select(0, idx)
+        else:
+            kw[f.name] = None
+    return Batch(**kw)
+
+
 class _Progress:
     """A rich progress bar: step, mean train/test accuracy, models grokked."""
 
@@ -256,7 +351,7 @@ class _Progress:
         kw = {}
         if records is not None:
             ev = records.evals[-1]
-            kw["info"] = (f"train {ev[:, I_TRAIN_ACC].mean():.3f}  test {ev[:, I_TEST_ACC].mean():.3f}  "
+            kw["info"] = (f"train {np.nanmean(ev[:, I_TRAIN_ACC]):.3f}  test {np.nanmean(ev[:, I_TEST_ACC]):.3f}  "
                           f"grokked {(records.t_grok >= 0).sum()}/{self.n}  diverged {records.diverged.sum()}")
         now = time.monotonic()
         if records is not None or now - self.last > 0.2:
