@@ -1,0 +1,188 @@
+"""Running an experiment's batches: locally (one process, batches in sequence) or on Ray.
+
+`run_experiment` plans the grid (grid.py), runs the free calibration controls first (w_c per setting,
+cached in calibration.json), then the packed batches. Either executor only maps jobs to results; the
+driver alone writes the run directory (a part per finished batch), so both give identical results and
+a rerun of the same command resumes: finished batches are skipped, a running one continues from its
+checkpoint.
+
+Ray: connects to a running cluster (RAY_ADDRESS, or `ray.init(address="auto")`), else starts a local
+one (shut down at the end). Each batch is one task pinned to one GPU when the cluster has GPUs, else to
+one CPU; a task that fails (a lost worker, a CUDA error) is retried up to `MAX_RETRIES` times and
+resumes from its checkpoint (the run directory must be on storage every node sees).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from . import grid
+from .config import ConfigError
+from .experiments import apply_overrides, load_experiment
+
+EXECUTORS = ("local", "ray")
+MAX_RETRIES = 3
+
+
+def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str | None = None,
+                   executor: str = "local", device: str = "auto", progress: bool = True) -> Path:
+    """Run (or resume) an experiment into `out` (default runs/<name>); returns the run directory."""
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    spec = apply_overrides(load_experiment(experiment), **(overrides or {}))
+    if executor == "local":
+        grid.resolve_device(device)            # a CUDA request without CUDA fails here, before any work
+    else:
+        _import_ray()
+    run_dir = Path(out) if out is not None else Path("runs") / spec.name
+    plan = grid.init_run_dir(spec, run_dir, device if executor == "local" else "cpu")
+    compile_mode = grid.resolve_compile(spec, plan)
+    mapper = _local_map if executor == "local" else _ray_map
+    bar = GridProgress(plan, run_dir, enabled=progress, live=executor == "ray")
+
+    # 1. calibration: the free controls that set w_c, before any clamped cell
+    cached = grid.read_calibration(run_dir)
+    jobs = [grid.calibration_job(spec, c, run_dir, device, compile_mode)
+            for c in plan["calibrations"] if c["key"] not in cached]
+    with bar:
+        for job, (models, curves) in mapper(jobs, progress, bar):
+            cal = grid.record_calibration(run_dir, job["id"], models, curves)
+            bar.note(f"calibration {job['id']}: w_c = {cal['w_c']:.4g} ({cal['n_grokked']}/{cal['seeds']} "
+                     f"grokked{'' if cal['source'] == 'grok' else '; none grokked: median final ||W||'})")
+        w_c = {k: v["w_c"] for k, v in grid.read_calibration(run_dir).items()}
+
+        # 2. the packed batches
+        grid.consolidate(run_dir)               # repairs a crash between a part and the consolidation
+        done = grid.done_batches(run_dir)
+        jobs = [grid.batch_job(spec, plan, b, w_c, run_dir, device, compile_mode)
+                for b in plan["batches"] if b["id"] not in done]
+        for job, (models, curves) in mapper(jobs, progress, bar):
+            grid.write_part(run_dir, job["id"], models, curves)
+            bar.batch_done(job["id"], models)
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Executors: map jobs to (models, curves) as they finish
+# ---------------------------------------------------------------------------------------------
+def _local_map(jobs, progress, bar):
+    for job in jobs:
+        bar.start(job)
+        yield job, grid.run_job(job, progress=progress)
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("the Ray executor needs ray: pip install 'fastgrok[ray]'") from None
+    return ray
+
+
+def _ray_job(job):
+    return grid.run_job(job, progress=False)
+
+
+def _ray_map(jobs, progress, bar):
+    if not jobs:
+        return
+    ray = _import_ray()
+    started = False
+    if not ray.is_initialized():
+        try:
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError):
+            ray.init(log_to_driver=False)          # no cluster to join: a local one
+            started = True
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=MAX_RETRIES,
+                          retry_exceptions=[RuntimeError, OSError])(_ray_job)
+        pending = {task.remote(job): job for job in jobs}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(ready[0])
+            yield job, ray.get(ready[0])
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress across the grid
+# ---------------------------------------------------------------------------------------------
+class GridProgress:
+    """Cells done, models grokked and an ETA for the whole grid (from the fraction of cells done).
+
+    `live` (Ray): one rich bar. Otherwise (local) the trainer shows a bar per batch and this prints
+    one line per finished batch (rich allows one live display at a time)."""
+
+    def __init__(self, plan: dict, run_dir: Path, enabled: bool, live: bool):
+        self.enabled, self.live = enabled, live and enabled
+        self.n_cells = len(plan["cells"])
+        self.n_models = sum(c["seeds"] for c in plan["cells"])
+        self.cells_of = {b["id"]: b["cells"] for b in plan["batches"]}
+        self.plan = plan
+        done = grid.done_batches(run_dir)
+        self.cells_done = sum(len(self.cells_of[b]) for b in done if b in self.cells_of)
+        self.start_cells = self.cells_done
+        self.grokked = 0
+        if done and (Path(run_dir) / "models.parquet").exists():
+            import pandas as pd
+            self.grokked = int(pd.read_parquet(Path(run_dir) / "models.parquet")["t_grok"].notna().sum())
+        self.t0 = time.monotonic()
+        if enabled:
+            from rich.console import Console
+            self.console = Console(stderr=True)
+
+    def __enter__(self):
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            self.p = Progress(TextColumn("cells"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(),
+                              TextColumn("{task.fields[info]}"), console=self.console)
+            self.p.__enter__()
+            self.task = self.p.add_task("grid", total=self.n_cells, completed=self.cells_done, info=self._info())
+        return self
+
+    def __exit__(self, *exc):
+        if self.live:
+            self.p.__exit__(*exc)
+
+    def _info(self) -> str:
+        return f"grokked {self.grokked}/{self.n_models}"
+
+    def note(self, msg: str) -> None:
+        if self.enabled:
+            self.console.print(f"fastgrok: {msg}")
+
+    def start(self, job: dict) -> None:
+        if self.enabled and job["kind"] == "batch":
+            cells = self.cells_of[job["id"]]
+            c = self.plan["cells"][cells[0]]
+            self.note(f"batch {job['id']}: {len(cells)} cells, {len(job['rows'])} models, p={c['p']} {c['model']} "
+                      f"{c['loss']} {c['dtype']}")
+        elif self.enabled:
+            self.note(f"calibration {job['id']}: {len(job['rows'])} free models")
+
+    def batch_done(self, batch_id: str, models) -> None:
+        self.cells_done += len(self.cells_of[batch_id])
+        self.grokked += int(models["t_grok"].notna().sum())
+        if not self.enabled:
+            return
+        if self.live:
+            self.p.update(self.task, completed=self.cells_done, info=self._info())
+            return
+        el = time.monotonic() - self.t0
+        new = self.cells_done - self.start_cells
+        eta = el / new * (self.n_cells - self.cells_done) if new else float("nan")
+        self.note(f"cells {self.cells_done}/{self.n_cells} done, {self._info()}, {el:.0f} s elapsed, "
+                  f"ETA {_fmt_s(eta)}")
+
+
+def _fmt_s(s: float) -> str:
+    if s != s:
+        return "-"
+    h, r = divmod(int(s), 3600)
+    m, sec = divmod(r, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"

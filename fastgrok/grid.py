@@ -1,0 +1,417 @@
+"""The grid engine: a spec's cells packed into batches of M models, run resumably into one directory.
+
+    DIR/spec.toml, spec.json  the effective spec (overrides applied); a rerun must match it
+    DIR/config.json           a summary of the spec for the report's header
+    DIR/plan.json             cells (with their global model ids) and batches, fixed on the first run
+    DIR/calibration.json      w_c per setting; DIR/calibration/<key>/ holds the free control's run
+    DIR/batches/<id>/         the checkpoint of a running batch (removed once its part is written)
+    DIR/parts/<id>.{models,curves}.parquet   one pair per finished batch, written once
+    DIR/models.parquet, curves.parquet       every part so far, rewritten atomically after each batch
+
+Packing: cells that share a shape (p, op, model, loss, dtype, lr, wd, train_frac; the widths come from
+the spec's [train]) go into one batch of M = sum of their seeds models, each with its own tau, clamp
+target, seed, split and step budget, split into several batches when over the memory budget. A cell
+is never split, and a fork's parent travels with all its arms. Every model's results are independent
+of its batch (the trainer stops a model by its own cell), so packing, compaction and the executor never
+change a result. A batch is done when its part exists; a rerun skips done batches and resumes the
+running ones from their checkpoints, so nothing is lost and nothing runs twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import store
+from .config import ConfigError
+from .experiments import ARMS, SHAPE_AXES, ExperimentSpec, to_toml
+from .models import build_model
+from .trainer import Records, Trainer, resolve_device
+
+SPEC_JSON, SPEC_TOML, PLAN, CALIBRATION = "spec.json", "spec.toml", "plan.json", "calibration.json"
+SETTING_COLS = ("experiment", "p", "op", "arch", "loss", "lr", "wd", "train_frac", "dtype")
+CALIB_AXES = tuple(a for a in SHAPE_AXES if a != "dtype")
+"""w_c is measured per setting in float32 (the study's precision); a float64 cell uses its float32 w_c."""
+QUICK_STEPS = 2000
+"""compile "auto" means eager when no budget of the spec exceeds this (compiling costs more than it saves)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells and batches
+# ---------------------------------------------------------------------------------------------
+def expand(spec: ExperimentSpec) -> list[dict]:
+    """Every cell of the spec in order: its shape, rho/norm_target/tau/layer_fracs, seeds, step budget,
+    global `cell` id and first model id `model0`; forks give one cell per arm (with `parent`)."""
+    cells, seen, n_models, parent = [], set(), 0, 0
+    for _, ax in spec.products():
+        key = tuple(sorted(ax.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        base = {**ax, "budget": spec.budget.at(ax["rho"]), "arm": None, "fork_step": None, "factor": None,
+                "parent": None}
+        if spec.fork is None:
+            variants = [base]
+        else:
+            variants = []
+            for arm in spec.fork.arms:
+                f = ARMS[arm](spec.fork.factor)
+                variants.append({**base, "arm": arm, "fork_step": spec.fork.step, "factor": f, "parent": parent,
+                                 "budget": max(base["budget"], spec.budget.at(f))})
+            parent += 1
+        for c in variants:
+            c.update(cell=len(cells), model0=n_models,
+                     layer_fracs=list(c["layer_fracs"]) if c["layer_fracs"] else None)
+            n_models += c["seeds"]
+            cells.append(c)
+    return cells
+
+
+def shape_of(cell: dict) -> tuple:
+    return tuple(cell[a] for a in SHAPE_AXES)
+
+
+def calib_key(cell: dict) -> str:
+    return "-".join(f"{a}={cell[a]}" for a in CALIB_AXES)
+
+
+def bytes_per_model(spec: ExperimentSpec, cell: dict) -> int:
+    """Rough device bytes one model costs: flat, grad, Adam moments and temporaries (8 P) plus the
+    evaluation's activations over all pairs (about 6 tensors of N (H + V))."""
+    cfg = spec.base_config(**{a: cell[a] for a in SHAPE_AXES})
+    P = build_model(cfg).layout.n_params
+    width = cfg.hidden + cfg.p if cfg.model == "mlp" else 3 * (4 * cfg.d_model + cfg.d_mlp + cfg.n_heads * 3) + cfg.p
+    dsize = 8 if cfg.dtype == "float64" else 4
+    return dsize * (8 * P + 6 * cfg.n_pairs * width)
+
+
+def memory_budget(spec: ExperimentSpec, device: str) -> float:
+    if spec.engine.memory_gb:
+        return spec.engine.memory_gb * 2**30
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return 0.5 * torch.cuda.get_device_properties(dev).total_memory
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 * 2**30
+    return min(0.25 * ram, 8 * 2**30)
+
+
+def pack(spec: ExperimentSpec, cells: list[dict], budget_bytes: float) -> list[dict]:
+    """Batches: cells of one shape in order, whole units (a cell, or a fork parent with its arms)
+    added while the batch stays under the memory budget and engine.max_models."""
+    units: dict[tuple, list[list[dict]]] = {}
+    for c in cells:
+        groups = units.setdefault(shape_of(c), [])
+        if c["parent"] is not None and groups and groups[-1][0]["parent"] == c["parent"]:
+            groups[-1].append(c)
+        else:
+            groups.append([c])
+    batches = []
+    for groups in units.values():
+        per_model = bytes_per_model(spec, groups[0][0])
+        cur, m = [], 0
+        for u in groups:
+            n = sum(c["seeds"] for c in u)
+            over = (m + n) * per_model > budget_bytes or (spec.engine.max_models and m + n > spec.engine.max_models)
+            if cur and over:
+                batches.append(cur)
+                cur, m = [], 0
+            cur += [c["cell"] for c in u]
+            m += n
+        batches.append(cur)
+    return [{"id": f"b{i:03d}", "cells": b} for i, b in enumerate(batches)]
+
+
+def make_plan(spec: ExperimentSpec, device: str) -> dict:
+    cells = expand(spec)
+    need = {}
+    if spec.calibration.w_c is None:
+        for c in cells:
+            if c["rho"] is not None:
+                need.setdefault(calib_key(c), {a: c[a] for a in CALIB_AXES})
+    return {"cells": cells, "batches": pack(spec, cells, memory_budget(spec, device)),
+            "calibrations": [{"key": k, "shape": s} for k, s in need.items()]}
+
+
+def resolve_compile(spec: ExperimentSpec, plan: dict) -> str:
+    """One compile setting for the whole run (so no result depends on which batch a cell is in)."""
+    mode = spec.train.get("compile", "auto")
+    if mode != "auto":
+        return mode
+    budgets = [c["budget"] for c in plan["cells"]] + [calibration_steps(spec)]
+    return "off" if max(budgets) <= QUICK_STEPS else "auto"
+
+
+def calibration_steps(spec: ExperimentSpec) -> int:
+    s = spec.calibration.steps or spec.budget.steps
+    return min(s, spec.budget.max_steps) if spec.budget.max_steps else s
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs: what one batch (or one calibration) needs, as plain data (picklable for Ray)
+# ---------------------------------------------------------------------------------------------
+def _cfg(spec: ExperimentSpec, shape: dict, device: str, compile_mode: str, steps: int) -> dict:
+    cfg = spec.base_config(**shape, device=device, compile=compile_mode, steps=steps)
+    return cfg.to_dict()
+
+
+def batch_job(spec: ExperimentSpec, plan: dict, batch: dict, w_c: dict, run_dir: Path, device: str,
+              compile_mode: str) -> dict:
+    cells = [plan["cells"][i] for i in batch["cells"]]
+    shape = {a: cells[0][a] for a in SHAPE_AXES}
+    cfg = spec.base_config(**shape)
+    seed0 = cfg.seed0
+    job = {"kind": "batch", "id": batch["id"], "dir": str(Path(run_dir) / "batches" / batch["id"]),
+           "cfg": _cfg(spec, shape, device, compile_mode, max(c["budget"] for c in cells)),
+           "compact_frac": spec.engine.compact_frac, "columns": {}, "fork": None}
+    for c in cells:
+        job["columns"][c["cell"]] = {"experiment": spec.name, **{a: c[a] for a in SHAPE_AXES if a != "model"},
+                                     "arch": c["model"], "arm": c["arm"], "fork_step": c["fork_step"],
+                                     "budget": c["budget"], "layer_fracs": _fracs_str(c["layer_fracs"])}
+
+    def target(c):
+        if c["rho"] is not None:
+            return c["rho"] * (spec.calibration.w_c or w_c[calib_key(c)])
+        return c["norm_target"]
+
+    if spec.fork is None:
+        job["rows"] = [{"model": c["model0"] + s, "cell": c["cell"], "seed": seed0 + s, "tau": c["tau"],
+                        "norm_target": target(c), "rho": c["rho"], "budget": c["budget"], "t_clamp": cfg.t_clamp,
+                        "layer_fracs": c["layer_fracs"]}
+                       for c in cells for s in range(c["seeds"])]
+        return job
+    # forks: parents (one per parent id, in order) train to the fork step; arms copy their rows
+    parents, parent_rows, arm_rows = {}, [], []
+    for c in cells:
+        if c["parent"] not in parents:
+            parents[c["parent"]] = len(parent_rows)
+            parent_rows += [{"model": len(parent_rows) + s, "cell": c["parent"], "seed": seed0 + s, "tau": c["tau"],
+                             "norm_target": target(c), "rho": c["rho"], "budget": c["fork_step"],
+                             "t_clamp": cfg.t_clamp} for s in range(c["seeds"])]
+        for s in range(c["seeds"]):
+            arm_rows.append({"model": c["model0"] + s, "cell": c["cell"], "seed": seed0 + s, "tau": c["tau"],
+                             "norm_target": None, "rho": None, "budget": c["budget"], "t_clamp": c["fork_step"],
+                             "parent_row": parents[c["parent"]] + s, "factor": c["factor"]})
+    job["rows"] = arm_rows
+    job["fork"] = {"step": spec.fork.step, "parents": parent_rows}
+    return job
+
+
+def calibration_job(spec: ExperimentSpec, cal: dict, run_dir: Path, device: str, compile_mode: str) -> dict:
+    n = spec.calibration.seeds or spec.seeds
+    steps = calibration_steps(spec)
+    cfg = spec.base_config(**cal["shape"], dtype="float32")
+    return {"kind": "calibration", "id": cal["key"], "dir": str(Path(run_dir) / "calibration" / cal["key"]),
+            "cfg": _cfg(spec, {**cal["shape"], "dtype": "float32"}, device, compile_mode, steps),
+            "rows": [{"model": s, "cell": 0, "seed": cfg.seed0 + s, "tau": 1.0, "norm_target": None, "rho": None,
+                      "budget": steps} for s in range(n)],
+            "compact_frac": 0.0, "columns": None, "fork": None}
+
+
+def _fracs_str(f) -> str | None:
+    return None if not f else ",".join(f"{x:g}" for x in f)
+
+
+def run_job(job: dict, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train one job (resuming from its checkpoint); returns (models, curves) with the cell columns."""
+    from .config import TrainConfig
+    cfg = TrainConfig.from_dict(job["cfg"])
+    d = Path(job["dir"])
+    if job["fork"] is not None:
+        tr = _fork_trainer(job, cfg, d, progress)
+    else:
+        tr = Trainer(cfg, d, table=job["rows"], compact_frac=job["compact_frac"], progress=progress)
+        ck = store.load_checkpoint(d)
+        if ck is not None:
+            tr.restore(ck)
+    models = tr.run()
+    curves = tr.curves()
+    if job["columns"] is not None:
+        models = attach_columns(models, job["columns"])
+    return models, curves
+
+
+def _fork_trainer(job: dict, cfg, d: Path, progress: bool) -> Trainer:
+    """Parents trained to the fork step (stopping for nothing else), then one model per arm and seed
+    starting from its parent's flat/m/v/t rows, clamped to factor * ||W|| at the fork from then on."""
+    fork = job["fork"]
+    parent = Trainer(dataclasses.replace(cfg, stop_when_grokked=False), d / "parent", table=fork["parents"],
+                     progress=progress)
+    ck = store.load_checkpoint(d / "parent")
+    if ck is not None:
+        parent.restore(ck)
+    parent.run()
+    ps = parent.state
+    b = ps["bounds"]
+    n0 = ps["flat"][:, b[0]:b[-1]].double().square().sum(1).sqrt().cpu().numpy()   # (M_parent,)
+    rows = [dict(r) for r in job["rows"]]
+    for r in rows:
+        f = r.pop("factor")
+        r["norm_target"] = None if f is None else float(f * n0[r["parent_row"]])
+    idx_np = np.array([r.pop("parent_row") for r in rows])
+    tr = Trainer(cfg, d, table=rows, compact_frac=job["compact_frac"], progress=progress)
+    ck = store.load_checkpoint(d)
+    if ck is not None:
+        tr.restore(ck)
+        return tr
+    idx = torch.as_tensor(idx_np, device=tr.device)
+    for k in ("flat", "m", "v", "t", "alive"):
+        tr.state[k] = ps[k].index_select(0, idx).clone()
+    pr = parent.records
+    tr.records = Records(list(pr.steps), [e[idx_np] for e in pr.evals], pr.t_mem[idx_np].copy(),
+                         pr.t_grok[idx_np].copy(), pr.diverged[idx_np].copy(), np.full(len(rows), -1))
+    tr.state["alive"] = ~torch.as_tensor(tr.records.diverged, device=tr.device)
+    tr.step_idx = parent.step_idx
+    return tr
+
+
+def attach_columns(models: pd.DataFrame, columns: dict) -> pd.DataFrame:
+    """The trainer's columns plus each cell's parameters (experiment, p, op, arch, ..., arm, fork_step)."""
+    cols = pd.DataFrame([{"cell": int(k), **v} for k, v in columns.items()])
+    out = models.merge(cols, on="cell", how="left")
+    for c in ("fork_step", "budget", "p"):
+        out[c] = out[c].astype("Int64")
+    for c in ("arm", "layer_fracs"):
+        out[c] = out[c].astype("string")
+    return out
+
+
+def calibrate_from(models: pd.DataFrame, curves: pd.DataFrame) -> dict:
+    """w_c = median over the seeds that grokked of ||W|| at their T_grok (curves' weight_norm); if none
+    grokked, the median final ||W|| (flagged source = "final")."""
+    w = curves.loc[curves["metric"] == "weight_norm"].set_index(["model", "step"])["value"]
+    g = models.dropna(subset=["t_grok"])
+    vals = [float(w.loc[(int(m), int(t))]) for m, t in zip(g["model"], g["t_grok"])]
+    if vals:
+        return {"w_c": float(np.median(vals)), "source": "grok", "n_grokked": len(vals), "seeds": len(models)}
+    return {"w_c": float(np.median(models["weight_norm"])), "source": "final", "n_grokked": 0, "seeds": len(models)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory
+# ---------------------------------------------------------------------------------------------
+def init_run_dir(spec: ExperimentSpec, run_dir: Path, device: str) -> dict:
+    """Write spec and plan on the first run; on a rerun check the spec matches and reuse the plan."""
+    run_dir = Path(run_dir)
+    d = spec.to_dict()
+    if (run_dir / SPEC_JSON).exists():
+        old = store.read_json(run_dir / SPEC_JSON)
+        if old != d:
+            diff = sorted(k for k in set(old) | set(d) if old.get(k) != d.get(k))
+            raise ConfigError(f"out: {run_dir} holds a run of a different spec (differs in {', '.join(diff)}); "
+                              "rerun with the same experiment and overrides to resume, or pick another --out")
+        return store.read_json(run_dir / PLAN)
+    plan = make_plan(spec, device)
+    store.write_json(run_dir / PLAN, plan)
+    store.atomic_write(run_dir / SPEC_TOML, lambda tmp: Path(tmp).write_text(to_toml(d)))
+    first = plan["cells"][0]
+    store.write_json(run_dir / store.CONFIG, {
+        "experiment": spec.name, "p": sorted({c["p"] for c in plan["cells"]}), "op": first["op"],
+        "model": first["model"], "loss": sorted({c["loss"] for c in plan["cells"]}),
+        "taus": sorted({c["tau"] for c in plan["cells"]}), "seeds": spec.seeds, "lr": first["lr"],
+        "wd": first["wd"], "train_frac": first["train_frac"], "dtype": sorted({c["dtype"] for c in plan["cells"]})})
+    store.write_json(run_dir / SPEC_JSON, d)                 # last: its presence marks an initialised dir
+    return plan
+
+
+def read_calibration(run_dir: Path) -> dict:
+    p = Path(run_dir) / CALIBRATION
+    return store.read_json(p) if p.exists() else {}
+
+
+def record_calibration(run_dir: Path, key: str, models: pd.DataFrame, curves: pd.DataFrame) -> dict:
+    cal = read_calibration(run_dir)
+    cal[key] = calibrate_from(models, curves)
+    store.write_json(Path(run_dir) / CALIBRATION, cal)
+    return cal[key]
+
+
+def done_batches(run_dir: Path) -> set[str]:
+    parts = Path(run_dir) / "parts"
+    return {p.name.split(".")[0] for p in parts.glob("*.models.parquet")} if parts.exists() else set()
+
+
+def write_part(run_dir: Path, batch_id: str, models: pd.DataFrame, curves: pd.DataFrame) -> None:
+    """A finished batch: its part (curves first; the models part marks it done), then the consolidated
+    tables, then its checkpoint directory goes."""
+    run_dir = Path(run_dir)
+    store.write_parquet(run_dir / "parts" / f"{batch_id}.curves.parquet", curves)
+    store.write_parquet(run_dir / "parts" / f"{batch_id}.models.parquet", models)
+    consolidate(run_dir)
+    shutil.rmtree(run_dir / "batches" / batch_id, ignore_errors=True)
+
+
+def consolidate(run_dir: Path) -> None:
+    run_dir = Path(run_dir)
+    ids = sorted(done_batches(run_dir))
+    if not ids:
+        return
+    parts = run_dir / "parts"
+    models = pd.concat([pd.read_parquet(parts / f"{i}.models.parquet") for i in ids], ignore_index=True)
+    curves = pd.concat([pd.read_parquet(parts / f"{i}.curves.parquet") for i in ids], ignore_index=True)
+    store.write_parquet(run_dir / store.MODELS, models.sort_values("model", kind="stable").reset_index(drop=True))
+    store.write_parquet(run_dir / store.CURVES, curves.sort_values(["model", "step"], kind="stable")
+                        .reset_index(drop=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Status
+# ---------------------------------------------------------------------------------------------
+def status_table(run_dir: Path) -> pd.DataFrame:
+    """Per cell: its parameters, models done / total, grokked, median T_grok so far, batch state."""
+    run_dir = Path(run_dir)
+    if not (run_dir / PLAN).exists():
+        raise ConfigError(f"dir: {run_dir} holds no grid run (no {PLAN})")
+    plan = store.read_json(run_dir / PLAN)
+    done = done_batches(run_dir)
+    frames = [pd.read_parquet(run_dir / store.MODELS)] if (run_dir / store.MODELS).exists() else []
+    state = {}
+    for b in plan["batches"]:
+        st = "done" if b["id"] in done else "pending"
+        running = run_dir / "batches" / b["id"] / store.MODELS
+        if st == "pending" and running.exists():
+            frames.append(pd.read_parquet(running).assign(_running=True))
+            prog = run_dir / "batches" / b["id"] / store.PROGRESS
+            st = f"step {store.read_json(prog)['step']}" if prog.exists() else "running"
+        for c in b["cells"]:
+            state[c] = st
+    models = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["cell", "t_grok"])
+    rows = []
+    for c in plan["cells"]:
+        m = models.loc[models["cell"] == c["cell"]]
+        finished = len(m) if state[c["cell"]] == "done" else 0
+        tg = pd.to_numeric(m["t_grok"], errors="coerce").dropna()
+        rows.append({"cell": c["cell"], "p": c["p"], "arch": c["model"], "loss": c["loss"], "dtype": c["dtype"],
+                     "rho": "free" if c["rho"] is None else c["rho"], "tau": c["tau"], "arm": c["arm"] or "",
+                     "done": f"{finished}/{c['seeds']}", "grokked": f"{len(tg)}/{c['seeds']}",
+                     "median T_grok": float(tg.median()) if len(tg) else float("nan"), "state": state[c["cell"]]})
+    return pd.DataFrame(rows)
+
+
+def print_status(run_dir) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    run_dir = Path(run_dir)
+    df = status_table(run_dir)
+    spec = store.read_json(run_dir / SPEC_JSON) if (run_dir / SPEC_JSON).exists() else {}
+    cal = read_calibration(run_dir)
+    n_done = int((df["state"] == "done").sum())
+    t = Table(title=f"{spec.get('name', run_dir.name)}: {n_done}/{len(df)} cells done")
+    cols = [c for c in df.columns if not (c == "arm" and not df["arm"].any())]
+    for c in cols:
+        t.add_column(c, justify="right")
+    for r in df[cols].itertuples(index=False):
+        t.add_row(*("-" if isinstance(v, float) and math.isnan(v) else f"{v:g}" if isinstance(v, float) else str(v)
+                    for v in r))
+    con = Console()
+    con.print(t)
+    for k, v in cal.items():
+        con.print(f"w_c[{k}] = {v['w_c']:.4g} ({v['n_grokked']}/{v['seeds']} grokked, from {v['source']})")
