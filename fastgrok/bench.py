@@ -1,0 +1,357 @@
+"""`fastgrok bench`: the kernels, the training step and a small grid, side by side in one process.
+
+Sections (each a list of long-format rows in the JSON, one rich table on the terminal):
+  ce     tempered CE loss + dL/dz + readouts: fastgrok.kernels (Triton on CUDA) vs the eager PyTorch
+         reference vs torch.compile of the reference; time, GB/s, fraction of the measured copy bandwidth
+  clamp  the weight-norm clamp: fastgrok.kernels.clamp_flat_ vs an eager per-tensor clamp
+  step   one training step, p = 59 MLP: fastgrok's compiled batched step (all M models at once) vs the
+         eager per-cell baseline (fastgrok.baseline, cells of 12 seeds run one after another);
+         seed-steps/s, speed-up, nominal FLOP/s and on CUDA the fraction of the float32 peak
+  grid   a small grid end to end with fastgrok.trainer.Trainer: packed (one Trainer, all cells) vs
+         sequential (one Trainer per cell); wall-clock and runs per hour, compile included
+Timing: warm-up excluded, the device synchronised before every clock read, median over repeats with
+min-max (and p20/p80 in the JSON); compile time (the first call) reported separately.
+Bytes moved: CE reads z and writes dz (M*N*V each) plus labels/mask/readouts (M*N*7 bytes); the clamp
+reads the matrices twice and writes them once. FLOPs: the MLP's nominal (direct-form) count per model
+and step, 6 * n_train * (2d*H + H*V): the table form executes fewer, so "achieved" can exceed what the
+hardware did.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import fastgrok.kernels as K
+from fastgrok.kernels.reference import tempered_ce_reference
+
+from .baseline import BaselineCell
+from .config import TrainConfig
+from .step import build_step_fns, keep_freed_memory
+
+# float32 (non-tensor-core) peaks, TFLOP/s, by a substring of torch.cuda.get_device_name()
+FP32_PEAK_TFLOPS = {"H200": 67.0, "H100 SXM": 67.0, "H100 PCIe": 51.0, "H100": 67.0, "A100": 19.5,
+                    "L40S": 91.6, "L40": 90.5, "L4": 30.3, "A10G": 31.2, "A10": 31.2, "A6000": 38.7,
+                    "RTX 4090": 82.6, "RTX 3090": 35.6, "V100": 15.7, "T4": 8.1}
+
+
+# ------------------------------------------------------------------------------------------ timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(fn, device, *, repeats: int, warmup: int = 1) -> dict:
+    """Run fn warmup + repeats times; seconds per call: median, min, max, p20, p80, first (warm-up)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "p20_s": q[0], "p80_s": q[-1], "first_s": first, "repeats": repeats}
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28) -> float:
+    """GB/s of a device-to-device copy (bytes read + written)."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    y = torch.empty_like(x)
+    t = _measure(lambda: y.copy_(x), device, repeats=5 if device.type == "cpu" else 20)
+    return 2 * nbytes / t["median_s"] / 1e9
+
+
+# ------------------------------------------------------------------------------------------ ce
+def section_ce(device, quick: bool, copy_gbs: float) -> list[dict]:
+    shapes = [(12, 3481, 59)] if quick else [(12, 3481, 59), (12, 3481, 97), (12, 3481, 113)]
+    big = (4, 1024, 8192) if quick or device.type == "cpu" else (4, 8192, 32768)
+    rows = []
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for M, N, V in shapes + [big]:
+        z = torch.randn(M, N, V, generator=g).to(device)
+        y = torch.randint(0, V, (N,), generator=g).to(device)
+        tau = torch.full((M,), 1.3, device=device)
+        mask = (torch.rand(M, N, generator=g) < 0.4).to(device)
+        nbytes = 2 * z.numel() * z.element_size() + M * N * 7 + y.numel() * y.element_size()
+        impl = K.resolve_backend("auto", device)
+        compiled = torch.compile(tempered_ce_reference, dynamic=False)
+        providers = [(f"fastgrok.kernels ({impl})", lambda: K.loss_and_grad(z, y, tau, mask)),
+                     ("eager reference", lambda: tempered_ce_reference(z, y, tau, mask)),
+                     ("torch.compile(reference)", lambda: compiled(z, y, tau, mask))]
+        reps = 5 if quick or device.type == "cpu" else 50
+        for name, fn in providers:
+            t = _measure(fn, device, repeats=reps, warmup=2)
+            gbs = nbytes / t["median_s"] / 1e9
+            rows.append({"section": "ce", "case": f"M={M} N={N} V={V}", "provider": name, **t,
+                         "bytes": nbytes, "gb_per_s": gbs, "frac_copy_bw": gbs / copy_gbs,
+                         "compile_s": t["first_s"] - t["median_s"] if "compile" in name else 0.0})
+        torch._dynamo.reset()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ clamp
+def _eager_clamp(mats: list[torch.Tensor], target: torch.Tensor) -> None:
+    """The study's clamp: one norm over the matrices per seed, every matrix scaled in place."""
+    norm = torch.sqrt(sum(w.reshape(w.shape[0], -1).square().sum(1) for w in mats))
+    scale = target / (norm + 1e-12)
+    for w in mats:
+        w.mul_(scale.view(-1, *([1] * (w.dim() - 1))))
+
+
+def section_clamp(device, quick: bool, copy_gbs: float) -> list[dict]:
+    from .models import MLP
+    layout = MLP(TrainConfig(p=59)).layout
+    rows = []
+    for M in ((12, 96) if quick else (12, 96, 768)):
+        flat = torch.randn(M, layout.n_params, device=device)
+        target = torch.full((M, 1), 50.0, device=device)
+        active = torch.ones(M, dtype=torch.bool, device=device)
+        bounds = layout.bounds
+        mats = [flat[:, lo:hi].clone().view(M, *s) for lo, hi, s in
+                zip(bounds[:-1], bounds[1:], layout.shapes)]            # separate tensors, as the study
+        nbytes = 3 * M * layout.n_mat * 4
+        impl = K.resolve_backend("auto", device)
+        providers = [(f"fastgrok.kernels ({impl})", lambda: K.clamp_flat_(flat, [0, layout.n_mat], target, active)),
+                     ("eager per-tensor", lambda: _eager_clamp(mats, target[:, 0]))]
+        for name, fn in providers:
+            t = _measure(fn, device, repeats=10 if device.type == "cpu" else 50, warmup=2)
+            gbs = nbytes / t["median_s"] / 1e9
+            rows.append({"section": "clamp", "case": f"M={M} P_mat={layout.n_mat}", "provider": name, **t,
+                         "bytes": nbytes, "gb_per_s": gbs, "frac_copy_bw": gbs / copy_gbs})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ step
+def step_config(quick: bool) -> TrainConfig:
+    """The study MLP at p = 59 (full), or a small MLP that compiles fast (--quick)."""
+    if quick:
+        return TrainConfig(p=23, d_embed=32, hidden=64, seeds=1, device="cpu", compile="off")
+    return TrainConfig(p=59, seeds=1, device="cpu", compile="off")
+
+
+def mlp_flops(cfg: TrainConfig) -> float:
+    """Nominal FLOPs of one model's training step (forward + backward, direct form)."""
+    return 6.0 * cfg.n_train * (2 * cfg.d_embed * cfg.hidden + cfg.hidden * cfg.p)
+
+
+def fp32_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in FP32_PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def fastgrok_step(cfg: TrainConfig, device, compile_step: bool):
+    """(step callable, trainer) for cfg on device; state lives in the trainer."""
+    from .trainer import Trainer
+    torch._dynamo.reset()
+    tr = Trainer(replace(cfg, device=device.type, compile="off"), tempfile.mkdtemp(prefix="fgbench_"),
+                 progress=False)
+    step, _ = build_step_fns(tr.model, tr.cfg, tr.backend, compile_step)
+    return (lambda: step(tr.state, tr.batch)), tr
+
+
+def section_step(device, quick: bool) -> list[dict]:
+    base = step_config(quick)
+    Ms = (1, 4) if quick else ((1, 12, 96) if device.type == "cpu" else (1, 12, 96, 768))
+    reps = 5 if quick else (10 if device.type == "cpu" else 30)
+    flops, peak = mlp_flops(base), fp32_peak(device)
+    rows = []
+    for M in Ms:
+        cfg = replace(base, seeds=M)
+        S = min(M, 12)
+        n_cells = math.ceil(M / S)
+        cell = BaselineCell(replace(base, seeds=S), device=device)     # one cell; cells run in turn
+        tb = _measure(cell.step, device, repeats=max(3, reps // 2), warmup=2)
+        tb = {k: (v * n_cells if k.endswith("_s") else v) for k, v in tb.items()}
+        results = [("eager per-cell baseline", tb, 0.0)]
+        fn, _ = fastgrok_step(cfg, device, compile_step=True)
+        tc = _measure(fn, device, repeats=reps, warmup=3)
+        results.append(("fastgrok compiled", tc, tc["first_s"] - tc["median_s"]))
+        if M <= 12:
+            fn, _ = fastgrok_step(cfg, device, compile_step=False)
+            results.append(("fastgrok eager", _measure(fn, device, repeats=max(3, reps // 2), warmup=2), 0.0))
+        for name, t, compile_s in results:
+            sps = M / t["median_s"]
+            rows.append({"section": "step", "case": f"p={base.p} M={M}", "provider": name, "M": M, **t,
+                         "seed_steps_per_s": sps, "speedup_vs_baseline": tb["median_s"] / t["median_s"],
+                         "flops_per_step": flops * M, "flop_per_s": flops * M / t["median_s"],
+                         "frac_fp32_peak": flops * M / t["median_s"] / peak if peak else None,
+                         "compile_s": compile_s, "baseline_cells": n_cells if "baseline" in name else None})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ grid
+def section_grid(device, quick: bool) -> list[dict]:
+    """A small grid of cells (taus), fixed step budget: packed vs sequential Trainers, compile included."""
+    from .trainer import Trainer
+    base = replace(step_config(quick), taus=(1.0, 1.15, 1.3, 1.5), seeds=1 if quick else 12,
+                   steps=50 if quick else 500, stop_when_grokked=False, checkpoint_every=10 ** 9,
+                   device=device.type, compile="auto")
+    n_cells = len(base.taus)
+
+    def run(cfgs) -> tuple[float, float]:
+        wall = first = 0.0
+        for cfg in cfgs:
+            torch._dynamo.reset()
+            _sync(device)
+            t0 = time.perf_counter()
+            tr = Trainer(cfg, tempfile.mkdtemp(prefix="fgbench_"), progress=False)
+            calls = {}
+            for name in ("step_fn", "eval_fn"):
+                setattr(tr, name, _first_call_timer(getattr(tr, name), device, calls, name))
+            tr.run()
+            _sync(device)
+            wall += time.perf_counter() - t0
+            first += sum(calls.values())
+        return wall, first
+
+    rows = []
+    for name, cfgs in [("packed (one Trainer)", [base]),
+                       ("sequential (one Trainer per cell)", [replace(base, taus=(t,)) for t in base.taus])]:
+        wall, first = run(cfgs)
+        rows.append({"section": "grid", "case": f"{n_cells} cells x {base.seeds} seeds, p={base.p}, "
+                                                f"{base.steps} steps", "provider": name,
+                     "wall_s": wall, "first_calls_s": first, "runs_per_hour": n_cells / wall * 3600,
+                     "runs_per_hour_excl_first_calls": n_cells / max(wall - first, 1e-9) * 3600,
+                     "seed_runs_per_hour": n_cells * base.seeds / wall * 3600,
+                     "steps": base.steps, "cells": n_cells, "seeds": base.seeds})
+    return rows
+
+
+def _first_call_timer(fn, device, calls: dict, name: str):
+    """Wrap fn so that the duration of its first call (compilation included) lands in calls[name]."""
+    def wrapped(*args):
+        if name in calls:
+            return fn(*args)
+        t0 = time.perf_counter()
+        out = fn(*args)
+        _sync(device)
+        calls[name] = time.perf_counter() - t0
+        return out
+    return wrapped
+
+
+# ------------------------------------------------------------------------------------------ report
+def meta(device: torch.device, quick: bool) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+    return {"device": device.type, "device_name": name, "torch": torch.__version__, "triton": triton_version,
+            "python": platform.python_version(), "threads": torch.get_num_threads(), "quick": quick,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def render(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    m = result["meta"]
+    table = Table(title=f"fastgrok bench — {m['device_name']} ({m['device']}), torch {m['torch']}, "
+                        f"{m['threads']} threads, {m['date']}")
+    for col in ("section", "case", "provider", "median", "min–max", "throughput", "vs reference", "compile"):
+        table.add_column(col, justify="left" if col in ("section", "case", "provider") else "right",
+                         no_wrap=col not in ("case", "provider", "throughput"))
+    for r in result["ce"] + result["clamp"]:
+        table.add_row(r["section"], r["case"], r["provider"], _fmt_time(r["median_s"]),
+                      f"{_fmt_time(r['min_s'])}–{_fmt_time(r['max_s'])}", f"{r['gb_per_s']:.1f} GB/s",
+                      f"{r['frac_copy_bw']:.0%} of copy bw", _fmt_time(r["compile_s"]) if r.get("compile_s") else "")
+    for r in result["step"]:
+        peak = f", {r['frac_fp32_peak']:.1%} of fp32 peak" if r["frac_fp32_peak"] else ""
+        table.add_row("step", r["case"], r["provider"], _fmt_time(r["median_s"]),
+                      f"{_fmt_time(r['min_s'])}–{_fmt_time(r['max_s'])}",
+                      f"{r['seed_steps_per_s']:.0f} seed-steps/s, {r['flop_per_s'] / 1e9:.0f} GFLOP/s{peak}",
+                      f"{r['speedup_vs_baseline']:.2f}x", _fmt_time(r["compile_s"]) if r["compile_s"] else "")
+    seq = next((r["wall_s"] for r in result["grid"] if r["provider"].startswith("sequential")), None)
+    for r in result["grid"]:
+        table.add_row("grid", r["case"], r["provider"], _fmt_time(r["wall_s"]), "one run",
+                      f"{r['runs_per_hour']:.0f} runs/h ({r['runs_per_hour_excl_first_calls']:.0f} "
+                      f"without first calls)", f"{seq / r['wall_s']:.2f}x" if seq else "",
+                      _fmt_time(r["first_calls_s"]) + " first calls")
+    Console(width=max(170, shutil.get_terminal_size().columns)).print(table)
+    print(f"copy bandwidth {result['copy_gb_per_s']:.1f} GB/s; step FLOPs are the MLP's nominal count; "
+          f"baseline = cells of <= 12 seeds trained one after another"
+          + ("; on the CPU every provider ran with fastgrok's allocator setting (step.keep_freed_memory)"
+             if m["device"] == "cpu" else ""))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for provider in dict.fromkeys(r["provider"] for r in result["step"]):
+        pts = sorted((r["M"], r["seed_steps_per_s"]) for r in result["step"] if r["provider"] == provider)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=provider)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    Ms = sorted({r["M"] for r in result["step"]})
+    ax.set_xticks(Ms, [str(m) for m in Ms])
+    ax.minorticks_off()
+    ax.set_xlabel("models per batch M")
+    ax.set_ylabel("seed-steps / s")
+    ax.set_title(f"training step, {result['step'][0]['case'].split()[0]}, {result['meta']['device_name']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_bench(quick: bool, device: str, json_path: Path, plot_path: Path | None) -> dict:
+    """Run every section, print the table, write the JSON (and the PNG); returns the results."""
+    from .trainer import resolve_device
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()         # fastgrok's CPU allocator setting, for every provider alike
+    copy_gbs = copy_bandwidth(dev)
+    result = {"meta": meta(dev, quick), "copy_gb_per_s": copy_gbs}
+    for name, fn in [("ce", lambda: section_ce(dev, quick, copy_gbs)),
+                     ("clamp", lambda: section_clamp(dev, quick, copy_gbs)),
+                     ("step", lambda: section_step(dev, quick)), ("grid", lambda: section_grid(dev, quick))]:
+        t0 = time.perf_counter()
+        result[name] = fn()
+        result["meta"][f"{name}_section_s"] = time.perf_counter() - t0
+    render(result)
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1))
+    if plot_path is not None:
+        plot(result, Path(plot_path))
+    return result

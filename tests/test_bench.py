@@ -1,0 +1,55 @@
+"""`fastgrok bench --quick` on the CPU: every section present, every figure positive and finite.
+
+No timing assertions (the machines are shared); the run compiles a tiny MLP a few times (~1-2 min).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fastgrok.cli import main
+
+POSITIVE = {
+    "ce": ("median_s", "min_s", "max_s", "p20_s", "p80_s", "bytes", "gb_per_s", "frac_copy_bw"),
+    "clamp": ("median_s", "min_s", "max_s", "bytes", "gb_per_s", "frac_copy_bw"),
+    "step": ("median_s", "min_s", "max_s", "seed_steps_per_s", "speedup_vs_baseline", "flops_per_step",
+             "flop_per_s"),
+    "grid": ("wall_s", "first_calls_s", "runs_per_hour", "seed_runs_per_hour"),
+}
+PROVIDERS = {
+    "ce": {"fastgrok.kernels (torch)", "eager reference", "torch.compile(reference)"},
+    "clamp": {"fastgrok.kernels (torch)", "eager per-tensor"},
+    "step": {"eager per-cell baseline", "fastgrok compiled", "fastgrok eager"},
+    "grid": {"packed (one Trainer)", "sequential (one Trainer per cell)"},
+}
+
+
+def _positive_finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+def test_bench_quick_cpu_writes_every_section(tmp_path, capsys):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["bench", "--quick", "--device", "cpu", "--json", str(out), "--plot", str(png)]) == 0
+    res = json.loads(out.read_text())
+    meta = res["meta"]
+    assert meta["device"] == "cpu" and meta["quick"] is True
+    for key in ("device_name", "torch", "date"):
+        assert meta[key]
+    assert _positive_finite(res["copy_gb_per_s"])
+    for section, fields in POSITIVE.items():
+        rows = res[section]
+        assert {r["provider"] for r in rows} == PROVIDERS[section], section
+        for r in rows:
+            for f in fields:
+                assert _positive_finite(r[f]), (section, r["provider"], f, r[f])
+            assert r.get("compile_s", 0.0) >= 0.0 or section == "ce"
+    compiled = [r for r in res["step"] if r["provider"] == "fastgrok compiled"]
+    assert compiled and all(_positive_finite(r["compile_s"]) for r in compiled)
+    assert all(r["frac_fp32_peak"] is None for r in res["step"])         # no peak for a CPU
+    assert {r["M"] for r in res["step"]} == {1, 4}
+    assert png.stat().st_size > 0
+    assert "fastgrok bench" in capsys.readouterr().out
