@@ -119,7 +119,7 @@ class Trainer:
         self.records = Records([], [], np.full(M, -1), np.full(M, -1), np.zeros(M, bool), np.full(M, -1))
         self.step_idx = 0
         self.done = False
-        self.step_fn, self.eval_fn = build_step_fns(self.model, cfg, self.backend, use_compile(cfg, dev))
+        self._build_fns()
         self._stop_signal = None
 
     # ---------------------------------------------------------------- checkpoints
@@ -151,6 +151,16 @@ class Trainer:
                 self.state[k] = v.index_select(0, idx)
         self.batch = _select_batch(self.batch, idx)
         self.rows = self.rows[keep]
+        self._build_fns()                           # a new M: compiled anew, from empty caches
+
+    def _build_fns(self) -> None:
+        """The step and evaluation callables. Compiled ones start from empty dynamo caches: every
+        torch.compile'd step of the process shares one code object and its recompile limit (8), so
+        trainers built one after another (a grid's batches, compactions) would otherwise exhaust it."""
+        compiled = use_compile(self.cfg, self.device)
+        if compiled:
+            torch._dynamo.reset()
+        self.step_fn, self.eval_fn = build_step_fns(self.model, self.cfg, self.backend, compiled)
 
     # ---------------------------------------------------------------- the loop
     def _evaluate(self) -> None:
