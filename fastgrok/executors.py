@@ -13,6 +13,7 @@ resumes from its checkpoint (the run directory must be on storage every node see
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -38,9 +39,14 @@ def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str
     run_dir = Path(out) if out is not None else Path("runs") / spec.name
     plan = grid.init_run_dir(spec, run_dir, device if executor == "local" else "cpu")
     compile_mode = grid.resolve_compile(spec, plan)
-    mapper = _local_map if executor == "local" else _ray_map
     bar = GridProgress(plan, run_dir, enabled=progress, live=executor == "ray")
+    with (contextlib.nullcontext(_local_map) if executor == "local" else _RayMapper()) as mapper:
+        _run_plan(spec, plan, run_dir, device, compile_mode, mapper, progress, bar)
+    return run_dir
 
+
+def _run_plan(spec, plan, run_dir, device, compile_mode, mapper, progress, bar) -> None:
+    """Calibrations, then the batches not done yet; the driver writes every result."""
     # 1. calibration: the free controls that set w_c, before any clamped cell
     cached = grid.read_calibration(run_dir)
     jobs = [grid.calibration_job(spec, c, run_dir, device, compile_mode)
@@ -60,7 +66,6 @@ def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str
         for job, (models, curves) in mapper(jobs, progress, bar):
             grid.write_part(run_dir, job["id"], models, curves)
             bar.batch_done(job["id"], models)
-    return run_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,29 +89,43 @@ def _ray_job(job):
     return grid.run_job(job, progress=False)
 
 
-def _ray_map(jobs, progress, bar):
-    if not jobs:
-        return
-    ray = _import_ray()
-    started = False
-    if not ray.is_initialized():
-        try:
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError):
-            ray.init(log_to_driver=False)          # no cluster to join: a local one
-            started = True
-    try:
+class _RayMapper:
+    """Maps jobs to Ray tasks. Joins a running cluster (or uses the caller's `ray.init`) on its first jobs,
+    else starts a local one, once per run (calibrations and batches alike), shut down on exit."""
+
+    def __init__(self):
+        self.ray, self.started, self.task = _import_ray(), False, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.started:
+            self.ray.shutdown()
+
+    def _connect(self):
+        ray = self.ray
+        if not ray.is_initialized():
+            try:
+                ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError):
+                ray.init(log_to_driver=False)          # no cluster to join: a local one
+                self.started = True
         gpus = ray.cluster_resources().get("GPU", 0)
-        task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=MAX_RETRIES,
-                          retry_exceptions=[RuntimeError, OSError])(_ray_job)
-        pending = {task.remote(job): job for job in jobs}
+        self.task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=MAX_RETRIES,
+                               retry_exceptions=[RuntimeError, OSError])(_ray_job)
+
+    def __call__(self, jobs, progress, bar):
+        if not jobs:
+            return
+        if self.task is None:
+            self._connect()
+        ray = self.ray
+        pending = {self.task.remote(job): job for job in jobs}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             job = pending.pop(ready[0])
             yield job, ray.get(ready[0])
-    finally:
-        if started:
-            ray.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------

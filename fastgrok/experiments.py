@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,25 @@ _NOT_IN_TRAIN = set(SHAPE_AXES) | {"taus", "norm_targets", "layer_fracs", "seeds
 
 def _err(where: str, msg: str) -> ConfigError:
     return ConfigError(f"{where}: {msg}")
+
+
+def _named(e: ConfigError, where: dict, fallback: str) -> ConfigError:
+    """A TrainConfig error ("hidden must be >= 1, ...") as `where[hidden].hidden: ...` when its first word
+    is a key of `where` (field -> the section that set it), else `fallback: ...`."""
+    msg = str(e)
+    m = re.match(r"[a-z_0-9]+", msg)
+    return _err(f"{where[m.group()]}.{m.group()}" if m and m.group() in where else fallback, msg)
+
+
+def _scalar(where: str, v, conv):
+    """One value (not a list) from TOML, converted by conv."""
+    if isinstance(v, (list, tuple, dict)):
+        raise _err(where, f"must be a single value, got {v!r}")
+    return _tuple(where, v, conv)[0]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _tuple(where: str, v, conv) -> tuple:
@@ -106,6 +127,24 @@ def _fracs(x) -> tuple[float, ...]:
     if abs(sum(f) - 1.0) > 1e-6:
         raise ValueError("shares must sum to 1")
     return f
+
+
+def _train_type_error(name: str, v) -> str | None:
+    """Why v cannot be TrainConfig.<name> (by the type of its default), or None."""
+    default = getattr(TrainConfig(), name)
+    if isinstance(default, bool):
+        ok, want = isinstance(v, bool), "true or false"
+    elif isinstance(default, int) or (default is None and name == "clamp_from"):
+        ok, want = _is_int(v), "an integer"
+    elif isinstance(default, float):
+        ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
+    elif isinstance(default, str):
+        ok, want = isinstance(v, str), "a string"
+    elif isinstance(default, tuple):
+        ok, want = isinstance(v, (list, tuple)), "a list"
+    else:
+        return None
+    return None if ok else f"expected {want}, got {v!r}"
 
 
 _CONV = {"p": _int, "op": _choice(OPS), "model": _choice(MODELS), "loss": _choice(LOSSES),
@@ -178,12 +217,13 @@ class Budget:
     def __post_init__(self) -> None:
         for name in ("steps", "steps_ref"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not _is_int(v) or v < 1:
                 raise _err(f"budget.{name}", f"must be an integer >= 1, got {v!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
             raise _err("budget.max_steps", f"must be an integer >= 1, got {self.max_steps!r}")
-        if not isinstance(self.rho_ref, (int, float)) or not self.rho_ref > 1:
-            raise _err("budget.rho_ref", f"must be > 1, got {self.rho_ref!r}")
+        if isinstance(self.rho_ref, bool) or not isinstance(self.rho_ref, (int, float)) or not self.rho_ref > 1 \
+                or not math.isfinite(self.rho_ref):
+            raise _err("budget.rho_ref", f"must be a number > 1, got {self.rho_ref!r}")
         if self.steps_ref < self.steps:
             raise _err("budget.steps_ref", f"must be >= budget.steps ({self.steps}), got {self.steps_ref}")
 
@@ -209,10 +249,10 @@ class Calibration:
     def __post_init__(self) -> None:
         for name in ("steps", "seeds"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            if v is not None and (not _is_int(v) or v < 1):
                 raise _err(f"calibration.{name}", f"must be an integer >= 1, got {v!r}")
         if self.w_c is not None:
-            self.w_c = _tuple("calibration.w_c", self.w_c, _positive)[0]
+            self.w_c = _scalar("calibration.w_c", self.w_c, _positive)
 
 
 @dataclass(kw_only=True)
@@ -224,12 +264,12 @@ class Fork:
     factor: float = 1.15
 
     def __post_init__(self) -> None:
-        if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 1:
+        if not _is_int(self.step) or self.step < 1:
             raise _err("fork.step", f"must be an integer >= 1, got {self.step!r}")
         self.arms = _tuple("fork.arms", self.arms, _choice(tuple(ARMS)))
         if len(set(self.arms)) != len(self.arms):
             raise _err("fork.arms", f"repeats an arm: {list(self.arms)}")
-        self.factor = _tuple("fork.factor", self.factor, _positive)[0]
+        self.factor = _scalar("fork.factor", self.factor, _positive)
 
 
 @dataclass(kw_only=True)
@@ -239,15 +279,17 @@ class Engine:
     """Cap on models per batch (default: only the memory budget limits a batch)."""
     memory_gb: float | None = None
     """Memory budget per device for one batch (default: half the GPU's memory, or 1/4 of RAM up to 8 GB)."""
-    compact_frac: float = 0.25
-    """Drop finished models from a batch at an evaluation once this fraction of it has finished; 0 = never."""
+    compact_frac: float = 0.5
+    """Drop finished models from a batch at an evaluation once this fraction of it has finished; 0 = never.
+    Each compaction recompiles the step for the new M (tens of seconds on a CPU), so it waits for half."""
 
     def __post_init__(self) -> None:
-        if self.max_models is not None and (not isinstance(self.max_models, int) or self.max_models < 1):
+        if self.max_models is not None and (not _is_int(self.max_models) or self.max_models < 1):
             raise _err("engine.max_models", f"must be an integer >= 1, got {self.max_models!r}")
         if self.memory_gb is not None:
-            self.memory_gb = _tuple("engine.memory_gb", self.memory_gb, _positive)[0]
-        if not isinstance(self.compact_frac, (int, float)) or not 0.0 <= self.compact_frac <= 1.0:
+            self.memory_gb = _scalar("engine.memory_gb", self.memory_gb, _positive)
+        if isinstance(self.compact_frac, bool) or not isinstance(self.compact_frac, (int, float)) \
+                or not 0.0 <= self.compact_frac <= 1.0:
             raise _err("engine.compact_frac", f"must be in [0, 1], got {self.compact_frac!r}")
 
 
@@ -275,22 +317,25 @@ class ExperimentSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
             raise _err("name", f"must be a non-empty string without '/', got {self.name!r}")
-        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+        if not isinstance(self.description, str):
+            raise _err("description", f"must be a string, got {self.description!r}")
+        if not _is_int(self.seeds) or self.seeds < 1:
             raise _err("seeds", f"must be an integer >= 1, got {self.seeds!r}")
         self.grids = tuple(self.grids)
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
         for k in sorted(self.train):
-            known = {f.name for f in dataclasses.fields(TrainConfig)}
             if k not in known:
                 raise _err(f"train.{k}", "unknown TrainConfig field")
             if k in _NOT_IN_TRAIN:
                 raise _err(f"train.{k}", "is set per cell or by the engine: give it as an axis (top level or "
                                          "[[grid]]), `seeds`, or [budget]")
+            bad = _train_type_error(k, self.train[k])
+            if bad:
+                raise _err(f"train.{k}", bad)
         try:
             base = TrainConfig(**self.train)
         except ConfigError as e:
-            raise _err("train", str(e)) from None
-        except TypeError as e:
-            raise _err("train", str(e)) from None
+            raise _named(e, dict.fromkeys(self.train, "train"), "train") from None
         layer = base.clamp_mode == "layer"
         for b in self.blocks():
             _check_block(self, b, layer)
@@ -359,9 +404,13 @@ class ExperimentSpec:
                 if bad:
                     raise _err(f"{k}.{bad[0]}", f"unknown key (known: {', '.join(sorted(known))})")
                 kw[k] = section(**sub)
-        grids = d.pop("grid", [])
-        if not isinstance(grids, list):
+        grids = d.pop("grid", None)
+        if grids is not None and not isinstance(grids, list):
             raise _err("grid", "must be an array of tables ([[grid]])")
+        if grids == []:
+            raise _err("grid", "is empty; give at least one [[grid]] block, or leave `grid` out to use the "
+                               "top-level axes as the one product")
+        grids = grids or []
         axes = {k: d.pop(k) for k in list(d) if k in AXES}
         if d:
             raise _err(sorted(d)[0], "unknown key (spec keys: name, description, seeds, train, budget, "
@@ -394,10 +443,13 @@ def _table(where: str, v) -> dict:
 
 def _check_block(spec: ExperimentSpec, b: Axes, layer: bool) -> None:
     w = b.where
-    has_rho = b.rho is not None or (spec.axes.rho is not None and b.norm_target is None)
-    has_target = b.norm_target is not None or (spec.axes.norm_target is not None and b.rho is None)
-    if has_rho and has_target:
-        raise _err(w, "gives both rho and norm_target; a cell is clamped to one of them")
+    rho_from = b.where if b.rho is not None else "spec" if spec.axes.rho is not None and b.norm_target is None \
+        else None
+    target_from = b.where if b.norm_target is not None else \
+        "spec" if spec.axes.norm_target is not None and b.rho is None else None
+    if rho_from and target_from:
+        raise _err(f"{target_from}.norm_target", f"given together with {rho_from}.rho; a cell is clamped to "
+                                                 "rho * w_c or to an absolute norm_target, not both")
     fracs = spec.resolve(b, "layer_fracs")
     if layer and None in fracs:
         raise _err(f"{w}.layer_fracs", "train.clamp_mode = 'layer' needs the shares of every matrix per cell")
@@ -408,7 +460,8 @@ def _check_block(spec: ExperimentSpec, b: Axes, layer: bool) -> None:
         try:
             cfg = spec.base_config(**shape)
         except ConfigError as e:
-            raise _err(w, str(e)) from None
+            src = {a: w if getattr(b, a) is not None else "spec" for a in SHAPE_AXES}
+            raise _named(e, {**dict.fromkeys(spec.train, "train"), **src}, w) from None
         if layer:
             from .models import build_model
             n = build_model(cfg).layout.n_matrices
@@ -422,6 +475,8 @@ def apply_overrides(spec: ExperimentSpec, *, p: int | None = None, seeds: int | 
     """The CLI's --p, --seeds, --max-steps: one modulus everywhere, seeds per cell, a cap on budgets."""
     axes, grids, budget, cal = spec.axes, spec.grids, spec.budget, spec.calibration
     if p is not None:
+        if not _is_int(p) or p < 2:
+            raise _err("p", f"must be an integer >= 2, got {p!r}")
         axes = dataclasses.replace(axes, p=(p,))
         grids = tuple(dataclasses.replace(g, p=None) for g in grids)
     if seeds is not None:
@@ -478,8 +533,8 @@ def to_toml(d: dict) -> str:
             return "true" if v else "false"
         if isinstance(v, (int, float)):
             return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, str):      # JSON's escapes (\" \\ \n \uXXXX) are TOML basic-string escapes
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(val(x) for x in v) + "]"
         raise TypeError(f"cannot write {v!r} as TOML")

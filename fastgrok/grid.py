@@ -376,11 +376,18 @@ def status_table(run_dir: Path) -> pd.DataFrame:
     state = {}
     for b in plan["batches"]:
         st = "done" if b["id"] in done else "pending"
-        running = run_dir / "batches" / b["id"] / store.MODELS
-        if st == "pending" and running.exists():
-            frames.append(pd.read_parquet(running).assign(_running=True))
-            prog = run_dir / "batches" / b["id"] / store.PROGRESS
-            st = f"step {store.read_json(prog)['step']}" if prog.exists() else "running"
+        bdir = run_dir / "batches" / b["id"]
+        if st == "pending":
+            # the batch's trainer (a fork batch: its arms, after the parents in parent/)
+            for d, label in ((bdir, "step"), (bdir / "parent", "fork parent, step")):
+                if (d / store.PROGRESS).exists():
+                    st = f"{label} {store.read_json(d / store.PROGRESS)['step']}"
+                    break
+                if (d / store.CHECKPOINT).exists():
+                    st = "running"
+                    break
+            if (bdir / store.MODELS).exists():
+                frames.append(pd.read_parquet(bdir / store.MODELS).assign(_running=True))
         for c in b["cells"]:
             state[c] = st
     models = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["cell", "t_grok"])
