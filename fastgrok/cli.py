@@ -85,19 +85,24 @@ def _logit_every(eval_every: int) -> int:
 
 
 def cmd_train(args) -> int:
-    from .summary import print_summary
-    from .trainer import Interrupted, load_config, train
     if args.resume is not None:
         given = [f for f, _ in _TRAIN_FLAGS.values() if hasattr(args, f)]
         if given or args.preset or args.out:
             raise ConfigError("--resume DIR continues the run with its saved config; give no other run options")
+        from .trainer import load_config
         cfg, run_dir, resume = load_config(args.resume), args.resume, True
     else:
-        cfg = _config_from_args(args)
+        cfg = _config_from_args(args)           # a bad flag fails here, before torch is imported
         run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         resume = False
-    from .trainer import resolve_device
-    resolve_device(cfg.device)                   # a CUDA request without CUDA fails here, before any work
+    from .summary import print_summary
+    from .trainer import DTYPES, Interrupted, resolve_device, train
+    import fastgrok.kernels as K
+    # a CUDA request without CUDA, or kernels that cannot run here, fail now: before the banner and
+    # before the run directory is created
+    K.resolve_backend(cfg.kernels, resolve_device(cfg.device), DTYPES[cfg.dtype])
+    if not resume and (run_dir / "config.json").exists():   # (train() checks too; here before the banner)
+        raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
     print(f"fastgrok: {cfg.n_models} models ({len(cfg.cells)} cells x {cfg.seeds} seeds), p={cfg.p} {cfg.op} "
           f"{cfg.model} {cfg.loss} {cfg.dtype} -> {run_dir}", file=sys.stderr)
     t0 = time.perf_counter()
@@ -178,13 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error(e: Exception) -> bool:
+    """ConfigError, or the kernels' BackendError (only raised once fastgrok.kernels was imported)."""
+    kernels = sys.modules.get("fastgrok.kernels")
+    return isinstance(e, ConfigError) or (kernels is not None and isinstance(e, kernels.BackendError))
+
+
 def main(argv=None) -> int:
-    from fastgrok.kernels import BackendError
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)     # torch is imported only by the commands that need it
     try:
         return {"train": cmd_train, "run": cmd_run, "experiments": cmd_experiments, "status": cmd_status,
                 "analyze": cmd_analyze, "bench": cmd_bench}[args.command](args)
-    except (ConfigError, BackendError) as e:
+    except Exception as e:
+        if not _user_error(e):
+            raise
         print(f"fastgrok: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,212 @@
+"""`fastgrok train` as a user runs it: a real process, its exit code, its stderr and its run directory.
+
+- every bad input of issue 2 exits with code 2 and one line on stderr (no traceback, no run directory);
+- a run killed with SIGKILL (and one stopped with SIGTERM) resumed with `--resume DIR` ends with exactly
+  the models.parquet and curves.parquet of an uninterrupted run;
+- the run directory: config.json (the run's whole config), models.parquet (one row per model, issue 2's
+  columns), curves.parquet (long format).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fastgrok.config import TrainConfig
+from fastgrok.step import EVAL_METRICS
+
+_SCRIPT = Path(sys.executable).with_name("fastgrok")
+FASTGROK = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "fastgrok.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}   # tiny models: one thread is fastest
+
+
+def fastgrok(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*FASTGROK, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300, **kw)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+BAD = {
+    "p below 2": (["--p", "1"], "p must be"),
+    "p zero": (["--p", "0"], "p must be"),
+    "p not an integer": (["--p", "7.5"], "--p"),
+    "div with non-prime p": (["--op", "div", "--p", "12"], "prime"),
+    "train frac 0": (["--train-frac", "0"], "train_frac"),
+    "train frac 1": (["--train-frac", "1"], "train_frac"),
+    "train frac above 1": (["--train-frac", "1.5"], "train_frac"),
+    "train frac negative": (["--train-frac", "-0.2"], "train_frac"),
+    "train frac nan": (["--train-frac", "nan"], "train_frac"),
+    "tau zero": (["--tau", "0"], "tau"),
+    "tau negative among several": (["--tau", "1.0", "-1"], "tau"),
+    "tau nan": (["--tau", "nan"], "tau"),
+    "tau inf": (["--tau", "inf"], "tau"),
+    "norm target zero": (["--norm-target", "0"], "norm target"),
+    "norm target negative among several": (["--norm-target", "50", "-3"], "norm target"),
+    "norm target inf": (["--norm-target", "inf"], "norm target"),
+    "negative steps": (["--steps", "-5"], "steps"),
+    "zero seeds": (["--seeds", "0"], "seeds"),
+    "unknown device": (["--device", "tpu"], "--device"),
+    "unknown op": (["--op", "pow"], "--op"),
+    "unknown model": (["--model", "rnn"], "--model"),
+    "unknown loss": (["--loss", "hinge"], "--loss"),
+    "unknown preset": (["--preset", "huge"], "--preset"),
+    "resume with run options": (["--resume", "somewhere", "--p", "5"], "--resume"),
+}
+
+
+def _assert_one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("fastgrok: error:") and needle in lines[0], lines[0]
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+@pytest.mark.parametrize("args,needle", list(BAD.values()), ids=list(BAD))
+def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
+    out = tmp_path / "run"
+    r = fastgrok("train", *args, "--out", out, cwd=tmp_path)
+    _assert_one_line_error(r, needle)
+    assert not out.exists() and not (tmp_path / "runs").exists()      # failed before any work
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_cuda(tmp_path):
+    r = fastgrok("train", "--device", "cuda", "--out", tmp_path / "run", cwd=tmp_path)
+    _assert_one_line_error(r, "cuda")
+    assert not (tmp_path / "run").exists()
+
+
+def test_kernels_that_cannot_run_here(tmp_path):
+    """Triton kernels in float64 (Triton is float32 only here, or not installed): the kernels' own error."""
+    r = fastgrok("train", "--kernels", "triton", "--dtype", "float64", "--out", tmp_path / "run", cwd=tmp_path)
+    _assert_one_line_error(r, "kernels=triton")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_of_a_directory_without_a_run(tmp_path):
+    r = fastgrok("train", "--resume", tmp_path / "nothing", cwd=tmp_path)
+    _assert_one_line_error(r, "no run")
+
+
+# ----------------------------------------------------------------------------- kill and resume
+
+FLAGS = ["--p", "23", "--train-frac", "0.7", "--lr", "1e-2", "--d-embed", "32", "--hidden", "64",
+         "--seeds", "2", "--seed0", "3", "--tau", "1.0", "1.3", "--norm-target", "26", "--clamp-from", "100",
+         "--steps", "600", "--checkpoint-every", "100", "--no-compile"]
+"""4 models (2 cells x 2 seeds), clamped from step 100; three of them grok by step ~400, one not in 600."""
+EXPECTED = TrainConfig(p=23, train_frac=0.7, lr=1e-2, d_embed=32, hidden=64, seeds=2, seed0=3, taus=(1.0, 1.3),
+                       norm_targets=(26.0,), clamp_from=100, steps=600, checkpoint_every=100, compile="off")
+MODEL_COLUMNS = ["cell", "seed", "tau", "norm_target", "t_mem", "t_grok", "logit_scale_at_grok", "train_acc",
+                 "test_acc", "weight_norm", "diverged"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """The uninterrupted run (with its progress bar and summary)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    r = fastgrok("train", *FLAGS, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "median T_grok" in r.stdout and "models.parquet" in r.stdout
+    return out
+
+
+def _start_and_interrupt(out: Path, sig: int) -> subprocess.Popen:
+    """Start a run, wait for its first checkpoint, then send `sig` while it is still training."""
+    proc = subprocess.Popen([*FASTGROK, "train", *FLAGS, "--quiet", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 120
+    while not (out / "progress.json").exists():        # written last, after checkpoint.pt and the results
+        assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    time.sleep(0.05)                                   # somewhere between checkpoints
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return proc
+
+
+def _assert_same_results(run: Path, ref: Path) -> None:
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "models.parquet"), pd.read_parquet(ref / "models.parquet"),
+                                  check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "curves.parquet"), pd.read_parquet(ref / "curves.parquet"),
+                                  check_exact=True)
+    assert json.loads((run / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_interrupted_run_resumes_to_identical_results(tmp_path, reference_run, sig):
+    out = tmp_path / "run"
+    proc = _start_and_interrupt(out, sig)
+    stderr = proc.stderr.read()
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:                                              # checkpoints, says how to resume, exits 130
+        assert proc.returncode == 130, stderr
+        assert f"--resume {out}" in stderr and "Traceback" not in stderr
+    progress = json.loads((out / "progress.json").read_text())
+    assert not progress["done"] and 100 <= progress["step"] < 600    # really stopped mid-run
+    killed_models = pd.read_parquet(out / "models.parquet")           # what the partial run had on disk
+    r = fastgrok("train", "--resume", out)
+    assert r.returncode == 0, r.stderr
+    _assert_same_results(out, reference_run)
+    assert json.loads((out / "progress.json").read_text())["done"]
+    assert len(killed_models) == 4                                     # the partial results were readable
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+def test_run_directory_contents(reference_run):
+    cfg = TrainConfig.from_dict(json.loads((reference_run / "config.json").read_text()))
+    assert cfg == EXPECTED
+
+    models = pd.read_parquet(reference_run / "models.parquet")
+    assert set(MODEL_COLUMNS) <= set(models.columns), set(MODEL_COLUMNS) - set(models.columns)
+    table = pd.DataFrame(EXPECTED.model_table())
+    assert len(models) == EXPECTED.n_models == 4
+    for c in ("cell", "seed", "tau", "norm_target"):
+        assert models[c].tolist() == table[c].tolist(), c
+    assert str(models.t_mem.dtype) == "Int64" and str(models.t_grok.dtype) == "Int64"
+    assert models.t_grok.isna().any() and models.t_grok.notna().any()   # null where never reached
+    assert models.diverged.dtype == bool and not models.diverged.any()
+    np.testing.assert_allclose(models.weight_norm, 26.0, rtol=1e-5)    # clamped from step 100 on
+
+    curves = pd.read_parquet(reference_run / "curves.parquet")
+    assert list(curves.columns) == ["model", "step", "metric", "value"]
+    assert set(curves.metric) == set(EVAL_METRICS)
+    assert not curves.duplicated(["model", "step", "metric"]).any()
+    assert (curves.step % EXPECTED.eval_every == 0).all() and curves.step.max() == EXPECTED.steps
+    assert (curves[curves.metric == "logit_scale"].step % EXPECTED.logit_every == 0).all()
+    # the per-model results are the curves' readouts: T_mem/T_grok the first evaluation over the
+    # threshold, final accuracies and norm the last evaluation, L at grok the logged value nearest T_grok
+    for r in models.itertuples():
+        mine = curves[curves.model == r.model]
+        series = {m: g.set_index("step").value.sort_index() for m, g in mine.groupby("metric")}
+        for col, metric, thr in (("t_mem", "train_acc", EXPECTED.mem_threshold),
+                                 ("t_grok", "test_acc", EXPECTED.grok_threshold)):
+            hit = series[metric][series[metric] >= thr]
+            want = int(hit.index[0]) if len(hit) else None
+            got = getattr(r, col)
+            assert (pd.isna(got) and want is None) or got == want, (r.model, col, got, want)
+        for col in ("train_acc", "test_acc", "weight_norm"):
+            assert getattr(r, col) == series[col].iloc[-1]
+        if not pd.isna(r.t_grok):
+            ls = series["logit_scale"]
+            assert r.logit_scale_at_grok == ls.iloc[int(np.argmin(np.abs(ls.index - r.t_grok)))]
+
+
+def test_existing_run_directory_is_not_overwritten(reference_run):
+    before = (reference_run / "models.parquet").read_bytes()
+    r = fastgrok("train", *FLAGS, "--out", reference_run)
+    _assert_one_line_error(r, "already holds a run")
+    assert (reference_run / "models.parquet").read_bytes() == before
