@@ -162,11 +162,23 @@ def fp32_peak(device: torch.device) -> float | None:
     return None
 
 
+_SCRATCH: tempfile.TemporaryDirectory | None = None
+
+
+def _scratch_dir() -> str:
+    """A fresh directory for a benchmark Trainer, inside one per-process temporary directory that is
+    removed when the process exits."""
+    global _SCRATCH
+    if _SCRATCH is None:
+        _SCRATCH = tempfile.TemporaryDirectory(prefix="fgbench_")
+    return tempfile.mkdtemp(dir=_SCRATCH.name)
+
+
 def fastgrok_step(cfg: TrainConfig, device, compile_step: bool):
     """(step callable, trainer) for cfg on device; state lives in the trainer."""
     from .trainer import Trainer
     torch._dynamo.reset()
-    tr = Trainer(replace(cfg, device=device.type, compile="off"), tempfile.mkdtemp(prefix="fgbench_"),
+    tr = Trainer(replace(cfg, device=device.type, compile="off"), _scratch_dir(),
                  progress=False)
     step, _ = build_step_fns(tr.model, tr.cfg, tr.backend, compile_step)
     return (lambda: step(tr.state, tr.batch)), tr
@@ -217,7 +229,7 @@ def section_grid(device, quick: bool) -> list[dict]:
             torch._dynamo.reset()
             _sync(device)
             t0 = time.perf_counter()
-            tr = Trainer(cfg, tempfile.mkdtemp(prefix="fgbench_"), progress=False)
+            tr = Trainer(cfg, _scratch_dir(), progress=False)
             calls = {}
             for name in ("step_fn", "eval_fn"):
                 setattr(tr, name, _first_call_timer(getattr(tr, name), device, calls, name))
