@@ -134,8 +134,11 @@ def _keys(row: pd.Series) -> dict:
     return {k: row[k] for k in A.SETTING_COLS if k in row.index}
 
 
-def _title(keys: dict) -> str:
-    return ", ".join(f"{k}={format_value(v)}" for k, v in keys.items() if not pd.isna(v)) or "run"
+def _title(keys: dict, width: int = 45) -> str:
+    """The setting as `k=v` pairs, wrapped to lines of about `width` characters (a figure's width)."""
+    import textwrap
+    text = ", ".join(f"{k}={format_value(v)}" for k, v in keys.items() if not pd.isna(v)) or "run"
+    return "\n".join(textwrap.wrap(text, width))
 
 
 def _save(fig, stem: Path) -> list[Path]:
