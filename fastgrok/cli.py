@@ -125,6 +125,8 @@ def _add_run(sub):
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<experiment>)")
     p.add_argument("--executor", default="local", choices=("local", "ray"))
     p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--workers", type=int, default=None,
+                   help="local executor: worker processes (default one per CUDA device; one on a CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -132,7 +134,7 @@ def cmd_run(args) -> int:
     from .executors import run_experiment
     overrides = {k: v for k, v in (("p", args.p), ("seeds", args.seeds), ("max_steps", args.max_steps)) if v is not None}
     run_experiment(args.experiment, overrides=overrides, out=args.out, executor=args.executor, device=args.device,
-                   progress=not args.quiet)
+                   progress=not args.quiet, workers=args.workers)
     return 0
 
 

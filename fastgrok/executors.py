@@ -1,4 +1,5 @@
-"""Running an experiment's batches: locally (one process, batches in sequence) or on Ray.
+"""Running an experiment's batches: locally (one process per device: in this process, or in worker
+processes when there are several devices or `workers` asks for them) or on Ray.
 
 `run_experiment` plans the grid (grid.py), runs the free calibration controls first (w_c per setting,
 cached in calibration.json), then the packed batches. Either executor only maps jobs to results; the
@@ -18,6 +19,8 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from . import grid
 from .config import ConfigError
 from .experiments import apply_overrides, load_experiment
@@ -27,21 +30,38 @@ MAX_RETRIES = 3
 
 
 def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str | None = None,
-                   executor: str = "local", device: str = "auto", progress: bool = True) -> Path:
-    """Run (or resume) an experiment into `out` (default runs/<name>); returns the run directory."""
+                   executor: str = "local", device: str = "auto", progress: bool = True,
+                   workers: int | None = None) -> Path:
+    """Run (or resume) an experiment into `out` (default runs/<name>); returns the run directory.
+
+    The local executor runs `workers` processes, one per device: by default one per CUDA device (one on
+    a CPU); with one worker, jobs run in this process. Workers change where a batch runs, not its results.
+    """
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"workers must be an integer >= 1; got {workers!r}")
     spec = apply_overrides(load_experiment(experiment), **(overrides or {}))
     if executor == "local":
-        grid.resolve_device(device)            # a CUDA request without CUDA fails here, before any work
+        dev = grid.resolve_device(device)      # a CUDA request without CUDA fails here, before any work
+        n_dev = torch.cuda.device_count() if dev.type == "cuda" else 1
+        workers = workers or n_dev
     else:
         _import_ray()
+        workers = 1
     run_dir = Path(out) if out is not None else Path("runs") / spec.name
     plan = grid.init_run_dir(spec, run_dir, device if executor == "local" else "cpu")
     compile_mode = grid.resolve_compile(spec, plan)
-    bar = GridProgress(plan, run_dir, enabled=progress, live=executor == "ray")
-    with (contextlib.nullcontext(_local_map) if executor == "local" else _RayMapper()) as mapper:
-        _run_plan(spec, plan, run_dir, device, compile_mode, mapper, progress, bar)
+    pooled = executor == "ray" or workers > 1
+    bar = GridProgress(plan, run_dir, enabled=progress, live=pooled)
+    if executor == "ray":
+        mapper = _RayMapper()
+    elif workers > 1:
+        mapper = _PoolMapper(workers, devices=list(range(n_dev)) if dev.type == "cuda" else None)
+    else:
+        mapper = contextlib.nullcontext(_local_map)
+    with mapper as run_jobs:
+        _run_plan(spec, plan, run_dir, device, compile_mode, run_jobs, progress and not pooled, bar)
     return run_dir
 
 
@@ -77,6 +97,45 @@ def _local_map(jobs, progress, bar):
         yield job, grid.run_job(job, progress=progress)
 
 
+def _init_worker(counter, devices, threads) -> None:
+    """A local worker process: its own device (CUDA: devices[i], made current) and its share of the cores."""
+    with counter.get_lock():
+        i = counter.value
+        counter.value += 1
+    if devices:
+        torch.cuda.set_device(devices[i % len(devices)])
+    torch.set_num_threads(threads)
+
+
+def _pool_job(job):
+    return grid.run_job(job, progress=False)
+
+
+class _PoolMapper:
+    """Maps jobs to `n` worker processes (spawned), one per device; results arrive as jobs finish and the
+    driver writes them. CPU workers share the cores (threads each = cores // n, at least 1)."""
+
+    def __init__(self, n: int, devices: list[int] | None):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        ctx = mp.get_context("spawn")
+        threads = max(1, torch.get_num_threads() // n) if not devices else torch.get_num_threads()
+        self.pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker,
+                                        initargs=(ctx.Value("i", 0), devices, threads))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        self.pool.shutdown(wait=exc_type is None, cancel_futures=True)
+
+    def __call__(self, jobs, progress, bar):
+        from concurrent.futures import as_completed
+        futures = {self.pool.submit(_pool_job, job): job for job in jobs}
+        for f in as_completed(futures):
+            yield futures[f], f.result()
+
+
 def _import_ray():
     try:
         import ray
@@ -86,7 +145,21 @@ def _import_ray():
 
 
 def _ray_job(job):
+    _crash_once_for_tests()
     return grid.run_job(job, progress=False)
+
+
+def _crash_once_for_tests() -> None:
+    """Fault injection: with FASTGROK_CRASH_ONCE=PATH, the first task to start (the one that creates PATH)
+    kills its worker process, as a lost node would; the tests check that Ray retries it."""
+    marker = os.environ.get("FASTGROK_CRASH_ONCE")
+    if not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    os._exit(3)
 
 
 class _RayMapper:

@@ -27,7 +27,7 @@ import torch
 
 from fastgrok import grid, store
 from fastgrok.cli import main
-from fastgrok.config import TrainConfig
+from fastgrok.config import ConfigError, TrainConfig
 from fastgrok.executors import run_experiment
 from fastgrok.experiments import ExperimentSpec, to_toml
 from fastgrok.trainer import Trainer
@@ -151,6 +151,8 @@ def test_ray_executor_matches_local(packed, tmp_path, monkeypatch):
         inits.append(k.get("address"))
         return out
     monkeypatch.setattr(ray, "init", counting_init)
+    crash = tmp_path / "crashed"
+    monkeypatch.setenv("FASTGROK_CRASH_ONCE", str(crash))     # the first task kills its worker: retried
     try:
         # one cell per batch: 4 tasks after the calibration task, finishing in any order on 2 CPUs
         run = run_experiment(spec_of(MEDIATION, max_models=3), out=tmp_path / "ray", executor="ray",
@@ -160,9 +162,23 @@ def test_ray_executor_matches_local(packed, tmp_path, monkeypatch):
         if ray.is_initialized():
             ray.shutdown()
     assert inits == [None]                         # one local cluster for calibration and batches
+    assert crash.exists()                          # a worker died, its task ran again
     assert_same_results(packed, run)
     assert sorted(p.name for p in (run / "parts").iterdir()) == \
         sorted(f"b00{i}.{k}.parquet" for i in range(4) for k in ("models", "curves"))
+
+
+def test_local_workers_match_one_process(packed, tmp_path, monkeypatch):
+    """Two local worker processes (as on a 2-GPU machine; here 2 CPU workers): calibration and 4 batches
+    run in the workers (never in this process), results identical to the single-process run."""
+    def not_here(*a, **k):
+        raise AssertionError("a job ran in the driver process")
+    monkeypatch.setattr(grid, "run_job", not_here)     # spawned workers import their own, unpatched
+    run = run_experiment(spec_of(MEDIATION, max_models=3), out=tmp_path / "workers", workers=2, progress=False)
+    assert_same_results(packed, run)
+    assert_no_duplicates(run)
+    with pytest.raises(ConfigError, match="workers"):
+        run_experiment(spec_of(MEDIATION), out=tmp_path / "bad", workers=0, progress=False)
 
 
 # ------------------------------------------------------------------------------------------ kill -9
