@@ -56,7 +56,7 @@ _TRAIN_FLAGS = {
 def _add_train(sub):
     p = sub.add_parser("train", help="train a batch of models (cells x seeds) and record when they grok")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="start from a preset (quick: groks in about a minute on a CPU; study: the baseline cell)")
+                   help="start from a preset (quick: groks in seconds on a CPU; study: the baseline cell)")
     defaults = TrainConfig()
     for flag, (field, kw) in _TRAIN_FLAGS.items():
         kw = dict(kw)
