@@ -148,8 +148,20 @@ def step_config(quick: bool) -> TrainConfig:
 
 
 def mlp_flops(cfg: TrainConfig) -> float:
-    """Nominal FLOPs of one model's training step (forward + backward, direct form)."""
+    """Nominal FLOPs of one model's training step (forward + backward, direct form): what the study's
+    way executes, 3 products of N x (2d x H) and 3 of N x (H x V)."""
     return 6.0 * cfg.n_train * (2 * cfg.d_embed * cfg.hidden + cfg.hidden * cfg.p)
+
+
+def mlp_table_flops(cfg: TrainConfig) -> float:
+    """FLOPs fastgrok's MLP step executes (the table form of the first layer): 3 products of N x (H x V)
+    plus 6 of the p-row tables (p x d x H: E W1 halves forward, dW1 and dE halves backward)."""
+    return 6.0 * cfg.n_train * cfg.hidden * cfg.p + 12.0 * cfg.p * cfg.d_embed * cfg.hidden
+
+
+RUN_STEPS = 3675
+"""The study's baseline cell (p = 59, rho 1, tau 1): median T_grok 3,675 steps, the length of a run in
+`runs_per_hour` (evaluation every 25 steps included; the study's logit readout every 200 for the baseline)."""
 
 
 def fp32_peak(device: torch.device) -> float | None:
@@ -175,40 +187,53 @@ def _scratch_dir() -> str:
 
 
 def fastgrok_step(cfg: TrainConfig, device, compile_step: bool):
-    """(step callable, trainer) for cfg on device; state lives in the trainer."""
+    """(step callable, trainer) for cfg on device; state lives in the trainer, whose `eval_fn` is the
+    evaluation built alike (compiled with the step, or not)."""
     from .trainer import Trainer
     torch._dynamo.reset()
     tr = Trainer(replace(cfg, device=device.type, compile="off"), _scratch_dir(),
                  progress=False)
-    step, _ = build_step_fns(tr.model, tr.cfg, tr.backend, compile_step)
+    step, tr.eval_fn = build_step_fns(tr.model, tr.cfg, tr.backend, compile_step)
     return (lambda: step(tr.state, tr.batch)), tr
 
 
 def section_step(device, quick: bool) -> list[dict]:
+    """The training step at M models: the study's way (cells of <= 12 seeds in turn), fastgrok compiled
+    and eager. Seed-steps/s of the step alone; runs/h of a RUN_STEPS-step run with its evaluations; FLOP/s
+    of the arithmetic each provider executes (fastgrok's table form does less than the direct form)."""
     base = step_config(quick)
     Ms = (1, 4) if quick else ((1, 12, 96) if device.type == "cpu" else (1, 12, 96, 768))
     reps = 5 if quick else (10 if device.type == "cpu" else 30)
-    flops, peak = mlp_flops(base), fp32_peak(device)
+    peak = fp32_peak(device)
     rows = []
     for M in Ms:
         cfg = replace(base, seeds=M)
         S = min(M, 12)
         n_cells = math.ceil(M / S)
         cell = BaselineCell(replace(base, seeds=S), device=device)     # one cell; cells run in turn
-        tb = _measure(cell.step, device, repeats=max(3, reps // 2), warmup=2)
+        r = max(3, reps // 2)
+        tb = _measure(cell.step, device, repeats=r, warmup=2)
         tb = {k: (v * n_cells if k.endswith("_s") else v) for k, v in tb.items()}
-        results = [("eager per-cell baseline", tb, 0.0)]
-        fn, _ = fastgrok_step(cfg, device, compile_step=True)
-        tc = _measure(fn, device, repeats=reps, warmup=3)
-        results.append(("fastgrok compiled", tc, tc["first_s"] - tc["median_s"]))
-        if M <= 12:
-            fn, _ = fastgrok_step(cfg, device, compile_step=False)
-            results.append(("fastgrok eager", _measure(fn, device, repeats=max(3, reps // 2), warmup=2), 0.0))
-        for name, t, compile_s in results:
-            sps = M / t["median_s"]
+        # per step: evaluation every 25 steps and the logit readout every 200, per cell
+        ev_b = n_cells * (_measure(cell.evaluate, device, repeats=r)["median_s"] / base.eval_every
+                          + _measure(cell.logit_scale, device, repeats=r)["median_s"] / base.logit_every)
+        results = [("eager per-cell baseline", tb, 0.0, ev_b, mlp_flops(base))]
+        for compiled in (True, False) if M <= 12 else (True,):
+            fn, tr = fastgrok_step(cfg, device, compile_step=compiled)
+            t = _measure(fn, device, repeats=reps if compiled else r, warmup=3 if compiled else 2)
+            ev = _measure(lambda: tr.eval_fn(tr.state, tr.batch).sum().item(), device, repeats=r)["median_s"]
+            results.append((f"fastgrok {'compiled' if compiled else 'eager'}", t,
+                            t["first_s"] - t["median_s"] if compiled else 0.0, ev / base.eval_every,
+                            mlp_table_flops(base)))
+        for name, t, compile_s, ev_per_step, flops in results:
+            per_step = t["median_s"] + ev_per_step
             rows.append({"section": "step", "case": f"p={base.p} M={M}", "provider": name, "M": M, **t,
-                         "seed_steps_per_s": sps, "speedup_vs_baseline": tb["median_s"] / t["median_s"],
+                         "seed_steps_per_s": M / t["median_s"], "speedup_vs_baseline": tb["median_s"] / t["median_s"],
+                         "eval_per_step_s": ev_per_step,
+                         "runs_per_hour": M * 3600.0 / (RUN_STEPS * per_step), "run_steps": RUN_STEPS,
+                         "run_speedup_vs_baseline": (tb["median_s"] + ev_b) / per_step,
                          "flops_per_step": flops * M, "flop_per_s": flops * M / t["median_s"],
+                         "nominal_flop_per_s": mlp_flops(base) * M / t["median_s"],
                          "frac_fp32_peak": flops * M / t["median_s"] / peak if peak else None,
                          "compile_s": compile_s, "baseline_cells": n_cells if "baseline" in name else None})
     return rows
@@ -309,8 +334,10 @@ def render(result: dict) -> None:
         peak = f", {r['frac_fp32_peak']:.1%} of fp32 peak" if r["frac_fp32_peak"] else ""
         table.add_row("step", r["case"], r["provider"], _fmt_time(r["median_s"]),
                       f"{_fmt_time(r['min_s'])}–{_fmt_time(r['max_s'])}",
-                      f"{r['seed_steps_per_s']:.0f} seed-steps/s, {r['flop_per_s'] / 1e9:.0f} GFLOP/s{peak}",
-                      f"{r['speedup_vs_baseline']:.2f}x", _fmt_time(r["compile_s"]) if r["compile_s"] else "")
+                      f"{r['seed_steps_per_s']:.0f} seed-steps/s, {r['flop_per_s'] / 1e9:.0f} GFLOP/s{peak}; "
+                      f"{r['runs_per_hour']:,.0f} runs/h",
+                      f"{r['speedup_vs_baseline']:.2f}x step, {r['run_speedup_vs_baseline']:.2f}x run",
+                      _fmt_time(r["compile_s"]) if r["compile_s"] else "")
     seq = next((r["wall_s"] for r in result["grid"] if r["provider"].startswith("sequential")), None)
     for r in result["grid"]:
         table.add_row("grid", r["case"], r["provider"], _fmt_time(r["wall_s"]), "one run",
@@ -318,8 +345,9 @@ def render(result: dict) -> None:
                       f"without first calls)", f"{seq / r['wall_s']:.2f}x" if seq else "",
                       _fmt_time(r["first_calls_s"]) + " first calls")
     Console(width=max(170, shutil.get_terminal_size().columns)).print(table)
-    print(f"copy bandwidth {result['copy_gb_per_s']:.1f} GB/s; step FLOPs are the MLP's nominal count; "
-          f"baseline = cells of <= 12 seeds trained one after another"
+    print(f"copy bandwidth {result['copy_gb_per_s']:.1f} GB/s; step GFLOP/s count the arithmetic each provider "
+          f"executes (fastgrok: the table form); runs/h: runs of {RUN_STEPS} steps (the study's p = 59 "
+          f"baseline-cell T_grok) with their evaluations (every 25 steps), compile excluded; baseline = cells of <= 12 seeds trained one after another"
           + ("; on the CPU every provider ran with fastgrok's allocator setting (step.keep_freed_memory)"
              if m["device"] == "cpu" else ""))
 

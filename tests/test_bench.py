@@ -15,7 +15,7 @@ POSITIVE = {
     "ce": ("median_s", "min_s", "max_s", "p20_s", "p80_s", "bytes", "gb_per_s", "frac_copy_bw"),
     "clamp": ("median_s", "min_s", "max_s", "bytes", "gb_per_s", "frac_copy_bw"),
     "step": ("median_s", "min_s", "max_s", "seed_steps_per_s", "speedup_vs_baseline", "flops_per_step",
-             "flop_per_s"),
+             "flop_per_s", "nominal_flop_per_s", "eval_per_step_s", "runs_per_hour", "run_speedup_vs_baseline"),
     "grid": ("wall_s", "first_calls_s", "runs_per_hour", "seed_runs_per_hour"),
 }
 PROVIDERS = {
@@ -53,3 +53,14 @@ def test_bench_quick_cpu_writes_every_section(tmp_path, capsys):
     assert {r["M"] for r in res["step"]} == {1, 4}
     assert png.stat().st_size > 0
     assert "fastgrok bench" in capsys.readouterr().out
+
+
+def test_step_flop_counts_by_hand():
+    """The study's MLP at p = 59 (d 128, H 256, 1,392 train pairs): the direct form's 3 products per layer
+    and the table form's, counted by hand (2 FLOPs per multiply-add)."""
+    from fastgrok.bench import mlp_flops, mlp_table_flops
+    from fastgrok.config import TrainConfig
+    cfg = TrainConfig(p=59)
+    assert cfg.n_train == 1392
+    assert mlp_flops(cfg) == 2 * (3 * 1392 * 256 * 256 + 3 * 1392 * 256 * 59)          # 673.5 M
+    assert mlp_table_flops(cfg) == 2 * (3 * 1392 * 256 * 59 + 6 * 59 * 128 * 256)      # 149.4 M
