@@ -202,40 +202,52 @@ def section_step(device, quick: bool) -> list[dict]:
     and eager. Seed-steps/s of the step alone; runs/h of a RUN_STEPS-step run with its evaluations; FLOP/s
     of the arithmetic each provider executes (fastgrok's table form does less than the direct form)."""
     base = step_config(quick)
-    Ms = (1, 4) if quick else ((1, 12, 96) if device.type == "cpu" else (1, 12, 96, 768))
+    Ms = (1, 4) if quick else ((1, 12, 96) if device.type == "cpu" else (1, 12, 96, 768, 3072))
     reps = 5 if quick else (10 if device.type == "cpu" else 30)
     peak = fp32_peak(device)
     rows = []
     for M in Ms:
-        cfg = replace(base, seeds=M)
-        S = min(M, 12)
-        n_cells = math.ceil(M / S)
-        cell = BaselineCell(replace(base, seeds=S), device=device)     # one cell; cells run in turn
-        r = max(3, reps // 2)
-        tb = _measure(cell.step, device, repeats=r, warmup=2)
-        tb = {k: (v * n_cells if k.endswith("_s") else v) for k, v in tb.items()}
-        # per step: evaluation every 25 steps and the logit readout every 200, per cell
-        ev_b = n_cells * (_measure(cell.evaluate, device, repeats=r)["median_s"] / base.eval_every
-                          + _measure(cell.logit_scale, device, repeats=r)["median_s"] / base.logit_every)
-        results = [("eager per-cell baseline", tb, 0.0, ev_b, mlp_flops(base))]
-        for compiled in (True, False) if M <= 12 else (True,):
-            fn, tr = fastgrok_step(cfg, device, compile_step=compiled)
-            t = _measure(fn, device, repeats=reps if compiled else r, warmup=3 if compiled else 2)
-            ev = _measure(lambda: tr.eval_fn(tr.state, tr.batch).sum().item(), device, repeats=r)["median_s"]
-            results.append((f"fastgrok {'compiled' if compiled else 'eager'}", t,
-                            t["first_s"] - t["median_s"] if compiled else 0.0, ev / base.eval_every,
-                            mlp_table_flops(base)))
-        for name, t, compile_s, ev_per_step, flops in results:
-            per_step = t["median_s"] + ev_per_step
-            rows.append({"section": "step", "case": f"p={base.p} M={M}", "provider": name, "M": M, **t,
-                         "seed_steps_per_s": M / t["median_s"], "speedup_vs_baseline": tb["median_s"] / t["median_s"],
-                         "eval_per_step_s": ev_per_step,
-                         "runs_per_hour": M * 3600.0 / (RUN_STEPS * per_step), "run_steps": RUN_STEPS,
-                         "run_speedup_vs_baseline": (tb["median_s"] + ev_b) / per_step,
-                         "flops_per_step": flops * M, "flop_per_s": flops * M / t["median_s"],
-                         "nominal_flop_per_s": mlp_flops(base) * M / t["median_s"],
-                         "frac_fp32_peak": flops * M / t["median_s"] / peak if peak else None,
-                         "compile_s": compile_s, "baseline_cells": n_cells if "baseline" in name else None})
+        try:
+            rows += _step_rows(base, M, device, reps, peak)
+        except torch.cuda.OutOfMemoryError:
+            print(f"fastgrok bench: step at M = {M} does not fit in device memory; larger M skipped")
+            torch.cuda.empty_cache()
+            break
+    return rows
+
+
+def _step_rows(base: TrainConfig, M: int, device, reps: int, peak: float | None) -> list[dict]:
+    """One M's rows of section_step: the baseline, fastgrok compiled, and (M <= 12) fastgrok eager."""
+    rows = []
+    cfg = replace(base, seeds=M)
+    S = min(M, 12)
+    n_cells = math.ceil(M / S)
+    cell = BaselineCell(replace(base, seeds=S), device=device)     # one cell; cells run in turn
+    r = max(3, reps // 2)
+    tb = _measure(cell.step, device, repeats=r, warmup=2)
+    tb = {k: (v * n_cells if k.endswith("_s") else v) for k, v in tb.items()}
+    # per step: evaluation every 25 steps and the logit readout every 200, per cell
+    ev_b = n_cells * (_measure(cell.evaluate, device, repeats=r)["median_s"] / base.eval_every
+                      + _measure(cell.logit_scale, device, repeats=r)["median_s"] / base.logit_every)
+    results = [("eager per-cell baseline", tb, 0.0, ev_b, mlp_flops(base))]
+    for compiled in (True, False) if M <= 12 else (True,):
+        fn, tr = fastgrok_step(cfg, device, compile_step=compiled)
+        t = _measure(fn, device, repeats=reps if compiled else r, warmup=3 if compiled else 2)
+        ev = _measure(lambda: tr.eval_fn(tr.state, tr.batch).sum().item(), device, repeats=r)["median_s"]
+        results.append((f"fastgrok {'compiled' if compiled else 'eager'}", t,
+                        t["first_s"] - t["median_s"] if compiled else 0.0, ev / base.eval_every,
+                        mlp_table_flops(base)))
+    for name, t, compile_s, ev_per_step, flops in results:
+        per_step = t["median_s"] + ev_per_step
+        rows.append({"section": "step", "case": f"p={base.p} M={M}", "provider": name, "M": M, **t,
+                     "seed_steps_per_s": M / t["median_s"], "speedup_vs_baseline": tb["median_s"] / t["median_s"],
+                     "eval_per_step_s": ev_per_step,
+                     "runs_per_hour": M * 3600.0 / (RUN_STEPS * per_step), "run_steps": RUN_STEPS,
+                     "run_speedup_vs_baseline": (tb["median_s"] + ev_b) / per_step,
+                     "flops_per_step": flops * M, "flop_per_s": flops * M / t["median_s"],
+                     "nominal_flop_per_s": mlp_flops(base) * M / t["median_s"],
+                     "frac_fp32_peak": flops * M / t["median_s"] / peak if peak else None,
+                     "compile_s": compile_s, "baseline_cells": n_cells if "baseline" in name else None})
     return rows
 
 
