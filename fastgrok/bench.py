@@ -24,6 +24,7 @@ import math
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -394,16 +395,18 @@ def run_bench(quick: bool, device: str, json_path: Path, plot_path: Path | None)
         keep_freed_memory()         # fastgrok's CPU allocator setting, for every provider alike
     copy_gbs = copy_bandwidth(dev)
     result = {"meta": meta(dev, quick), "copy_gb_per_s": copy_gbs}
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     for name, fn in [("ce", lambda: section_ce(dev, quick, copy_gbs)),
                      ("clamp", lambda: section_clamp(dev, quick, copy_gbs)),
                      ("step", lambda: section_step(dev, quick)), ("grid", lambda: section_grid(dev, quick))]:
         t0 = time.perf_counter()
         result[name] = fn()
         result["meta"][f"{name}_section_s"] = time.perf_counter() - t0
+        print(f"fastgrok bench: {name} done in {result['meta'][f'{name}_section_s']:.0f} s", file=sys.stderr,
+              flush=True)
+        json_path.write_text(json.dumps(result, indent=1))     # after each section: a cut-off run keeps its part
     render(result)
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=1))
     if plot_path is not None:
         plot(result, Path(plot_path))
     return result
