@@ -10,6 +10,8 @@
    the CE kernel vs the eager reference vs torch.compile of the reference, at the study's shapes
    (M = 12, N = 3481, V in {59, 97, 113}) and at shapes with M·N·V >= 16M logits; the device's copy bandwidth
    (a large tensor copy_); the CE kernel's GB/s as a fraction of it; the clamp kernel vs eager.
+4. A sweep of the CE kernel's tile (rows per program x warps) at the study's shapes, the default marked.
+The report is rewritten after each part, so a run cut off by a time limit keeps what it measured.
 Targets reported: CE >= 80% of copy bandwidth for M·N·V >= 16M; CE >= 2x eager at the study shapes.
 Writes a Markdown report (--out) and prints it. Exits non-zero when a correctness check fails.
 """
@@ -246,6 +248,30 @@ def ce_rows(shapes, dtype, providers, copy_bw):
     return rows
 
 
+SWEEP = [(12, 3481, 59), (12, 3481, 113), (96, 3481, 59)]
+
+
+def tile_sweep(copy_bw) -> list[str]:
+    """The CE kernel at the study's shapes over tiles (BLOCK_N rows x next_pow2(V)) and warps: the default
+    (`ce_config`, chosen by register counts) against the alternatives, so the GPU decides."""
+    from fastgrok.kernels.cross_entropy import ce_config, tempered_ce_triton
+    lines = ["## CE tile sweep (float32, masked; p50 ms and GB/s)", "",
+             "| shape | BLOCK_N x BLOCK_V | warps | p50 ms | GB/s | % copy bw | default |", "|---|---|---|---|---|---|---|"]
+    for M, N, V in SWEEP:
+        z, y, tau, mask = (t.cuda() for t in _ce_inputs(M, N, V, torch.float32, 10.0, "random", 7))
+        nbytes = 2 * z.numel() * z.element_size() + M * N * 10
+        dn, dv, dw = ce_config(N, V, z.device)
+        for bn in (4, 8, 16, 32, 64):
+            for nw in (4, 8):
+                _, p50, _ = bench(lambda: tempered_ce_triton(z, y, tau, mask, block_n=bn, block_v=dv, num_warps=nw))
+                gbs = nbytes / (p50 * 1e-3) / 1e9
+                lines.append(f"| {M}x{N}x{V} | {bn} x {dv} | {nw} | {p50:.4f} | {gbs:.0f} | {gbs / copy_bw:.0%} | "
+                             f"{'yes' if (bn, nw) == (dn, dw) else ''} |")
+        del z
+        torch.cuda.empty_cache()
+    return lines + [""]
+
+
 def clamp_rows(copy_bw):
     from fastgrok.kernels.norm_clamp import clamp_flat_triton_
     from fastgrok.kernels.reference import clamp_flat_reference_, clamp_list_reference_
@@ -335,7 +361,14 @@ def main(argv=None) -> int:
         print(f"  {name}: {'ok' if not err else 'FAIL: ' + err}", flush=True)
     lines.append("")
 
-    # 3. timings
+    # 3. timings (the report is rewritten after each part: a run cut off by a time limit keeps its part)
+    def save(extra=()):
+        report = "\n".join(list(lines) + list(extra)) + "\n"
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(report)
+        return report
+
+    save()
     print("3. timings", flush=True)
     copy_bw = copy_bandwidth()
     print(f"  copy bandwidth {copy_bw:.0f} GB/s", flush=True)
@@ -347,22 +380,26 @@ def main(argv=None) -> int:
     rows = []
     try:
         rows += ce_rows(STUDY, torch.float32, provs, copy_bw)
+        save([_table(rows, True), ""])
         rows += ce_rows(LARGE, torch.float32, provs, copy_bw)
+        save([_table(rows, True), ""])
         rows += ce_rows([(4, 4096, 4099)], torch.bfloat16, ("triton", "eager"), copy_bw)
         lines += [_table(rows, True), ""]
+        save()
         crow = clamp_rows(copy_bw)
         lines += ["Clamp bytes = 2 reads + 1 write of the segments; x eager is against the per-tensor clamp.", "",
                   _table(crow, False), ""]
+        save()
+        print("4. CE tile sweep", flush=True)
+        lines += tile_sweep(copy_bw)
     except Exception as e:
         failed += 1
         lines += [f"timings stopped: {type(e).__name__}: {e}", ""]
-        if rows:
+        if rows and _table(rows, True) not in lines:
             lines += [_table(rows, True), ""]
     lines.append(f"Total wall time {time.time() - t_start:.0f} s.")
-    report = "\n".join(lines) + "\n"
+    report = save()
     print(report)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(report)
     print(f"wrote {args.out}")
     return 1 if failed else 0
 

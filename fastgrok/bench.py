@@ -36,7 +36,7 @@ import fastgrok.kernels as K
 from fastgrok.kernels.reference import tempered_ce_reference
 
 from .baseline import BaselineCell
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .step import build_step_fns, keep_freed_memory
 
 # float32 (non-tensor-core) peaks, TFLOP/s, by a substring of torch.cuda.get_device_name()
@@ -72,8 +72,10 @@ def _measure(fn, device, *, repeats: int, warmup: int = 1) -> dict:
             "p20_s": q[0], "p80_s": q[-1], "first_s": first, "repeats": repeats}
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28) -> float:
-    """GB/s of a device-to-device copy (bytes read + written)."""
+def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
+    """GB/s of a device-to-device copy (bytes read + written): 256 MiB on a CPU, 1 GiB on a GPU (where a
+    smaller copy is short enough for launch and sync overheads to show)."""
+    nbytes = nbytes or (1 << 28 if device.type == "cpu" else 1 << 30)
     x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     y = torch.empty_like(x)
     t = _measure(lambda: y.copy_(x), device, repeats=5 if device.type == "cpu" else 20)
@@ -198,7 +200,7 @@ def fastgrok_step(cfg: TrainConfig, device, compile_step: bool):
     return (lambda: step(tr.state, tr.batch)), tr
 
 
-def section_step(device, quick: bool) -> list[dict]:
+def section_step(device, quick: bool, on_rows=None) -> list[dict]:
     """The training step at M models: the study's way (cells of <= 12 seeds in turn), fastgrok compiled
     and eager. Seed-steps/s of the step alone; runs/h of a RUN_STEPS-step run with its evaluations; FLOP/s
     of the arithmetic each provider executes (fastgrok's table form does less than the direct form)."""
@@ -210,6 +212,8 @@ def section_step(device, quick: bool) -> list[dict]:
     for M in Ms:
         try:
             rows += _step_rows(base, M, device, reps, peak)
+            if on_rows is not None:
+                on_rows(rows)
         except torch.cuda.OutOfMemoryError:
             print(f"fastgrok bench: step at M = {M} does not fit in device memory; larger M skipped")
             torch.cuda.empty_cache()
@@ -387,26 +391,39 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_bench(quick: bool, device: str, json_path: Path, plot_path: Path | None) -> dict:
-    """Run every section, print the table, write the JSON (and the PNG); returns the results."""
+SECTIONS = ("ce", "clamp", "step", "grid")
+
+
+def run_bench(quick: bool, device: str, json_path: Path, plot_path: Path | None,
+              sections: tuple[str, ...] = SECTIONS) -> dict:
+    """Run the sections (in the order given), print the table, write the JSON (and the PNG); returns the
+    results. The JSON is rewritten after each section and each M of the step section."""
     from .trainer import resolve_device
+    unknown = [x for x in sections if x not in SECTIONS]
+    if unknown or not sections:
+        raise ConfigError(f"sections must be among {', '.join(SECTIONS)}; got {', '.join(sections) or 'none'}")
     dev = resolve_device(device)
     if dev.type == "cpu":
         keep_freed_memory()         # fastgrok's CPU allocator setting, for every provider alike
     copy_gbs = copy_bandwidth(dev)
-    result = {"meta": meta(dev, quick), "copy_gb_per_s": copy_gbs}
+    result = {"meta": meta(dev, quick), "copy_gb_per_s": copy_gbs, **{name: [] for name in SECTIONS}}
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    for name, fn in [("ce", lambda: section_ce(dev, quick, copy_gbs)),
-                     ("clamp", lambda: section_clamp(dev, quick, copy_gbs)),
-                     ("step", lambda: section_step(dev, quick)), ("grid", lambda: section_grid(dev, quick))]:
+
+    def save() -> None:
+        json_path.write_text(json.dumps(result, indent=1))
+
+    runs = {"ce": lambda: section_ce(dev, quick, copy_gbs), "clamp": lambda: section_clamp(dev, quick, copy_gbs),
+            "step": lambda: section_step(dev, quick, on_rows=lambda rows: (result.update(step=rows), save())),
+            "grid": lambda: section_grid(dev, quick)}
+    for name in sections:
         t0 = time.perf_counter()
-        result[name] = fn()
+        result[name] = runs[name]()
         result["meta"][f"{name}_section_s"] = time.perf_counter() - t0
         print(f"fastgrok bench: {name} done in {result['meta'][f'{name}_section_s']:.0f} s", file=sys.stderr,
               flush=True)
-        json_path.write_text(json.dumps(result, indent=1))     # after each section: a cut-off run keeps its part
+        save()                      # after each section: a cut-off run keeps its part
     render(result)
-    if plot_path is not None:
+    if plot_path is not None and result["step"]:
         plot(result, Path(plot_path))
     return result

@@ -163,7 +163,8 @@ def cmd_analyze(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import run_bench
-    run_bench(quick=args.quick, device=args.device, json_path=args.json, plot_path=args.plot)
+    sections = tuple(x.strip() for x in args.sections.split(",") if x.strip())
+    run_bench(quick=args.quick, device=args.device, json_path=args.json, plot_path=args.plot, sections=sections)
     return 0
 
 
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--json", type=Path, default=Path("bench.json"), help="where to write the JSON results")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of throughput against M")
+    p.add_argument("--sections", default="ce,clamp,step,grid",
+                   help="comma-separated sections to run, in order (default: ce,clamp,step,grid)")
     return parser
 
 

@@ -34,8 +34,13 @@ class CEStats(NamedTuple):
     logit_norm: torch.Tensor  # (M, N) float: ||z/tau||_2
 
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton is installed (looked up once, at import: dispatch runs inside compiled steps, where
+    older torch.compile versions cannot trace importlib)."""
+    return _HAS_TRITON
 
 
 def interpreting() -> bool:

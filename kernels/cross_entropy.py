@@ -120,7 +120,7 @@ def _tempered_ce_kernel(
 # Launcher
 # --------------------------------------------------------------------------------------------------
 
-_GPU_TILE = 8192        # elements per program on a GPU (registers: ~16-32 floats per thread)
+_GPU_TILE = 1024        # elements per program on a GPU for small V (see ce_config)
 _GPU_MAX_SINGLE_V = 8192  # above this V, loop over V in blocks of _GPU_BLOCK_V
 _GPU_BLOCK_V = 2048
 _CPU_TILE = 32768       # the interpreter pays ~6 ms per program: fewer, larger tiles
@@ -131,9 +131,14 @@ def ce_config(N: int, V: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_V, num_warps) for an (N, V) problem on `device`."""
     v2 = triton.next_power_of_2(V)
     if device.type == "cuda":
+        # Registers by ptxas -v (sm_90a, triton 3.6, float32, masked): tiles of 1024 elements take ~80 per
+        # thread at 8 warps (16x64, 8x128), no spill; 2048-element tiles of small V take ~140 and 8192 ones
+        # 255 with spills (one block per SM). One row of V <= 4096 at 8 warps takes <= 64, V = 8192 at 16
+        # warps 64. Timings on a GPU decide further (benchmarks/gpu_check.py sweeps the tile).
         block_v = v2 if v2 <= _GPU_MAX_SINGLE_V else _GPU_BLOCK_V
         block_n = max(1, min(128, _GPU_TILE // block_v))
-        num_warps = 8 if block_n * block_v >= 8192 else 4
+        tile = block_n * block_v
+        num_warps = 16 if tile >= 8192 else (8 if tile >= 1024 else 4)
     else:
         block_v = min(v2, _CPU_BLOCK_V)
         block_n = max(1, _CPU_TILE // block_v)
@@ -144,10 +149,10 @@ def ce_config(N: int, V: int, device: torch.device) -> tuple[int, int, int]:
 
 def tempered_ce_triton(logits: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor,
                        mask: torch.Tensor | None = None, *, block_n: int | None = None,
-                       block_v: int | None = None):
+                       block_v: int | None = None, num_warps: int | None = None):
     """(loss (M,), grad (M, N, V), correct (M, N), collapsed (M, N), logit_norm (M, N)).
 
-    block_n / block_v override the tile (powers of two); by default `ce_config` picks them.
+    block_n / block_v / num_warps override the launch (powers of two); by default `ce_config` picks them.
     """
     check_ce_inputs(logits, labels, tau, mask)
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -157,9 +162,9 @@ def tempered_ce_triton(logits: torch.Tensor, labels: torch.Tensor, tau: torch.Te
     for name, t in (("labels", labels), ("tau", tau), ("mask", mask)):
         if t is not None and t.device != dev:
             raise ValueError(f"{name} is on {t.device} but logits are on {dev}")
-    bn, bv, num_warps = ce_config(N, V, dev)
-    bn, bv = block_n or bn, block_v or bv
-    for name, b in (("block_n", bn), ("block_v", bv)):
+    bn, bv, nw = ce_config(N, V, dev)
+    bn, bv, num_warps = block_n or bn, block_v or bv, num_warps or nw
+    for name, b in (("block_n", bn), ("block_v", bv), ("num_warps", num_warps)):
         if b & (b - 1):
             raise ValueError(f"{name} must be a power of two, got {b}")
 

@@ -64,3 +64,18 @@ def test_step_flop_counts_by_hand():
     assert cfg.n_train == 1392
     assert mlp_flops(cfg) == 2 * (3 * 1392 * 256 * 256 + 3 * 1392 * 256 * 59)          # 673.5 M
     assert mlp_table_flops(cfg) == 2 * (3 * 1392 * 256 * 59 + 6 * 59 * 128 * 256)      # 149.4 M
+
+
+def test_bench_sections_runs_only_those(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--sections", "clamp", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["clamp"] and not res["ce"] and not res["step"] and not res["grid"]
+    assert all(_positive_finite(r["gb_per_s"]) for r in res["clamp"])
+
+
+def test_bench_unknown_section_is_a_one_line_error(tmp_path, capsys):
+    assert main(["bench", "--quick", "--sections", "clamp,steps", "--json", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastgrok: error: sections must be among") and err.count("\n") == 1
+    assert not (tmp_path / "b.json").exists()
