@@ -41,6 +41,8 @@ def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str
         raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"workers must be an integer >= 1; got {workers!r}")
+    if workers is not None and executor != "local":
+        raise ConfigError("workers is an option of the local executor; Ray places its tasks itself")
     spec = apply_overrides(load_experiment(experiment), **(overrides or {}))
     if executor == "local":
         dev = grid.resolve_device(device)      # a CUDA request without CUDA fails here, before any work

@@ -179,6 +179,9 @@ def test_local_workers_match_one_process(packed, tmp_path, monkeypatch):
     assert_no_duplicates(run)
     with pytest.raises(ConfigError, match="workers"):
         run_experiment(spec_of(MEDIATION), out=tmp_path / "bad", workers=0, progress=False)
+    with pytest.raises(ConfigError, match="workers is an option of the local executor"):
+        run_experiment(spec_of(MEDIATION), out=tmp_path / "bad", workers=2, executor="ray", progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 # ------------------------------------------------------------------------------------------ kill -9
