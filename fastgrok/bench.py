@@ -413,8 +413,12 @@ def run_bench(quick: bool, device: str, json_path: Path, plot_path: Path | None,
     def save() -> None:
         json_path.write_text(json.dumps(result, indent=1))
 
+    def save_step_rows(rows: list[dict]) -> None:       # after each M of the step section
+        result["step"] = rows
+        save()
+
     runs = {"ce": lambda: section_ce(dev, quick, copy_gbs), "clamp": lambda: section_clamp(dev, quick, copy_gbs),
-            "step": lambda: section_step(dev, quick, on_rows=lambda rows: (result.update(step=rows), save())),
+            "step": lambda: section_step(dev, quick, on_rows=save_step_rows),
             "grid": lambda: section_grid(dev, quick)}
     for name in sections:
         t0 = time.perf_counter()

@@ -7,6 +7,7 @@ prints the tables with rich. Every number shown, in Markdown or in the terminal,
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -136,7 +137,6 @@ def _keys(row: pd.Series) -> dict:
 
 def _title(keys: dict, width: int = 45) -> str:
     """The setting as `k=v` pairs, wrapped to lines of about `width` characters (a figure's width)."""
-    import textwrap
     text = ", ".join(f"{k}={format_value(v)}" for k, v in keys.items() if not pd.isna(v)) or "run"
     return "\n".join(textwrap.wrap(text, width))
 
