@@ -60,7 +60,7 @@ def _add_train(sub):
     defaults = TrainConfig()
     for flag, (field, kw) in _TRAIN_FLAGS.items():
         kw = dict(kw)
-        if "action" not in kw and field not in ("taus", "norm_targets"):
+        if "action" not in kw and field not in ("taus", "norm_targets") and getattr(defaults, field) is not None:
             kw["help"] = (kw.get("help", "") + f" (default {getattr(defaults, field)})").strip()
         p.add_argument(flag, dest=field, default=argparse.SUPPRESS, **kw)
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<time>)")
@@ -89,27 +89,40 @@ def cmd_train(args) -> int:
         given = [f for f, _ in _TRAIN_FLAGS.values() if hasattr(args, f)]
         if given or args.preset or args.out:
             raise ConfigError("--resume DIR continues the run with its saved config; give no other run options")
+        from .store import holds_grid_run
+        if holds_grid_run(args.resume):
+            raise ConfigError(f"{args.resume} holds a grid run (fastgrok run); resume it by rerunning the "
+                              f"`fastgrok run` command that started it, with --out {args.resume}")
         from .trainer import load_config
         cfg, run_dir, resume = load_config(args.resume), args.resume, True
     else:
         cfg = _config_from_args(args)           # a bad flag fails here, before torch is imported
         run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         resume = False
+    from .store import holds_grid_run
     from .summary import print_summary
-    from .trainer import DTYPES, Interrupted, resolve_device, train
+    from .trainer import DTYPES, Interrupted, check_fits, resolve_device, train
     import fastgrok.kernels as K
     # a CUDA request without CUDA, or kernels that cannot run here, fail now: before the banner and
     # before the run directory is created
     K.resolve_backend(cfg.kernels, resolve_device(cfg.device), DTYPES[cfg.dtype])
+    check_fits(cfg, cfg.n_models, resolve_device(cfg.device))
+    if not resume and run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file; pick a directory for --out")
+    if not resume and holds_grid_run(run_dir):
+        raise ConfigError(f"{run_dir} holds a grid run (fastgrok run); pick another --out")
     if not resume and (run_dir / "config.json").exists():   # (train() checks too; here before the banner)
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
     print(f"fastgrok: {cfg.n_models} models ({len(cfg.cells)} cells x {cfg.seeds} seeds), p={cfg.p} {cfg.op} "
           f"{cfg.model} {cfg.loss} {cfg.dtype} -> {run_dir}", file=sys.stderr)
+    if any(t is not None for t in cfg.norm_targets) and cfg.t_clamp >= cfg.steps:
+        print(f"fastgrok: warning: the clamp starts at step {cfg.t_clamp} (--clamp-from), at or after the last "
+              f"step ({cfg.steps}): no model will be clamped", file=sys.stderr)
     t0 = time.perf_counter()
     try:
         df = train(cfg, run_dir, resume=resume, progress=not args.quiet)
     except Interrupted as e:
-        print(f"fastgrok: {e}", file=sys.stderr)
+        print(f"fastgrok: {e}; resume with: fastgrok train --resume {run_dir}", file=sys.stderr)
         return 130
     print_summary(cfg, df, time.perf_counter() - t0)
     print(f"results: {run_dir}/models.parquet, {run_dir}/curves.parquet")
@@ -132,9 +145,15 @@ def _add_run(sub):
 
 def cmd_run(args) -> int:
     from .executors import run_experiment
+    from .trainer import Interrupted
     overrides = {k: v for k, v in (("p", args.p), ("seeds", args.seeds), ("max_steps", args.max_steps)) if v is not None}
-    run_experiment(args.experiment, overrides=overrides, out=args.out, executor=args.executor, device=args.device,
-                   progress=not args.quiet, workers=args.workers)
+    try:
+        run_experiment(args.experiment, overrides=overrides, out=args.out, executor=args.executor,
+                       device=args.device, progress=not args.quiet, workers=args.workers)
+    except (Interrupted, KeyboardInterrupt) as e:
+        why = str(e) or "interrupted"
+        print(f"fastgrok: {why}; finished batches are kept: rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -194,12 +213,27 @@ def _user_error(e: Exception) -> bool:
     return isinstance(e, ConfigError) or (kernels is not None and isinstance(e, kernels.BackendError))
 
 
+def _out_of_memory(e: Exception) -> bool:
+    torch = sys.modules.get("torch")
+    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and ("out of memory" in str(e) or "tried to allocate" in str(e).lower())
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)     # torch is imported only by the commands that need it
     try:
+        args = build_parser().parse_args(argv)     # torch is imported only by the commands that need it
         return {"train": cmd_train, "run": cmd_run, "experiments": cmd_experiments, "status": cmd_status,
                 "analyze": cmd_analyze, "bench": cmd_bench}[args.command](args)
+    except KeyboardInterrupt:                      # before a trainer's own handler took over (or a second ^C)
+        print("fastgrok: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
+        if _out_of_memory(e):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"fastgrok: error: out of memory ({first[:200]}); use fewer models (seeds x cells), a smaller p "
+                  "or model, or another device", file=sys.stderr)
+            return 1
         if not _user_error(e):
             raise
         print(f"fastgrok: error: {e}", file=sys.stderr)

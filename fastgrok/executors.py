@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from pathlib import Path
 
 import torch
 
 from . import grid
+from . import trainer as trainer_mod
 from .config import ConfigError
 from .experiments import apply_overrides, load_experiment
 
@@ -78,6 +80,10 @@ def _run_plan(spec, plan, run_dir, device, compile_mode, mapper, progress, bar) 
             cal = grid.record_calibration(run_dir, job["id"], models, curves)
             bar.note(f"calibration {job['id']}: w_c = {cal['w_c']:.4g} ({cal['n_grokked']}/{cal['seeds']} "
                      f"grokked{'' if cal['source'] == 'grok' else '; none grokked: median final ||W||'})")
+            if cal["n_grokked"] == 0:
+                bar.note(f"WARNING: no calibration model grokked within {spec.calibration.steps or spec.budget.steps} "
+                         "steps, so w_c is not the norm at grokking and every rho is relative to it; consider "
+                         "more calibration steps ([calibration] steps) or absolute norm_target cells")
         w_c = {k: v["w_c"] for k, v in grid.read_calibration(run_dir).items()}
 
         # 2. the packed batches
@@ -107,6 +113,10 @@ def _init_worker(counter, devices, threads) -> None:
     if devices:
         torch.cuda.set_device(devices[i % len(devices)])
     torch.set_num_threads(threads)
+    # Ctrl-C reaches every process of the terminal's group: the driver alone handles it and stops the
+    # workers with SIGTERM, on which a running trainer checkpoints and raises Interrupted
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    trainer_mod.STOP_SIGNALS = (signal.SIGTERM,)
 
 
 def _pool_job(job):
@@ -129,6 +139,14 @@ class _PoolMapper:
         return self
 
     def __exit__(self, exc_type, *exc):
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+                try:
+                    os.kill(proc.pid, signal.SIGTERM)       # each running job checkpoints and stops
+                except OSError:
+                    pass
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            return
         self.pool.shutdown(wait=exc_type is None, cancel_futures=True)
 
     def __call__(self, jobs, progress, bar):

@@ -117,7 +117,12 @@ def _positive(x) -> float:
 
 
 def _rho(x):
-    return None if x == FREE else _positive(x)
+    """A dose > 0, or "free" (an unclamped cell; held as None, which is accepted again on a re-check)."""
+    if x is None or x == FREE:
+        return None
+    if isinstance(x, str):
+        raise ValueError(f'must be a number > 0 or "{FREE}"')
+    return _positive(x)
 
 
 def _fracs(x) -> tuple[float, ...]:
@@ -496,10 +501,15 @@ def load_spec(path: Path | str) -> ExperimentSpec:
     path = Path(path)
     if tomllib is None:
         raise ConfigError("reading TOML on Python 3.10 needs tomli (pip install tomli)")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, not a SPEC.toml (to resume a grid run, rerun the command that "
+                          "started it: the same experiment and --out)")
     try:
-        d = tomllib.loads(path.read_text())
+        d = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"no spec file {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     return ExperimentSpec.from_dict(d)

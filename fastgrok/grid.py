@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -31,15 +30,13 @@ import torch
 from . import store
 from .config import ConfigError
 from .experiments import ARMS, SHAPE_AXES, ExperimentSpec, to_toml
-from .models import build_model
-from .trainer import Records, Trainer, resolve_device
+from .trainer import QUICK_STEPS, Records, Trainer, device_memory, resolve_device
+from .trainer import bytes_per_model as trainer_bytes_per_model
 
 SPEC_JSON, SPEC_TOML, PLAN, CALIBRATION = "spec.json", "spec.toml", "plan.json", "calibration.json"
 SETTING_COLS = ("experiment", "p", "op", "arch", "loss", "lr", "wd", "train_frac", "dtype")
 CALIB_AXES = tuple(a for a in SHAPE_AXES if a != "dtype")
 """w_c is measured per setting in float32 (the study's precision); a float64 cell uses its float32 w_c."""
-QUICK_STEPS = 2000
-"""compile "auto" means eager when no budget of the spec exceeds this (compiling costs more than it saves)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,26 +79,18 @@ def calib_key(cell: dict) -> str:
 
 
 def bytes_per_model(spec: ExperimentSpec, cell: dict) -> int:
-    """Rough device bytes one model costs: flat, grad, Adam moments and temporaries (8 P) plus the
-    evaluation's activations over all pairs (about 6 tensors of N (H + V))."""
-    cfg = spec.base_config(**{a: cell[a] for a in SHAPE_AXES})
-    P = build_model(cfg).layout.n_params
-    width = cfg.hidden + cfg.p if cfg.model == "mlp" else 3 * (4 * cfg.d_model + cfg.d_mlp + cfg.n_heads * 3) + cfg.p
-    dsize = 8 if cfg.dtype == "float64" else 4
-    return dsize * (8 * P + 6 * cfg.n_pairs * width)
+    """Rough device bytes one model of the cell's shape costs (`trainer.bytes_per_model`)."""
+    return trainer_bytes_per_model(spec.base_config(**{a: cell[a] for a in SHAPE_AXES}))
 
 
 def memory_budget(spec: ExperimentSpec, device: str) -> float:
     if spec.engine.memory_gb:
         return spec.engine.memory_gb * 2**30
     dev = resolve_device(device)
+    total = device_memory(dev)
     if dev.type == "cuda":
-        return 0.5 * torch.cuda.get_device_properties(dev).total_memory
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        ram = 8 * 2**30
-    return min(0.25 * ram, 8 * 2**30)
+        return 0.5 * total
+    return min(0.25 * (total or 32 * 2**30), 8 * 2**30)
 
 
 def pack(spec: ExperimentSpec, cells: list[dict], budget_bytes: float) -> list[dict]:
@@ -302,6 +291,10 @@ def init_run_dir(spec: ExperimentSpec, run_dir: Path, device: str) -> dict:
     """Write spec and plan on the first run; on a rerun check the spec matches and reuse the plan."""
     run_dir = Path(run_dir)
     d = spec.to_dict()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"out: {run_dir} is a file; pick a directory for --out")
+    if not (run_dir / SPEC_JSON).exists() and store.holds_train_run(run_dir):
+        raise ConfigError(f"out: {run_dir} holds a `fastgrok train` run; pick another --out")
     if (run_dir / SPEC_JSON).exists():
         old = store.read_json(run_dir / SPEC_JSON)
         if old != d:
@@ -365,9 +358,22 @@ def consolidate(run_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Status
 # ---------------------------------------------------------------------------------------------
+def _dose_label(cell: dict) -> str | float:
+    """The cell's clamp: its rho, an absolute target ("||W|| 20"), or "free"."""
+    if cell["rho"] is not None:
+        return cell["rho"]
+    return f"||W|| {cell['norm_target']:g}" if cell.get("norm_target") is not None else "free"
+
+
 def status_table(run_dir: Path) -> pd.DataFrame:
     """Per cell: its parameters, models done / total, grokked, median T_grok so far, batch state."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"dir: {run_dir} does not exist" if not run_dir.exists() else f"dir: {run_dir} is a file")
+    if not (run_dir / PLAN).exists() and (run_dir / store.PROGRESS).exists():
+        pr = store.read_json(run_dir / store.PROGRESS)
+        raise ConfigError(f"dir: {run_dir} holds a `fastgrok train` run (not a grid): step {pr['step']} of "
+                          f"{pr.get('steps', '?')}, {'done' if pr.get('done') else 'not done'}")
     if not (run_dir / PLAN).exists():
         raise ConfigError(f"dir: {run_dir} holds no grid run (no {PLAN})")
     plan = store.read_json(run_dir / PLAN)
@@ -381,7 +387,8 @@ def status_table(run_dir: Path) -> pd.DataFrame:
             # the batch's trainer (a fork batch: its arms, after the parents in parent/)
             for d, label in ((bdir, "step"), (bdir / "parent", "fork parent, step")):
                 if (d / store.PROGRESS).exists():
-                    st = f"{label} {store.read_json(d / store.PROGRESS)['step']}"
+                    pr = store.read_json(d / store.PROGRESS)
+                    st = f"{label} {pr['step']}" + (f"/{pr['steps']}" if "steps" in pr else "")
                     break
                 if (d / store.CHECKPOINT).exists():
                     st = "running"
@@ -397,7 +404,7 @@ def status_table(run_dir: Path) -> pd.DataFrame:
         finished = len(m) if state[c["cell"]] == "done" else 0
         tg = pd.to_numeric(m["t_grok"], errors="coerce").dropna()
         rows.append({"cell": c["cell"], "p": c["p"], "arch": c["model"], "loss": c["loss"], "dtype": c["dtype"],
-                     "rho": "free" if c["rho"] is None else c["rho"], "tau": c["tau"], "arm": c["arm"] or "",
+                     "rho": _dose_label(c), "tau": c["tau"], "arm": c["arm"] or "",
                      "done": f"{finished}/{c['seeds']}", "grokked": f"{len(tg)}/{c['seeds']}",
                      "median T_grok": float(tg.median()) if len(tg) else float("nan"), "state": state[c["cell"]]})
     return pd.DataFrame(rows)
@@ -411,14 +418,24 @@ def print_status(run_dir) -> None:
     spec = store.read_json(run_dir / SPEC_JSON) if (run_dir / SPEC_JSON).exists() else {}
     cal = read_calibration(run_dir)
     n_done = int((df["state"] == "done").sum())
-    t = Table(title=f"{spec.get('name', run_dir.name)}: {n_done}/{len(df)} cells done")
-    cols = [c for c in df.columns if not (c == "arm" and not df["arm"].any())]
+    # settings shared by every cell go in the title, so the table fits a terminal without truncation
+    shared = [c for c in ("p", "arch", "loss", "dtype", "rho", "tau") if len(df) > 1 and df[c].nunique() == 1]
+    common = ", ".join(f"{c} {df[c].iloc[0]:g}" if isinstance(df[c].iloc[0], float) else f"{c} {df[c].iloc[0]}"
+                       for c in shared)
+    t = Table(title=f"{spec.get('name', run_dir.name)}: {n_done}/{len(df)} cells done" + (f" ({common})" if common else ""))
+    cols = [c for c in df.columns if c not in shared and not (c == "arm" and not df["arm"].any())]
     for c in cols:
-        t.add_column(c, justify="right")
+        t.add_column(c, justify="right", overflow="fold")
     for r in df[cols].itertuples(index=False):
         t.add_row(*("-" if isinstance(v, float) and math.isnan(v) else f"{v:g}" if isinstance(v, float) else str(v)
                     for v in r))
     con = Console()
     con.print(t)
     for k, v in cal.items():
-        con.print(f"w_c[{k}] = {v['w_c']:.4g} ({v['n_grokked']}/{v['seeds']} grokked, from {v['source']})")
+        con.print(f"w_c[{k}] = {v['w_c']:.4g} ({v['n_grokked']}/{v['seeds']} grokked, from {v['source']})"
+                  + ("  WARNING: no calibration model grokked" if v["n_grokked"] == 0 else ""))
+    cal_dir = run_dir / "calibration"
+    for d in sorted(cal_dir.iterdir()) if cal_dir.is_dir() else []:
+        if d.name not in cal and (d / store.PROGRESS).exists():
+            pr = store.read_json(d / store.PROGRESS)
+            con.print(f"calibration {d.name}: step {pr['step']}/{pr.get('steps', '?')} (the cells wait for its w_c)")

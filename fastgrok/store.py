@@ -26,6 +26,12 @@ CURVES = "curves.parquet"
 PROGRESS = "progress.json"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), then fsync and rename tmp over path."""
     path = Path(path)
@@ -36,10 +42,38 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())         # mkstemp makes 0600; results are shared like any file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def holds_train_run(run_dir: Path) -> bool:
+    """Whether run_dir holds a `fastgrok train` run (its config.json is a TrainConfig; a grid run's
+    config.json names its experiment, and a grid keeps its checkpoints under batches/)."""
+    run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT).exists():
+        return True
+    cfg = run_dir / CONFIG
+    if not cfg.exists():
+        return False
+    try:
+        return "experiment" not in read_json(cfg)
+    except (OSError, ValueError):
+        return True
+
+
+def holds_grid_run(run_dir: Path) -> bool:
+    """Whether run_dir holds a `fastgrok run` grid (its spec and plan, or a config.json naming an experiment)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "spec.json").exists() or (run_dir / "plan.json").exists():
+        return True
+    cfg = run_dir / CONFIG
+    try:
+        return cfg.exists() and "experiment" in read_json(cfg)
+    except (OSError, ValueError):
+        return False
 
 
 def write_json(path: Path, obj) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -40,6 +41,11 @@ I_TRAIN_ACC, I_TEST_ACC, I_LOGIT = EVAL_METRICS.index("train_acc"), EVAL_METRICS
     EVAL_METRICS.index("logit_scale")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Signals on which a running Trainer checkpoints and raises Interrupted (a grid's worker processes
+leave SIGINT to their driver, which stops them with SIGTERM)."""
+
+
 class Interrupted(Exception):
     """Raised after a checkpoint was written because the process was asked to stop."""
 
@@ -52,11 +58,44 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+QUICK_STEPS = 2000
+"""compile "auto" on a CPU stays eager for runs of at most this many steps: a cold compile of the p = 59
+step costs ~45 s, about what compiling saves over 1,000-2,000 steps (benchmarks/RESULTS.md)."""
+
+
 def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
-    """`auto`: compile on CUDA, and for the MLP on CPU (measured faster there; the transformer was not)."""
+    """`auto`: compile on CUDA, and on a CPU for MLP runs longer than QUICK_STEPS (measured faster there;
+    the transformer was not)."""
     if cfg.compile != "auto":
         return cfg.compile == "on"
-    return device.type == "cuda" or cfg.model == "mlp"
+    return device.type == "cuda" or (cfg.model == "mlp" and cfg.steps > QUICK_STEPS)
+
+
+def bytes_per_model(cfg: TrainConfig) -> int:
+    """Rough device bytes one model costs: flat, grad, Adam moments and temporaries (8 P) plus the
+    evaluation's activations over all pairs (about 6 tensors of N (H + V))."""
+    P = build_model(cfg).layout.n_params
+    width = cfg.hidden + cfg.p if cfg.model == "mlp" else 3 * (4 * cfg.d_model + cfg.d_mlp + cfg.n_heads * 3) + cfg.p
+    dsize = 8 if cfg.dtype == "float64" else 4
+    return dsize * (8 * P + 6 * cfg.n_pairs * width)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total bytes of the device's memory (the machine's RAM for a CPU), or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(cfg: TrainConfig, n_models: int, device: torch.device) -> None:
+    """A ConfigError, before anything is allocated, when n_models of cfg cannot fit in the device's memory."""
+    need, have = n_models * bytes_per_model(cfg), device_memory(device)
+    if have is not None and need > have:
+        raise ConfigError(f"{n_models} models at p = {cfg.p} need about {need / 2**30:,.1f} GiB; this "
+                          f"{device.type} has {have / 2**30:,.1f} GiB: use fewer seeds or cells, or a smaller p or model")
 
 
 @dataclass
@@ -86,6 +125,7 @@ class Trainer:
         M = len(self.table)
         if M == 0:
             raise ConfigError("table: no models to train")
+        check_fits(cfg, M, self.device)
         self.budget = np.array([r.get("budget", cfg.steps) for r in self.table], dtype=np.int64)
         self.group = np.array([r["cell"] for r in self.table]) if self.independent else np.zeros(M, np.int64)
         self.compact_frac = compact_frac if self.independent else 0.0
@@ -213,6 +253,9 @@ class Trainer:
         cfg = self.cfg
         self._install_signals()
         bar = _Progress(cfg.steps, len(self.table), enabled=self.progress)
+        if self.step_idx == 0 and use_compile(cfg, self.device):
+            bar.note("compiling the training step and the evaluation (one-off: ~45 s on a CPU at p = 59, "
+                     "seconds once cached; --no-compile skips it)")
         try:
             with bar:
                 while not self.done:
@@ -229,8 +272,7 @@ class Trainer:
                         break
                     if self._stop_signal is not None:
                         self.checkpoint()
-                        raise Interrupted(f"stopped by signal {self._stop_signal} at step {s}; "
-                                          f"resume with: fastgrok train --resume {self.run_dir}")
+                        raise Interrupted(f"stopped by signal {self._stop_signal} at step {s}")
                     if self.capture_shares and s + 1 >= cfg.t_clamp:
                         self._capture_layer_targets()
                     self.step_fn(self.state, self.batch)
@@ -300,7 +342,7 @@ class Trainer:
     def _install_signals(self) -> None:
         self._old = {}
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 self._old[sig] = signal.signal(sig, self._on_signal)
         except ValueError:          # not the main thread: no handlers, checkpoints still happen
             self._old = {}
@@ -334,38 +376,58 @@ def _select_batch(batch: Batch, idx: torch.Tensor) -> Batch:
 
 
 class _Progress:
-    """A rich progress bar: step, mean train/test accuracy, models grokked."""
+    """Progress: step, mean train/test accuracy, models grokked. A rich bar on a terminal; elsewhere (a log
+    file, nohup) one plain line per PLAIN_EVERY_S seconds, at evaluation steps."""
+
+    PLAIN_EVERY_S = 30.0
 
     def __init__(self, total: int, n_models: int, enabled: bool):
-        self.enabled, self.n = enabled, n_models
+        self.enabled, self.n, self.total = enabled, n_models, total
+        self.live = False
         if enabled:
+            from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
-            self.p = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
-                              TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-            self.task = self.p.add_task("train", total=total, info="")
+            self.live = Console().is_terminal
+            if self.live:
+                self.p = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+                self.task = self.p.add_task("train", total=total, info="")
         self.last = 0.0
+        self.t0 = time.monotonic()
+        self.last_plain = self.t0
 
     def __enter__(self):
-        if self.enabled:
+        if self.live:
             self.p.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.live:
             self.p.__exit__(*exc)
+
+    def note(self, msg: str) -> None:
+        if self.live:
+            self.p.console.print(msg)
+        elif self.enabled:
+            print(msg, flush=True)
 
     def update(self, step: int, records: Records | None) -> None:
         if not self.enabled:
             return
-        kw = {}
+        info = ""
         if records is not None:
             ev = records.evals[-1]
-            kw["info"] = (f"train {np.nanmean(ev[:, I_TRAIN_ACC]):.3f}  test {np.nanmean(ev[:, I_TEST_ACC]):.3f}  "
-                          f"grokked {(records.t_grok >= 0).sum()}/{self.n}  diverged {records.diverged.sum()}")
+            info = (f"train {np.nanmean(ev[:, I_TRAIN_ACC]):.3f}  test {np.nanmean(ev[:, I_TEST_ACC]):.3f}  "
+                    f"grokked {(records.t_grok >= 0).sum()}/{self.n}  diverged {records.diverged.sum()}")
         now = time.monotonic()
+        if not self.live:
+            if records is not None and now - self.last_plain >= self.PLAIN_EVERY_S:
+                print(f"step {step}/{self.total}  {info}  ({now - self.t0:.0f} s)", flush=True)
+                self.last_plain = now
+            return
         if records is not None or now - self.last > 0.2:
-            self.p.update(self.task, completed=step, **kw)
+            self.p.update(self.task, completed=step, **({"info": info} if info else {}))
             self.last = now
 
 
@@ -375,8 +437,9 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, progre
     if not resume:
         if (run_dir / store.CONFIG).exists():
             raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+    trainer = Trainer(cfg, run_dir, progress=progress)       # fails (too big, bad device) before any file
+    if not resume:
         store.write_json(run_dir / store.CONFIG, cfg.to_dict())
-    trainer = Trainer(cfg, run_dir, progress=progress)
     if resume:
         ck = store.load_checkpoint(run_dir)
         if ck is not None:

@@ -346,10 +346,10 @@ def test_status_of_a_running_fork_batch(tmp_path, capsys, monkeypatch):
     bdir = tmp_path / "batches" / "b000"
     assert set(grid.status_table(tmp_path)["state"]) == {"pending"}
     store.write_json(bdir / "parent" / store.PROGRESS, {"step": 40, "done": False, "steps": FORK_STEP})
-    assert set(grid.status_table(tmp_path)["state"]) == {"fork parent, step 40"}
+    assert set(grid.status_table(tmp_path)["state"]) == {f"fork parent, step 40/{FORK_STEP}"}
     (bdir / store.CHECKPOINT).write_bytes(b"")                  # the arms' first checkpoint, being written
     assert set(grid.status_table(tmp_path)["state"]) == {"running"}
     store.write_json(bdir / store.PROGRESS, {"step": 150, "done": False, "steps": 800})
     st = grid.status_table(tmp_path)
-    assert set(st["state"]) == {"step 150"} and list(st["arm"]) == ["same", "raised", "lowered", "free"] * 2
+    assert set(st["state"]) == {"step 150/800"} and list(st["arm"]) == ["same", "raised", "lowered", "free"] * 2
     assert "fork_tiny: 0/8 cells done" in _status(tmp_path, capsys, monkeypatch)

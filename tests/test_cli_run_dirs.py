@@ -1,0 +1,185 @@
+"""Run directories and interruptions across `fastgrok train` and `fastgrok run`, as a user meets them.
+
+- neither command overwrites, resumes or misreads the other's run directory, and each says which
+  command a directory belongs to; a file given as --out, a directory given as a spec, a spec that is not
+  UTF-8, a run too big for the machine: one line on stderr, exit code 2, nothing written;
+- Ctrl-C (SIGINT) during `fastgrok run`, in this process or in worker processes: one line, exit code 130,
+  the running batches checkpointed where they stopped, and the same command again finishes with exactly
+  the results of an uninterrupted run;
+- result files are readable as the umask says (not only by their owner);
+- `fastgrok status` on a train run, on a missing directory; the clamp warning; plain progress lines
+  when the output is not a terminal.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fastgrok import store
+from fastgrok.experiments import apply_overrides, load_experiment, to_toml
+
+_SCRIPT = Path(sys.executable).with_name("fastgrok")
+FASTGROK = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "fastgrok.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+
+SPEC = {"name": "dirs_tiny", "seeds": 2, "p": [17], "train_frac": [0.8], "lr": [0.02], "wd": [2.0],
+        "train": {"d_embed": 16, "hidden": 32, "eval_every": 10, "logit_every": 50, "clamp_from": 100,
+                  "compile": "off", "stop_when_grokked": False, "checkpoint_every": 1000},
+        "budget": {"steps": 1500}, "engine": {"max_models": 2, "compact_frac": 0.0},
+        "grid": [{"norm_target": [20.0], "tau": [1.0, 1.5]}]}
+"""Two batches of one cell (2 models) each, 1,500 steps: long enough to be interrupted mid-batch."""
+
+
+def fastgrok(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*FASTGROK, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300, **kw)
+
+
+def one_line_error(r: subprocess.CompletedProcess, needle: str) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastgrok: error:") and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def snapshot(d: Path) -> dict:
+    return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def spec_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("spec") / "dirs.toml"
+    path.write_text(to_toml(SPEC))
+    return path
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "run"
+    r = fastgrok("train", "--p", "17", "--seeds", "1", "--d-embed", "8", "--hidden", "16", "--steps", "30",
+                 "--no-compile", "--quiet", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(spec_path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    r = fastgrok("run", spec_path, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+# ----------------------------------------------------------------------------- whose directory
+
+def test_run_refuses_a_train_run_directory(spec_path, train_run):
+    before = snapshot(train_run)
+    one_line_error(fastgrok("run", spec_path, "--out", train_run, "--quiet"), "holds a `fastgrok train` run")
+    assert snapshot(train_run) == before
+
+
+def test_train_refuses_a_grid_run_directory(reference):
+    before = snapshot(reference)
+    one_line_error(fastgrok("train", "--p", "17", "--out", reference), "holds a grid run")
+    line = one_line_error(fastgrok("train", "--resume", reference), "holds a grid run")
+    assert "fastgrok run" in line
+    assert snapshot(reference) == before
+
+
+def test_status_names_a_train_run_and_a_missing_directory(train_run, tmp_path):
+    one_line_error(fastgrok("status", train_run), "holds a `fastgrok train` run")
+    one_line_error(fastgrok("status", tmp_path / "nowhere"), "does not exist")
+
+
+def test_user_mistakes_about_paths_are_one_line(spec_path, reference, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    one_line_error(fastgrok("run", spec_path, "--out", a_file), "is a file")
+    one_line_error(fastgrok("train", "--p", "17", "--out", a_file), "is a file")
+    one_line_error(fastgrok("run", reference), "is a directory")
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    one_line_error(fastgrok("run", latin1), "not a UTF-8")
+    assert a_file.read_text() == "not a directory"
+
+
+def test_a_run_too_big_for_the_machine_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "big"
+    one_line_error(fastgrok("train", "--p", "200000", "--out", out), "GiB")
+    assert not out.exists()
+
+
+def test_free_rho_survives_overrides():
+    """`--p`/`--seeds` on a spec with rho = "free" (the built-in samestate) re-checks the axes."""
+    spec = apply_overrides(load_experiment("samestate"), p=23, seeds=2)
+    assert spec.axes.p == (23,) and spec.seeds == 2 and None in (spec.axes.rho or (None,))
+
+
+# ----------------------------------------------------------------------------- Ctrl-C and resume
+
+@pytest.mark.parametrize("workers", [None, 2], ids=["in-process", "2-workers"])
+def test_ctrl_c_during_run_then_the_same_command_resumes(spec_path, reference, tmp_path, workers):
+    out = tmp_path / "run"
+    cmd = [*FASTGROK, "run", str(spec_path), "--out", str(out), "--quiet"] + (["--workers", str(workers)] if workers else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:       # interrupt once some batch has trained past its first evaluation (its curves exist)
+        while not any((out / "batches").glob("b*/curves.parquet")):
+            assert proc.poll() is None, f"the run ended before it was interrupted: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no batch started"
+            time.sleep(0.01)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)        # as a terminal's Ctrl-C: the whole process group
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "rerun the same command" in err.strip().splitlines()[-1], err
+    steps = [json.loads(p.read_text())["step"] for p in (out / "batches").glob("b*/progress.json")]
+    assert steps and any(0 < s < 1500 for s in steps)           # stopped mid-batch, with a checkpoint
+
+    r = fastgrok("run", spec_path, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    for name in (store.MODELS, store.CURVES):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(reference / name),
+                                      check_exact=True)
+
+
+# ----------------------------------------------------------------------------- files and messages
+
+def test_result_files_follow_the_umask(train_run):
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in (store.CONFIG, store.CHECKPOINT, store.MODELS, store.CURVES, store.PROGRESS):
+        mode = stat.S_IMODE((train_run / name).stat().st_mode)
+        assert mode == 0o666 & ~mask, (name, oct(mode))
+
+
+def test_clamp_that_never_starts_warns(tmp_path):
+    r = fastgrok("train", "--p", "17", "--seeds", "1", "--d-embed", "8", "--hidden", "16", "--steps", "40",
+                 "--norm-target", "10", "--no-compile", "--quiet", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert "warning: the clamp starts at step 500" in r.stderr and "no model will be clamped" in r.stderr
+
+
+def test_plain_progress_lines_when_not_a_terminal(tmp_path, monkeypatch, capsys):
+    from fastgrok import trainer
+    from fastgrok.config import TrainConfig
+    monkeypatch.setattr(trainer._Progress, "PLAIN_EVERY_S", 0.0)
+    cfg = TrainConfig(p=17, seeds=1, d_embed=8, hidden=16, steps=60, eval_every=20, compile="off", device="cpu")
+    trainer.Trainer(cfg, tmp_path / "run", progress=True).run()
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+    assert [ln.split()[1] for ln in lines] == ["0/60", "20/60", "40/60", "60/60"], lines
+    assert all("train " in ln and "grokked" in ln for ln in lines)
