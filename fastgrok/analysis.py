@@ -38,6 +38,8 @@ N_BOOT = 4000
 """Bootstrap resamples, as in the study."""
 ATOL = 1e-6
 """Tolerance when matching a cell's rho or tau to a requested value."""
+STUDY_RHO_HIGH = 1.15
+"""The study's raised dose: the mediation's rho_high when several doses have a tau sweep."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,13 +250,29 @@ def interp_t2(L0: float, L_sweep: np.ndarray, T_sweep: np.ndarray) -> float:
     return float(np.interp(L0, L_sweep[ok][order], T_sweep[ok][order]))
 
 
-def _find_cell(cells: pd.DataFrame, rho: float, tau: float) -> pd.Series:
-    hit = cells.loc[match_value(cells["rho"], rho) & match_value(cells["tau"], tau)]
-    if len(hit) != 1:
-        have = sorted(set(zip(_num(cells["rho"]).round(4), _num(cells["tau"]).round(4))))
-        what = "no cell" if hit.empty else f"{len(hit)} cells (pass one setting at a time)"
-        raise ValueError(f"{what} with (rho, tau) = ({rho}, {tau}); (rho, tau) present: {have}")
-    return hit.iloc[0]
+def _cells_at(cells: pd.DataFrame, rho: float, tau: float) -> pd.DataFrame:
+    return cells.loc[match_value(cells["rho"], rho) & match_value(cells["tau"], tau)]
+
+
+def mediation_gap(cells: pd.DataFrame, *, rho_high: float = 1.15,
+                  baseline: tuple[float, float] = (1.0, 1.0)) -> str | None:
+    """What one setting's cells lack for `mediation`, in words; None when nothing. It needs exactly
+    one baseline cell, exactly one (rho_high, tau = 1) cell and >= 2 cells at rho_high with an L at
+    grok (fork arms are left out)."""
+    if "rho" not in cells.columns or cells["rho"].isna().all():
+        return "no rho values (the clamp dose of each cell)"
+    cells = cells.loc[~is_fork(cells)]
+    for what, (rho, tau) in (("baseline cell", baseline), ("T1 cell", (rho_high, 1.0))):
+        n = len(_cells_at(cells, rho, tau))
+        if n != 1:
+            where = f"(rho, tau) = ({rho:g}, {tau:g})"
+            return (f"no {what} {where}" if n == 0
+                    else f"{n} cells with {where} (pass one setting at a time)")
+    n_L = int((match_value(cells["rho"], rho_high) & np.isfinite(_num(cells["L_grok"]))).sum())
+    if n_L < 2:
+        return (f"the tau sweep at rho = {rho_high:g} has {n_L} cell(s) with an L at grok "
+                "(needs >= 2)")
+    return None
 
 
 def mediation(cells: pd.DataFrame, per_seed: pd.DataFrame, *, rho_high: float = 1.15,
@@ -269,12 +287,14 @@ def mediation(cells: pd.DataFrame, per_seed: pd.DataFrame, *, rho_high: float = 
     """
     _need_rho(cells, "mediation")
     cells = cells.loc[~is_fork(cells)]
-    base, high = _find_cell(cells, *baseline), _find_cell(cells, rho_high, 1.0)
+    gap = mediation_gap(cells, rho_high=rho_high, baseline=baseline)
+    if gap:
+        have = sorted(set(zip(_num(cells["rho"]).round(4), _num(cells["tau"]).round(4))))
+        raise ValueError(f"mediation: {gap}; (rho, tau) present: {have}")
+    base = _cells_at(cells, *baseline).iloc[0]
+    high = _cells_at(cells, rho_high, 1.0).iloc[0]
     sweep = cells.loc[match_value(cells["rho"], rho_high) & np.isfinite(_num(cells["L_grok"]))]
     sweep = sweep.sort_values("L_grok", kind="stable")
-    if len(sweep) < 2:
-        raise ValueError(f"the tau sweep at rho = {rho_high} needs >= 2 cells with an L at grok, "
-                         f"found {len(sweep)}")
     ids = [base["cell"], high["cell"], *sweep["cell"]]
     T, seeds = seed_matrix(per_seed, ids)          # (K, S), rows: baseline, T1 cell, sweep...
     L0, L_sweep = float(base["L_grok"]), _num(sweep["L_grok"])
@@ -296,17 +316,50 @@ def mediation(cells: pd.DataFrame, per_seed: pd.DataFrame, *, rho_high: float = 
 def mediation_table(cells: pd.DataFrame, per_seed: pd.DataFrame, *, rho_high: float = 1.15,
                     baseline: tuple[float, float] = (1.0, 1.0), n_boot: int = N_BOOT,
                     seed: int = 0) -> pd.DataFrame:
-    """`mediation` for every setting that holds the baseline, the (rho_high, 1) cell and >= 2 sweep
-    cells; one row per setting (empty if none does)."""
+    """`mediation` for every setting that has what it needs (see `mediation_gap`); one row per
+    setting (empty if none has)."""
     _need_rho(cells, "mediation")
     rows = []
     for keys, g in setting_groups(cells.loc[~is_fork(cells)]):
-        try:
+        if mediation_gap(g, rho_high=rho_high, baseline=baseline) is None:
             rows.append({**keys, **mediation(g, per_seed, rho_high=rho_high, baseline=baseline,
                                              n_boot=n_boot, seed=seed)})
-        except ValueError:
-            continue  # this setting is not a mediation sweep
     return pd.DataFrame(rows)
+
+
+def mediation_gaps(cells: pd.DataFrame, *, rho_high: float = 1.15,
+                   baseline: tuple[float, float] = (1.0, 1.0)) -> list[tuple[dict, str]]:
+    """(setting keys, what it lacks) for each setting that `mediation_table` leaves out."""
+    gaps = [(keys, mediation_gap(g, rho_high=rho_high, baseline=baseline))
+            for keys, g in setting_groups(cells.loc[~is_fork(cells)])]
+    return [(keys, gap) for keys, gap in gaps if gap is not None]
+
+
+def tau_sweep_rhos(cells: pd.DataFrame, *, baseline_rho: float = 1.0) -> list[float]:
+    """The rho values above baseline_rho at which some setting has a tau sweep: >= 2 distinct taus
+    among its non-fork cells at that rho, tau = 1 among them. Sorted ascending."""
+    if "rho" not in cells.columns or "tau" not in cells.columns:
+        return []
+    found = set()
+    for _, g in setting_groups(cells.loc[~is_fork(cells)]):
+        rho = _num(g["rho"])
+        for r in np.unique(rho[np.isfinite(rho) & (rho > baseline_rho + ATOL)].round(6)):
+            taus = _num(g.loc[match_value(g["rho"], r), "tau"])
+            taus = np.unique(taus[np.isfinite(taus)].round(6))
+            if taus.size >= 2 and np.isclose(taus, 1.0, rtol=0.0, atol=ATOL).any():
+                found.add(float(r))
+    return sorted(found)
+
+
+def pick_rho_high(rhos) -> float | None:
+    """The mediation's raised dose among candidate rhos (see `tau_sweep_rhos`): the only one; of
+    several, the study's 1.15 if present, else the largest; None when there is none."""
+    rhos = sorted(float(r) for r in rhos)
+    if not rhos:
+        return None
+    if len(rhos) > 1 and np.isclose(rhos, STUDY_RHO_HIGH, rtol=0.0, atol=ATOL).any():
+        return STUDY_RHO_HIGH
+    return rhos[-1]
 
 
 def mediation_from_run(models: pd.DataFrame, curves: pd.DataFrame, rho_high: float = 1.15,

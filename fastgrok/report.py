@@ -1,12 +1,15 @@
 """Figures and a one-page Markdown report for a run directory, and the same tables in the terminal.
 
-`analyze_dir(dir)` computes every analysis whose cells are present in the run (see analysis.py);
-`write_report(dir)` writes DIR/report.md and DIR/figures/*.png|pdf; `render_terminal(result)`
-prints the tables with rich. Every number shown, in Markdown or in the terminal, goes through
+`analyze_dir(dir)` computes every analysis whose cells are present in the run (see analysis.py),
+with warnings (an unfinished grid, a calibration in which no seed grokked) and notes (how the
+mediation's rho_high was chosen, or why the mediation was skipped); `write_report(dir)` writes
+DIR/report.md and DIR/figures/*.png|pdf; `render_terminal(result)` prints the same with rich, every
+value whole at any terminal width. Every number shown, in Markdown or in the terminal, goes through
 `format_value`, so the report shows exactly the values of the returned tables.
 """
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -19,7 +22,8 @@ import pandas as pd  # noqa: E402
 
 from fastgrok import analysis as A  # noqa: E402
 
-TABLES = (("cells", "Cells"), ("mediation", "Mediation: τ sweep at ρ_high"),
+TABLES = (("calibration", "Clamp calibration: w_c per setting"), ("cells", "Cells"),
+          ("mediation", "Mediation: τ sweep at ρ_high"),
           ("collapse", "Collapse grid: ln T_grok on L and ρ"), ("dose_law", "Dose law: ln T = c + α‖W‖"),
           ("memorization", "Memorization control"), ("forks", "Same-state forks"))
 """Result keys that hold tables, in report order, with their section titles."""
@@ -83,22 +87,35 @@ def markdown_table(df: pd.DataFrame) -> str:
 # ---------------------------------------------------------------------------------------------
 # Analysis of a directory
 # ---------------------------------------------------------------------------------------------
-def analyze_dir(run_dir, *, rho_high: float = 1.15, baseline=(1.0, 1.0),
+def analyze_dir(run_dir, *, rho_high: float | None = None, baseline=(1.0, 1.0),
                 n_boot: int = A.N_BOOT) -> dict:
-    """All analyses that apply to the run's cells. Keys: dir, config, notes, cells, and when their
-    cells are present mediation, collapse, dose_law, memorization, forks (DataFrames)."""
-    models, curves, config = A.load_run(run_dir)
+    """All analyses that apply to the run's cells. Keys: dir, config, warnings, notes, cells, and
+    when present calibration, mediation, collapse, dose_law, memorization, forks (DataFrames).
+    rho_high: the mediation's raised dose; None picks it from the cells (`choose_rho_high`)."""
+    d = Path(run_dir)
+    models, curves, config = A.load_run(d)
     cells = A.cell_table(models, curves)
-    out = {"dir": Path(run_dir), "config": config, "notes": [], "cells": cells}
+    calibration = calibration_table(d)
+    out = {"dir": d, "config": config,
+           "warnings": grid_progress_warnings(d, models) + calibration_warnings(calibration),
+           "notes": [], "cells": cells}
+    if len(calibration):
+        out["calibration"] = calibration
     plain = cells.loc[~A.is_fork(cells)]
     has_rho = "rho" in plain.columns and plain["rho"].notna().any()
     taus_vary = "tau" in plain.columns and any(
         g["tau"].nunique() > 1 for _, g in A.setting_groups(plain))
 
     if has_rho:
-        med = A.mediation_table(cells, models, rho_high=rho_high, baseline=baseline, n_boot=n_boot)
-        if len(med):
-            out["mediation"] = med
+        if rho_high is None:
+            rho_high, note = choose_rho_high(cells, baseline_rho=baseline[0])
+            if note:
+                out["notes"].append(note)
+        if rho_high is not None:
+            med = A.mediation_table(cells, models, rho_high=rho_high, baseline=baseline, n_boot=n_boot)
+            if len(med):
+                out["mediation"] = med
+            out["notes"] += mediation_skip_notes(cells, rho_high=rho_high, baseline=baseline)
         # A collapse grid: >= 3 doses and >= 2 temperatures among the counting cells of a setting.
         grid = [g for _, g in A.setting_groups(A.counting_cells(plain))
                 if g["rho"].round(6).nunique() >= 3 and g["tau"].round(6).nunique() >= 2]
@@ -117,6 +134,81 @@ def analyze_dir(run_dir, *, rho_high: float = 1.15, baseline=(1.0, 1.0),
     if "arm" in models.columns and models["arm"].notna().any():
         out["forks"] = A.fork_table(models, n_boot=n_boot)
     return out
+
+
+def choose_rho_high(cells: pd.DataFrame, *, baseline_rho: float = 1.0) -> tuple[float | None, str | None]:
+    """The mediation's raised dose picked from the cells (`A.tau_sweep_rhos`, `A.pick_rho_high`) and
+    a note when the choice needs one: none to pick (the mediation is skipped) or several."""
+    rhos = A.tau_sweep_rhos(cells, baseline_rho=baseline_rho)
+    rho_high = A.pick_rho_high(rhos)
+    if rho_high is None:
+        return None, (f"Mediation skipped: no rho above the baseline's ({format_value(baseline_rho)}) "
+                      "has a tau sweep (>= 2 taus, tau = 1 among them).")
+    if len(rhos) > 1:
+        return rho_high, (f"Mediation at rho_high = {format_value(rho_high)}, chosen among the rhos "
+                          f"with a tau sweep ({', '.join(format_value(r) for r in rhos)}): the "
+                          f"study's {format_value(A.STUDY_RHO_HIGH)} if present, else the largest; "
+                          "analyze_dir(rho_high=...) picks another.")
+    return rho_high, None
+
+
+def mediation_skip_notes(cells: pd.DataFrame, *, rho_high: float, baseline=(1.0, 1.0)) -> list[str]:
+    """One note per setting the mediation table leaves out, saying what it lacks (the setting named
+    by the columns that tell the run's settings apart, when there are several)."""
+    plain = cells.loc[~A.is_fork(cells)]
+    varying = [k for k in A.SETTING_COLS if k in plain.columns and plain[k].nunique(dropna=False) > 1]
+    notes = []
+    for keys, gap in A.mediation_gaps(cells, rho_high=rho_high, baseline=baseline):
+        where = ", ".join(f"{k}={format_value(keys[k])}" for k in varying)
+        notes.append(f"Mediation skipped{' for ' + where if where else ''}: {gap}.")
+    return notes
+
+
+def calibration_table(run_dir) -> pd.DataFrame:
+    """The run's clamp calibration (DIR/calibration.json, written by `grid.record_calibration`): per
+    calibration key, w_c, n_grokked of seeds, and its source ("grok": the median ‖W‖ at the seeds'
+    T_grok; "final": no seed grokked, the median final ‖W‖). Empty when the run has none."""
+    from fastgrok import grid  # here, not at the top: it imports torch, which no table needs
+
+    cal = grid.read_calibration(run_dir)
+    cols = ["key", "w_c", "n_grokked", "seeds", "source"]
+    return pd.DataFrame([{"key": k, **{c: v.get(c) for c in cols[1:]}} for k, v in cal.items()],
+                        columns=cols)
+
+
+def calibration_warnings(calibration: pd.DataFrame) -> list[str]:
+    """A warning per calibration in which no seed grokked: its w_c is not a critical norm, so every
+    rho of that setting is relative to a meaningless w_c."""
+    return [f"no calibration seed grokked for {r.key} (0/{format_value(r.seeds)}): w_c = "
+            f"{format_value(r.w_c)} is the median final ‖W‖, not ‖W‖ at grok, so every rho of this "
+            "setting is relative to a meaningless w_c."
+            for r in calibration.itertuples() if r.n_grokked == 0]
+
+
+def grid_progress(run_dir, models: pd.DataFrame) -> tuple[int, int] | None:
+    """(cells done, cells planned) of a grid run (DIR/plan.json); None when the run has no plan. A
+    planned cell is done when models.parquet holds all its seeds: the grid writes that table from
+    the finished batches only (the batches' parts, which `grid.status_table` counts, may be gone
+    from a copied run directory)."""
+    from fastgrok import grid  # here, not at the top: it imports torch, which no table needs
+
+    path = Path(run_dir) / grid.PLAN
+    if not path.exists():
+        return None
+    planned = json.loads(path.read_text())["cells"]
+    seeds_in = models.groupby("cell")["seed"].nunique()
+    done = sum(int(seeds_in.get(c["cell"], 0)) >= c["seeds"] for c in planned)
+    return done, len(planned)
+
+
+def grid_progress_warnings(run_dir, models: pd.DataFrame) -> list[str]:
+    """The warning "partial: k/n cells done" when the run's grid plan has cells not done yet (see
+    `grid_progress`); none for a finished grid or a run without a plan."""
+    progress = grid_progress(run_dir, models)
+    if progress is None or progress[0] == progress[1]:
+        return []
+    return [f"partial: {progress[0]}/{progress[1]} cells done; the tables cover the finished "
+            "cells only."]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,9 +358,12 @@ def write_report(run_dir, result: dict | None = None) -> Path:
             figs["curves"] = fig_curves(curves_c, plain, d / "figures" / "curves")
 
     lines = [f"# fastgrok report: {d.name}", ""]
+    for w in result["warnings"]:
+        lines += [f"> **Warning:** {w}", ""]
     if result["config"]:
         lines += [f"Config: {_config_line(result['config'])}", ""]
-    lines += [f"Note: {n}" for n in result["notes"]]
+    for n in result["notes"]:
+        lines += [f"Note: {n}", ""]
     for key, title in TABLES:
         if key not in result:
             continue
@@ -284,22 +379,88 @@ def write_report(run_dir, result: dict | None = None) -> Path:
 
 
 def render_terminal(result: dict, console=None) -> None:
-    """Print the result's tables with rich (numbers via format_value, as in report.md)."""
+    """Print the result's warnings, notes and tables with rich (numbers via format_value, as in
+    report.md), every value whole at the console's width (see `terminal_tables`)."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.markup import escape
 
     console = console or Console()
-    console.print(f"[bold]fastgrok analysis[/bold] {result['dir']}")
+    console.print(f"[bold]fastgrok analysis[/bold] {escape(str(result['dir']))}")
+    for w in result["warnings"]:
+        console.print(f"[bold red]warning:[/bold red] {escape(w)}")
     for n in result["notes"]:
-        console.print(f"[yellow]note:[/yellow] {n}")
+        console.print(f"[yellow]note:[/yellow] {escape(n)}")
     for key, title in TABLES:
-        if key not in result:
-            continue
-        consts, shown = display_table(result[key])
-        caption = "; ".join(f"{k} = {format_value(v)}" for k, v in consts.items()) or None
-        table = Table(title=title, caption=caption)
-        for c in shown.columns:
-            table.add_column(str(c), justify="right")
-        for row in shown.itertuples(index=False):
-            table.add_row(*(format_value(v) for v in row))
-        console.print(table)
+        if key in result:
+            for table in terminal_tables(result[key], title, console.width):
+                console.print(table)
+
+
+def terminal_tables(df: pd.DataFrame, title: str, width: int) -> list:
+    """rich renderables that show df whole in `width` terminal cells: a one-row table as
+    field/value rows; otherwise its varying columns (`display_table`) in as many tables as it takes
+    to fit (`column_groups`), then a line with the constant ones. A value wider than the terminal
+    folds onto the next line; none is cut to an ellipsis."""
+    from rich.text import Text
+
+    if len(df) == 1:
+        return [field_value_table(df.iloc[0], title)]
+    consts, shown = display_table(df)
+    groups = column_groups(shown, width)
+    out = [rich_table(shown[cols], title if len(groups) == 1 else f"{title} ({i}/{len(groups)})")
+           for i, cols in enumerate(groups, start=1)]
+    if consts:
+        out.append(Text("all rows: " + "; ".join(f"{k} = {format_value(v)}" for k, v in consts.items())))
+    return out
+
+
+def field_value_table(row: pd.Series, title: str):
+    """One table row as a rich table of field / value rows, which fits any terminal width."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title)
+    table.add_column("field", overflow="fold")
+    table.add_column("value", justify="right", overflow="fold")
+    for field, v in row.items():
+        table.add_row(Text(str(field)), Text(format_value(v)))
+    return table
+
+
+def rich_table(df: pd.DataFrame, title: str):
+    """df as a rich table, values right-justified, folded (never cut) when a column must narrow."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title)
+    for c in df.columns:
+        table.add_column(str(c), justify="right", overflow="fold")
+    for row in df.itertuples(index=False):
+        table.add_row(*(Text(format_value(v)) for v in row))
+    return table
+
+
+def column_width(df: pd.DataFrame, col) -> int:
+    """Terminal cells a column of df takes in a rich table: its widest entry (header or value) plus
+    the padding on either side and one border."""
+    from rich.cells import cell_len
+
+    return 3 + max([cell_len(str(col))] + [cell_len(format_value(v)) for v in df[col]])
+
+
+def column_groups(df: pd.DataFrame, width: int) -> list[list]:
+    """df's columns split into groups whose rich tables each fit `width` terminal cells; the first
+    column (the rows' label, e.g. cell) leads every group. One group when the whole table fits."""
+    if df.shape[1] == 0:
+        return [[]]
+    label, *rest = df.columns
+    start = 1 + column_width(df, label)                 # the left border, then the label column
+    groups, used = [[label]], start
+    for c in rest:
+        w = column_width(df, c)
+        if len(groups[-1]) > 1 and used + w > width:
+            groups.append([label])
+            used = start
+        groups[-1].append(c)
+        used += w
+    return groups

@@ -191,6 +191,40 @@ def test_mediation_per_setting_and_errors():
         A.mediation_from_run(m.assign(rho=np.nan), curves)
 
 
+def test_mediation_gap_names_what_is_missing():
+    m, curves = _hand_run()
+    cells = A.cell_table(m, curves)
+    assert A.mediation_gap(cells) is None
+    assert A.mediation_gap(cells.loc[cells["cell"] != 0]) == "no baseline cell (rho, tau) = (1, 1)"
+    assert A.mediation_gap(cells.loc[cells["cell"] != 1]) == "no T1 cell (rho, tau) = (1.15, 1)"
+    no_L = cells.assign(L_grok=np.where(cells["cell"] >= 2, np.nan, cells["L_grok"]))
+    assert A.mediation_gap(no_L) == ("the tau sweep at rho = 1.15 has 1 cell(s) with an L at grok "
+                                     "(needs >= 2)")
+    assert A.mediation_gap(cells, rho_high=1.3) == "no T1 cell (rho, tau) = (1.3, 1)"
+    both = pd.concat([cells, cells.assign(cell=cells["cell"] + 10)])
+    assert A.mediation_gap(both).startswith("2 cells with (rho, tau) = (1, 1)")
+    assert A.mediation_gaps(cells) == [] and A.mediation_gaps(cells, rho_high=1.3) == [
+        ({}, "no T1 cell (rho, tau) = (1.3, 1)")]
+    with pytest.raises(ValueError, match="no baseline cell"):
+        A.mediation(cells.loc[cells["cell"] != 0], m)
+
+
+def test_tau_sweep_rhos_and_pick_rho_high():
+    # (rho, tau) cells: baseline (1, 1); 1.05 with tau 1 only (no sweep); 1.1 swept without tau = 1
+    # (no sweep); 1.15 and 1.3 swept with tau = 1
+    grid = [(1.0, 1.0), (1.0, 1.7), (1.05, 1.0), (1.1, 1.3), (1.1, 1.7), (1.15, 1.0), (1.15, 1.5),
+            (1.3, 1.0), (1.3, 1.7)]
+    cells = pd.DataFrame({"cell": range(len(grid)), "rho": [r for r, _ in grid],
+                          "tau": [t for _, t in grid]})
+    assert A.tau_sweep_rhos(cells) == [1.15, 1.3]
+    assert A.tau_sweep_rhos(cells, baseline_rho=1.2) == [1.3]
+    assert A.tau_sweep_rhos(cells.drop(columns="rho")) == []
+    assert A.pick_rho_high([1.15, 1.3]) == 1.15      # several: the study's 1.15
+    assert A.pick_rho_high([1.1, 1.3, 1.2]) == 1.3   # several, no 1.15: the largest
+    assert A.pick_rho_high([1.3]) == 1.3             # the only one
+    assert A.pick_rho_high([]) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Regressions
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 write_report; the figures exist and every number in report.md is the returned tables' number."""
 import io
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,7 @@ def _write_run(d, cells, n_seeds, extra=None):
     for c, spec in enumerate(cells):
         for s in range(n_seeds):
             tg = spec["T"] + OFFSETS[s] * (1 + c % 3)  # cell-dependent spread: a non-trivial CI
-            if spec.get("no_grok") == s:
+            if spec.get("no_grok") in (s, "all"):      # one seed's index, or "all" seeds
                 tg = None
             tm = spec["Tm"] + 25 * (s % 2)
             rho = spec.get("rho")
@@ -158,7 +159,9 @@ def test_grid_run_with_forks_report(tmp_path):
     _write_run(tmp_path, grid + forks, n_seeds=2, extra={"experiment": "grid"})
     result = R.analyze_dir(tmp_path, n_boot=500)
     assert {"collapse", "dose_law", "memorization", "forks"} <= set(result)
-    assert "mediation" not in result
+    # rho 1.05 and 1.10 both have a tau sweep (1.0, 1.7) and there is no 1.15: the largest, noted
+    assert list(result["mediation"]["rho_high"]) == [1.10]
+    assert any("rho_high = 1.1, chosen among" in n and "(1.05, 1.1)" in n for n in result["notes"])
     col = result["collapse"].iloc[0]
     assert col["n_cells"] == 6 and 0 <= col["r2_L"] <= 1
     f = result["forks"].set_index("arm")
@@ -171,3 +174,157 @@ def test_grid_run_with_forks_report(tmp_path):
         for ext in ("png", "pdf"):
             assert (tmp_path / "figures" / f"{name}.{ext}").stat().st_size > 0
     _check_tables(result, text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The terminal at 80 columns, rho_high, skipped mediation, calibration and unfinished grids
+# ---------------------------------------------------------------------------------------------
+def _terminal_text(result, width):
+    from rich.console import Console
+    buf = io.StringIO()
+    R.render_terminal(result, console=Console(file=buf, width=width))
+    return buf.getvalue()
+
+
+def _words(text):
+    """text with every run of whitespace (line breaks of a wrapped note included) as one space."""
+    return " ".join(text.split())
+
+
+def test_terminal_at_80_columns_shows_every_value_whole(tmp_path):
+    _write_run(tmp_path, MEDIATION, n_seeds=4)
+    result = R.analyze_dir(tmp_path, n_boot=500)
+    text = _terminal_text(result, width=80)
+    shown = set(re.split(r"[\s│┃;]+", text))           # every value printed, as a whole token
+    med = result["mediation"].iloc[0]
+    for col in ("recovery", "ci_low", "ci_high", "T0", "T1", "T2"):   # the one-row table
+        assert R.format_value(med[col]) in shown, col
+    for col in result["cells"].columns:                                # the wide multi-row table
+        for v in result["cells"][col]:
+            assert R.format_value(v) in shown, col
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_column_groups_fit_the_width_and_repeat_the_label():
+    df = pd.DataFrame({"cell": [0, 1], **{f"column_{i}": [1234.5, 0.06198] for i in range(12)}})
+    groups = R.column_groups(df, 80)
+    assert len(groups) > 1 and all(g[0] == "cell" for g in groups)
+    assert [c for g in groups for c in g[1:]] == list(df.columns[1:])
+    for g in groups:
+        assert 1 + sum(R.column_width(df, c) for c in g) <= 80
+    assert R.column_groups(df, 10_000) == [list(df.columns)]
+
+
+def _with_rho(cells, old, new):
+    return [{**c, "rho": new} if c["rho"] == old else c for c in cells]
+
+
+SWEEP_AT_1_3 = [dict(rho=1.3, tau=1.0, T=3500, L=33.0, Tm=175),     # cell 6 when after MEDIATION:
+                dict(rho=1.3, tau=1.5, T=1500, L=22.0, Tm=175)]     # median T_grok 3500 + 12.5
+
+
+@pytest.mark.parametrize("cells, rho_high, T1, note", [
+    (_with_rho(MEDIATION, 1.15, 1.3), 1.3, 3025, None),             # the one swept rho, not 1.15
+    (MEDIATION + SWEEP_AT_1_3, 1.15, 3025, "(1.15, 1.3)"),          # several: the study's 1.15
+    (_with_rho(MEDIATION, 1.15, 1.1) + SWEEP_AT_1_3, 1.3, 3512.5,
+     "(1.1, 1.3)"),                                                 # several, no 1.15: the largest
+])
+def test_rho_high_picked_from_the_tau_sweeps(tmp_path, cells, rho_high, T1, note):
+    _write_run(tmp_path, cells, n_seeds=4)
+    result = R.analyze_dir(tmp_path, n_boot=200)
+    med = result["mediation"].iloc[0]
+    assert med["rho_high"] == rho_high and (med["T0"], med["T1"]) == (1012.5, T1)
+    chosen = [n for n in result["notes"] if "chosen among" in n]
+    assert (chosen == []) if note is None else (note in chosen[0])
+    if note is not None:
+        text = R.write_report(tmp_path, result).read_text()
+        assert f"Note: {chosen[0]}" in text
+        assert chosen[0] in _words(_terminal_text(result, width=80))
+
+
+@pytest.mark.parametrize("cells, why", [
+    (MEDIATION[1:], "no baseline cell (rho, tau) = (1, 1)"),
+    (MEDIATION[:2], "no rho above the baseline's (1) has a tau sweep"),
+    ([{**c, "no_grok": "all"} if c["rho"] == 1.15 and c["tau"] > 1 else c for c in MEDIATION],
+     "the tau sweep at rho = 1.15 has 1 cell(s) with an L at grok (needs >= 2)"),
+])
+def test_skipped_mediation_says_why(tmp_path, cells, why):
+    _write_run(tmp_path, cells, n_seeds=4)
+    result = R.analyze_dir(tmp_path, n_boot=200)
+    assert "mediation" not in result
+    notes = [n for n in result["notes"] if n.startswith("Mediation skipped")]
+    assert len(notes) == 1 and why in notes[0]
+    assert f"Note: {notes[0]}" in R.write_report(tmp_path, result).read_text()
+    assert f"note: {notes[0]}" in _words(_terminal_text(result, width=80))
+
+
+def test_skipped_mediation_names_the_setting(tmp_path):
+    cells = [{**c, "p": 59} for c in MEDIATION] + [{**c, "p": 97} for c in MEDIATION[1:]]
+    _write_run(tmp_path, cells, n_seeds=4)
+    result = R.analyze_dir(tmp_path, n_boot=200)
+    assert list(result["mediation"]["p"]) == [59]
+    assert [n for n in result["notes"] if n.startswith("Mediation skipped")] == [
+        "Mediation skipped for p=97: no baseline cell (rho, tau) = (1, 1)."]
+
+
+def _write_calibration(d, key, t_grok):
+    """calibration.json through the grid's own writer: 3 seeds, ‖W‖ = 40, 41, 42 at every step."""
+    from fastgrok import grid
+    models = pd.DataFrame({"model": [0, 1, 2], "t_grok": t_grok, "weight_norm": [40.0, 41.0, 42.0]})
+    curves = pd.DataFrame([dict(model=m, step=s, metric="weight_norm", value=40.0 + m)
+                           for m in range(3) for s in (0, 100, 200, 300)])
+    return grid.record_calibration(d, key, models, curves)
+
+
+@pytest.mark.parametrize("t_grok, grokked", [([100, 300, None], 2), ([None, None, None], 0)])
+def test_report_states_the_calibration(tmp_path, t_grok, grokked):
+    _write_run(tmp_path, MEDIATION, n_seeds=4)
+    key = "p=59-op=add-model=mlp-loss=ce-lr=0.001-wd=1.0-train_frac=0.4"
+    cal = _write_calibration(tmp_path, key, t_grok)
+    assert cal["n_grokked"] == grokked and cal["source"] == ("grok" if grokked else "final")
+    result = R.analyze_dir(tmp_path, n_boot=200)
+    row = result["calibration"].iloc[0]
+    assert (row["key"], row["w_c"], row["n_grokked"], row["seeds"], row["source"]) == (
+        key, cal["w_c"], grokked, 3, cal["source"])
+    text = R.write_report(tmp_path, result).read_text()
+    _check_tables(result, text)
+    assert "## Clamp calibration" in text and key in text and R.format_value(cal["w_c"]) in text
+    terminal = _words(_terminal_text(result, width=80))
+    warned = "no calibration seed grokked for " + key
+    if grokked:
+        assert result["warnings"] == [] and "Warning" not in text and warned not in terminal
+    else:
+        assert f"> **Warning:** {warned}" in text and "meaningless w_c" in text
+        assert f"warning: {warned}" in terminal
+
+
+def _write_plan(d, n_cells, seeds):
+    plan = {"cells": [{"cell": c, "seeds": seeds} for c in range(n_cells)],
+            "batches": [{"id": "b000", "cells": list(range(n_cells))}], "calibrations": []}
+    (d / "plan.json").write_text(json.dumps(plan))
+
+
+@pytest.mark.parametrize("cells, n_planned, warning", [
+    (MEDIATION[:1], 3, "partial: 1/3 cells done"),
+    (MEDIATION, 8, "partial: 6/8 cells done"),
+    (MEDIATION, 6, None),
+])
+def test_unfinished_grid_says_partial(tmp_path, cells, n_planned, warning):
+    _write_run(tmp_path, cells, n_seeds=4)
+    _write_plan(tmp_path, n_planned, seeds=4)
+    result = R.analyze_dir(tmp_path, n_boot=200)
+    text, terminal = R.write_report(tmp_path, result).read_text(), _terminal_text(result, width=80)
+    if warning is None:
+        assert result["warnings"] == [] and "partial" not in text and "partial" not in terminal
+    else:
+        assert f"> **Warning:** {warning}" in text and f"warning: {warning}" in terminal
+
+
+def test_copied_grid_without_parts_counts_as_done():
+    # docs/mediation_p31 is a finished grid whose parts/ were not kept: done by models.parquet
+    from pathlib import Path
+    run = Path(__file__).resolve().parents[1] / "docs" / "mediation_p31"
+    models = pd.read_parquet(run / "models.parquet")
+    assert not (run / "parts").exists() and R.grid_progress(run, models) == (6, 6)
+    assert R.grid_progress_warnings(run, models) == []
