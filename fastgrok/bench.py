@@ -214,8 +214,8 @@ def section_step(device, quick: bool, on_rows=None) -> list[dict]:
             rows += _step_rows(base, M, device, reps, peak)
             if on_rows is not None:
                 on_rows(rows)
-        except torch.cuda.OutOfMemoryError:
-            print(f"fastgrok bench: step at M = {M} does not fit in device memory; larger M skipped")
+        except (torch.cuda.OutOfMemoryError, ConfigError) as e:   # ConfigError: trainer.check_fits refused M
+            print(f"fastgrok bench: step at M = {M} does not fit in device memory ({str(e)[:120]}); larger M skipped")
             torch.cuda.empty_cache()
             break
     return rows

@@ -79,3 +79,16 @@ def test_bench_unknown_section_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("fastgrok: error: sections must be among") and err.count("\n") == 1
     assert not (tmp_path / "b.json").exists()
+
+
+def test_step_section_stops_at_the_first_m_that_does_not_fit(monkeypatch, capsys):
+    """A model count the trainer refuses as too big for the device (trainer.check_fits) ends the step
+    section with a message, keeping the rows measured so far (a GPU's OOM is handled alike)."""
+    import torch
+
+    from fastgrok import bench, trainer
+    per_model = trainer.bytes_per_model(bench.step_config(quick=True))
+    monkeypatch.setattr(trainer, "device_memory", lambda device: 2 * per_model)    # room for M = 1, not 4
+    rows = bench.section_step(torch.device("cpu"), quick=True)
+    assert {r["M"] for r in rows} == {1}
+    assert "step at M = 4 does not fit" in capsys.readouterr().out
