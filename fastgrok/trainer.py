@@ -71,12 +71,15 @@ def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" or (cfg.model == "mlp" and cfg.steps > QUICK_STEPS)
 
 
-def bytes_per_model(cfg: TrainConfig) -> int:
+def bytes_per_model(cfg: TrainConfig, *, at_least: bool = False) -> int:
     """Rough device bytes one model costs: flat, grad, Adam moments and temporaries (8 P) plus the
-    evaluation's activations over all pairs (about 6 tensors of N (H + V))."""
+    evaluation's activations over all pairs (about 6 tensors of N (H + V)). `at_least`: what it cannot
+    do without (4 P and one such tensor)."""
     P = build_model(cfg).layout.n_params
     width = cfg.hidden + cfg.p if cfg.model == "mlp" else 3 * (4 * cfg.d_model + cfg.d_mlp + cfg.n_heads * 3) + cfg.p
     dsize = 8 if cfg.dtype == "float64" else 4
+    if at_least:
+        return dsize * (4 * P + cfg.n_pairs * width)
     return dsize * (8 * P + 6 * cfg.n_pairs * width)
 
 
@@ -91,10 +94,11 @@ def device_memory(device: torch.device) -> int | None:
 
 
 def check_fits(cfg: TrainConfig, n_models: int, device: torch.device) -> None:
-    """A ConfigError, before anything is allocated, when n_models of cfg cannot fit in the device's memory."""
-    need, have = n_models * bytes_per_model(cfg), device_memory(device)
+    """A ConfigError, before anything is allocated, when n_models of cfg cannot fit in the device's memory
+    (by the least they need: a run that only might not fit is tried, and an OOM is reported as one)."""
+    need, have = n_models * bytes_per_model(cfg, at_least=True), device_memory(device)
     if have is not None and need > have:
-        raise ConfigError(f"{n_models} models at p = {cfg.p} need about {need / 2**30:,.1f} GiB; this "
+        raise ConfigError(f"{n_models} models at p = {cfg.p} need at least {need / 2**30:,.1f} GiB; this "
                           f"{device.type} has {have / 2**30:,.1f} GiB: use fewer seeds or cells, or a smaller p or model")
 
 

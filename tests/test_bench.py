@@ -87,7 +87,7 @@ def test_step_section_stops_at_the_first_m_that_does_not_fit(monkeypatch, capsys
     import torch
 
     from fastgrok import bench, trainer
-    per_model = trainer.bytes_per_model(bench.step_config(quick=True))
+    per_model = trainer.bytes_per_model(bench.step_config(quick=True), at_least=True)
     monkeypatch.setattr(trainer, "device_memory", lambda device: 2 * per_model)    # room for M = 1, not 4
     rows = bench.section_step(torch.device("cpu"), quick=True)
     assert {r["M"] for r in rows} == {1}
