@@ -362,9 +362,11 @@ def render(result: dict) -> None:
                       f"without first calls)", f"{seq / r['wall_s']:.2f}x" if seq else "",
                       _fmt_time(r["first_calls_s"]) + " first calls")
     Console(width=max(170, shutil.get_terminal_size().columns)).print(table)
-    print(f"copy bandwidth {result['copy_gb_per_s']:.1f} GB/s; step GFLOP/s count the arithmetic each provider "
-          f"executes (fastgrok: the table form); runs/h: runs of {RUN_STEPS} steps (the study's p = 59 "
-          f"baseline-cell T_grok) with their evaluations (every 25 steps), compile excluded; baseline = cells of <= 12 seeds trained one after another"
+    step_note = (f"; step GFLOP/s count the arithmetic each provider executes (fastgrok: the table form); runs/h: "
+                 f"runs of {RUN_STEPS} steps (the study's p = 59 baseline-cell T_grok) with their evaluations "
+                 f"(every 25 steps), compile excluded; baseline = cells of <= 12 seeds trained one after another"
+                 if result["step"] else "")
+    print(f"copy bandwidth {result['copy_gb_per_s']:.1f} GB/s" + step_note
           + ("; on the CPU every provider ran with fastgrok's allocator setting (step.keep_freed_memory)"
              if m["device"] == "cpu" else ""))
 
@@ -399,6 +401,7 @@ def run_bench(quick: bool, device: str, json_path: Path, plot_path: Path | None,
     """Run the sections (in the order given), print the table, write the JSON (and the PNG); returns the
     results. The JSON is rewritten after each section and each M of the step section."""
     from .trainer import resolve_device
+    sections = tuple(dict.fromkeys(sections))       # each section once, in the order first given
     unknown = [x for x in sections if x not in SECTIONS]
     if unknown or not sections:
         raise ConfigError(f"sections must be among {', '.join(SECTIONS)}; got {', '.join(sections) or 'none'}")
@@ -430,4 +433,8 @@ def run_bench(quick: bool, device: str, json_path: Path, plot_path: Path | None,
     render(result)
     if plot_path is not None and result["step"]:
         plot(result, Path(plot_path))
+        print(f"plot: {plot_path}")
+    elif plot_path is not None:
+        print("fastgrok bench: no plot: --plot draws the step section's throughput, which did not run", file=sys.stderr)
+    print(f"results: {json_path}")
     return result

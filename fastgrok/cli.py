@@ -148,12 +148,13 @@ def cmd_run(args) -> int:
     from .trainer import Interrupted
     overrides = {k: v for k, v in (("p", args.p), ("seeds", args.seeds), ("max_steps", args.max_steps)) if v is not None}
     try:
-        run_experiment(args.experiment, overrides=overrides, out=args.out, executor=args.executor,
-                       device=args.device, progress=not args.quiet, workers=args.workers)
+        run_dir = run_experiment(args.experiment, overrides=overrides, out=args.out, executor=args.executor,
+                                 device=args.device, progress=not args.quiet, workers=args.workers)
     except (Interrupted, KeyboardInterrupt) as e:
         why = str(e) or "interrupted"
         print(f"fastgrok: {why}; finished batches are kept: rerun the same command to resume", file=sys.stderr)
         return 130
+    print(f"results: {run_dir}/models.parquet, {run_dir}/curves.parquet; tables and report: fastgrok analyze {run_dir}")
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +59,10 @@ def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str
     compile_mode = grid.resolve_compile(spec, plan)
     pooled = executor == "ray" or workers > 1
     bar = GridProgress(plan, run_dir, enabled=progress, live=pooled)
+    late = grid.clamp_never_starts(spec, plan)
+    if late:
+        bar.warn(f"{len(late)} clamped cell(s) end before their clamp starts (budget {min(b for _, b, _ in late)} "
+                 f"<= clamp start {late[0][2]}): they train unclamped")
     if executor == "ray":
         mapper = _RayMapper()
     elif workers > 1:
@@ -81,16 +86,19 @@ def _run_plan(spec, plan, run_dir, device, compile_mode, mapper, progress, bar) 
             bar.note(f"calibration {job['id']}: w_c = {cal['w_c']:.4g} ({cal['n_grokked']}/{cal['seeds']} "
                      f"grokked{'' if cal['source'] == 'grok' else '; none grokked: median final ||W||'})")
             if cal["n_grokked"] == 0:
-                bar.note(f"WARNING: no calibration model grokked within {spec.calibration.steps or spec.budget.steps} "
-                         "steps, so w_c is not the norm at grokking and every rho is relative to it; consider "
-                         "more calibration steps ([calibration] steps) or absolute norm_target cells")
+                bar.warn(f"no calibration model grokked within {grid.calibration_steps(spec)} steps, so w_c is "
+                         "not the norm at grokking and every rho is relative to it; consider more calibration "
+                         "steps ([calibration] steps, --max-steps) or absolute norm_target cells")
         w_c = {k: v["w_c"] for k, v in grid.read_calibration(run_dir).items()}
 
         # 2. the packed batches
+        grid.restore_parts(run_dir, plan)       # a run directory copied without parts/ keeps its results
         grid.consolidate(run_dir)               # repairs a crash between a part and the consolidation
         done = grid.done_batches(run_dir)
         jobs = [grid.batch_job(spec, plan, b, w_c, run_dir, device, compile_mode)
                 for b in plan["batches"] if b["id"] not in done]
+        if not jobs:
+            bar.say(f"{run_dir}: every batch is already done ({len(plan['cells'])} cells)")
         for job, (models, curves) in mapper(jobs, progress, bar):
             grid.write_part(run_dir, job["id"], models, curves)
             bar.batch_done(job["id"], models)
@@ -266,7 +274,17 @@ class GridProgress:
 
     def note(self, msg: str) -> None:
         if self.enabled:
-            self.console.print(f"fastgrok: {msg}")
+            self.console.print(f"fastgrok: {msg}", markup=False, soft_wrap=True)
+
+    def say(self, msg: str) -> None:
+        """Printed with or without progress (--quiet), on stderr."""
+        if self.enabled:
+            self.console.print(f"fastgrok: {msg}", markup=False, soft_wrap=True)
+        else:
+            print(f"fastgrok: {msg}", file=sys.stderr, flush=True)
+
+    def warn(self, msg: str) -> None:
+        self.say(f"warning: {msg}")
 
     def start(self, job: dict) -> None:
         if self.enabled and job["kind"] == "batch":

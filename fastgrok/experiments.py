@@ -475,9 +475,15 @@ def _check_block(spec: ExperimentSpec, b: Axes, layer: bool) -> None:
                     raise _err(f"{w}.layer_fracs", f"{list(f)} has {len(f)} shares; the {cfg.model} has {n} matrices")
 
 
-def apply_overrides(spec: ExperimentSpec, *, p: int | None = None, seeds: int | None = None,
-                    max_steps: int | None = None) -> ExperimentSpec:
+OVERRIDES = ("p", "seeds", "max_steps")
+
+
+def apply_overrides(spec: ExperimentSpec, **overrides) -> ExperimentSpec:
     """The CLI's --p, --seeds, --max-steps: one modulus everywhere, seeds per cell, a cap on budgets."""
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise ConfigError(f"overrides: unknown key(s) {', '.join(unknown)} (known: {', '.join(OVERRIDES)})")
+    p, seeds, max_steps = (overrides.get(k) for k in OVERRIDES)
     axes, grids, budget, cal = spec.axes, spec.grids, spec.budget, spec.calibration
     if p is not None:
         if not _is_int(p) or p < 2:

@@ -152,6 +152,18 @@ def _cfg(spec: ExperimentSpec, shape: dict, device: str, compile_mode: str, step
     return cfg.to_dict()
 
 
+def clamp_never_starts(spec: ExperimentSpec, plan: dict) -> list[tuple[int, int, int]]:
+    """(cell, budget, clamp start) of each clamped cell (not a fork arm) whose step budget ends before
+    its clamp starts: it trains unclamped (e.g. --max-steps below train.clamp_from)."""
+    out = []
+    for c in plan["cells"]:
+        if c["arm"] is None and (c["rho"] is not None or c.get("norm_target") is not None):
+            t_clamp = spec.base_config(**{a: c[a] for a in SHAPE_AXES}).t_clamp
+            if c["budget"] <= t_clamp:
+                out.append((c["cell"], c["budget"], t_clamp))
+    return out
+
+
 def batch_job(spec: ExperimentSpec, plan: dict, batch: dict, w_c: dict, run_dir: Path, device: str,
               compile_mode: str) -> dict:
     cells = [plan["cells"][i] for i in batch["cells"]]
@@ -328,8 +340,36 @@ def record_calibration(run_dir: Path, key: str, models: pd.DataFrame, curves: pd
 
 
 def done_batches(run_dir: Path) -> set[str]:
+    """The batches whose part is written (parts/<id>.models.parquet)."""
     parts = Path(run_dir) / "parts"
     return {p.name.split(".")[0] for p in parts.glob("*.models.parquet")} if parts.exists() else set()
+
+
+def complete_in_results(run_dir: Path, plan: dict) -> set[str]:
+    """The batches whose every cell has all its seeds in models.parquet: done, even where parts/ is gone
+    (a run directory copied without it, as docs/mediation_p31)."""
+    path = Path(run_dir) / store.MODELS
+    if not path.exists():
+        return set()
+    have = pd.read_parquet(path, columns=["cell", "seed"]).groupby("cell")["seed"].nunique()
+    seeds = {c["cell"]: c["seeds"] for c in plan["cells"]}
+    return {b["id"] for b in plan["batches"] if all(int(have.get(c, 0)) >= seeds[c] for c in b["cells"])}
+
+
+def restore_parts(run_dir: Path, plan: dict) -> None:
+    """Write the parts of batches complete in models.parquet but missing from parts/, so consolidation
+    (which rebuilds the tables from parts) keeps them and a rerun does not train them again."""
+    run_dir = Path(run_dir)
+    missing = complete_in_results(run_dir, plan) - done_batches(run_dir)
+    if not missing:
+        return
+    models, curves = pd.read_parquet(run_dir / store.MODELS), pd.read_parquet(run_dir / store.CURVES)
+    for b in plan["batches"]:
+        if b["id"] in missing:
+            m = models.loc[models["cell"].isin(b["cells"])]
+            store.write_parquet(run_dir / "parts" / f"{b['id']}.curves.parquet",
+                                curves.loc[curves["model"].isin(m["model"])].reset_index(drop=True))
+            store.write_parquet(run_dir / "parts" / f"{b['id']}.models.parquet", m.reset_index(drop=True))
 
 
 def write_part(run_dir: Path, batch_id: str, models: pd.DataFrame, curves: pd.DataFrame) -> None:
@@ -377,7 +417,7 @@ def status_table(run_dir: Path) -> pd.DataFrame:
     if not (run_dir / PLAN).exists():
         raise ConfigError(f"dir: {run_dir} holds no grid run (no {PLAN})")
     plan = store.read_json(run_dir / PLAN)
-    done = done_batches(run_dir)
+    done = done_batches(run_dir) | complete_in_results(run_dir, plan)
     frames = [pd.read_parquet(run_dir / store.MODELS)] if (run_dir / store.MODELS).exists() else []
     state = {}
     for b in plan["batches"]:

@@ -17,6 +17,7 @@ no longer in the batch); `self.rows` maps batch rows to table rows.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -438,12 +439,18 @@ class _Progress:
 def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, progress: bool = True) -> pd.DataFrame:
     """Train `cfg` into run_dir (resuming from its checkpoint when asked); returns models' results."""
     run_dir = Path(run_dir)
-    if not resume:
-        if (run_dir / store.CONFIG).exists():
-            raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+    saved = run_dir / store.CONFIG
+    if saved.exists() and not resume:
+        raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+    if saved.exists():
+        old, new = store.read_json(saved), json.loads(json.dumps(cfg.to_dict()))   # tuples as saved: lists
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            raise ConfigError(f"{run_dir} holds a run of another config (differs in {', '.join(diff)}); resume it "
+                              f"with its own: train(load_config(dir), dir, resume=True)")
     trainer = Trainer(cfg, run_dir, progress=progress)       # fails (too big, bad device) before any file
-    if not resume:
-        store.write_json(run_dir / store.CONFIG, cfg.to_dict())
+    if not saved.exists():
+        store.write_json(saved, cfg.to_dict())
     if resume:
         ck = store.load_checkpoint(run_dir)
         if ck is not None:

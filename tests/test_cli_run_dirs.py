@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -183,3 +184,52 @@ def test_plain_progress_lines_when_not_a_terminal(tmp_path, monkeypatch, capsys)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
     assert [ln.split()[1] for ln in lines] == ["0/60", "20/60", "40/60", "60/60"], lines
     assert all("train " in ln and "grokked" in ln for ln in lines)
+
+
+# ----------------------------------------------------------------------------- review 2
+
+def test_a_copy_without_parts_is_done_and_not_trained_again(spec_path, reference, tmp_path):
+    """A finished grid copied without parts/ (as docs/mediation_p31): status counts it done, and the
+    same command trains nothing and keeps the results."""
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    shutil.rmtree(copy / "parts")
+    r = fastgrok("status", copy)
+    assert r.returncode == 0 and "2/2 cells done" in r.stdout, r.stdout + r.stderr
+    r = fastgrok("run", spec_path, "--out", copy, "--quiet")
+    assert r.returncode == 0 and "every batch is already done" in r.stderr, r.stderr
+    assert not (copy / "batches").exists() or not any((copy / "batches").iterdir())
+    for name in (store.MODELS, store.CURVES):
+        pd.testing.assert_frame_equal(pd.read_parquet(copy / name), pd.read_parquet(reference / name),
+                                      check_exact=True)
+
+
+def test_run_warns_even_quiet_when_the_clamp_never_starts(spec_path, tmp_path):
+    r = fastgrok("run", spec_path, "--max-steps", "40", "--out", tmp_path / "run", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "warning: 2 clamped cell(s) end before their clamp starts" in r.stderr and "unclamped" in r.stderr
+    assert "fastgrok analyze" in r.stdout
+
+
+def test_resume_from_python_checks_the_config(tmp_path):
+    from fastgrok.config import ConfigError, TrainConfig
+    from fastgrok.trainer import load_config, train
+    cfg = TrainConfig(p=17, seeds=1, d_embed=8, hidden=16, steps=20, eval_every=10, compile="off", device="cpu")
+    train(cfg, tmp_path / "new", resume=True, progress=False)        # nothing to resume: a fresh run
+    assert load_config(tmp_path / "new") == cfg
+    with pytest.raises(ConfigError, match="differs in seeds"):
+        train(dataclasses.replace(cfg, seeds=2), tmp_path / "new", resume=True, progress=False)
+
+
+def test_unknown_override_is_a_config_error():
+    from fastgrok.config import ConfigError
+    with pytest.raises(ConfigError, match="unknown key"):
+        apply_overrides(load_experiment("mediation"), seed=1)
+
+
+def test_package_and_python_dash_m():
+    import fastgrok
+    assert fastgrok.__version__ != "unknown" and fastgrok.report.analyze_dir is not None
+    r = subprocess.run([sys.executable, "-m", "fastgrok", "experiments"], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0 and r.stdout.startswith("mediation")
