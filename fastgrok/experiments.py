@@ -208,18 +208,25 @@ class Axes:
         return out
 
 
+STUDY_BUDGET_RATIO = 137000 / 20000
+"""The study's CE budgets: 137k steps at rho 1.15 against 20k at rho 1."""
+
+
 @dataclass(kw_only=True)
 class Budget:
     """Step budget per cell, growing with rho."""
     steps: int = 20000
     """Budget at rho <= 1 and for free cells."""
     rho_ref: float = 1.15
-    steps_ref: int = 137000
-    """Budget at rho_ref; the exponent k = ln(steps_ref / steps) / (rho_ref - 1) is fitted to the two."""
+    steps_ref: int | None = None
+    """Budget at rho_ref; the exponent k = ln(steps_ref / steps) / (rho_ref - 1) is fitted to the two.
+    Default: the study's ratio (137k at 1.15 for 20k at rho 1) applied to `steps`."""
     max_steps: int | None = None
     """Cap on every budget (calibration and fork arms included); `--max-steps`."""
 
     def __post_init__(self) -> None:
+        if self.steps_ref is None and _is_int(self.steps):
+            self.steps_ref = max(self.steps, round(self.steps * STUDY_BUDGET_RATIO))
         for name in ("steps", "steps_ref"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:

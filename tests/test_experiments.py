@@ -281,3 +281,12 @@ def test_cli_bad_spec_exits_2_with_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("fastgrok: error: fork.step: ") and r.stderr.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"]
 
+
+
+def test_budget_steps_alone_keeps_the_study_ratio():
+    """`[budget] steps` without steps_ref scales the rho = 1.15 budget by the study's 137k / 20k."""
+    from fastgrok.experiments import Budget
+    assert Budget().at(1.15) == 137000 and Budget().at(1.0) == 20000
+    b = Budget(steps=1500)
+    assert b.at(1.0) == 1500 and b.at(1.15) == round(1500 * 137000 / 20000)
+    assert Budget(steps=1500, steps_ref=3000).at(1.15) == 3000
