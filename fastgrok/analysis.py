@@ -32,8 +32,9 @@ import pandas as pd
 
 SETTING_COLS = ("experiment", "p", "op", "arch", "loss", "lr", "wd", "train_frac", "dtype")
 """Columns that define a setting; multi-cell analyses run once per distinct combination."""
-CELL_COLS = SETTING_COLS + ("arm", "fork_step", "rho", "tau", "norm_target")
-"""Columns that describe a cell; copied into the cell table when present."""
+CELL_COLS = SETTING_COLS + ("arm", "fork_step", "rho", "tau", "norm_target", "layer_fracs")
+"""Columns that describe a cell (layer_fracs: the per-matrix clamp shares, e.g. "0.4,0.5,0.1");
+copied into the cell table when some model has a value in them."""
 N_BOOT = 4000
 """Bootstrap resamples, as in the study."""
 ATOL = 1e-6
@@ -115,8 +116,13 @@ def match_value(values: pd.Series, x: float) -> np.ndarray:
     return np.isclose(_num(values), x, rtol=0.0, atol=ATOL)
 
 
+def has_values(df: pd.DataFrame, col: str) -> bool:
+    """Whether df has the column `col` with a non-null value in some row."""
+    return col in df.columns and bool(df[col].notna().any())
+
+
 def _need_rho(cells: pd.DataFrame, what: str) -> None:
-    if "rho" not in cells.columns or cells["rho"].isna().all():
+    if not has_values(cells, "rho"):
         raise ValueError(f"{what} needs each cell's clamp dose rho (column 'rho', target = rho * "
                          "w_c); this run has no rho values")
 
@@ -155,7 +161,7 @@ def cell_table(models: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.D
     T_grok, delay, L_grok, sc_rate (mean final), W_final (median final ‖W‖) and W_grok (median
     over grokked seeds of ‖W‖ at their T_grok: w_c when the cell is a free control)."""
     check_models(models)
-    desc = [c for c in CELL_COLS if c in models.columns]
+    desc = [c for c in CELL_COLS if has_values(models, c)]
     rows = []
     for cell, g in models.groupby("cell", sort=True):
         tg, tm = _num(g["t_grok"]), _num(g["t_mem"])
@@ -196,7 +202,7 @@ def cell_table(models: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.D
 def memorization_table(cells: pd.DataFrame) -> pd.DataFrame:
     """T_mem and delay beside T_grok per (non-fork) cell: does tau move T_grok but not T_mem?"""
     c = cells.loc[~is_fork(cells)]
-    keys = [k for k in (*SETTING_COLS, "rho", "norm_target", "tau") if k in c.columns]
+    keys = [k for k in (*SETTING_COLS, "rho", "norm_target", "layer_fracs", "tau") if k in c.columns]
     cols = ["cell", *keys, "n_seeds", "n_grokked", "counts", "T_mem", "T_grok", "delay"]
     return c.sort_values(keys or "cell")[cols].reset_index(drop=True)
 
@@ -259,8 +265,10 @@ def mediation_gap(cells: pd.DataFrame, *, rho_high: float = 1.15,
     """What one setting's cells lack for `mediation`, in words; None when nothing. It needs exactly
     one baseline cell, exactly one (rho_high, tau = 1) cell and >= 2 cells at rho_high with an L at
     grok (fork arms are left out)."""
-    if "rho" not in cells.columns or cells["rho"].isna().all():
+    if not has_values(cells, "rho"):
         return "no rho values (the clamp dose of each cell)"
+    if not has_values(cells, "tau"):
+        return "no tau values (the temperature of each cell)"
     cells = cells.loc[~is_fork(cells)]
     for what, (rho, tau) in (("baseline cell", baseline), ("T1 cell", (rho_high, 1.0))):
         n = len(_cells_at(cells, rho, tau))
@@ -388,6 +396,19 @@ def counting_cells(cells: pd.DataFrame) -> pd.DataFrame:
     return c.loc[_num(c["T_grok"]) > 0]
 
 
+def spans_collapse_grid(cells: pd.DataFrame) -> bool:
+    """Whether one setting's cells span a collapse grid: >= 3 distinct rhos and >= 2 taus."""
+    if not (has_values(cells, "rho") and has_values(cells, "tau")):
+        return False
+    return cells["rho"].round(6).nunique() >= 3 and cells["tau"].round(6).nunique() >= 2
+
+
+def collapse_grid(cells: pd.DataFrame) -> pd.DataFrame:
+    """The non-fork cells of the settings that span a collapse grid (`spans_collapse_grid`)."""
+    grids = [g for _, g in setting_groups(cells.loc[~is_fork(cells)]) if spans_collapse_grid(g)]
+    return pd.concat(grids) if grids else cells.iloc[:0]
+
+
 def collapse_r2(cells: pd.DataFrame) -> pd.DataFrame:
     """Per setting: OLS (with intercept, one point per counting cell) of ln T_grok on L_grok, on
     rho, and on both; columns n_cells, r2_L, r2_rho, r2_both, delta_r2 = r2_both - r2_L. Settings
@@ -406,18 +427,28 @@ def collapse_r2(cells: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def with_norm(cells: pd.DataFrame) -> pd.DataFrame:
+    """Non-fork cells with a column W: ‖W‖ of the dose law, the cell's norm_target, or its median
+    final weight_norm (W_final) when unclamped; cells with neither are left out."""
+    c = cells.loc[~is_fork(cells)]
+    W = _num(c["norm_target"]) if "norm_target" in c.columns else np.full(len(c), np.nan)
+    c = c.assign(W=np.where(np.isfinite(W), W, _num(c["W_final"])))
+    return c.loc[np.isfinite(c["W"].to_numpy())]
+
+
+def dose_groups(cells: pd.DataFrame):
+    """(keys, cells with W) per setting and tau that spans >= 3 distinct ‖W‖ (see `with_norm`)."""
+    for keys, g in setting_groups(with_norm(cells), extra=("tau",)):
+        if g["W"].round(9).nunique() >= 3:
+            yield keys, g
+
+
 def dose_law(cells: pd.DataFrame) -> pd.DataFrame:
     """Per setting and tau: fit ln T_grok = c + alpha * ‖W‖ over the counting cells, ‖W‖ being the
     cell's norm_target, or its median final weight_norm (W_final) when unclamped. Columns n_cells,
     W_min, W_max, c, alpha, r2; settings with fewer than 3 distinct ‖W‖ are left out."""
-    c = counting_cells(cells)
-    W = _num(c["norm_target"]) if "norm_target" in c.columns else np.full(len(c), np.nan)
-    c = c.assign(W=np.where(np.isfinite(W), W, _num(c["W_final"])))
-    c = c.loc[np.isfinite(c["W"].to_numpy())]
     rows = []
-    for keys, g in setting_groups(c, extra=("tau",)):
-        if g["W"].round(9).nunique() < 3:
-            continue
+    for keys, g in dose_groups(counting_cells(cells)):
         y, w = np.log(_num(g["T_grok"])), g["W"].to_numpy()
         X = np.column_stack([np.ones_like(w), w])  # (N, 2)
         (c0, alpha), *_ = np.linalg.lstsq(X, y, rcond=None)

@@ -2,9 +2,10 @@
 
 `analyze_dir(dir)` computes every analysis whose cells are present in the run (see analysis.py),
 with warnings (an unfinished grid, a calibration in which no seed grokked) and notes (how the
-mediation's rho_high was chosen, or why the mediation was skipped); `write_report(dir)` writes
-DIR/report.md and DIR/figures/*.png|pdf; `render_terminal(result)` prints the same with rich, every
-value whole at any terminal width. Every number shown, in Markdown or in the terminal, goes through
+mediation's rho_high was chosen; why an analysis the run was laid out for is missing: a skipped
+mediation, a dose law or collapse regression with too few grokked cells, nothing grokked at all);
+`write_report(dir)` writes DIR/report.md and DIR/figures/*.png|pdf; `render_terminal(result)` prints
+the same with rich, every value whole at any terminal width. Every number shown, in Markdown or in the terminal, goes through
 `format_value`, so the report shows exactly the values of the returned tables.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ TABLES = (("calibration", "Clamp calibration: w_c per setting"), ("cells", "Cell
           ("collapse", "Collapse grid: ln T_grok on L and ρ"), ("dose_law", "Dose law: ln T = c + α‖W‖"),
           ("memorization", "Memorization control"), ("forks", "Same-state forks"))
 """Result keys that hold tables, in report order, with their section titles."""
-LABEL_COLS = ("experiment", "p", "loss", "arch", "dtype", "arm", "rho", "tau", "norm_target")
+LABEL_COLS = ("experiment", "p", "loss", "arch", "dtype", "arm", "rho", "tau", "norm_target",
+              "layer_fracs")
 """Describing columns used to label cells in figures (those that vary)."""
 CONFIG_KEYS = ("experiment", "p", "op", "model", "loss", "taus", "norm_targets", "seeds", "steps",
                "lr", "wd", "train_frac", "dtype")
@@ -57,14 +59,17 @@ def format_value(x) -> str:
 
 
 def display_table(df: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
-    """Split a table for display: with several rows, columns holding one value in every row (or
-    null in every row) move to a constants dict; the rest is shown as is."""
+    """Split a table for display: with several rows, columns null in every row are left out (they
+    say nothing, e.g. `arm` outside a fork experiment), columns holding one value in every row move
+    to a constants dict; the rest is shown as is."""
     if len(df) <= 1:
         return {}, df
     consts, shown = {}, []
     for c in df.columns:
         col = df[c]
-        if col.isna().all() or (col.notna().all() and col.nunique() == 1):
+        if col.isna().all():
+            continue
+        if col.notna().all() and col.nunique() == 1:
             consts[c] = col.iloc[0]
         else:
             shown.append(c)
@@ -102,38 +107,61 @@ def analyze_dir(run_dir, *, rho_high: float | None = None, baseline=(1.0, 1.0),
     if len(calibration):
         out["calibration"] = calibration
     plain = cells.loc[~A.is_fork(cells)]
-    has_rho = "rho" in plain.columns and plain["rho"].notna().any()
-    taus_vary = "tau" in plain.columns and any(
-        g["tau"].nunique() > 1 for _, g in A.setting_groups(plain))
-
-    if has_rho:
-        if rho_high is None:
-            rho_high, note = choose_rho_high(cells, baseline_rho=baseline[0])
-            if note:
-                out["notes"].append(note)
-        if rho_high is not None:
-            med = A.mediation_table(cells, models, rho_high=rho_high, baseline=baseline, n_boot=n_boot)
-            if len(med):
-                out["mediation"] = med
-            out["notes"] += mediation_skip_notes(cells, rho_high=rho_high, baseline=baseline)
-        # A collapse grid: >= 3 doses and >= 2 temperatures among the counting cells of a setting.
-        grid = [g for _, g in A.setting_groups(A.counting_cells(plain))
-                if g["rho"].round(6).nunique() >= 3 and g["tau"].round(6).nunique() >= 2]
-        if grid:
-            col = A.collapse_r2(pd.concat(grid))
-            if len(col):
-                out["collapse"] = col
-    elif taus_vary:
+    swept = some_setting_sweeps_tau(plain)
+    if A.has_values(plain, "rho"):
+        add_mediation(out, cells, models, rho_high=rho_high, baseline=baseline, n_boot=n_boot)
+        collapse = collapse_table(plain)
+        if len(collapse):
+            out["collapse"] = collapse
+    elif swept:
         out["notes"].append("No rho values: mediation and the collapse regression need the "
                             "clamp dose rho of each cell.")
     dose = A.dose_law(cells)
     if len(dose):
         out["dose_law"] = dose
-    if taus_vary:
+    out["notes"] += missing_fit_notes(cells)
+    if swept:
         out["memorization"] = A.memorization_table(cells)
     if "arm" in models.columns and models["arm"].notna().any():
         out["forks"] = A.fork_table(models, n_boot=n_boot)
     return out
+
+
+def collapse_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """`A.collapse_r2` over the settings whose counting cells span a collapse grid (>= 3 rhos,
+    >= 2 taus; `A.collapse_grid`); empty when none does."""
+    grid = A.collapse_grid(A.counting_cells(cells))
+    return A.collapse_r2(grid) if len(grid) else pd.DataFrame()
+
+
+def several_taus(cells: pd.DataFrame) -> bool:
+    """Whether the cells have more than one tau."""
+    return "tau" in cells.columns and cells["tau"].nunique() > 1
+
+
+def some_setting_sweeps_tau(cells: pd.DataFrame) -> bool:
+    """Whether some setting's non-fork cells have several taus: a tau sweep was attempted."""
+    return any(several_taus(g) for _, g in A.setting_groups(cells.loc[~A.is_fork(cells)]))
+
+
+def add_mediation(out: dict, cells: pd.DataFrame, models: pd.DataFrame, *, rho_high, baseline,
+                  n_boot: int) -> None:
+    """Put the mediation table (when some setting has what it needs) and its notes into `out`.
+    rho_high None: picked from the cells (`choose_rho_high`), and a skipped mediation is noted only
+    where a tau sweep was attempted (a setting with several taus); a rho_high the caller asked for
+    gets a note for every setting it cannot be computed for."""
+    asked = rho_high is not None
+    if not asked:
+        rho_high, note = choose_rho_high(cells, baseline_rho=baseline[0])
+        if note and some_setting_sweeps_tau(cells):
+            out["notes"].append(note)
+    if rho_high is None:
+        return
+    med = A.mediation_table(cells, models, rho_high=rho_high, baseline=baseline, n_boot=n_boot)
+    if len(med):
+        out["mediation"] = med
+    out["notes"] += mediation_skip_notes(cells, rho_high=rho_high, baseline=baseline,
+                                         only_swept=not asked)
 
 
 def choose_rho_high(cells: pd.DataFrame, *, baseline_rho: float = 1.0) -> tuple[float | None, str | None]:
@@ -152,16 +180,75 @@ def choose_rho_high(cells: pd.DataFrame, *, baseline_rho: float = 1.0) -> tuple[
     return rho_high, None
 
 
-def mediation_skip_notes(cells: pd.DataFrame, *, rho_high: float, baseline=(1.0, 1.0)) -> list[str]:
+def mediation_skip_notes(cells: pd.DataFrame, *, rho_high: float, baseline=(1.0, 1.0),
+                         only_swept: bool = False) -> list[str]:
     """One note per setting the mediation table leaves out, saying what it lacks (the setting named
-    by the columns that tell the run's settings apart, when there are several)."""
+    by `for_setting`). only_swept: only for the settings with several taus (where a sweep was attempted)."""
     plain = cells.loc[~A.is_fork(cells)]
-    varying = [k for k in A.SETTING_COLS if k in plain.columns and plain[k].nunique(dropna=False) > 1]
+    names = varying_setting_cols(plain)
     notes = []
-    for keys, gap in A.mediation_gaps(cells, rho_high=rho_high, baseline=baseline):
-        where = ", ".join(f"{k}={format_value(keys[k])}" for k in varying)
-        notes.append(f"Mediation skipped{' for ' + where if where else ''}: {gap}.")
+    for keys, g in A.setting_groups(plain):
+        if only_swept and not several_taus(g):
+            continue
+        gap = A.mediation_gap(g, rho_high=rho_high, baseline=baseline)
+        if gap is not None:
+            notes.append(f"Mediation skipped{for_setting(keys, names)}: {gap}.")
     return notes
+
+
+def varying_setting_cols(cells: pd.DataFrame, extra: tuple[str, ...] = ()) -> list[str]:
+    """The setting columns (and `extra`) whose values differ between the cells: the ones that tell
+    the run's settings apart."""
+    return [k for k in (*A.SETTING_COLS, *extra)
+            if k in cells.columns and cells[k].nunique(dropna=False) > 1]
+
+
+def for_setting(keys: dict, names: list[str]) -> str:
+    """" for k=v, ..." naming a setting by the columns `names` (from `varying_setting_cols`); empty
+    when none varies (the run has one setting)."""
+    text = ", ".join(f"{k}={format_value(keys[k])}" for k in names if k in keys)
+    return f" for {text}" if text else ""
+
+
+def missing_fit_notes(cells: pd.DataFrame) -> list[str]:
+    """Why a fit on T_grok the run's cells were laid out for is missing: one note when no seed of the
+    run grokked, else one per setting whose collapse regression or dose law has too few counting
+    cells (see `collapse_skip_notes`, `dose_law_skip_notes`)."""
+    if int(cells["n_grokked"].sum()) == 0:
+        return [f"Nothing grokked: none of the {int(cells['n_seeds'].sum())} models reached T_grok, "
+                "so no table built on T_grok (mediation, collapse regression, dose law) can be "
+                "computed."]
+    return collapse_skip_notes(cells) + dose_law_skip_notes(cells)
+
+
+def _counting_line(cells: pd.DataFrame) -> str:
+    return (f"{len(A.counting_cells(cells))} of its {len(cells)} cells count (a majority of "
+            "seeds grokked)")
+
+
+def collapse_skip_notes(cells: pd.DataFrame) -> list[str]:
+    """A note per setting whose cells span a collapse grid (>= 3 rhos, >= 2 taus) but whose
+    counting cells give no regression (`A.collapse_r2` needs >= 4 with an L at grok, spanning the
+    grid)."""
+    plain = cells.loc[~A.is_fork(cells)]
+    names = varying_setting_cols(plain)
+    notes = []
+    for keys, g in A.setting_groups(plain):
+        if A.spans_collapse_grid(g) and len(collapse_table(g)) == 0:
+            notes.append(f"Collapse regression missing{for_setting(keys, names)}: "
+                         f"{_counting_line(g)}; it needs >= 4 of them with an L at grok, at >= 3 "
+                         "rhos and >= 2 taus.")
+    return notes
+
+
+def dose_law_skip_notes(cells: pd.DataFrame) -> list[str]:
+    """A note per setting and tau whose cells span >= 3 distinct ‖W‖ (`A.dose_groups`) but whose
+    counting cells do not, so `A.dose_law` leaves it out."""
+    plain = cells.loc[~A.is_fork(cells)]
+    names = varying_setting_cols(plain, extra=("tau",))
+    return [f"Dose law missing{for_setting(keys, names)}: {_counting_line(g)}; the fit needs >= 3 "
+            "distinct ‖W‖ among them."
+            for keys, g in A.dose_groups(plain) if len(A.dose_law(g)) == 0]
 
 
 def calibration_table(run_dir) -> pd.DataFrame:
@@ -281,7 +368,9 @@ def fig_collapse(col: pd.DataFrame, cells: pd.DataFrame, stem: Path) -> list[Pat
     return _save(fig, stem)
 
 
-def _labels(cells: pd.DataFrame) -> dict:
+def cell_labels(cells: pd.DataFrame) -> dict:
+    """Each cell's label for figure legends: its LABEL_COLS that vary between the cells as `k=v`
+    (e.g. the layer_fracs of the alloc experiment's cells), else "cell <id>"."""
     vary = [c for c in LABEL_COLS if c in cells.columns and cells[c].nunique() > 1]
     return {r["cell"]: " ".join(f"{c}={format_value(r[c])}" for c in vary) or f"cell {r['cell']}"
             for _, r in cells.iterrows()}
@@ -290,7 +379,7 @@ def _labels(cells: pd.DataFrame) -> dict:
 def fig_curves(curves_c: pd.DataFrame, cells: pd.DataFrame, stem: Path) -> list[Path]:
     """Train and test accuracy vs step, one line per cell (mean over seeds)."""
     fig, axes = _panels(2, w=5.5)
-    labels, cmap = _labels(cells), plt.get_cmap("viridis")
+    labels, cmap = cell_labels(cells), plt.get_cmap("viridis")
     ids = list(cells["cell"])
     for ax, metric in zip(axes, ("train_acc", "test_acc")):
         m = curves_c.loc[(curves_c["metric"] == metric) & (curves_c["step"] > 0)]

@@ -97,6 +97,36 @@ def test_memorization_table():
     assert list(t["delay"]) == [2875, 762.5]
 
 
+def test_cell_table_tells_alloc_cells_apart_and_drops_empty_describing_columns():
+    # three cells at the same (rho, tau) differing only in the per-matrix clamp shares; the grid
+    # writes arm, fork_step and layer_fracs for every experiment, null where they do not apply
+    rows = [(c, s, 1.0, 1.0, 25, 100 * (c + 1)) for c in range(3) for s in range(2)]
+    fracs = ["0.4,0.5,0.1", "0.25,0.5,0.25", "0.1,0.5,0.4"]
+    m = _models(rows, layer_fracs=pd.array([fracs[c] for c, *_ in rows], dtype="string"),
+                arm=pd.array([None] * 6, dtype="string"), fork_step=pd.array([None] * 6, dtype="Int64"))
+    c = A.cell_table(m)
+    assert list(c["layer_fracs"]) == fracs
+    assert "arm" not in c and "fork_step" not in c
+    assert list(c.columns[:4]) == ["cell", "rho", "tau", "layer_fracs"]
+    plain = A.cell_table(m.assign(layer_fracs=pd.array([None] * 6, dtype="string")))
+    assert "layer_fracs" not in plain
+
+
+def test_memorization_table_keeps_the_layer_fracs():
+    m = _models([(c, s, tau, 1.0, 175, 1000 + 100 * c) for c, tau in enumerate((1.0, 1.0, 1.7))
+                 for s in range(2)], layer_fracs=["0.4,0.6"] * 2 + ["0.6,0.4"] * 2 + ["0.4,0.6"] * 2)
+    t = A.memorization_table(A.cell_table(m))
+    assert "layer_fracs" in t and list(zip(t["layer_fracs"], t["tau"])) == [
+        ("0.4,0.6", 1.0), ("0.4,0.6", 1.7), ("0.6,0.4", 1.0)]
+
+
+def test_mediation_gap_without_tau():
+    cells = pd.DataFrame({"cell": [0, 1], "rho": [1.0, 1.15], "L_grok": [20.0, 30.0]})
+    assert A.mediation_gap(cells) == "no tau values (the temperature of each cell)"
+    assert A.has_values(cells, "rho") and not A.has_values(cells.assign(rho=np.nan), "rho")
+    assert not A.has_values(cells, "tau")
+
+
 # ---------------------------------------------------------------------------------------------
 # Mediation
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +275,29 @@ def test_collapse_r2_by_hand():
     r = A.collapse_r2(cells).iloc[0]
     assert (r["r2_L"], r["r2_rho"], r["r2_both"], r["delta_r2"]) == pytest.approx((1, 0.8, 1, 0))
     assert r["n_cells"] == 4
+
+
+def test_collapse_grid_needs_three_rhos_and_two_taus():
+    grid = [(r, t) for r in (1.0, 1.05, 1.1) for t in (1.0, 1.7)]
+    cells = pd.DataFrame({"cell": range(6), "p": 59, "rho": [r for r, _ in grid],
+                          "tau": [t for _, t in grid]})
+    other = cells.assign(cell=cells["cell"] + 10, p=97).iloc[:4]          # rho 1.0 and 1.05 only
+    both = pd.concat([cells, other], ignore_index=True)
+    assert A.spans_collapse_grid(cells) and not A.spans_collapse_grid(other)
+    assert list(A.collapse_grid(both)["cell"]) == list(range(6))
+    assert A.collapse_grid(other).empty and not A.spans_collapse_grid(cells.drop(columns="tau"))
+
+
+def test_dose_groups_need_three_norms_per_setting_and_tau():
+    # p 59: norm targets 50, 55, 60 (a group); p 97: 50, 55 and an unclamped cell whose W_final is
+    # 55 again (two distinct norms: no group); a cell with neither norm is left out
+    cells = pd.DataFrame({"cell": range(7), "p": [59] * 3 + [97] * 3 + [59], "tau": 1.0,
+                          "norm_target": [50.0, 55.0, 60.0, 50.0, 55.0, np.nan, np.nan],
+                          "W_final": [50.0, 55.0, 60.0, 50.0, 55.0, 55.0, np.nan]})
+    assert list(A.with_norm(cells)["W"]) == [50.0, 55.0, 60.0, 50.0, 55.0, 55.0]
+    groups = list(A.dose_groups(cells))
+    assert [keys for keys, _ in groups] == [{"p": 59, "tau": 1.0}]
+    assert list(groups[0][1]["cell"]) == [0, 1, 2]
 
 
 def test_dose_law_on_exact_exponentials():

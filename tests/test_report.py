@@ -114,8 +114,10 @@ def _check_tables(result, text):
             assert len(row) == len(header)
             for col, s in zip(header, row):
                 _same_number(s, df[col].iloc[i])
-        # every column is printed
-        assert set(df.columns) == set(header) | set(consts)
+        # every column is printed, but those null in every row of a multi-row table
+        empty = {c for c in df.columns if len(df) > 1 and df[c].isna().all()}
+        assert not empty & (set(header) | set(consts))
+        assert set(df.columns) == set(header) | set(consts) | empty
 
 
 def test_mediation_run_report(tmp_path):
@@ -245,7 +247,8 @@ def test_rho_high_picked_from_the_tau_sweeps(tmp_path, cells, rho_high, T1, note
 
 @pytest.mark.parametrize("cells, why", [
     (MEDIATION[1:], "no baseline cell (rho, tau) = (1, 1)"),
-    (MEDIATION[:2], "no rho above the baseline's (1) has a tau sweep"),
+    (MEDIATION[:1] + [{**MEDIATION[0], "tau": 1.3}, MEDIATION[1]],    # taus swept at rho 1 only
+     "no rho above the baseline's (1) has a tau sweep"),
     ([{**c, "no_grok": "all"} if c["rho"] == 1.15 and c["tau"] > 1 else c for c in MEDIATION],
      "the tau sweep at rho = 1.15 has 1 cell(s) with an L at grok (needs >= 2)"),
 ])
@@ -328,3 +331,137 @@ def test_copied_grid_without_parts_counts_as_done():
     models = pd.read_parquet(run / "models.parquet")
     assert not (run / "parts").exists() and R.grid_progress(run, models) == (6, 6)
     assert R.grid_progress_warnings(run, models) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# What a grid run's cells are told apart by, and the notes of a run without a tau sweep
+# ---------------------------------------------------------------------------------------------
+GRID_COLS = dict(experiment="x", arm=None, fork_step=None, layer_fracs=None)
+"""Columns a grid run writes for every experiment, null outside forks and the alloc experiment."""
+ALLOC = [dict(GRID_COLS, experiment="alloc", rho=1.0, tau=1.0, T=T, L=L, Tm=175, layer_fracs=f)
+         for f, T, L in (("0.4,0.5,0.1", 1000, 20.0), ("0.25,0.5,0.25", 1400, 22.0),
+                         ("0.1,0.5,0.4", 2000, 25.0))]
+
+
+def test_alloc_cells_are_told_apart_by_layer_fracs(tmp_path):
+    _write_run(tmp_path, ALLOC, n_seeds=4, extra={"experiment": "alloc"})
+    result = R.analyze_dir(tmp_path, n_boot=200)
+    cells = result["cells"]
+    assert list(cells["layer_fracs"]) == ["0.4,0.5,0.1", "0.25,0.5,0.25", "0.1,0.5,0.4"]
+    assert "arm" not in cells and "fork_step" not in cells        # null for every model
+    assert R.cell_labels(cells) == {0: "layer_fracs=0.4,0.5,0.1", 1: "layer_fracs=0.25,0.5,0.25",
+                                    2: "layer_fracs=0.1,0.5,0.4"}
+    assert result["notes"] == []                                  # no sweep: nothing to excuse
+
+    text = R.write_report(tmp_path, result).read_text()
+    _check_tables(result, text)
+    consts, header, rows = _parse_tables(text)["cells"]
+    assert header[:2] == ["cell", "layer_fracs"] and [r[1] for r in rows] == list(cells["layer_fracs"])
+    assert "arm" not in consts and "fork_step" not in consts
+    terminal = _terminal_text(result, width=250)
+    assert "0.25,0.5,0.25" in terminal and "arm =" not in terminal and "fork_step" not in terminal
+
+
+def test_curves_legend_names_the_layer_fracs(tmp_path, monkeypatch):
+    _write_run(tmp_path, ALLOC, n_seeds=2)
+    legends = []
+    real_save = R._save
+
+    def save(fig, stem):
+        legends.extend(t.get_text() for ax in fig.axes if ax.get_legend()
+                       for t in ax.get_legend().get_texts())
+        return real_save(fig, stem)
+    monkeypatch.setattr(R, "_save", save)
+    R.write_report(tmp_path, R.analyze_dir(tmp_path, n_boot=200))
+    assert legends == ["layer_fracs=0.4,0.5,0.1", "layer_fracs=0.25,0.5,0.25",
+                       "layer_fracs=0.1,0.5,0.4"]
+
+
+def test_other_experiments_look_as_before(tmp_path):
+    _write_run(tmp_path, [dict(GRID_COLS, **c) for c in MEDIATION], n_seeds=4)
+    result = R.analyze_dir(tmp_path, n_boot=200)
+    assert not {"layer_fracs", "arm", "fork_step"} & set(result["cells"].columns)
+    assert set(R.cell_labels(result["cells"].loc[result["cells"]["cell"] < 2]).values()) == {
+        "rho=1 norm_target=54.5", "rho=1.15 norm_target=62.67"}
+    text = R.write_report(tmp_path, result).read_text()
+    _check_tables(result, text)
+    terminal = _terminal_text(result, width=250)
+    for name in ("layer_fracs", "arm", "fork_step"):
+        assert name not in text and name not in terminal
+
+
+def test_display_leaves_out_columns_null_in_every_row():
+    df = pd.DataFrame({"cell": [0, 1], "arm": [None, None], "p": [59, 59], "T": [1.0, np.nan]})
+    consts, shown = R.display_table(df)
+    assert consts == {"p": 59} and list(shown.columns) == ["cell", "T"]
+    one_row = df.iloc[:1]
+    assert R.display_table(one_row) == ({}, one_row)
+
+
+@pytest.mark.parametrize("cells", [
+    MEDIATION[:2],                                                      # one tau per setting
+    [dict(c, dtype=d) for d in ("float32", "float64") for c in MEDIATION[:2]],   # float64 audit
+    ALLOC,
+])
+def test_no_mediation_note_without_a_tau_sweep(tmp_path, cells):
+    _write_run(tmp_path, cells, n_seeds=4)
+    result = R.analyze_dir(tmp_path, n_boot=200)
+    assert "mediation" not in result and result["notes"] == []
+    assert "Note:" not in R.write_report(tmp_path, result).read_text()
+    assert "note:" not in _terminal_text(result, width=250)
+
+
+def test_asked_rho_high_notes_a_skipped_mediation_without_a_sweep(tmp_path):
+    _write_run(tmp_path, MEDIATION[:2], n_seeds=4)
+    result = R.analyze_dir(tmp_path, rho_high=1.15, n_boot=200)
+    assert result["notes"] == ["Mediation skipped: the tau sweep at rho = 1.15 has 1 cell(s) with "
+                               "an L at grok (needs >= 2)."]
+
+
+def test_mediation_note_only_for_the_settings_that_swept_tau(tmp_path):
+    # p = 59 sweeps tau but lacks a baseline; p = 97 has one tau (a plain dose check): no note for it
+    cells = [{**c, "p": 59} for c in MEDIATION[1:]] + [{**c, "p": 97} for c in MEDIATION[:2]]
+    _write_run(tmp_path, cells, n_seeds=4)
+    result = R.analyze_dir(tmp_path, n_boot=200)
+    assert result["notes"] == ["Mediation skipped for p=59: no baseline cell (rho, tau) = (1, 1)."]
+
+
+DOSE = [dict(rho=rho, tau=1.0, T=T, L=20.0 * rho, Tm=175)
+        for rho, T in ((0.9, 800), (1.0, 1000), (1.1, 1500), (1.2, 2300))]
+
+
+def _no_grok(cells, which):
+    return [{**c, "no_grok": "all"} if i in which else c for i, c in enumerate(cells)]
+
+
+@pytest.mark.parametrize("cells, table, note", [
+    (DOSE, "dose_law", None),
+    (_no_grok(DOSE, {1, 2, 3}), "dose_law",
+     "Dose law missing: 1 of its 4 cells count (a majority of seeds grokked); the fit needs >= 3 "
+     "distinct ‖W‖ among them."),
+    ([{**c, "p": p} for p in (59, 97) for c in _no_grok(DOSE, {0, 1} if p == 97 else set())],
+     "dose_law", "Dose law missing for p=97: 2 of its 4 cells count"),
+    (_no_grok(DOSE, {0, 1, 2, 3}), "dose_law",
+     "Nothing grokked: none of the 16 models reached T_grok, so no table built on T_grok"),
+    ([dict(rho=rho, tau=tau, T=1000 + int(rho * 1000) // 25 * 25, L=20 * rho / tau, Tm=175)
+      for rho in (1.0, 1.05, 1.1) for tau in (1.0, 1.7)], "collapse", None),
+    (_no_grok([dict(rho=rho, tau=tau, T=1000 + int(rho * 1000) // 25 * 25, L=20 * rho / tau,
+                    Tm=175) for rho in (1.0, 1.05, 1.1) for tau in (1.0, 1.7)], {0, 2, 4}),
+     "collapse", "Collapse regression missing: 3 of its 6 cells count (a majority of seeds "
+                 "grokked); it needs >= 4 of them with an L at grok, at >= 3 rhos and >= 2 taus."),
+])
+def test_a_missing_fit_says_why(tmp_path, cells, table, note):
+    _write_run(tmp_path, cells, n_seeds=4)
+    result = R.analyze_dir(tmp_path, n_boot=200)
+    missing = [n for n in result["notes"] if n.startswith(("Dose law", "Collapse", "Nothing"))]
+    if note is None:
+        assert table in result and missing == []
+        return
+    missing = [n for n in missing if n.startswith(note)]
+    assert len(missing) == 1
+    if "for p=97" not in note:
+        assert table not in result
+    text = R.write_report(tmp_path, result).read_text()
+    _check_tables(result, text)
+    assert f"Note: {missing[0]}" in text
+    assert f"note: {missing[0]}" in _words(_terminal_text(result, width=80))
