@@ -79,6 +79,23 @@ def _config_from_args(args) -> TrainConfig:
     return dataclasses.replace(base, **given)
 
 
+_MODEL_ONLY = {"mlp": ("d_embed", "hidden"), "transformer": ("d_model", "n_heads", "d_mlp", "layernorm")}
+
+
+def _ignored_options(args, cfg: TrainConfig) -> list[str]:
+    """Options given on the command line that this run does not use."""
+    given = {field for field, _ in _TRAIN_FLAGS.values() if hasattr(args, field)}
+    flag = {field: f for f, (field, _) in _TRAIN_FLAGS.items()}
+    out = []
+    for model, fields in _MODEL_ONLY.items():
+        unused = [flag[f] for f in fields if f in given and cfg.model != model]
+        if unused:
+            out.append(f"{', '.join(unused)} set the {model}'s size; this run trains the {cfg.model}: ignored")
+    if given & {"clamp_mode", "clamp_from"} and not cfg.norm_targets:
+        out.append("--clamp-mode/--clamp-from without --norm-target: no model is clamped")
+    return out
+
+
 def _logit_every(eval_every: int) -> int:
     """200 as in the study, rounded up to a multiple of eval_every."""
     return max(1, -(-200 // max(eval_every, 1))) * max(eval_every, 1)
@@ -115,6 +132,8 @@ def cmd_train(args) -> int:
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
     print(f"fastgrok: {cfg.n_models} models ({len(cfg.cells)} cells x {cfg.seeds} seeds), p={cfg.p} {cfg.op} "
           f"{cfg.model} {cfg.loss} {cfg.dtype} -> {run_dir}", file=sys.stderr)
+    for warning in _ignored_options(args, cfg):
+        print(f"fastgrok: warning: {warning}", file=sys.stderr)
     if any(t is not None for t in cfg.norm_targets) and cfg.t_clamp >= cfg.steps:
         print(f"fastgrok: warning: the clamp starts at step {cfg.t_clamp} (--clamp-from), at or after the last "
               f"step ({cfg.steps}): no model will be clamped", file=sys.stderr)
@@ -135,6 +154,9 @@ def _add_run(sub):
     p.add_argument("--p", type=int, default=None, help="override the modulus")
     p.add_argument("--seeds", type=int, default=None, help="override seeds per cell")
     p.add_argument("--max-steps", type=int, default=None, help="cap every cell's step budget")
+    p.add_argument("--compile", default=None, choices=COMPILE,
+                   help="torch.compile the step (default: the spec's [train] compile, else auto)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<experiment>)")
     p.add_argument("--executor", default="local", choices=("local", "ray"))
     p.add_argument("--device", default="auto", choices=DEVICES)
@@ -146,7 +168,8 @@ def _add_run(sub):
 def cmd_run(args) -> int:
     from .executors import run_experiment
     from .trainer import Interrupted
-    overrides = {k: v for k, v in (("p", args.p), ("seeds", args.seeds), ("max_steps", args.max_steps)) if v is not None}
+    overrides = {k: v for k, v in (("p", args.p), ("seeds", args.seeds), ("max_steps", args.max_steps),
+                                   ("compile", args.compile)) if v is not None}
     try:
         run_dir = run_experiment(args.experiment, overrides=overrides, out=args.out, executor=args.executor,
                                  device=args.device, progress=not args.quiet, workers=args.workers)

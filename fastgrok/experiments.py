@@ -482,15 +482,18 @@ def _check_block(spec: ExperimentSpec, b: Axes, layer: bool) -> None:
                     raise _err(f"{w}.layer_fracs", f"{list(f)} has {len(f)} shares; the {cfg.model} has {n} matrices")
 
 
-OVERRIDES = ("p", "seeds", "max_steps")
+OVERRIDES = ("p", "seeds", "max_steps", "compile")
 
 
 def apply_overrides(spec: ExperimentSpec, **overrides) -> ExperimentSpec:
-    """The CLI's --p, --seeds, --max-steps: one modulus everywhere, seeds per cell, a cap on budgets."""
+    """The CLI's --p, --seeds, --max-steps, --compile: one modulus everywhere, seeds per cell, a cap on
+    budgets, the step's compile setting (train.compile: part of the spec, so a resume keeps it)."""
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
         raise ConfigError(f"overrides: unknown key(s) {', '.join(unknown)} (known: {', '.join(OVERRIDES)})")
-    p, seeds, max_steps = (overrides.get(k) for k in OVERRIDES)
+    p, seeds, max_steps, compile_mode = (overrides.get(k) for k in OVERRIDES)
+    if compile_mode is not None:
+        spec = dataclasses.replace(spec, train={**spec.train, "compile": compile_mode})   # validated by the spec
     axes, grids, budget, cal = spec.axes, spec.grids, spec.budget, spec.calibration
     if p is not None:
         if not _is_int(p) or p < 2:

@@ -233,3 +233,21 @@ def test_package_and_python_dash_m():
     assert fastgrok.__version__ != "unknown" and fastgrok.report.analyze_dir is not None
     r = subprocess.run([sys.executable, "-m", "fastgrok", "experiments"], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0 and r.stdout.startswith("mediation")
+
+
+def test_run_compile_override_is_kept_with_the_spec(spec_path, reference):
+    """--compile/--no-compile on `fastgrok run` set the spec's train.compile: a rerun with another setting
+    is another spec (its rounding would differ), refused before any work."""
+    assert apply_overrides(load_experiment("mediation"), compile="off").train["compile"] == "off"
+    before = snapshot(reference)
+    one_line_error(fastgrok("run", spec_path, "--out", reference, "--compile", "on"), "different spec")
+    assert snapshot(reference) == before
+
+
+def test_train_warns_about_options_it_does_not_use(tmp_path):
+    r = fastgrok("train", "--p", "17", "--seeds", "1", "--d-embed", "8", "--hidden", "16", "--steps", "20",
+                 "--d-model", "32", "--clamp-mode", "layer", "--no-compile", "--quiet", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert "--d-model set the transformer's size; this run trains the mlp: ignored" in r.stderr
+    assert "without --norm-target: no model is clamped" in r.stderr
+    assert "--d-embed" not in r.stderr                              # used by the MLP: no warning
