@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never open a window (also safe on headless workers)
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -388,6 +389,7 @@ def fig_curves(curves_c: pd.DataFrame, cells: pd.DataFrame, stem: Path) -> list[
             ax.plot(g["step"], g["value"], color=cmap(i / max(len(ids) - 1, 1)), lw=1,
                     label=labels[cell])
         ax.set(xscale="log", xlabel="step", ylabel=metric, ylim=(-0.02, 1.02))
+        ax.xaxis.set_minor_formatter(NullFormatter())       # minor labels overlap on a short log range
     if len(ids) <= 12:
         axes[1].legend(fontsize=6)
     return _save(fig, stem)

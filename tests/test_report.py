@@ -465,3 +465,21 @@ def test_a_missing_fit_says_why(tmp_path, cells, table, note):
     _check_tables(result, text)
     assert f"Note: {missing[0]}" in text
     assert f"note: {missing[0]}" in _words(_terminal_text(result, width=80))
+
+
+def test_curves_log_axis_has_no_minor_labels(tmp_path, monkeypatch):
+    """A short log range (a few hundred steps) labels only the decades: minor labels would overlap."""
+    from fastgrok import report
+    seen = []
+    real_save = report._save
+
+    def save(fig, stem):
+        fig.canvas.draw()                        # tick labels are set at draw time
+        seen.append([t.get_text() for ax in fig.axes for t in ax.xaxis.get_minorticklabels()])
+        return real_save(fig, stem)
+    monkeypatch.setattr(report, "_save", save)
+    curves = pd.DataFrame({"cell": 0, "metric": np.repeat(["train_acc", "test_acc"], 5),
+                           "step": np.tile([30, 60, 90, 120, 150], 2), "value": np.linspace(0.1, 0.9, 10)})
+    report.fig_curves(curves, pd.DataFrame({"cell": [0]}), tmp_path / "curves")
+    assert (tmp_path / "curves.png").exists() and len(seen) == 1
+    assert seen[0] and all(text == "" for text in seen[0])
