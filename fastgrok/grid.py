@@ -33,7 +33,8 @@ from .experiments import ARMS, SHAPE_AXES, ExperimentSpec, to_toml
 from .trainer import QUICK_STEPS, Records, Trainer, device_memory, resolve_device
 from .trainer import bytes_per_model as trainer_bytes_per_model
 
-SPEC_JSON, SPEC_TOML, PLAN, CALIBRATION = "spec.json", "spec.toml", "plan.json", "calibration.json"
+SPEC_JSON, PLAN = store.SPEC_JSON, store.PLAN
+SPEC_TOML, CALIBRATION = "spec.toml", "calibration.json"
 SETTING_COLS = ("experiment", "p", "op", "arch", "loss", "lr", "wd", "train_frac", "dtype")
 CALIB_AXES = tuple(a for a in SHAPE_AXES if a != "dtype")
 """w_c is measured per setting in float32 (the study's precision); a float64 cell uses its float32 w_c."""
@@ -345,15 +346,20 @@ def done_batches(run_dir: Path) -> set[str]:
     return {p.name.split(".")[0] for p in parts.glob("*.models.parquet")} if parts.exists() else set()
 
 
+def cells_complete(models: pd.DataFrame, plan: dict) -> set[int]:
+    """The planned cells with all their seeds in `models` (a run's models.parquet, written from finished
+    batches only): done, even where parts/ is gone (a run directory copied without it)."""
+    have = models.groupby("cell")["seed"].nunique() if len(models) else pd.Series(dtype=int)
+    return {c["cell"] for c in plan["cells"] if int(have.get(c["cell"], 0)) >= c["seeds"]}
+
+
 def complete_in_results(run_dir: Path, plan: dict) -> set[str]:
-    """The batches whose every cell has all its seeds in models.parquet: done, even where parts/ is gone
-    (a run directory copied without it, as docs/mediation_p31)."""
+    """The batches whose every cell is complete in models.parquet (`cells_complete`)."""
     path = Path(run_dir) / store.MODELS
     if not path.exists():
         return set()
-    have = pd.read_parquet(path, columns=["cell", "seed"]).groupby("cell")["seed"].nunique()
-    seeds = {c["cell"]: c["seeds"] for c in plan["cells"]}
-    return {b["id"] for b in plan["batches"] if all(int(have.get(c, 0)) >= seeds[c] for c in b["cells"])}
+    done = cells_complete(pd.read_parquet(path, columns=["cell", "seed"]), plan)
+    return {b["id"] for b in plan["batches"] if all(c in done for c in b["cells"])}
 
 
 def restore_parts(run_dir: Path, plan: dict) -> None:

@@ -283,10 +283,8 @@ def grid_progress(run_dir, models: pd.DataFrame) -> tuple[int, int] | None:
     path = Path(run_dir) / grid.PLAN
     if not path.exists():
         return None
-    planned = json.loads(path.read_text())["cells"]
-    seeds_in = models.groupby("cell")["seed"].nunique()
-    done = sum(int(seeds_in.get(c["cell"], 0)) >= c["seeds"] for c in planned)
-    return done, len(planned)
+    plan = json.loads(path.read_text())
+    return len(grid.cells_complete(models, plan)), len(plan["cells"])
 
 
 def grid_progress_warnings(run_dir, models: pd.DataFrame) -> list[str]:

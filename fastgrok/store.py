@@ -24,6 +24,8 @@ CHECKPOINT = "checkpoint.pt"
 MODELS = "models.parquet"
 CURVES = "curves.parquet"
 PROGRESS = "progress.json"
+SPEC_JSON = "spec.json"                 # a grid run (fastgrok run): its spec and plan
+PLAN = "plan.json"
 
 
 def _umask() -> int:
@@ -67,7 +69,7 @@ def holds_train_run(run_dir: Path) -> bool:
 def holds_grid_run(run_dir: Path) -> bool:
     """Whether run_dir holds a `fastgrok run` grid (its spec and plan, or a config.json naming an experiment)."""
     run_dir = Path(run_dir)
-    if (run_dir / "spec.json").exists() or (run_dir / "plan.json").exists():
+    if (run_dir / SPEC_JSON).exists() or (run_dir / PLAN).exists():
         return True
     cfg = run_dir / CONFIG
     try:
