@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,7 @@ def _add_train(sub):
             kw["help"] = (kw.get("help", "") + f" (default {getattr(defaults, field)})").strip()
         p.add_argument(flag, dest=field, default=argparse.SUPPRESS, **kw)
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<time>)")
-    p.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR with its saved config")
+    p.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR with its saved config; with --steps N, extend it to N steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -101,17 +102,35 @@ def _logit_every(eval_every: int) -> int:
     return max(1, -(-200 // max(eval_every, 1))) * max(eval_every, 1)
 
 
+def _extended(cfg: TrainConfig, steps: int, run_dir: Path) -> TrainConfig:
+    """The saved config with a larger step budget (`train` extends the run), after saying what happens."""
+    if steps < cfg.steps:
+        raise ConfigError(f"{run_dir} holds a run of {cfg.steps:,} steps: --steps can extend it "
+                          f"(more than {cfg.steps:,}), not shorten it")
+    progress = run_dir / "progress.json"
+    state = json.loads(progress.read_text()) if progress.exists() else {}
+    if state.get("done") and state.get("step", cfg.steps) < cfg.steps:
+        print(f"fastgrok: the run finished at step {state['step']:,}, every model grokked or diverged: "
+              f"nothing to extend", file=sys.stderr)
+        return cfg
+    print(f"fastgrok: extending the run from {cfg.steps:,} to {steps:,} steps", file=sys.stderr)
+    return dataclasses.replace(cfg, steps=steps)
+
+
 def cmd_train(args) -> int:
     if args.resume is not None:
-        given = [f for f, _ in _TRAIN_FLAGS.values() if hasattr(args, f)]
+        given = [f for f, _ in _TRAIN_FLAGS.values() if hasattr(args, f) and f != "steps"]
         if given or args.preset or args.out:
-            raise ConfigError("--resume DIR continues the run with its saved config; give no other run options")
+            raise ConfigError("--resume DIR continues the run with its saved config; give no other run options "
+                              "(--steps N alone extends it to N steps)")
         from .store import holds_grid_run
         if holds_grid_run(args.resume):
             raise ConfigError(f"{args.resume} holds a grid run (fastgrok run); resume it by rerunning the "
                               f"`fastgrok run` command that started it, with --out {args.resume}")
         from .trainer import load_config
         cfg, run_dir, resume = load_config(args.resume), args.resume, True
+        if hasattr(args, "steps") and args.steps != cfg.steps:
+            cfg = _extended(cfg, args.steps, run_dir)
     else:
         cfg = _config_from_args(args)           # a bad flag fails here, before torch is imported
         run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")

@@ -187,6 +187,32 @@ class Trainer:
             self.batch = _select_batch(self.batch, torch.as_tensor(rows, device=self.device))
         self.rows = rows
 
+    def extend(self, old_steps: int) -> None:
+        """After `restore`: a run saved with a budget of old_steps continues to cfg.steps (larger).
+
+        Models that stopped at the old budget run on (frozen ones stay frozen), and the evaluation the
+        old budget forced between regular ones is dropped with what it detected: the run goes on exactly
+        as one started with the longer budget (with the same compile mode). A run that stopped because
+        every model grokked or diverged stays finished."""
+        r = self.records
+        if self.independent or self.cfg.steps <= old_steps:
+            return
+        at_budget = r.stop == old_steps
+        if not at_budget.any():
+            return
+        if r.steps and r.steps[-1] == old_steps and old_steps % self.cfg.eval_every:
+            r.steps.pop()
+            r.evals.pop()
+            r.t_mem[r.t_mem == old_steps] = -1
+            r.t_grok[r.t_grok == old_steps] = -1
+        r.stop[at_budget] = -1
+        self.done = False
+        pos = np.nonzero(at_budget[self.rows])[0]
+        if len(pos):
+            alive = self.state["alive"]
+            alive[torch.as_tensor(pos, device=self.device)] = torch.as_tensor(~r.diverged[self.rows][pos],
+                                                                              device=self.device)
+
     def compact(self) -> None:
         """Drop the stopped models' rows from every state and batch tensor (the model axis)."""
         keep = np.nonzero(self.records.stop[self.rows] < 0)[0]
@@ -437,24 +463,35 @@ class _Progress:
 
 
 def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, progress: bool = True) -> pd.DataFrame:
-    """Train `cfg` into run_dir (resuming from its checkpoint when asked); returns models' results."""
+    """Train `cfg` into run_dir (resuming from its checkpoint when asked); returns models' results.
+
+    Resuming with a config that differs from the saved one only in a larger `steps` extends the run
+    (`Trainer.extend`); its config.json then records the new budget."""
     run_dir = Path(run_dir)
     saved = run_dir / store.CONFIG
     if saved.exists() and not resume:
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+    old_steps = None
     if saved.exists():
         old, new = store.read_json(saved), json.loads(json.dumps(cfg.to_dict()))   # tuples as saved: lists
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if diff:
+        if diff and diff != ["steps"]:
             raise ConfigError(f"{run_dir} holds a run of another config (differs in {', '.join(diff)}); resume it "
                               f"with its own: train(load_config(dir), dir, resume=True)")
+        if diff:
+            old_steps = int(old["steps"])
+            if cfg.steps < old_steps:
+                raise ConfigError(f"{run_dir} holds a run of {old_steps:,} steps: a run can be extended "
+                                  f"(steps > {old_steps:,}), not shortened")
     trainer = Trainer(cfg, run_dir, progress=progress)       # fails (too big, bad device) before any file
-    if not saved.exists():
-        store.write_json(saved, cfg.to_dict())
     if resume:
         ck = store.load_checkpoint(run_dir)
         if ck is not None:
             trainer.restore(ck)
+            if old_steps is not None:
+                trainer.extend(old_steps)
+    if not saved.exists() or old_steps is not None:
+        store.write_json(saved, cfg.to_dict())
     return trainer.run()
 
 

@@ -164,6 +164,37 @@ def test_interrupted_run_resumes_to_identical_results(tmp_path, reference_run, s
     assert len(killed_models) == 4                                     # the partial results were readable
 
 
+def test_finished_run_extended_with_more_steps_matches_the_longer_run(tmp_path, reference_run):
+    """--resume DIR --steps N: a run that ended at its budget (330, between two evaluations every 25)
+    goes on to N and ends exactly as the run started with N (the evaluation its old budget forced, and what
+    it detected, left out); a shorter --steps is refused; config.json records the new budget."""
+    out = tmp_path / "run"
+    short = [f if f != "600" else "330" for f in FLAGS]
+    r = fastgrok("train", *short, "--quiet", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "progress.json").read_text()) == {"step": 330, "done": True, "steps": 330}
+    assert 330 in set(pd.read_parquet(out / "curves.parquet").step)
+    r = fastgrok("train", "--resume", out, "--steps", "200")
+    assert r.returncode == 2 and "not shorten" in r.stderr and "Traceback" not in r.stderr
+    r = fastgrok("train", "--resume", out, "--steps", "600", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "extending the run from 330 to 600 steps" in r.stderr
+    _assert_same_results(out, reference_run)
+
+
+def test_extending_a_run_whose_models_all_grokked_says_so(tmp_path):
+    out = tmp_path / "run"
+    r = fastgrok("train", "--preset", "quick", "--seeds", "1", "--quiet", "--out", out)
+    assert r.returncode == 0, r.stderr
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["done"] and progress["step"] < progress["steps"]
+    before = pd.read_parquet(out / "models.parquet")
+    r = fastgrok("train", "--resume", out, "--steps", str(2 * progress["steps"]), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "nothing to extend" in r.stderr
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "models.parquet"), before, check_exact=True)
+
+
 # ----------------------------------------------------------------------------- the run directory
 
 def test_run_directory_contents(reference_run):
