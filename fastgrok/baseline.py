@@ -89,9 +89,9 @@ class BaselineCell:
                 g, m, v = p.grad, self.m[n], self.v[n]
                 m.mul_(cfg.beta1).add_(g, alpha=1.0 - cfg.beta1)
                 v.mul_(cfg.beta2).addcmul_(g, g, value=1.0 - cfg.beta2)
-                p.sub_(cfg.lr * (m / bc1) / ((v / bc2).sqrt() + cfg.eps))
+                p.sub_(cfg.learning_rate * (m / bc1) / ((v / bc2).sqrt() + cfg.eps))
                 if n in self.matrices and cfg.wd:
-                    p.sub_(cfg.lr * cfg.wd * p)
+                    p.sub_(cfg.learning_rate * cfg.wd * p)
             if self.norm_target is not None and self.t >= cfg.t_clamp:
                 mats = [self.params[n] for n in self.matrices]
                 norm = torch.sqrt(sum(w.reshape(w.shape[0], -1).square().sum(1) for w in mats))  # (S,)

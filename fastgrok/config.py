@@ -28,6 +28,11 @@ def is_prime(n: int) -> bool:
     return n >= 2 and all(n % k for k in range(2, int(math.isqrt(n)) + 1))
 
 
+def default_lr(model: str) -> float:
+    """The study's learning rate: 1e-3 for the MLP, 5e-4 for the transformer."""
+    return 5e-4 if model == "transformer" else 1e-3
+
+
 def _default_clamp_from(loss: str, model: str) -> int:
     """The study's t_int: 500 for CE, 50 for MSE, 600 for the transformer."""
     if model == "transformer":
@@ -85,7 +90,8 @@ class TrainConfig:
     """`ce` (cross-entropy on z/tau) or `mse` (sum over classes of (z/tau - onehot)^2)."""
     steps: int = 20000
     """Budget of optimizer steps."""
-    lr: float = 1e-3
+    lr: float | None = None
+    """Adam's learning rate; None means the study's for the model (`learning_rate`)."""
     wd: float = 1.0
     """Decoupled weight decay, on matrices only, applied after the Adam update."""
     beta1: float = 0.9
@@ -158,6 +164,8 @@ class TrainConfig:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         for name in ("lr", "eps"):
             v = getattr(self, name)
+            if v is None and name == "lr":
+                continue
             if not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"{name} must be finite and > 0, got {v!r}")
         if not math.isfinite(self.wd) or self.wd < 0:
@@ -177,6 +185,11 @@ class TrainConfig:
     @property
     def n_train(self) -> int:
         return int(self.train_frac * self.n_pairs)
+
+    @property
+    def learning_rate(self) -> float:
+        """The lr in effect: `lr`, or the study's for the model (1e-3 MLP, 5e-4 transformer)."""
+        return default_lr(self.model) if self.lr is None else self.lr
 
     @property
     def t_clamp(self) -> int:
@@ -203,7 +216,8 @@ class TrainConfig:
         return rows
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """All fields, the lr resolved (a saved run keeps its lr whatever later defaults say)."""
+        return {**dataclasses.asdict(self), "lr": self.learning_rate}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

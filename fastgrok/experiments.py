@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import CLAMP_MODES, DTYPES, LOSSES, MODELS, OPS, ConfigError, TrainConfig
+from .config import CLAMP_MODES, DTYPES, LOSSES, MODELS, OPS, ConfigError, TrainConfig, default_lr
 
 try:
     import tomllib
@@ -141,7 +141,7 @@ def _train_type_error(name: str, v) -> str | None:
         ok, want = isinstance(v, bool), "true or false"
     elif isinstance(default, int) or (default is None and name == "clamp_from"):
         ok, want = _is_int(v), "an integer"
-    elif isinstance(default, float):
+    elif isinstance(default, float) or (default is None and name == "lr"):
         ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
     elif isinstance(default, str):
         ok, want = isinstance(v, str), "a string"
@@ -392,7 +392,10 @@ class ExperimentSpec:
         for i, b in enumerate(self.blocks()):
             vals = [self.resolve(b, n) for n in AXES]
             for combo in itertools.product(*vals):
-                yield i, dict(zip(AXES, combo), seeds=self.block_seeds(b))
+                cell = dict(zip(AXES, combo), seeds=self.block_seeds(b))
+                if cell["lr"] is None:                  # the study's lr for the cell's model
+                    cell["lr"] = default_lr(cell["model"])
+                yield i, cell
 
     def base_config(self, **shape) -> TrainConfig:
         """The TrainConfig of a batch: the spec's train fields and one shape."""

@@ -58,7 +58,7 @@ def train_step(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch)
     loss, grad, _ = model.loss_and_grads(flat, batch.train_a, batch.train_b, batch.train_y, lossfn, **kw)
     # AdamW (decay on matrices only)
     t_new = t + 1
-    new, m_new, v_new = adamw(flat, grad, m, v, t_new, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2,
+    new, m_new, v_new = adamw(flat, grad, m, v, t_new, lr=cfg.learning_rate, beta1=cfg.beta1, beta2=cfg.beta2,
                               eps=cfg.eps, wd=cfg.wd, n_mat=model.layout.n_mat)
     # divergence: a model whose loss or update is non-finite stops updating, the others go on
     ok = alive & torch.isfinite(loss) & torch.isfinite(new).all(1)

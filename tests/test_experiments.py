@@ -106,6 +106,22 @@ def test_builtin_cells_are_the_studys():
     assert sorted(_key(x, "rho", "tau") for x in c) == sorted([(1.0, 1.0)] + [(1.15, t) for t in SWEEP])
 
 
+def test_lr_defaults_to_the_studys_for_each_model():
+    """1e-3 for the MLP, 5e-4 for the transformer (paper-notes), in a run's config, a spec's cells and
+    a saved config; an explicit lr wins."""
+    from fastgrok.config import TrainConfig
+    assert TrainConfig().learning_rate == 1e-3
+    assert TrainConfig(model="transformer").learning_rate == 5e-4
+    assert dataclasses.replace(TrainConfig(), model="transformer").learning_rate == 5e-4   # the CLI's path
+    assert TrainConfig(model="transformer", lr=2e-3).learning_rate == 2e-3
+    assert TrainConfig(model="transformer").to_dict()["lr"] == 5e-4                      # saved resolved
+    spec = ExperimentSpec.from_dict({"name": "lrs", "p": [11], "model": ["mlp", "transformer"]})
+    cells = grid.expand(spec)
+    assert {(c["model"], c["lr"]) for c in cells} == {("mlp", 1e-3), ("transformer", 5e-4)}
+    spec = ExperimentSpec.from_dict({"name": "lrs", "p": [11], "model": ["transformer"], "lr": [1e-2]})
+    assert {c["lr"] for c in grid.expand(spec)} == {1e-2}
+
+
 # ------------------------------------------------------------------------------------------ budgets
 def test_budgets_grow_with_rho_as_documented():
     b = Budget()
