@@ -215,6 +215,10 @@ class TrainConfig:
                              "tau": c["tau"], "norm_target": c["norm_target"]})
         return rows
 
+    def __eq__(self, other) -> bool:
+        """Equal when they train alike: an lr left to its default equals that default given."""
+        return isinstance(other, TrainConfig) and self.to_dict() == other.to_dict()
+
     def to_dict(self) -> dict:
         """All fields, the lr resolved (a saved run keeps its lr whatever later defaults say)."""
         return {**dataclasses.asdict(self), "lr": self.learning_rate}

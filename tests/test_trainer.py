@@ -274,6 +274,27 @@ def test_clamp_per_layer_default_keeps_shares_at_t_clamp(tmp_path):
     torch.testing.assert_close(_matrix_norms(tr), 7.0 * share.sqrt(), rtol=1e-5, atol=0)
 
 
+# ----------------------------------------------------------------------------- thresholds
+def test_accuracy_exactly_at_the_threshold_counts(tmp_path):
+    """At p = 43 the test split has 1,110 pairs: 999 right is an accuracy of exactly 0.90, which groks
+    (T_grok = that step). A float32 ratio would read 0.89999998 and miss it; 998 right must not grok."""
+    for n_right, groks in ((999, True), (998, False)):
+        tr = Trainer(TrainConfig(p=43, seeds=1, d_embed=8, hidden=8, device="cpu", compile="off"),
+                     tmp_path / str(n_right), progress=False)
+        y, mask = tr.batch.y, tr.batch.train_mask[0]
+        test_rows = torch.nonzero(~mask).flatten()
+        assert len(test_rows) == 1110
+        wrong_label = y.clone()
+        wrong_label[test_rows[n_right:]] = (y[test_rows[n_right:]] + 1) % 43
+        logits = 5.0 * F.one_hot(wrong_label, 43).float()[None]          # (1, N, V): argmax = wrong_label
+        tr.model.logits = lambda flat, a, b: logits
+        tr._evaluate()
+        test_acc = tr.records.evals[-1][0, 2]
+        assert test_acc == n_right / 1110                                 # the float64 ratio
+        assert (tr.records.t_grok[0] == 0) == groks, (n_right, test_acc)
+        assert tr.records.t_mem[0] == 0                                   # every train pair right
+
+
 # ----------------------------------------------------------------------------- data
 
 @pytest.mark.parametrize("op,f", [("add", lambda a, b, p: (a + b) % p), ("sub", lambda a, b, p: (a - b) % p),
