@@ -161,6 +161,7 @@ def add_mediation(out: dict, cells: pd.DataFrame, models: pd.DataFrame, *, rho_h
     med = A.mediation_table(cells, models, rho_high=rho_high, baseline=baseline, n_boot=n_boot)
     if len(med):
         out["mediation"] = med
+        out["notes"] += mediation_caution_notes(med, cells, n_boot=n_boot)
     out["notes"] += mediation_skip_notes(cells, rho_high=rho_high, baseline=baseline,
                                          only_swept=not asked)
 
@@ -179,6 +180,27 @@ def choose_rho_high(cells: pd.DataFrame, *, baseline_rho: float = 1.0) -> tuple[
                           f"study's {format_value(A.STUDY_RHO_HIGH)} if present, else the largest; "
                           "analyze_dir(rho_high=...) picks another.")
     return rho_high, None
+
+
+def mediation_caution_notes(med: pd.DataFrame, cells: pd.DataFrame, *, n_boot: int) -> list[str]:
+    """Notes on mediation rows to read with care: a cell in it that does not count (a minority of its
+    seeds grokked: its median is over those few), L0 outside the sweep's L (T2 extrapolated), bootstrap
+    resamples without a recovery (T1 = T0 in them, or no grokked seed in a cell)."""
+    names = varying_setting_cols(cells.loc[~A.is_fork(cells)])
+    notes = []
+    for _, r in med.iterrows():
+        where = for_setting(r.to_dict(), names)
+        if not r["all_count"]:
+            notes.append(f"Mediation{where}: some of its cells do not count (a minority of their seeds "
+                         "grokked); their median T_grok is over the seeds that did, so read the recovery "
+                         "with care.")
+        if r["extrapolated"]:
+            notes.append(f"Mediation{where}: the baseline's L0 = {format_value(r['L0'])} lies outside the "
+                         "sweep's L, so T2 is the sweep's end value (np.interp does not extrapolate).")
+        if r["n_boot_ok"] < n_boot:
+            notes.append(f"Mediation{where}: {n_boot - int(r['n_boot_ok'])} of {n_boot} bootstrap resamples "
+                         "gave no recovery and are left out of the CI.")
+    return notes
 
 
 def mediation_skip_notes(cells: pd.DataFrame, *, rho_high: float, baseline=(1.0, 1.0),

@@ -483,3 +483,16 @@ def test_curves_log_axis_has_no_minor_labels(tmp_path, monkeypatch):
     report.fig_curves(curves, pd.DataFrame({"cell": [0]}), tmp_path / "curves")
     assert (tmp_path / "curves.png").exists() and len(seen) == 1
     assert seen[0] and all(text == "" for text in seen[0])
+
+
+def test_mediation_caution_notes():
+    """A mediation row with a non-counting cell, an extrapolated T2 or failed resamples gets a note each;
+    a clean row none."""
+    from fastgrok.report import mediation_caution_notes
+    cells = pd.DataFrame({"cell": [0, 1, 2, 3], "p": [59, 59, 97, 97], "rho": [1.0, 1.15] * 2, "tau": [1.0] * 4})
+    clean = dict(p=59, L0=20.0, all_count=True, extrapolated=False, n_boot_ok=4000)
+    assert mediation_caution_notes(pd.DataFrame([clean]), cells, n_boot=4000) == []
+    bad = {**clean, "p": 97, "all_count": False, "extrapolated": True, "n_boot_ok": 3990}
+    notes = mediation_caution_notes(pd.DataFrame([clean, bad]), cells, n_boot=4000)
+    assert len(notes) == 3 and all(n.startswith("Mediation for p=97") for n in notes)
+    assert "do not count" in notes[0] and "L0 = 20 lies outside" in notes[1] and "10 of 4000" in notes[2]
