@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .config import TrainConfig
 from .data import make_task
 from .models import MLP
+from .step import strict_float32
 
 
 @dataclass
@@ -49,6 +50,7 @@ class BaselineCell:
         if cfg.model != "mlp" or cfg.loss != "ce":
             raise ValueError("the baseline trains the study's MLP under cross-entropy only")
         self.cfg, self.device = cfg, torch.device(device)
+        strict_float32()
         self.dtype = torch.float32 if cfg.dtype == "float32" else torch.float64
         self.seeds = seeds if seeds is not None else [cfg.seed0 + s for s in range(cfg.seeds)]
         self.tau = cfg.taus[0] if tau is None else tau

@@ -43,6 +43,14 @@ class Batch:
     plan: dict | None = None  # the model's index plan for the train rows (`ensure_plan`), else None
 
 
+def strict_float32() -> None:
+    """float32 matrix products in full float32: no TF32 on CUDA, no reduced-precision oneDNN math on a
+    CPU (`torch.set_float32_matmul_precision("highest")`, PyTorch's default, set again in case the
+    process lowered it). The study's effect runs through softmax saturation: precision is not a knob."""
+    if torch.get_float32_matmul_precision() != "highest":
+        torch.set_float32_matmul_precision("highest")
+
+
 def make_lossfn(loss: str, backend: str, tau: torch.Tensor, mask=None):
     def lossfn(z, y):
         return K.loss_and_grad(z, y, tau, mask, backend=backend, loss=loss)

@@ -35,7 +35,7 @@ from . import store
 from .config import ConfigError, TrainConfig
 from .data import make_task
 from .models import build_model
-from .step import EVAL_METRICS, Batch, build_step_fns
+from .step import EVAL_METRICS, Batch, build_step_fns, strict_float32
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 I_TRAIN_ACC, I_TEST_ACC, I_LOGIT = EVAL_METRICS.index("train_acc"), EVAL_METRICS.index("test_acc"), \
@@ -123,6 +123,7 @@ class Trainer:
                  table: list[dict] | None = None, compact_frac: float = 0.0):
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self.device = resolve_device(cfg.device)
+        strict_float32()
         self.dtype = DTYPES[cfg.dtype]
         self.backend = K.resolve_backend(cfg.kernels, self.device, self.dtype)
         self.independent = table is not None        # per-cell stopping, per-model budgets, compaction

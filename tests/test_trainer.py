@@ -435,3 +435,19 @@ def test_nan_in_one_model_leaves_the_others_bit_identical(tmp_path, clean_run, w
     assert df.t_mem[VICTIM] == df0.t_mem[VICTIM] and df.t_mem[VICTIM] < POISON_AT
     if where == "m":                            # its parameters stay the last finite ones
         assert torch.isfinite(tr.state["flat"][VICTIM]).all()
+
+
+def test_trainer_and_baseline_restore_full_float32_matmuls(tmp_path):
+    """A process that lowered float32 matmul precision (TF32 on CUDA, bf16 passes in oneDNN on a CPU)
+    gets full float32 back when a Trainer or the baseline is built."""
+    from fastgrok.baseline import BaselineCell
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        Trainer(TrainConfig(**TINY, seeds=1), tmp_path / "run", progress=False)
+        assert torch.get_float32_matmul_precision() == "highest"
+        torch.set_float32_matmul_precision("high")
+        BaselineCell(TrainConfig(**TINY, seeds=1))
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
