@@ -277,6 +277,9 @@ def main(argv=None) -> int:
             print(f"fastgrok: error: out of memory ({first[:200]}); use fewer models (seeds x cells), a smaller p "
                   "or model, or another device", file=sys.stderr)
             return 1
+        if isinstance(e, OSError) and e.filename is not None:     # a path that cannot be made, read or written
+            print(f"fastgrok: error: {e.strerror or type(e).__name__}: {e.filename}", file=sys.stderr)
+            return 2
         if not _user_error(e):
             raise
         print(f"fastgrok: error: {e}", file=sys.stderr)

@@ -336,6 +336,8 @@ class ExperimentSpec:
         self.grids = tuple(self.grids)
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         for k in sorted(self.train):
+            if k in AXES and k not in known:
+                raise _err(f"train.{k}", "is an axis: give it at the top level (before [train]) or in [[grid]]")
             if k not in known:
                 raise _err(f"train.{k}", "unknown TrainConfig field")
             if k in _NOT_IN_TRAIN:
@@ -354,6 +356,9 @@ class ExperimentSpec:
         if self.fork is not None:
             if layer:
                 raise _err("fork", "same-state forks clamp the total norm; train.clamp_mode must be 'total'")
+            if self.fork.step % base.eval_every:
+                raise _err("fork.step", f"{self.fork.step} is not a multiple of train.eval_every ({base.eval_every}): "
+                                        "the arms would inherit an evaluation their own schedule does not have")
             for b in self.blocks():
                 for rho in self.resolve(b, "rho"):
                     budget = self.budget.at(rho)

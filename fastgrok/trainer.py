@@ -244,6 +244,7 @@ class Trainer:
         r.evals.append(out)
         running = np.zeros(len(self.table), bool)
         running[rows] = r.stop[rows] < 0
+        running &= self._scheduled(np.array([s]))[0]    # another cell's budget step is not this model's
         alive = np.ones(len(self.table), bool)
         alive[rows] = self.state["alive"].cpu().numpy()
         r.diverged |= running & ~alive
@@ -270,7 +271,16 @@ class Trainer:
     def _eval_due(self, s: int) -> bool:
         if self.records.steps and self.records.steps[-1] == s:
             return False
-        return s % self.cfg.eval_every == 0 or bool((self.budget[self.rows] == s).any())
+        running = self.rows[self.records.stop[self.rows] < 0]
+        return s % self.cfg.eval_every == 0 or bool((self.budget[running] == s).any())
+
+    def _scheduled(self, steps: np.ndarray) -> np.ndarray:
+        """(T, M) whether each step is one of each model's own evaluations: every eval_every steps and
+        at its own budget. An evaluation forced by another model's budget is recorded for all, but
+        counts (T_mem, T_grok, stopping, curves, final values) only for the models it is scheduled for,
+        so a model's results do not depend on the budgets of the cells it is packed with."""
+        steps = np.asarray(steps)
+        return (steps % self.cfg.eval_every == 0)[:, None] | (steps[:, None] == self.budget[None, :])
 
     def _capture_layer_targets(self) -> None:
         """Per-layer clamp with no fixed shares: each matrix keeps its share of ||W||^2 from now on."""
@@ -320,8 +330,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- results
     def _ends(self) -> np.ndarray:
-        """(M,) each model's last evaluated step: where it stopped, else the latest evaluation."""
-        return np.where(self.records.stop >= 0, self.records.stop, self.records.steps[-1])
+        """(M,) each model's last evaluated step: where it stopped, else its latest own evaluation."""
+        steps = np.asarray(self.records.steps)
+        own = self._scheduled(steps)                                    # (T, M); step 0 is everyone's
+        latest = steps[own.shape[0] - 1 - np.argmax(own[::-1], axis=0)]
+        return np.where(self.records.stop >= 0, self.records.stop, latest)
 
     def results(self) -> pd.DataFrame:
         r, cfg = self.records, self.cfg
@@ -358,7 +371,8 @@ class Trainer:
         ids = np.array([row["model"] for row in self.table])
         model = np.broadcast_to(ids[None, :, None], (T, M, K_))
         metric = np.broadcast_to(np.arange(K_)[None, None, :], (T, M, K_))
-        keep = ((metric != I_LOGIT) | (steps % cfg.logit_every == 0)) & (steps <= self._ends()[None, :, None])
+        own = self._scheduled(np.asarray(r.steps))[:, :, None]        # (T, M, 1)
+        keep = ((metric != I_LOGIT) | (steps % cfg.logit_every == 0)) & (steps <= self._ends()[None, :, None]) & own
         return pd.DataFrame({"model": model[keep], "step": steps[keep],
                              "metric": np.asarray(EVAL_METRICS)[metric[keep]], "value": ev[keep]})
 

@@ -168,7 +168,7 @@ USER_SPECS = [
     '[budget]\nsteps = 100\nsteps_ref = 300\nrho_ref = 1.2\nmax_steps = 250\n'
     '[calibration]\nsteps = 50\nseeds = 2\n[engine]\nmax_models = 4\nmemory_gb = 0.5\ncompact_frac = 0.0\n'
     '[[grid]]\nrho = [1.0, "free"]\ntau = [1.0]\n[[grid]]\nnorm_target = [12.5]\ntau = [0.5, 2.0]\nseeds = 1\n',
-    'name = "u2"\np = [11]\nrho = ["free"]\ntau = [1.0, 1.5]\n[fork]\nstep = 20\narms = ["free", "raised"]\n'
+    'name = "u2"\np = [11]\nrho = ["free"]\ntau = [1.0, 1.5]\n[fork]\nstep = 50\narms = ["free", "raised"]\n'
     'factor = 1.3\n[calibration]\nw_c = 17.25\n',
     'name = "u3"\np = [11]\nrho = [1.0]\nlayer_fracs = [[0.2, 0.3, 0.5], [0.5, 0.3, 0.2]]\n'
     '[train]\nclamp_mode = "layer"\n',
@@ -231,6 +231,8 @@ BAD = [
     (BASE + "rho = [1.0, 0]\n", "spec.rho"),
     (BASE + "[budget]\nsteps = 500\nsteps_ref = 600\n[fork]\nstep = 800\n", "fork.step"),
     (BASE + "rho = [1.0]\n[budget]\nsteps = 800\nsteps_ref = 900\n[fork]\nstep = 800\n", "fork.step"),
+    (BASE + "[budget]\nsteps = 500\nsteps_ref = 600\n[fork]\nstep = 105\n", "fork.step"),   # not a multiple of 25
+    (BASE + "[train]\nrho = [1.0]\n", "train.rho"),                           # an axis given in [train]
     (BASE + "rho = [1.0]\nnorm_target = [50.0]\n", "spec.norm_target"),
     (BASE + "rho = [1.0]\n[[grid]]\ntau = [1.0]\n[[grid]]\nrho = [1.1]\nnorm_target = [50.0]\n",
      "grid[1].norm_target"),

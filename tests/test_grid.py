@@ -125,6 +125,31 @@ def test_mediation_packed_equals_cells_run_separately(packed, tmp_path):
                                       .reset_index(drop=True), check_exact=True)
 
 
+def test_a_cells_results_do_not_depend_on_the_budgets_packed_with_it(tmp_path):
+    """Budgets between evaluations (73 and 137, evaluation every 10) force an evaluation of the whole batch
+    at that step; it counts only for the models whose budget it is. Each cell packed with the others
+    equals the cell trained alone: T_mem, T_grok, final values and curves, compaction or not."""
+    cfg = TrainConfig(**{k: v[0] for k, v in SHAPE.items()}, **TRAIN, device="cpu", seeds=2, taus=(1.0, 1.3, 1.7),
+                      stop_when_grokked=False)
+    budgets = {0: 137, 1: 73, 2: 150}
+    table = [dict(r, budget=budgets[r["cell"]]) for r in cfg.model_table()]
+    for frac in (0.0, 0.3):
+        packed = Trainer(cfg, tmp_path / f"packed{frac}", table=table, compact_frac=frac, progress=False)
+        packed.run()
+        pm, pc = packed.results(), packed.curves()
+        assert sorted(set(pc["step"]) - set(range(0, 151, 10))) == [73, 137]
+        for cell in budgets:
+            rows = [r for r in table if r["cell"] == cell]
+            solo = Trainer(cfg, tmp_path / f"solo{frac}_{cell}", table=rows, progress=False)
+            solo.run()
+            pd.testing.assert_frame_equal(pm[pm["cell"] == cell].reset_index(drop=True), solo.results(),
+                                          check_exact=True)
+            ids = [r["model"] for r in rows]
+            pd.testing.assert_frame_equal(pc[pc["model"].isin(ids)].reset_index(drop=True), solo.curves(),
+                                          check_exact=True)
+            assert (pm.loc[pm["cell"] == cell, "steps"] == budgets[cell]).all()
+
+
 def test_compaction_gives_the_same_results(packed, tmp_path, monkeypatch):
     sizes = []
     compact = Trainer.compact
