@@ -113,7 +113,7 @@ def _local_map(jobs, progress, bar):
         yield job, grid.run_job(job, progress=progress)
 
 
-def _init_worker(counter, devices, threads) -> None:
+def _init_worker(counter, devices, threads, stopping) -> None:
     """A local worker process: its own device (CUDA: devices[i], made current) and its share of the cores."""
     with counter.get_lock():
         i = counter.value
@@ -122,13 +122,41 @@ def _init_worker(counter, devices, threads) -> None:
         torch.cuda.set_device(devices[i % len(devices)])
     torch.set_num_threads(threads)
     # Ctrl-C reaches every process of the terminal's group: the driver alone handles it and stops the
-    # workers with SIGTERM, on which a running trainer checkpoints and raises Interrupted
+    # workers with SIGTERM, on which a running trainer checkpoints and raises Interrupted. Outside a
+    # trainer (idle, or setting a batch up) SIGTERM is noted for the next trainer, not fatal: a worker
+    # that died would break the pool and strand the others' results
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _note_stop)
     trainer_mod.STOP_SIGNALS = (signal.SIGTERM,)
+    if stopping.value:                          # the driver was stopped while this worker started up
+        trainer_mod.PENDING_STOP = signal.SIGTERM
+
+
+def _note_stop(signum, frame) -> None:
+    trainer_mod.PENDING_STOP = signum
 
 
 def _pool_job(job):
     return grid.run_job(job, progress=False)
+
+
+@contextlib.contextmanager
+def _stop_signals_ignored():
+    """SIGINT and SIGTERM ignored inside (main thread only; elsewhere nothing changes), restored after."""
+    try:
+        old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:                          # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h if h is not None else signal.SIG_DFL)
+
+
+STOP_WAIT_S = 60.0
+"""After a Ctrl-C, how long the driver waits for local workers to checkpoint and exit before killing them."""
 
 
 class _PoolMapper:
@@ -140,26 +168,51 @@ class _PoolMapper:
         from concurrent.futures import ProcessPoolExecutor
         ctx = mp.get_context("spawn")
         threads = max(1, torch.get_num_threads() // n) if not devices else torch.get_num_threads()
+        self.stopping = ctx.Value("b", 0)
         self.pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(ctx.Value("i", 0), devices, threads))
+                                        initargs=(ctx.Value("i", 0), devices, threads, self.stopping))
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, *exc):
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
-            for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
-                try:
-                    os.kill(proc.pid, signal.SIGTERM)       # each running job checkpoints and stops
-                except OSError:
-                    pass
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self._stop_workers()
             return
         self.pool.shutdown(wait=exc_type is None, cancel_futures=True)
 
+    def _stop_workers(self) -> None:
+        """After a Ctrl-C: SIGTERM every worker (a running trainer checkpoints and stops; an idle worker
+        exits), let the pool go without waiting on it (a worker that died can leave it broken, and a
+        broken pool's shutdown(wait=True) can wait forever), then wait up to STOP_WAIT_S for the workers
+        to exit and kill what is left (checkpoints are atomic: at most the work since the last is lost).
+        A second Ctrl-C kills them at once."""
+        self.stopping.value = 1                     # for a worker still starting up (SIGTERM ignored there)
+        procs = list((getattr(self.pool, "_processes", None) or {}).values())
+        for proc in procs:
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+            except OSError:
+                pass
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + STOP_WAIT_S
+        try:
+            for proc in procs:
+                proc.join(max(0.0, deadline - time.monotonic()))
+        except KeyboardInterrupt:
+            pass
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
     def __call__(self, jobs, progress, bar):
         from concurrent.futures import as_completed
-        futures = {self.pool.submit(_pool_job, job): job for job in jobs}
+        # workers start while the jobs are submitted: with SIGINT and SIGTERM ignored here, they start
+        # ignoring them until _init_worker (a signal while a worker still imports torch would otherwise
+        # kill it and break the pool)
+        with _stop_signals_ignored():
+            futures = {self.pool.submit(_pool_job, job): job for job in jobs}
         for f in as_completed(futures):
             yield futures[f], f.result()
 

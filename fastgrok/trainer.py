@@ -45,6 +45,9 @@ I_TRAIN_ACC, I_TEST_ACC, I_LOGIT = EVAL_METRICS.index("train_acc"), EVAL_METRICS
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 """Signals on which a running Trainer checkpoints and raises Interrupted (a grid's worker processes
 leave SIGINT to their driver, which stops them with SIGTERM)."""
+PENDING_STOP: int | None = None
+"""A stop signal a worker process received outside Trainer.run (executors.note_stop): the next run of
+the process checkpoints and stops at its first chance instead of training its batch."""
 
 
 class Interrupted(Exception):
@@ -324,6 +327,11 @@ class Trainer:
             if self.records.steps[-1] != self.step_idx:      # the budget ended between evaluations
                 self._evaluate()
             self.checkpoint()
+            if self._stop_signal is not None:
+                # the signal came during the last evaluation or checkpoint: the run is saved whole, and
+                # the caller (a grid about to start its next batch) is told to stop too
+                raise Interrupted(f"stopped by signal {self._stop_signal} at step {self.step_idx} "
+                                  "(this run had finished)")
         finally:
             self._restore_signals()
         return self.results()
@@ -387,6 +395,8 @@ class Trainer:
     # ---------------------------------------------------------------- signals
     def _install_signals(self) -> None:
         self._old = {}
+        if PENDING_STOP is not None:
+            self._stop_signal = PENDING_STOP
         try:
             for sig in STOP_SIGNALS:
                 self._old[sig] = signal.signal(sig, self._on_signal)

@@ -158,6 +158,61 @@ def test_ctrl_c_during_run_then_the_same_command_resumes(spec_path, reference, t
                                       check_exact=True)
 
 
+CALIBRATED = {"name": "cal_tiny", "seeds": 3, "p": [17], "train_frac": [0.8], "lr": [0.02], "wd": [2.0],
+              "train": {"d_embed": 16, "hidden": 32, "eval_every": 10, "logit_every": 50, "clamp_from": 100,
+                        "compile": "off", "checkpoint_every": 50},
+              "budget": {"steps": 300, "steps_ref": 600}, "calibration": {"steps": 400},
+              "engine": {"max_models": 3, "compact_frac": 0.5},
+              "grid": [{"rho": [1.0, 1.05], "tau": [1.0]}, {"rho": [1.15], "tau": [1.0, 1.5]},
+                       {"rho": ["free"], "tau": [1.0]}]}
+"""A free calibration (one job: one worker starts), then 5 batches of one cell each (the second worker
+starts with them, while the first trains)."""
+
+
+def test_ctrl_c_while_a_worker_starts_up_stops_promptly_then_resumes(tmp_path):
+    """Ctrl-C to the process group at the first batch checkpoint, while the second worker is still
+    starting (spawned with the batches, importing torch): the driver exits (130, one line) well before
+    its 60 s kill fallback, no process is left behind, and the same command then finishes with the
+    results of an uninterrupted run."""
+    spec = tmp_path / "cal_tiny.toml"
+    spec.write_text(to_toml(CALIBRATED))
+    ref = fastgrok("run", spec, "--out", tmp_path / "ref", "--quiet")
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "run"
+    cmd = [*FASTGROK, "run", str(spec), "--out", str(out), "--quiet", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:
+        while not any((out / "batches").glob("*/checkpoint.pt")):
+            assert proc.poll() is None, f"the run ended before it was interrupted: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no batch checkpoint"
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "rerun the same command" in err.strip().splitlines()[-1], err
+    assert took < 40, f"the driver took {took:.0f} s to stop: it waited for a stuck worker"
+    for _ in range(50):                              # the group empties (workers, resource tracker)
+        left = subprocess.run(["ps", "-o", "pid=,args=", "-g", str(proc.pid)], capture_output=True,
+                              text=True).stdout.strip()
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, f"processes left in the group:\n{left}"
+    r = fastgrok("run", spec, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    for name in (store.MODELS, store.CURVES):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(tmp_path / "ref" / name),
+                                      check_exact=True)
+
+
 # ----------------------------------------------------------------------------- files and messages
 
 def test_result_files_follow_the_umask(train_run):

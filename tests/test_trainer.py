@@ -451,3 +451,23 @@ def test_trainer_and_baseline_restore_full_float32_matmuls(tmp_path):
         assert torch.get_float32_matmul_precision() == "highest"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_a_signal_during_the_final_checkpoint_still_stops_the_caller(tmp_path, monkeypatch):
+    """Ctrl-C while a finished run writes its last checkpoint: the run is saved whole (done), and run()
+    raises Interrupted so a grid does not go on to its next batch."""
+    import os
+    import signal
+    from fastgrok.trainer import Interrupted
+    tr = Trainer(TrainConfig(**TINY, seeds=1, steps=30, eval_every=10, logit_every=10), tmp_path, progress=False)
+    checkpoint = Trainer.checkpoint
+
+    def checkpoint_then_signal(self):
+        checkpoint(self)
+        if self.done:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(Trainer, "checkpoint", checkpoint_then_signal)
+    with pytest.raises(Interrupted, match="had finished"):
+        tr.run()
+    ck = store.load_checkpoint(tmp_path)
+    assert ck["done"] and ck["step"] == 30
