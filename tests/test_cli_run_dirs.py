@@ -127,27 +127,38 @@ def test_free_rho_survives_overrides():
 
 # ----------------------------------------------------------------------------- Ctrl-C and resume
 
-@pytest.mark.parametrize("workers", [None, 2], ids=["in-process", "2-workers"])
-def test_ctrl_c_during_run_then_the_same_command_resumes(spec_path, reference, tmp_path, workers):
-    out = tmp_path / "run"
-    cmd = [*FASTGROK, "run", str(spec_path), "--out", str(out), "--quiet"] + (["--workers", str(workers)] if workers else [])
+def _ctrl_c_when(cmd, ready, pause: float = 0.0):
+    """Start cmd in its own process group, wait until ready(), then (after `pause` s) send SIGINT to the
+    whole group as a terminal's Ctrl-C does. Returns (process, stderr, seconds it took to exit); asserts
+    it exited with 130 and one closing line, no traceback."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                             start_new_session=True)
     deadline = time.monotonic() + 120
-    try:       # interrupt once some batch has trained past its first evaluation (its curves exist)
-        while not any((out / "batches").glob("b*/curves.parquet")):
+    try:
+        while not ready():
             assert proc.poll() is None, f"the run ended before it was interrupted: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, "no batch started"
-            time.sleep(0.01)
-        time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGINT)        # as a terminal's Ctrl-C: the whole process group
+            assert time.monotonic() < deadline, "the run did not get there within 120 s"
+            time.sleep(0.005)
+        time.sleep(pause)
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.monotonic()
         _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - t0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "rerun the same command" in err.strip().splitlines()[-1], err
+    return proc, err, took
+
+
+@pytest.mark.parametrize("workers", [None, 2], ids=["in-process", "2-workers"])
+def test_ctrl_c_during_run_then_the_same_command_resumes(spec_path, reference, tmp_path, workers):
+    out = tmp_path / "run"
+    cmd = [*FASTGROK, "run", str(spec_path), "--out", str(out), "--quiet"] + (["--workers", str(workers)] if workers else [])
+    # interrupt once some batch has trained past its first evaluation (its curves exist)
+    proc, err, _ = _ctrl_c_when(cmd, lambda: any((out / "batches").glob("b*/curves.parquet")), pause=0.5)
     steps = [json.loads(p.read_text())["step"] for p in (out / "batches").glob("b*/progress.json")]
     assert steps and any(0 < s < 1500 for s in steps)           # stopped mid-batch, with a checkpoint
 
@@ -180,24 +191,7 @@ def test_ctrl_c_while_a_worker_starts_up_stops_promptly_then_resumes(tmp_path):
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "run"
     cmd = [*FASTGROK, "run", str(spec), "--out", str(out), "--quiet", "--workers", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            start_new_session=True)
-    deadline = time.monotonic() + 120
-    try:
-        while not any((out / "batches").glob("*/checkpoint.pt")):
-            assert proc.poll() is None, f"the run ended before it was interrupted: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, "no batch checkpoint"
-            time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGINT)
-        t0 = time.monotonic()
-        _, err = proc.communicate(timeout=120)
-        took = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "rerun the same command" in err.strip().splitlines()[-1], err
+    proc, err, took = _ctrl_c_when(cmd, lambda: any((out / "batches").glob("*/checkpoint.pt")))
     assert took < 40, f"the driver took {took:.0f} s to stop: it waited for a stuck worker"
     for _ in range(50):                              # the group empties (workers, resource tracker)
         left = subprocess.run(["ps", "-o", "pid=,args=", "-g", str(proc.pid)], capture_output=True,
