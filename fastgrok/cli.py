@@ -145,6 +145,9 @@ def cmd_train(args) -> int:
     check_fits(cfg, cfg.n_models, resolve_device(cfg.device))
     if not resume and run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is a file; pick a directory for --out")
+    above = next((d for d in run_dir.absolute().parents if d.exists()), None)
+    if not resume and above is not None and not above.is_dir():
+        raise ConfigError(f"{run_dir}: {above} is a file, so no directory can be made under it; pick another --out")
     if not resume and holds_grid_run(run_dir):
         raise ConfigError(f"{run_dir} holds a grid run (fastgrok run); pick another --out")
     if not resume and (run_dir / "config.json").exists():   # (train() checks too; here before the banner)

@@ -55,7 +55,8 @@ def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str
         _import_ray()
         workers = 1
     run_dir = Path(out) if out is not None else Path("runs") / spec.name
-    plan = grid.init_run_dir(spec, run_dir, device if executor == "local" else "cpu")
+    local = executor == "local"                 # Ray's workers may have other devices: no preflight here
+    plan = grid.init_run_dir(spec, run_dir, device if local else "cpu", check=local)
     compile_mode = grid.resolve_compile(spec, plan)
     pooled = executor == "ray" or workers > 1
     bar = GridProgress(plan, run_dir, enabled=progress, live=pooled)

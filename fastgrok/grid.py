@@ -30,7 +30,7 @@ import torch
 from . import store
 from .config import ConfigError
 from .experiments import ARMS, SHAPE_AXES, ExperimentSpec, to_toml
-from .trainer import QUICK_STEPS, Records, Trainer, device_memory, resolve_device
+from .trainer import DTYPES, QUICK_STEPS, Records, Trainer, check_fits, device_memory, resolve_device
 from .trainer import bytes_per_model as trainer_bytes_per_model
 
 SPEC_JSON, PLAN = store.SPEC_JSON, store.PLAN
@@ -129,6 +129,19 @@ def make_plan(spec: ExperimentSpec, device: str) -> dict:
                 need.setdefault(calib_key(c), {a: c[a] for a in CALIB_AXES})
     return {"cells": cells, "batches": pack(spec, cells, memory_budget(spec, device)),
             "calibrations": [{"key": k, "shape": s} for k, s in need.items()]}
+
+
+def preflight(spec: ExperimentSpec, plan: dict, device: str) -> None:
+    """What a batch's trainer would refuse, checked for every batch before anything is written: kernels
+    that cannot run on the device, a batch too big for its memory (one cell alone can be)."""
+    import fastgrok.kernels as K
+    dev = resolve_device(device)
+    cells = {c["cell"]: c for c in plan["cells"]}
+    for b in plan["batches"]:
+        first = cells[b["cells"][0]]
+        cfg = spec.base_config(**{a: first[a] for a in SHAPE_AXES}, device=device)
+        K.resolve_backend(cfg.kernels, dev, DTYPES[cfg.dtype])
+        check_fits(cfg, sum(cells[c]["seeds"] for c in b["cells"]), dev)
 
 
 def resolve_compile(spec: ExperimentSpec, plan: dict) -> str:
@@ -300,8 +313,9 @@ def calibrate_from(models: pd.DataFrame, curves: pd.DataFrame) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The run directory
 # ---------------------------------------------------------------------------------------------
-def init_run_dir(spec: ExperimentSpec, run_dir: Path, device: str) -> dict:
-    """Write spec and plan on the first run; on a rerun check the spec matches and reuse the plan."""
+def init_run_dir(spec: ExperimentSpec, run_dir: Path, device: str, *, check: bool = True) -> dict:
+    """Write spec and plan on the first run; on a rerun check the spec matches and reuse the plan.
+    check: `preflight` the batches on `device` first (where the batches will run)."""
     run_dir = Path(run_dir)
     d = spec.to_dict()
     if run_dir.exists() and not run_dir.is_dir():
@@ -316,6 +330,8 @@ def init_run_dir(spec: ExperimentSpec, run_dir: Path, device: str) -> dict:
                               "rerun with the same experiment and overrides to resume, or pick another --out")
         return store.read_json(run_dir / PLAN)
     plan = make_plan(spec, device)
+    if check:
+        preflight(spec, plan, device)                       # fails before the directory is touched
     store.write_json(run_dir / PLAN, plan)
     store.atomic_write(run_dir / SPEC_TOML, lambda tmp: Path(tmp).write_text(to_toml(d)))
     first = plan["cells"][0]

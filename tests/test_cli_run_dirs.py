@@ -117,6 +117,16 @@ def test_a_run_too_big_for_the_machine_is_refused_before_any_work(tmp_path):
     out = tmp_path / "big"
     one_line_error(fastgrok("train", "--p", "200000", "--out", out), "GiB")
     assert not out.exists()
+    spec = tmp_path / "big.toml"                   # a grid too: refused before its directory is made,
+    spec.write_text(to_toml({**SPEC, "p": [4000]}))   # so the fixed spec can use the same --out
+    one_line_error(fastgrok("run", spec, "--out", out), "GiB")
+    assert not out.exists()
+
+
+def test_path_mistakes_under_a_file_are_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    one_line_error(fastgrok("train", "--p", "17", "--steps", "10", "--out", tmp_path / "a_file" / "sub"),
+                   "is a file")
 
 
 def test_free_rho_survives_overrides():
