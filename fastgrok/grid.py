@@ -495,7 +495,8 @@ def print_status(run_dir) -> None:
     con.print(t)
     for k, v in cal.items():
         con.print(f"w_c[{k}] = {v['w_c']:.4g} ({v['n_grokked']}/{v['seeds']} grokked, from {v['source']})"
-                  + ("  WARNING: no calibration model grokked" if v["n_grokked"] == 0 else ""))
+                  + ("  WARNING: no calibration model grokked" if v["n_grokked"] == 0 else ""),
+                  markup=False, highlight=False)         # the key's [...] is text, not rich markup
     cal_dir = run_dir / "calibration"
     for d in sorted(cal_dir.iterdir()) if cal_dir.is_dir() else []:
         if d.name not in cal and (d / store.PROGRESS).exists():

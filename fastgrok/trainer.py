@@ -390,7 +390,7 @@ class Trainer:
         store.write_parquet(self.run_dir / store.MODELS, self.results())
         store.write_parquet(self.run_dir / store.CURVES, self.curves())
         store.write_json(self.run_dir / store.PROGRESS, {"step": self.step_idx, "done": self.done,
-                                                         "steps": self.cfg.steps})
+                                                         "steps": int(self.budget.max())})
 
     # ---------------------------------------------------------------- signals
     def _install_signals(self) -> None:

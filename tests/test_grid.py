@@ -87,7 +87,7 @@ def packed(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------ mediation
-def test_mediation_packed_equals_cells_run_separately(packed, tmp_path):
+def test_mediation_packed_equals_cells_run_separately(packed, tmp_path, capsys, monkeypatch):
     plan = store.read_json(packed / grid.PLAN)
     assert [b["cells"] for b in plan["batches"]] == [[0, 1, 2, 3]]            # one batch of 12 models
     sep = run_experiment(spec_of(MEDIATION, max_models=3), out=tmp_path / "sep", progress=False)
@@ -106,6 +106,8 @@ def test_mediation_packed_equals_cells_run_separately(packed, tmp_path):
     w_c = float(np.median([wn[(m, t)] for m, t in zip(rm["model"], rm["t_grok"])]))
     (cal,) = grid.read_calibration(packed).values()
     assert cal == {"w_c": w_c, "source": "grok", "n_grokked": 3, "seeds": 3}
+    (key,) = grid.read_calibration(packed)
+    assert f"w_c[{key}] = {w_c:.4g} (3/3 grokked" in _status(packed, capsys, monkeypatch)   # key not eaten as markup
     np.testing.assert_array_equal(models["norm_target"], models["rho"] * w_c)
     np.testing.assert_allclose(models["weight_norm"], models["norm_target"], rtol=1e-5)   # the clamp held
 
@@ -148,6 +150,7 @@ def test_a_cells_results_do_not_depend_on_the_budgets_packed_with_it(tmp_path):
             pd.testing.assert_frame_equal(pc[pc["model"].isin(ids)].reset_index(drop=True), solo.curves(),
                                           check_exact=True)
             assert (pm.loc[pm["cell"] == cell, "steps"] == budgets[cell]).all()
+        assert store.read_json(tmp_path / f"packed{frac}" / store.PROGRESS)["steps"] == 150   # its own budgets
 
 
 def test_compaction_gives_the_same_results(packed, tmp_path, monkeypatch):
