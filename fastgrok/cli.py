@@ -218,6 +218,10 @@ def cmd_status(args) -> int:
 
 def cmd_analyze(args) -> int:
     from .report import analyze_dir, render_terminal, write_report
+    if not args.dir.exists():
+        raise ConfigError(f"{args.dir} does not exist")
+    if not args.dir.is_dir():
+        raise ConfigError(f"{args.dir} is a file; give the run directory (fastgrok run/train --out)")
     if not (args.dir / "models.parquet").exists():
         raise ConfigError(f"{args.dir} holds no results (no models.parquet)")
     result = analyze_dir(args.dir)

@@ -116,7 +116,8 @@ class TrainConfig:
     kernels: str = "auto"
     """Loss/clamp implementation: `auto` (Triton on CUDA, PyTorch elsewhere), `triton`, `torch`."""
     checkpoint_every: int = 1000
-    """Write a resumable checkpoint every this many steps (and at the end)."""
+    """Write a resumable checkpoint every this many steps (at the first evaluation at or after each
+    multiple), on a stop signal, and at the end."""
 
     def __post_init__(self) -> None:
         self.taus = tuple(float(t) for t in self.taus)

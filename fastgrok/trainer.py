@@ -301,6 +301,7 @@ class Trainer:
         if self.step_idx == 0 and use_compile(cfg, self.device):
             bar.note("compiling the training step and the evaluation (one-off: ~45 s on a CPU at p = 59, "
                      "seconds once cached; --no-compile skips it)")
+        last_checkpoint = self.step_idx
         try:
             with bar:
                 while not self.done:
@@ -311,8 +312,9 @@ class Trainer:
                         n_stopped = int((self.records.stop[self.rows] >= 0).sum())
                         if not self.done and self.compact_frac and n_stopped >= self.compact_frac * len(self.rows):
                             self.compact()                  # results are per model: unchanged by this
-                        if s > 0 and s % cfg.checkpoint_every == 0:
-                            self.checkpoint()
+                        if s // cfg.checkpoint_every > last_checkpoint // cfg.checkpoint_every:
+                            self.checkpoint()               # the first evaluation at or after each multiple
+                            last_checkpoint = s
                     if self.done:
                         break
                     if self._stop_signal is not None:

@@ -107,6 +107,8 @@ def test_user_mistakes_about_paths_are_one_line(spec_path, reference, tmp_path):
     one_line_error(fastgrok("run", spec_path, "--out", a_file), "is a file")
     one_line_error(fastgrok("train", "--p", "17", "--out", a_file), "is a file")
     one_line_error(fastgrok("run", reference), "is a directory")
+    one_line_error(fastgrok("analyze", a_file), "is a file")
+    one_line_error(fastgrok("analyze", tmp_path / "nowhere"), "does not exist")
     latin1 = tmp_path / "latin1.toml"
     latin1.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
     one_line_error(fastgrok("run", latin1), "not a UTF-8")

@@ -471,3 +471,19 @@ def test_a_signal_during_the_final_checkpoint_still_stops_the_caller(tmp_path, m
         tr.run()
     ck = store.load_checkpoint(tmp_path)
     assert ck["done"] and ck["step"] == 30
+
+
+def test_checkpoints_at_the_first_evaluation_after_each_multiple(tmp_path, monkeypatch):
+    """checkpoint_every 100 with evaluations every 30: checkpoints at 120, 210, 300, ... (not only at
+    common multiples, 300, 600, ...), then at the end."""
+    steps = []
+    checkpoint = Trainer.checkpoint
+
+    def recording(self):
+        steps.append(self.step_idx)
+        checkpoint(self)
+    monkeypatch.setattr(Trainer, "checkpoint", recording)
+    cfg = TrainConfig(**TINY, seeds=1, steps=400, eval_every=30, logit_every=60, checkpoint_every=100,
+                      stop_when_grokked=False)
+    Trainer(cfg, tmp_path, progress=False).run()
+    assert steps[:3] == [120, 210, 300] and steps[-1] == 400 and set(steps[3:]) == {400}
