@@ -125,7 +125,21 @@ def analyze_dir(run_dir, *, rho_high: float | None = None, baseline=(1.0, 1.0),
         out["memorization"] = A.memorization_table(cells)
     if "arm" in models.columns and models["arm"].notna().any():
         out["forks"] = A.fork_table(models, n_boot=n_boot)
+        out["notes"] += fork_caution_notes(out["forks"])
     return out
+
+
+def fork_caution_notes(forks: pd.DataFrame) -> list[str]:
+    """A note per fork whose "same" arm, the ratios' denominator, does not count (a minority of its seeds
+    grokked after the fork): its median delay is over those few."""
+    notes = []
+    same = forks.loc[forks["arm"] == "same"]
+    for _, r in same.iterrows():
+        if 2 * int(r["n_grokked"]) <= int(r["n_seeds"]):
+            where = ", ".join(f"{k}={format_value(r[k])}" for k in ("p", "tau", "fork_step") if k in r)
+            notes.append(f"Forks ({where}): only {int(r['n_grokked'])}/{int(r['n_seeds'])} seeds of the "
+                         "\"same\" arm grokked, so the ratios against it rest on those few; read them with care.")
+    return notes
 
 
 def collapse_table(cells: pd.DataFrame) -> pd.DataFrame:

@@ -496,3 +496,13 @@ def test_mediation_caution_notes():
     notes = mediation_caution_notes(pd.DataFrame([clean, bad]), cells, n_boot=4000)
     assert len(notes) == 3 and all(n.startswith("Mediation for p=97") for n in notes)
     assert "do not count" in notes[0] and "L0 = 20 lies outside" in notes[1] and "10 of 4000" in notes[2]
+
+
+def test_fork_caution_note_when_the_same_arm_does_not_count():
+    from fastgrok.report import fork_caution_notes
+    forks = pd.DataFrame({"p": [17] * 4, "tau": [1.0] * 4, "fork_step": [100] * 4,
+                          "arm": ["same", "raised", "same", "raised"], "n_seeds": [3, 3, 4, 4],
+                          "n_grokked": [1, 3, 3, 1]})
+    notes = fork_caution_notes(forks)
+    assert len(notes) == 1 and "only 1/3 seeds" in notes[0] and "p=17" in notes[0]
+    assert fork_caution_notes(forks.iloc[2:]) == []              # 3 of 4 grokked: it counts
