@@ -460,16 +460,29 @@ def status_table(run_dir: Path) -> pd.DataFrame:
         for c in b["cells"]:
             state[c] = st
     models = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["cell", "t_grok"])
+    spec = store.read_json(run_dir / SPEC_JSON) if (run_dir / SPEC_JSON).exists() else {}
+    stops_when_grokked = spec.get("train", {}).get("stop_when_grokked", True)
     rows = []
     for c in plan["cells"]:
         m = models.loc[models["cell"] == c["cell"]]
-        finished = len(m) if state[c["cell"]] == "done" else 0
+        finished = len(m) if state[c["cell"]] == "done" or _cell_finished(m, c, stops_when_grokked) else 0
         tg = pd.to_numeric(m["t_grok"], errors="coerce").dropna()
         rows.append({"cell": c["cell"], "p": c["p"], "arch": c["model"], "loss": c["loss"], "dtype": c["dtype"],
                      "rho": _dose_label(c), "tau": c["tau"], "arm": c["arm"] or "",
                      "done": f"{finished}/{c['seeds']}", "grokked": f"{len(tg)}/{c['seeds']}",
                      "median T_grok": float(tg.median()) if len(tg) else float("nan"), "state": state[c["cell"]]})
     return pd.DataFrame(rows)
+
+
+def _cell_finished(m: pd.DataFrame, cell: dict, stops_when_grokked: bool) -> bool:
+    """Whether a cell of a running batch has stopped, from the batch's last saved results: every seed
+    saved, and at its budget, or (when cells stop once grokked) every seed grokked or diverged."""
+    if len(m) < cell["seeds"] or "steps" not in m.columns:
+        return False
+    if (pd.to_numeric(m["steps"]) >= cell["budget"]).all():
+        return True
+    ended = m["t_grok"].notna() | m.get("diverged", pd.Series(False, index=m.index)).astype(bool)
+    return bool(stops_when_grokked and ended.all())
 
 
 def print_status(run_dir) -> None:

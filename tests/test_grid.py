@@ -381,3 +381,21 @@ def test_status_of_a_running_fork_batch(tmp_path, capsys, monkeypatch):
     st = grid.status_table(tmp_path)
     assert set(st["state"]) == {"step 150/800"} and list(st["arm"]) == ["same", "raised", "lowered", "free"] * 2
     assert "fork_tiny: 0/8 cells done" in _status(tmp_path, capsys, monkeypatch)
+
+
+def test_status_counts_the_cells_that_finished_inside_a_running_batch(tmp_path):
+    """A batch of 4 cells (2 seeds each) at step 2000, from its saved results: cell 0 stopped at its
+    budget (1500), cell 1 grokked and stopped, cells 2 and 3 still running: done 2/2, 2/2, 0/2, 0/2."""
+    spec = spec_of({**MEDIATION, "seeds": 2, "calibration": {"w_c": 20.0}})
+    plan = grid.init_run_dir(spec, tmp_path, "cpu")
+    assert [b["cells"] for b in plan["batches"]] == [[0, 1, 2, 3]]
+    assert [c["budget"] for c in plan["cells"]] == [1500, 3000, 3000, 3000]
+    bdir = tmp_path / "batches" / "b000"
+    store.write_json(bdir / store.PROGRESS, {"step": 2000, "done": False, "steps": 3000})
+    rows = [(0, 0, None, 1500), (0, 1, None, 1500), (1, 2, 300, 350), (1, 3, 350, 350), (2, 4, 380, 2000),
+            (2, 5, None, 2000), (3, 6, None, 2000), (3, 7, None, 2000)]
+    models = pd.DataFrame(rows, columns=["cell", "model", "t_grok", "steps"]).astype({"t_grok": "Int64"})
+    store.write_parquet(bdir / store.MODELS, models.assign(diverged=False))
+    st = grid.status_table(tmp_path)
+    assert list(st["done"]) == ["2/2", "2/2", "0/2", "0/2"]
+    assert list(st["grokked"]) == ["0/2", "2/2", "1/2", "0/2"]
