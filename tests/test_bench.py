@@ -51,8 +51,18 @@ def test_bench_quick_cpu_writes_every_section(tmp_path, capsys):
     assert compiled and all(_positive_finite(r["compile_s"]) for r in compiled)
     assert all(r["frac_fp32_peak"] is None for r in res["step"])         # no peak for a CPU
     assert {r["M"] for r in res["step"]} == {1, 4}
+    # each provider at its own best M: the largest seed-steps/s over the Ms, and the ratio of those
+    best = res["step_best"]
+    for provider, b in best["providers"].items():
+        top = max((r for r in res["step"] if r["provider"] == provider), key=lambda r: r["seed_steps_per_s"])
+        assert (b["M"], b["seed_steps_per_s"]) == (top["M"], top["seed_steps_per_s"])
+    assert best["speedup_best_vs_best"] == pytest.approx(best["providers"]["fastgrok compiled"]["seed_steps_per_s"]
+                                                         / best["providers"]["eager per-cell baseline"]["seed_steps_per_s"])
+    for r in res["grid"]:                                   # cell-runs and model-runs per hour agree
+        assert r["seed_runs_per_hour"] == pytest.approx(r["runs_per_hour"] * r["seeds"])
     assert png.stat().st_size > 0
-    assert "fastgrok bench" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "fastgrok bench" in text and "at each provider's best M" in text
 
 
 def test_step_flop_counts_by_hand():
