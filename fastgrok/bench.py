@@ -10,7 +10,8 @@ Sections (each a list of long-format rows in the JSON, one rich table on the ter
          CUDA the fraction of the float32 peak
   grid   a small grid end to end with fastgrok.trainer.Trainer: packed (one Trainer, all cells) vs
          sequential (one Trainer per cell); wall-clock, cell-runs and model-runs per hour, compile included
-Timing: warm-up excluded, the device synchronised before every clock read, median over repeats with
+Timing: warm-up excluded, the device synchronised before every clock read, the providers of a case timed
+in alternation (one call each per round, so a noisy machine affects them alike), median over repeats with
 min-max (and p20/p80 in the JSON); compile time (the first call) reported separately.
 Bytes moved: CE reads z and writes dz (M*N*V each) plus labels, the mask and the readouts (M*N*11 bytes:
 mask 1, row loss 4, correct 1, collapsed 1, norm 4); the clamp reads the matrices twice and writes them
@@ -58,23 +59,36 @@ def _sync(device: torch.device) -> None:
 
 def _measure(fn, device, *, repeats: int, warmup: int = 1) -> dict:
     """Run fn warmup + repeats times; seconds per call: median, min, max, p20, p80, first (warm-up)."""
+    return _measure_alternating({"fn": (fn, repeats)}, device, warmup=warmup)["fn"]
+
+
+def _timed(fn, device) -> float:
     _sync(device)
     t0 = time.perf_counter()
     fn()
     _sync(device)
-    first = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "p20_s": q[0], "p80_s": q[-1], "first_s": first, "repeats": repeats}
+    return time.perf_counter() - t0
+
+
+def _measure_alternating(fns: dict, device, *, warmup: int = 1) -> dict:
+    """fns: name -> (callable, repeats). Each is warmed up (its first call timed apart), then the timed
+    calls alternate, one call of each per round until each has its repeats: on a shared, noisy machine
+    every provider sees the same conditions. Per name: median, min, max, p20, p80, first, repeats."""
+    first, times = {}, {name: [] for name in fns}
+    for name, (fn, _) in fns.items():
+        first[name] = _timed(fn, device)
+        for _ in range(warmup - 1):
+            fn()
+    for rnd in range(max(reps for _, reps in fns.values())):
+        for name, (fn, reps) in fns.items():
+            if rnd < reps:
+                times[name].append(_timed(fn, device))
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=5) if len(ts) > 1 else ts * 4
+        out[name] = {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "p20_s": q[0],
+                     "p80_s": q[-1], "first_s": first[name], "repeats": len(ts)}
+    return out
 
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
@@ -105,8 +119,9 @@ def section_ce(device, quick: bool, copy_gbs: float) -> list[dict]:
                      ("eager reference", lambda: tempered_ce_reference(z, y, tau, mask)),
                      ("torch.compile(reference)", lambda: compiled(z, y, tau, mask))]
         reps = 5 if quick or device.type == "cpu" else 50
-        for name, fn in providers:
-            t = _measure(fn, device, repeats=reps, warmup=2)
+        t_all = _measure_alternating({name: (fn, reps) for name, fn in providers}, device, warmup=2)
+        for name, _ in providers:
+            t = t_all[name]
             gbs = nbytes / t["median_s"] / 1e9
             rows.append({"section": "ce", "case": f"M={M} N={N} V={V}", "provider": name, **t,
                          "bytes": nbytes, "gb_per_s": gbs, "frac_copy_bw": gbs / copy_gbs,
@@ -139,8 +154,10 @@ def section_clamp(device, quick: bool, copy_gbs: float) -> list[dict]:
         impl = K.resolve_backend("auto", device)
         providers = [(f"fastgrok.kernels ({impl})", lambda: K.clamp_flat_(flat, [0, layout.n_mat], target, active)),
                      ("eager per-tensor", lambda: _eager_clamp(mats, target[:, 0]))]
-        for name, fn in providers:
-            t = _measure(fn, device, repeats=10 if device.type == "cpu" else 50, warmup=2)
+        reps = 10 if device.type == "cpu" else 50
+        t_all = _measure_alternating({name: (fn, reps) for name, fn in providers}, device, warmup=2)
+        for name, _ in providers:
+            t = t_all[name]
             gbs = nbytes / t["median_s"] / 1e9
             rows.append({"section": "clamp", "case": f"M={M} P_mat={layout.n_mat}", "provider": name, **t,
                          "bytes": nbytes, "gb_per_s": gbs, "frac_copy_bw": gbs / copy_gbs})
@@ -234,19 +251,25 @@ def _step_rows(base: TrainConfig, M: int, device, reps: int, peak: float | None)
     n_cells = math.ceil(M / S)
     cell = BaselineCell(replace(base, seeds=S), device=device)     # one cell; cells run in turn
     r = max(3, reps // 2)
-    tb = _measure(cell.step, device, repeats=r, warmup=2)
-    tb = {k: (v * n_cells if k.endswith("_s") else v) for k, v in tb.items()}
-    # per step: evaluation every 25 steps and the logit readout every 200, per cell
-    ev_b = n_cells * (_measure(cell.evaluate, device, repeats=r)["median_s"] / base.eval_every
-                      + _measure(cell.logit_scale, device, repeats=r)["median_s"] / base.logit_every)
-    results = [("eager per-cell baseline", tb, 0.0, ev_b, mlp_flops(base))]
-    for compiled in (True, False) if M <= 12 else (True,):
+    fns = {"baseline": (cell.step, r), "baseline eval": (cell.evaluate, r), "baseline logit": (cell.logit_scale, r)}
+    # eager first: building a step resets dynamo, which would throw away the compiled one's code
+    for compiled in (False, True) if M <= 12 else (True,):
         fn, tr = fastgrok_step(cfg, device, compile_step=compiled)
-        t = _measure(fn, device, repeats=reps if compiled else r, warmup=3 if compiled else 2)
-        te = _measure(lambda: tr.eval_fn(tr.state, tr.batch).sum().item(), device, repeats=r)
-        compile_s = (t["first_s"] - t["median_s"]) + (te["first_s"] - te["median_s"]) if compiled else 0.0
-        results.append((f"fastgrok {'compiled' if compiled else 'eager'}", t, compile_s,
-                        te["median_s"] / base.eval_every, mlp_table_flops(base)))
+        name = f"fastgrok {'compiled' if compiled else 'eager'}"
+        fns[name] = (fn, reps if compiled else r)
+        fns[name + " eval"] = ((lambda tr=tr: tr.eval_fn(tr.state, tr.batch).sum().item()), r)
+    t_all = _measure_alternating(fns, device, warmup=3)                # every provider, alternating
+    tb = {k: (v * n_cells if k.endswith("_s") else v) for k, v in t_all["baseline"].items()}
+    # per step: evaluation every 25 steps and the logit readout every 200, per cell
+    ev_b = n_cells * (t_all["baseline eval"]["median_s"] / base.eval_every
+                      + t_all["baseline logit"]["median_s"] / base.logit_every)
+    results = [("eager per-cell baseline", tb, 0.0, ev_b, mlp_flops(base))]
+    for name in ("fastgrok compiled", "fastgrok eager"):
+        if name not in fns:
+            continue
+        t, te = t_all[name], t_all[name + " eval"]
+        compile_s = (t["first_s"] - t["median_s"]) + (te["first_s"] - te["median_s"]) if "compiled" in name else 0.0
+        results.append((name, t, compile_s, te["median_s"] / base.eval_every, mlp_table_flops(base)))
     for name, t, compile_s, ev_per_step, flops in results:
         per_step = t["median_s"] + ev_per_step
         rows.append({"section": "step", "case": f"p={base.p} M={M}", "provider": name, "M": M, **t,
@@ -378,8 +401,8 @@ def render(result: dict) -> None:
     seq = next((r["wall_s"] for r in result["grid"] if r["provider"].startswith("sequential")), None)
     for r in result["grid"]:
         table.add_row("grid", r["case"], r["provider"], _fmt_time(r["wall_s"]), "one run",
-                      f"{r['runs_per_hour']:.0f} cell-runs/h ({r['runs_per_hour_excl_first_calls']:.0f} "
-                      f"without first calls) = {r['seed_runs_per_hour']:.0f} model-runs/h of {r['steps']} steps",
+                      f"{r['seed_runs_per_hour']:,.0f} model-runs/h of {r['steps']} steps "
+                      f"({r['runs_per_hour']:,.0f} cells/h)",
                       f"{seq / r['wall_s']:.2f}x" if seq else "",
                       _fmt_time(r["first_calls_s"]) + " first calls")
     Console(width=max(170, shutil.get_terminal_size().columns)).print(table)
