@@ -183,8 +183,8 @@ class _PoolMapper:
         self.pool.shutdown(wait=exc_type is None, cancel_futures=True)
 
     def _stop_workers(self) -> None:
-        """After a Ctrl-C: SIGTERM every worker (a running trainer checkpoints and stops; an idle worker
-        exits), let the pool go without waiting on it (a worker that died can leave it broken, and a
+        """After a Ctrl-C: SIGTERM every worker (a running trainer checkpoints and stops; an idle or
+        starting worker notes it, so its next trainer stops at once), let the pool go without waiting on it (a worker that died can leave it broken, and a
         broken pool's shutdown(wait=True) can wait forever), then wait up to STOP_WAIT_S for the workers
         to exit and kill what is left (checkpoints are atomic: at most the work since the last is lost).
         A second Ctrl-C kills them at once."""
