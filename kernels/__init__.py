@@ -102,6 +102,23 @@ def _ce_backward(ctx, g_loss, g_grad, g_correct, g_collapsed, g_norm):
 _tempered_ce_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
 
+@torch.library.custom_op("fastgrok::tempered_ce_readouts", mutates_args=())
+def _tempered_ce_readouts_op(logits: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor,
+                             mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor]:
+    from .cross_entropy import tempered_ce_triton
+    loss, _, correct, collapsed, norm = tempered_ce_triton(logits, labels, tau, mask, write_grad=False)
+    return loss, correct, collapsed, norm
+
+
+@_tempered_ce_readouts_op.register_fake
+def _(logits, labels, tau, mask):
+    M, N, V = logits.shape
+    wdt = working_dtype(logits.dtype)
+    return (logits.new_empty((M,), dtype=wdt), logits.new_empty((M, N), dtype=torch.bool),
+            logits.new_empty((M, N), dtype=torch.bool), logits.new_empty((M, N), dtype=wdt))
+
+
 @torch.library.custom_op("fastgrok::clamp_flat_", mutates_args=("flat",))
 def _clamp_flat_op(flat: torch.Tensor, bounds: list[int], target: torch.Tensor,
                    active: torch.Tensor) -> torch.Tensor:
@@ -162,6 +179,17 @@ def loss_and_grad(logits, labels, tau, mask=None, backend: str = "auto", loss: s
     return out[0], out[1], CEStats(*out[2:])
 
 
+def loss_and_stats(logits, labels, tau, mask=None, backend: str = "auto", loss: str = "ce"):
+    """`loss_and_grad` without the gradient, for evaluations: (loss (M,), CEStats). The Triton kernel then
+    skips its gradient pass (no (M, N, V) buffer written); the reference computes and drops it (a compiled
+    evaluation never materialises it)."""
+    if loss != "mse" and resolve_backend(backend, logits.device, logits.dtype) == "triton":
+        out = _tempered_ce_readouts_op(logits, labels, tau, mask)
+        return out[0], CEStats(*out[1:])
+    out = loss_and_grad(logits, labels, tau, mask, backend=backend, loss=loss)
+    return out[0], out[2]
+
+
 def clamp_flat_(flat, bounds, target, active, backend: str = "auto"):
     """Clamp each segment of a flat (M, P) buffer to its per-model target, in place.
 
@@ -196,5 +224,5 @@ def clamp_norm_(params, target, backend: str = "auto"):
     return clamp_list_reference_(params, target)
 
 
-__all__ = ["tempered_cross_entropy", "loss_and_grad", "clamp_norm_", "clamp_flat_", "CEStats",
+__all__ = ["tempered_cross_entropy", "loss_and_grad", "loss_and_stats", "clamp_norm_", "clamp_flat_", "CEStats",
            "resolve_backend", "BackendError", "BACKENDS"]

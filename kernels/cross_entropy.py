@@ -16,7 +16,8 @@ Passes over a row (the kernel reads z, writes dz once):
 When V fits one block (SINGLE) the row tile stays in registers and z is read once; otherwise passes 1
 and 3 each loop over V in blocks of BLOCK_V (the second read mostly hits L2).
 
-Grid: (cdiv(N, BLOCK_N), M); each program owns BLOCK_N rows of one model. Row losses go to an (M, N)
+Grid: one axis of cdiv(N, BLOCK_N) · M programs (model-major; one axis, so M is not held to CUDA's
+65,535 limit on the second and third); each program owns BLOCK_N rows of one model. Row losses go to an (M, N)
 float32 buffer that the launcher sums (no atomics, deterministic). Layout: logits (M, N, V) contiguous,
 labels (N,) or (M, N), tau (M,), mask (M, N) bool. No host synchronisation anywhere: the launcher is
 CUDA-graph capturable. Labels must lie in [0, V); they are not checked (a check would need a sync),
@@ -45,20 +46,22 @@ def _load_s(z_ptr, row_base, cols, V, tau):
 def _tempered_ce_kernel(
     z_ptr, y_ptr, tau_ptr, mask_ptr, inv_count_ptr,                   # inputs
     grad_ptr, row_loss_ptr, correct_ptr, collapsed_ptr, norm_ptr,     # outputs
-    N, V, stride_ym,
+    N, V, stride_ym, n_blocks,
     HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
+    pid = tl.program_id(0)
+    m = pid // n_blocks
+    pid_n = pid % n_blocks
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                   # (BLOCK_N,)
     row_ok = rows < N
     rows_c = tl.minimum(rows, N - 1)           # rows past N recompute row N-1 and are never stored
-    row_id = m * N + rows_c                                          # index into (M, N)
-    row_base = row_id.to(tl.int64) * V                               # into (M, N, V)
+    row_id = m.to(tl.int64) * N + rows_c                             # index into (M, N)
+    row_base = row_id * V                                            # into (M, N, V)
     cols = tl.arange(0, BLOCK_V)
 
     tau = tl.load(tau_ptr + m)
-    y = tl.load(y_ptr + m * stride_ym + rows_c).to(tl.int32)
+    y = tl.load(y_ptr + m.to(tl.int64) * stride_ym + rows_c).to(tl.int32)
     inv_count = tl.load(inv_count_ptr + m)
     if HAS_MASK:
         w = tl.where(tl.load(mask_ptr + row_id) != 0, inv_count, 0.0)
@@ -90,7 +93,10 @@ def _tempered_ce_kernel(
 
     # 2. readouts and the row's loss w·(lse − s_y)
     y_c = tl.minimum(tl.maximum(y, 0), V - 1)
-    s_y = tl.div_rn(tl.load(z_ptr + row_base + y_c).to(tl.float32), tau)
+    if SINGLE:
+        s_y = tl.sum(tl.where(cols[None, :] == y_c[:, None], s, 0.0), 1)   # from the tile in registers
+    else:
+        s_y = tl.div_rn(tl.load(z_ptr + row_base + y_c).to(tl.float32), tau)
     lse = m_i + tl.log(d_i)
     p_y = tl.div_rn(tl.exp(s_y - m_i), d_i)
     tl.store(row_loss_ptr + row_id, w * (lse - s_y), mask=row_ok)
@@ -98,22 +104,23 @@ def _tempered_ce_kernel(
     tl.store(collapsed_ptr + row_id, p_y == 1.0, mask=row_ok)
     tl.store(norm_ptr + row_id, tl.sqrt_rn(sq), mask=row_ok)
 
-    # 3. gradient (softmax(s) − onehot) · w/τ in the logits' dtype
-    coef = tl.div_rn(w, tau)
-    inv_d = tl.div_rn(tl.full([BLOCK_N], 1.0, tl.float32), d_i)
-    if SINGLE:
-        p = tl.exp(s - m_i[:, None]) * inv_d[:, None]
-        g = (p - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)) * coef[:, None]
-        tl.store(grad_ptr + row_base[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & (cols < V)[None, :])
-    else:
-        for v0 in range(0, V, BLOCK_V):
-            c = v0 + cols
-            s = _load_s(z_ptr, row_base, c, V, tau)
+    # 3. gradient (softmax(s) − onehot) · w/τ in the logits' dtype (skipped for readouts only)
+    if WRITE_GRAD:
+        coef = tl.div_rn(w, tau)
+        inv_d = tl.div_rn(tl.full([BLOCK_N], 1.0, tl.float32), d_i)
+        if SINGLE:
             p = tl.exp(s - m_i[:, None]) * inv_d[:, None]
-            g = (p - tl.where(c[None, :] == y[:, None], 1.0, 0.0)) * coef[:, None]
-            tl.store(grad_ptr + row_base[:, None] + c[None, :], g.to(grad_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & (c < V)[None, :])
+            g = (p - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)) * coef[:, None]
+            tl.store(grad_ptr + row_base[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (cols < V)[None, :])
+        else:
+            for v0 in range(0, V, BLOCK_V):
+                c = v0 + cols
+                s = _load_s(z_ptr, row_base, c, V, tau)
+                p = tl.exp(s - m_i[:, None]) * inv_d[:, None]
+                g = (p - tl.where(c[None, :] == y[:, None], 1.0, 0.0)) * coef[:, None]
+                tl.store(grad_ptr + row_base[:, None] + c[None, :], g.to(grad_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & (c < V)[None, :])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,10 +156,11 @@ def ce_config(N: int, V: int, device: torch.device) -> tuple[int, int, int]:
 
 def tempered_ce_triton(logits: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor,
                        mask: torch.Tensor | None = None, *, block_n: int | None = None,
-                       block_v: int | None = None, num_warps: int | None = None):
+                       block_v: int | None = None, num_warps: int | None = None, write_grad: bool = True):
     """(loss (M,), grad (M, N, V), correct (M, N), collapsed (M, N), logit_norm (M, N)).
 
     block_n / block_v / num_warps override the launch (powers of two); by default `ce_config` picks them.
+    write_grad=False skips pass 3 (readouts only, as an evaluation needs): grad is then (M, 0, V).
     """
     check_ce_inputs(logits, labels, tau, mask)
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -179,7 +187,7 @@ def tempered_ce_triton(logits: torch.Tensor, labels: torch.Tensor, tau: torch.Te
         mask_arg = mask.contiguous()
         inv_count = 1.0 / mask_arg.sum(1, dtype=torch.float32).clamp_min(1.0)   # (M,), on device
 
-    grad = torch.empty((M, N, V), dtype=logits.dtype, device=dev)    # new buffer, never the logits
+    grad = torch.empty((M, N if write_grad else 0, V), dtype=logits.dtype, device=dev)  # never the logits
     row_loss = torch.empty((M, N), dtype=torch.float32, device=dev)
     correct = torch.empty((M, N), dtype=torch.bool, device=dev)
     collapsed = torch.empty((M, N), dtype=torch.bool, device=dev)
@@ -187,9 +195,10 @@ def tempered_ce_triton(logits: torch.Tensor, labels: torch.Tensor, tau: torch.Te
     if M * N == 0:
         return row_loss.sum(1), grad, correct, collapsed, norm
 
-    grid = (triton.cdiv(N, bn), M)
-    _tempered_ce_kernel[grid](
+    n_blocks = triton.cdiv(N, bn)
+    _tempered_ce_kernel[(n_blocks * M,)](
         z, y, t, mask_arg, inv_count, grad, row_loss, correct, collapsed, norm,
-        N, V, stride_ym,
-        HAS_MASK=mask is not None, BLOCK_N=bn, BLOCK_V=bv, SINGLE=bv >= V, num_warps=num_warps)
+        N, V, stride_ym, n_blocks,
+        HAS_MASK=mask is not None, BLOCK_N=bn, BLOCK_V=bv, SINGLE=bv >= V, WRITE_GRAD=write_grad,
+        num_warps=num_warps)
     return row_loss.sum(1), grad, correct, collapsed, norm

@@ -6,13 +6,15 @@ Math, per model m and segment k (columns bounds[k] <= c < bounds[k+1]):
 Returns the norms before the clamp, (M, S) float32. Columns outside [bounds[0], bounds[-1]) are never
 read or written (the flat buffer's vectors live there).
 
-Two launches over the same grid (cdiv(L, BLOCK), M), L = bounds[-1] − bounds[0], BLOCK columns each:
+Two launches over the same one-axis grid of cdiv(L, BLOCK) · M programs (model-major; one axis, so M is
+not held to CUDA's 65,535 limit on the others), L = bounds[-1] − bounds[0], BLOCK columns each:
     launch 1 (_sumsq_kernel): 1. load the chunk, square in float32;
                               2. for each segment the chunk overlaps (usually one), atomic_add its
                                  partial sum into sumsq (M, S), zeroed by the launcher.
     launch 2 (_rescale_kernel): 1. program 0 of each model writes norms = sqrt(sumsq) (M, S);
-                                2. active models: segment id of each column, scale = target/(norm+ε),
-                                   multiply in place (float32 product, rounded once to flat's dtype).
+                                2. active models: for each segment the chunk overlaps, scale =
+                                   target/(norm+ε), multiply its columns in place (float32 product,
+                                   rounded once to flat's dtype).
 The bounds travel as a small int32 tensor cached per (bounds, device): the first call copies it to
 the device, later calls reuse it, so a captured CUDA graph or compiled step issues no host copy
 (warm up once outside capture). No host synchronisation. Atomic accumulation makes the last bit of a
@@ -26,10 +28,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _sumsq_kernel(flat_ptr, bounds_ptr, sumsq_ptr, stride_m, S,
+def _sumsq_kernel(flat_ptr, bounds_ptr, sumsq_ptr, stride_m, S, n_chunks,
                   BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
-    pid = tl.program_id(0)
-    m = tl.program_id(1)
+    m = tl.program_id(0) // n_chunks
+    pid = tl.program_id(0) % n_chunks
     ks = tl.arange(0, BLOCK_S)
     b = tl.load(bounds_ptr + ks, mask=ks <= S, other=0)              # (BLOCK_S,) bounds, padded
     lo = tl.load(bounds_ptr)
@@ -53,29 +55,37 @@ def _sumsq_kernel(flat_ptr, bounds_ptr, sumsq_ptr, stride_m, S,
 
 
 @triton.jit
-def _rescale_kernel(flat_ptr, bounds_ptr, sumsq_ptr, target_ptr, active_ptr, norms_ptr, stride_m, S,
+def _rescale_kernel(flat_ptr, bounds_ptr, sumsq_ptr, target_ptr, active_ptr, norms_ptr, stride_m, S, n_chunks,
                     BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
-    pid = tl.program_id(0)
-    m = tl.program_id(1)
+    m = tl.program_id(0) // n_chunks
+    pid = tl.program_id(0) % n_chunks
     ks = tl.arange(0, BLOCK_S)
     # 1. the norms before the clamp, written once per model
     if pid == 0:
         tl.store(norms_ptr + m * S + ks, tl.sqrt_rn(tl.load(sumsq_ptr + m * S + ks, mask=ks < S, other=0.0)),
                  mask=ks < S)
-    # 2. active models: scale each column by its segment's target / (norm + 1e-12)
+    # 2. active models: scale each column by its segment's target / (norm + 1e-12), segment by segment
+    #    over the (usually one) segments the chunk overlaps, found as in _sumsq_kernel
     if tl.load(active_ptr + m) != 0:
         b = tl.load(bounds_ptr + ks, mask=ks <= S, other=0)
         lo = tl.load(bounds_ptr)
         hi = tl.load(bounds_ptr + S)
-        cols = lo + pid * BLOCK + tl.arange(0, BLOCK)
+        c0 = lo + pid * BLOCK
+        cols = c0 + tl.arange(0, BLOCK)
         ok = cols < hi
         inner = (ks >= 1) & (ks < S)
-        seg = tl.sum((inner[None, :] & (b[None, :] <= cols[:, None])).to(tl.int32), 1)   # (BLOCK,)
-        norm = tl.sqrt_rn(tl.load(sumsq_ptr + m * S + seg))
-        scale = tl.div_rn(tl.load(target_ptr + m * S + seg), norm + 1e-12)
+        k_first = tl.sum((inner & (b <= c0)).to(tl.int32), 0)
+        c_last = tl.minimum(c0 + BLOCK, hi) - 1
+        k_last = tl.sum((inner & (b <= c_last)).to(tl.int32), 0)
         ptrs = flat_ptr + m.to(tl.int64) * stride_m + cols
         x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(ptrs, (x * scale).to(flat_ptr.dtype.element_ty), mask=ok)
+        out = x
+        for k in range(k_first, k_last + 1):
+            seg_lo = tl.load(bounds_ptr + k)
+            seg_hi = tl.load(bounds_ptr + k + 1)
+            scale = tl.div_rn(tl.load(target_ptr + m * S + k), tl.sqrt_rn(tl.load(sumsq_ptr + m * S + k)) + 1e-12)
+            out = tl.where((cols >= seg_lo) & (cols < seg_hi), x * scale, out)
+        tl.store(ptrs, out.to(flat_ptr.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,9 +147,11 @@ def clamp_flat_triton_(flat: torch.Tensor, bounds, target: torch.Tensor, active:
     norms = torch.empty((M, S), dtype=torch.float32, device=dev)
     if M == 0:
         return norms
-    grid = (triton.cdiv(max(L, 1), blk), M)
+    n_chunks = triton.cdiv(max(L, 1), blk)
+    grid = (n_chunks * M,)
     block_s = triton.next_power_of_2(S + 1)
-    _sumsq_kernel[grid](flat, b, sumsq, flat.stride(0), S, BLOCK=blk, BLOCK_S=block_s, num_warps=num_warps)
-    _rescale_kernel[grid](flat, b, sumsq, tgt, act, norms, flat.stride(0), S,
+    _sumsq_kernel[grid](flat, b, sumsq, flat.stride(0), S, n_chunks, BLOCK=blk, BLOCK_S=block_s,
+                        num_warps=num_warps)
+    _rescale_kernel[grid](flat, b, sumsq, tgt, act, norms, flat.stride(0), S, n_chunks,
                           BLOCK=blk, BLOCK_S=block_s, num_warps=num_warps)
     return norms

@@ -255,12 +255,12 @@ def test_tempered_ce_matches_float64(M, N, V, kw):
 
 
 def test_poison_detects_unwritten_rows(monkeypatch):
-    """With the grid one row block short, the last rows stay poisoned and the check must fail."""
+    """With the grid one program short, the last model's last rows stay poisoned and the check must fail."""
     real = ce_mod._tempered_ce_kernel
 
     class _Short:
         def __getitem__(self, grid):
-            return real[(grid[0] - 1, grid[1])]
+            return real[(grid[0] - 1,)]
 
     monkeypatch.setattr(ce_mod, "_tempered_ce_kernel", _Short())
     with pytest.raises(AssertionError):
@@ -298,6 +298,24 @@ def test_loss_and_grad_dispatch_matches_reference_twin():
     torch.testing.assert_close(loss, r_loss, rtol=RTOL, atol=RTOL)
     torch.testing.assert_close(dz, r_dz, rtol=RTOL, atol=RTOL * float((1 / tau).max()))
     assert torch.equal(st.correct, r_st.correct) and torch.equal(st.collapsed, r_st.collapsed)
+
+
+@pytest.mark.parametrize("V, kw", [(59, {}), (97, dict(block_n=4, block_v=32))], ids=["single", "looped"])
+def test_readouts_only_equal_the_full_kernel(V, kw):
+    """write_grad=False (evaluations): the same loss and readouts, bit for bit, and no gradient buffer;
+    loss_and_stats dispatches to it and agrees with the reference twin."""
+    z, y, tau, mask = _make_ce_inputs(3, 29, V, 1e3, torch.float32, True, "random", seed=9)
+    z, y, tau, mask = z.to(DEV), y.to(DEV), tau.to(DEV), mask.to(DEV)
+    full = ce_mod.tempered_ce_triton(z, y, tau, mask, **kw)
+    part = ce_mod.tempered_ce_triton(z, y, tau, mask, write_grad=False, **kw)
+    assert tuple(part[1].shape) == (3, 0, V)
+    for i in (0, 2, 3, 4):
+        assert torch.equal(full[i], part[i]), i
+    loss, st = K.loss_and_stats(z, y, tau, mask, backend="triton")
+    r_loss, _, r_st = K.loss_and_grad(z, y, tau, mask, backend="torch")
+    torch.testing.assert_close(loss, r_loss, rtol=RTOL, atol=RTOL)
+    assert torch.equal(st.correct, r_st.correct) and torch.equal(st.collapsed, r_st.collapsed)
+    torch.testing.assert_close(st.logit_norm, r_st.logit_norm, rtol=RTOL, atol=0)
 
 
 def test_launcher_validates_inputs():
@@ -363,6 +381,9 @@ CLAMP_CASES = [
     pytest.param(2, 777, [0, 500, 777], dict(dtype=torch.bfloat16, block=256), id="layers-bf16"),
     pytest.param(3, 900, [100, 800], dict(active="none"), id="none-active"),
     pytest.param(1, 5000, [0, 2000, 4100], dict(block=1024, active="all"), id="M1-chunks"),
+    # the transformer's per-layer clamp: 9 segments (1 layer), 27 (4 layers), chunks straddling several
+    pytest.param(3, 1100, [0, 65, 68, 132, 196, 260, 324, 580, 836, 900], dict(block=128), id="layers-S9"),
+    pytest.param(2, 2800, list(range(0, 2701, 100)), dict(block=256), id="layers-S27-straddling"),
 ]
 
 
@@ -403,8 +424,10 @@ def test_compile_fullgraph_matches_eager():
 
     def step(z, y, tau, mask, flat, target, active):
         loss, dz, st = K.loss_and_grad(z * 1.5, y, tau, mask, backend="triton")
+        ev_loss, ev = K.loss_and_stats(z, y, tau, None, backend="triton")     # an evaluation's call
         norms = K.clamp_flat_(flat, bounds, target, active, backend="triton")
-        return loss.sum() * 2, dz.sum(-1), st.correct, st.logit_norm, norms + 1, flat * 3
+        return (loss.sum() * 2, dz.sum(-1), st.correct, st.logit_norm, norms + 1, flat * 3, ev_loss + 1,
+                ev.collapsed, ev.logit_norm * 2)
 
     eager_args = [a.clone() for a in args]
     compiled_args = [a.clone() for a in args]
