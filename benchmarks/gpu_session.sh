@@ -1,33 +1,66 @@
 #!/usr/bin/env bash
-# The prepared GPU check for a lent device (the device tool's `run`; about 8 minutes, under its 10-minute
-# command limit). On the device machine (torch 2.11 + triton 3.6 preinstalled, no network):
+# The prepared GPU check for a lent device (the device tool's `run`, timeout_s 600): about 8 minutes, all
+# stages under one deadline. On the device machine (torch 2.11 + triton 3.6 preinstalled, no network):
 #
 #     bash benchmarks/gpu_session.sh        # results under $OUT (the device tool's output folder)
 #
-# 1. install fastgrok (no dependencies fetched: the image has them), print versions;
-# 2. the kernel tests on CUDA (Triton kernels compiled, not interpreted) and the trainer tests;
-# 3. benchmarks/gpu_check.py: correctness vs float64, CUDA-graph capture, kernel timings vs copy bandwidth;
-# 4. fastgrok bench: the training step up to M = 3072 (runs/GPU-hour, FLOP/s vs fp32 peak), CE, clamp
-#    (the grid section, five compiling trainers, is left for a later run); JSON written after each M and
-#    section, so a cut-off run keeps what it measured.
-# Each stage has its own time limit; a failing stage does not stop the next. Copy what comes back into
-# benchmarks/results/ and the figures into benchmarks/RESULTS.md (date, GPU, torch/triton versions).
+# 0. install fastgrok (no dependencies fetched: the image has them; if that fails, fastgrok runs from the
+#    source tree), print versions;
+# 1. benchmarks/gpu_check.py: correctness vs float64, CUDA-graph capture, kernel timings vs copy bandwidth
+#    (the correctness that only a GPU can show comes first);
+# 2. benchmarks/gpu_trainer_check.py: the compiled Trainer step through the Triton kernels vs the twins;
+# 3. the kernel tests on CUDA (Triton kernels compiled, not interpreted);
+# 4. fastgrok bench: the training step at M = 12, 768, 3072 (runs/GPU-hour, FLOP/s vs fp32 peak), then
+#    clamp and CE (the grid section, five compiling trainers, is left for a later run); JSON written after
+#    each M and section, so a cut-off run keeps what it measured.
+# A failing stage does not stop the next; every stage's console output is kept under $OUT (8 files, the
+# device tool's limit: session.log, gpu_check.md/.log, gpu_trainer_check.txt, pytest_gpu.txt,
+# bench_gpu.json/.png/.txt). Copy what comes
+# back into benchmarks/results/ and the figures into benchmarks/RESULTS.md (date, GPU, torch/triton versions).
 set -uo pipefail
 OUT=${OUT:-/tmp/fastgrok_gpu}
 mkdir -p "$OUT"
+exec > >(tee -a "$OUT/session.log") 2>&1      # everything this script prints, also kept
 export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET                      # the interpreter must not leak into a GPU run
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+DEADLINE=$((SECONDS + ${GPU_SESSION_S:-480}))
+left() {                                    # seconds for the next stage: its own cap, within the deadline
+    local cap=$1 rest=$((DEADLINE - SECONDS))
+    (( rest < cap )) && cap=$rest
+    (( cap < 5 )) && cap=5
+    echo "$cap"
+}
 
-$PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
-$PY - <<'PYEOF' 2>&1 | tee "$OUT/versions.txt"
+$PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -5
+echo "pip install exit ${PIPESTATUS[0]}"
+if ! $PY -c "import fastgrok.kernels" 2>/dev/null; then
+    echo "fastgrok not importable after install: running from the source tree"
+    ln -sfn ../kernels fastgrok/kernels
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+$PY - <<'PYEOF'
 import platform, torch, triton
 print("python", platform.python_version(), "| torch", torch.__version__, "| triton", triton.__version__,
       "| cuda", torch.version.cuda, "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device", "| date", __import__("datetime").date.today())
 PYEOF
-timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels_reference.py \
-    tests/test_trainer.py -k "not quick_preset" 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -8
-timeout 230 $PY benchmarks/gpu_check.py --out "$OUT/gpu_check.md" 2>&1 | tail -60
-timeout 220 $PY -m fastgrok.cli bench --sections step,ce,clamp --json "$OUT/bench_gpu.json" --plot "$OUT/bench_gpu.png" 2>&1 \
-    | tee "$OUT/bench_gpu.txt" | tail -60
-echo "gpu_session: done; files in $OUT"
+
+echo "== 1. gpu_check ($(left 170) s)"
+timeout "$(left 170)" $PY benchmarks/gpu_check.py --no-compile --out "$OUT/gpu_check.md" > "$OUT/gpu_check.log" 2>&1
+echo "gpu_check exit $?"; tail -45 "$OUT/gpu_check.log"
+
+echo "== 2. compiled trainer, triton vs torch kernels ($(left 100) s)"
+timeout "$(left 100)" $PY benchmarks/gpu_trainer_check.py > "$OUT/gpu_trainer_check.txt" 2>&1
+echo "gpu_trainer_check exit $?"; grep -E "wall|max|PASS|FAIL|Error" "$OUT/gpu_trainer_check.txt" | tail -8
+
+echo "== 3. kernel tests on CUDA ($(left 75) s)"
+timeout "$(left 75)" $PY -m pytest -q -rfE -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels_reference.py \
+    > "$OUT/pytest_gpu.txt" 2>&1
+echo "pytest exit $?"; tail -6 "$OUT/pytest_gpu.txt"
+
+echo "== 4. fastgrok bench ($(left 600) s)"
+timeout "$(left 600)" $PY -m fastgrok.cli bench --sections step,clamp,ce --models 12,768,3072 \
+    --json "$OUT/bench_gpu.json" --plot "$OUT/bench_gpu.png" > "$OUT/bench_gpu.txt" 2>&1
+echo "bench exit $?"; tail -40 "$OUT/bench_gpu.txt"
+echo "gpu_session: done in ${SECONDS} s; files in $OUT"

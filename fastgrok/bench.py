@@ -106,12 +106,12 @@ def section_ce(device, quick: bool, copy_gbs: float) -> list[dict]:
     shapes = [(12, 3481, 59)] if quick else [(12, 3481, 59), (12, 3481, 97), (12, 3481, 113)]
     big = (4, 1024, 8192) if quick or device.type == "cpu" else (4, 8192, 32768)
     rows = []
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)     # drawn on the device: the big case is 1e9 values
     for M, N, V in shapes + [big]:
-        z = torch.randn(M, N, V, generator=g).to(device)
-        y = torch.randint(0, V, (N,), generator=g).to(device)
+        z = torch.randn(M, N, V, generator=g, device=device)
+        y = torch.randint(0, V, (N,), generator=g, device=device)
         tau = torch.full((M,), 1.3, device=device)
-        mask = (torch.rand(M, N, generator=g) < 0.4).to(device)
+        mask = torch.rand(M, N, generator=g, device=device) < 0.4
         nbytes = 2 * z.numel() * z.element_size() + M * N * 11 + y.numel() * y.element_size()
         impl = K.resolve_backend("auto", device)
         compiled = torch.compile(tempered_ce_reference, dynamic=False)
@@ -222,12 +222,13 @@ def fastgrok_step(cfg: TrainConfig, device, compile_step: bool):
     return (lambda: step(tr.state, tr.batch)), tr
 
 
-def section_step(device, quick: bool, on_rows=None) -> list[dict]:
+def section_step(device, quick: bool, on_rows=None, models: tuple[int, ...] | None = None) -> list[dict]:
     """The training step at M models: the study's way (cells of <= 12 seeds in turn), fastgrok compiled
     and eager. Seed-steps/s of the step alone; runs/h of a RUN_STEPS-step run with its evaluations; FLOP/s
     of the arithmetic each provider executes (fastgrok's table form does less than the direct form)."""
     base = step_config(quick)
     Ms = (1, 4) if quick else ((1, 12, 96) if device.type == "cpu" else (1, 12, 96, 768, 3072))
+    Ms = models or Ms
     reps = 5 if quick else (10 if device.type == "cpu" else 30)
     peak = fp32_peak(device)
     rows = []
@@ -450,20 +451,24 @@ SECTIONS = ("ce", "clamp", "step", "grid")
 
 
 def run_bench(quick: bool, device: str, json_path: Path, plot_path: Path | None,
-              sections: tuple[str, ...] = SECTIONS) -> dict:
+              sections: tuple[str, ...] = SECTIONS, models: tuple[int, ...] | None = None) -> dict:
     """Run the sections (in the order given), print the table, write the JSON (and the PNG); returns the
-    results. The JSON is rewritten after each section and each M of the step section."""
+    results. The JSON is rewritten after each section and each M of the step section. A section that
+    fails is reported (stderr, and `errors` in the JSON) and the next one runs. `models`: the step
+    section's M values (default 1, 12, 96 on a CPU; up to 3072 on a GPU)."""
     from .trainer import resolve_device
     sections = tuple(dict.fromkeys(sections))       # each section once, in the order first given
     unknown = [x for x in sections if x not in SECTIONS]
     if unknown or not sections:
         raise ConfigError(f"sections must be among {', '.join(SECTIONS)}; got {', '.join(sections) or 'none'}")
+    if models is not None and (not models or min(models) < 1):
+        raise ConfigError(f"--models must be positive model counts, e.g. 1,12,96; got {','.join(map(str, models))}")
     dev = resolve_device(device)
     if dev.type == "cpu":
         keep_freed_memory()         # fastgrok's CPU allocator setting, for every provider alike
     copy_gbs = copy_bandwidth(dev)
     result = {"meta": meta(dev, quick), "copy_gb_per_s": copy_gbs, **{name: [] for name in SECTIONS},
-              "step_best": {}}
+              "step_best": {}, "errors": {}}
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -476,11 +481,16 @@ def run_bench(quick: bool, device: str, json_path: Path, plot_path: Path | None,
         save()
 
     runs = {"ce": lambda: section_ce(dev, quick, copy_gbs), "clamp": lambda: section_clamp(dev, quick, copy_gbs),
-            "step": lambda: section_step(dev, quick, on_rows=save_step_rows),
+            "step": lambda: section_step(dev, quick, on_rows=save_step_rows, models=models),
             "grid": lambda: section_grid(dev, quick)}
     for name in sections:
         t0 = time.perf_counter()
-        result[name] = runs[name]()
+        try:
+            result[name] = runs[name]()
+        except Exception as e:          # the next section still runs; what this one measured is kept
+            result["errors"][name] = f"{type(e).__name__}: {e}"[:2000]
+            print(f"fastgrok bench: the {name} section failed ({type(e).__name__}: {str(e)[:300]}); "
+                  "going on with the next", file=sys.stderr, flush=True)
         if name == "step":
             result["step_best"] = best_m(result["step"])
         result["meta"][f"{name}_section_s"] = time.perf_counter() - t0
@@ -494,4 +504,6 @@ def run_bench(quick: bool, device: str, json_path: Path, plot_path: Path | None,
     elif plot_path is not None:
         print("fastgrok bench: no plot: --plot draws the step section's throughput, which did not run", file=sys.stderr)
     print(f"results: {json_path}")
+    for name, err in result["errors"].items():
+        print(f"fastgrok bench: the {name} section failed: {err[:300]}", file=sys.stderr)
     return result

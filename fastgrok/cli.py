@@ -233,8 +233,15 @@ def cmd_analyze(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_bench
     sections = tuple(x.strip() for x in args.sections.split(",") if x.strip())
-    run_bench(quick=args.quick, device=args.device, json_path=args.json, plot_path=args.plot, sections=sections)
-    return 0
+    models = None
+    if args.models is not None:
+        try:
+            models = tuple(int(x) for x in args.models.split(",") if x.strip())
+        except ValueError:
+            raise ConfigError(f"--models must be comma-separated model counts, e.g. 1,12,96; got {args.models!r}")
+    result = run_bench(quick=args.quick, device=args.device, json_path=args.json, plot_path=args.plot,
+                       sections=sections, models=models)
+    return 1 if result["errors"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of throughput against M")
     p.add_argument("--sections", default="ce,clamp,step,grid",
                    help="comma-separated sections to run, in order (default: ce,clamp,step,grid)")
+    p.add_argument("--models", default=None,
+                   help="the step section's model counts M, comma-separated (default 1,12,96 on a CPU, "
+                        "1,12,96,768,3072 on a GPU)")
     return parser
 
 

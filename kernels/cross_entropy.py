@@ -11,7 +11,7 @@ count_m = number of masked rows of model m (clamped to >= 1); without a mask eve
 
 Passes over a row (the kernel reads z, writes dz once):
     1. statistics: running max, Σ exp(s − max) rescaled when the max grows, first argmax, Σ s².
-    2. readouts and the row's loss from s_y (one gathered load) and the statistics.
+    2. readouts and the row's loss from s_y (from the register tile when SINGLE, else one gathered load).
     3. gradient: softmax(s) − onehot, times w/τ, stored in the logits' dtype.
 When V fits one block (SINGLE) the row tile stays in registers and z is read once; otherwise passes 1
 and 3 each loop over V in blocks of BLOCK_V (the second read mostly hits L2).

@@ -102,3 +102,38 @@ def test_step_section_stops_at_the_first_m_that_does_not_fit(monkeypatch, capsys
     rows = bench.section_step(torch.device("cpu"), quick=True)
     assert {r["M"] for r in rows} == {1}
     assert "step at M = 4 does not fit" in capsys.readouterr().out
+
+
+def test_a_failing_section_is_reported_and_the_next_runs(tmp_path, monkeypatch, capsys):
+    """One section raising (say a compile failure on a new torch) costs that section only: the others
+    run and are written, the JSON names the failure, the exit code is 1."""
+    from fastgrok import bench
+
+    def broken(*a, **kw):
+        raise RuntimeError("inductor could not compile the reference")
+    monkeypatch.setattr(bench, "section_ce", broken)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--sections", "ce,clamp", "--json", str(out)]) == 1
+    res = json.loads(out.read_text())
+    assert res["ce"] == [] and "could not compile" in res["errors"]["ce"]
+    assert res["clamp"] and all(_positive_finite(r["gb_per_s"]) for r in res["clamp"])
+    assert "the ce section failed" in capsys.readouterr().err
+
+
+def test_models_option_reaches_the_step_section(tmp_path, monkeypatch, capsys):
+    from fastgrok import bench
+    seen = {}
+
+    def fake_step(device, quick, on_rows=None, models=None):
+        seen["models"] = models
+        return []
+    monkeypatch.setattr(bench, "section_step", fake_step)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--sections", "step", "--models", "12,768",
+                 "--json", str(out)]) == 0
+    assert seen["models"] == (12, 768)
+    capsys.readouterr()
+    for bad in ("0,12", "twelve"):
+        assert main(["bench", "--sections", "step", "--models", bad, "--json", str(tmp_path / "b.json")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastgrok: error: --models must be") and err.count("\n") == 1
