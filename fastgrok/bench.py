@@ -62,32 +62,44 @@ def _measure(fn, device, *, repeats: int, warmup: int = 1) -> dict:
     return _measure_alternating({"fn": (fn, repeats)}, device, warmup=warmup)["fn"]
 
 
-def _timed(fn, device) -> float:
+GPU_SAMPLE_S = 2e-3     # on a GPU each timed sample runs back-to-back calls for at least this long
+
+
+def _timed(fn, device, calls: int = 1) -> float:
+    """Seconds per call of `calls` back-to-back calls, the device synchronised before each clock read."""
     _sync(device)
     t0 = time.perf_counter()
-    fn()
+    for _ in range(calls):
+        fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / calls
 
 
 def _measure_alternating(fns: dict, device, *, warmup: int = 1) -> dict:
     """fns: name -> (callable, repeats). Each is warmed up (its first call timed apart), then the timed
-    calls alternate, one call of each per round until each has its repeats: on a shared, noisy machine
-    every provider sees the same conditions. Per name: median, min, max, p20, p80, first, repeats."""
-    first, times = {}, {name: [] for name in fns}
+    samples alternate, one of each per round until each has its repeats: on a shared, noisy machine
+    every provider sees the same conditions. On a GPU a sample is as many back-to-back calls as fill
+    GPU_SAMPLE_S (a kernel of microseconds would otherwise time the launch and the synchronisation);
+    on a CPU one call. Per name: median, min, max, p20, p80 (seconds per call), first, repeats, calls
+    per sample."""
+    first, times, calls = {}, {name: [] for name in fns}, {}
     for name, (fn, _) in fns.items():
         first[name] = _timed(fn, device)
         for _ in range(warmup - 1):
             fn()
+        calls[name] = 1
+        if device.type == "cuda":
+            t = _timed(fn, device)
+            calls[name] = max(1, min(1000, math.ceil(GPU_SAMPLE_S / max(t, 1e-9))))
     for rnd in range(max(reps for _, reps in fns.values())):
         for name, (fn, reps) in fns.items():
             if rnd < reps:
-                times[name].append(_timed(fn, device))
+                times[name].append(_timed(fn, device, calls[name]))
     out = {}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=5) if len(ts) > 1 else ts * 4
         out[name] = {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "p20_s": q[0],
-                     "p80_s": q[-1], "first_s": first[name], "repeats": len(ts)}
+                     "p80_s": q[-1], "first_s": first[name], "repeats": len(ts), "calls_per_sample": calls[name]}
     return out
 
 
