@@ -5,8 +5,10 @@ A user mistake (ConfigError, BackendError) prints one line on stderr and exits w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -187,14 +189,32 @@ def _add_run(sub):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """A SIGTERM to the driver (`kill PID`, a job scheduler) stops a grid as Ctrl-C does: the workers
+    checkpoint and exit, no process is left behind. (A running in-process Trainer handles SIGTERM itself.)"""
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:                              # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def cmd_run(args) -> int:
     from .executors import run_experiment
     from .trainer import Interrupted
     overrides = {k: v for k, v in (("p", args.p), ("seeds", args.seeds), ("max_steps", args.max_steps),
                                    ("compile", args.compile)) if v is not None}
     try:
-        run_dir = run_experiment(args.experiment, overrides=overrides, out=args.out, executor=args.executor,
-                                 device=args.device, progress=not args.quiet, workers=args.workers)
+        with _sigterm_as_ctrl_c():
+            run_dir = run_experiment(args.experiment, overrides=overrides, out=args.out, executor=args.executor,
+                                     device=args.device, progress=not args.quiet, workers=args.workers)
     except (Interrupted, KeyboardInterrupt) as e:
         why = str(e) or "interrupted"
         print(f"fastgrok: {why}; finished batches are kept: rerun the same command to resume", file=sys.stderr)

@@ -119,6 +119,8 @@ def _init_worker(counter, devices, threads, stopping) -> None:
     with counter.get_lock():
         i = counter.value
         counter.value += 1
+    global _DRIVER_PID
+    _DRIVER_PID = os.getppid()
     if devices:
         torch.cuda.set_device(devices[i % len(devices)])
     torch.set_num_threads(threads)
@@ -133,7 +135,14 @@ def _init_worker(counter, devices, threads, stopping) -> None:
         trainer_mod.PENDING_STOP = signal.SIGTERM
 
 
+_DRIVER_PID = None
+
+
 def _note_stop(signum, frame) -> None:
+    """A worker's SIGTERM: noted for its trainer (see _init_worker). A worker whose driver is gone (killed
+    outright) has no one to serve: it exits, instead of waiting on the job queue forever."""
+    if _DRIVER_PID is not None and os.getppid() != _DRIVER_PID:
+        os._exit(128 + signum)
     trainer_mod.PENDING_STOP = signum
 
 

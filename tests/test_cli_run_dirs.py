@@ -139,10 +139,11 @@ def test_free_rho_survives_overrides():
 
 # ----------------------------------------------------------------------------- Ctrl-C and resume
 
-def _ctrl_c_when(cmd, ready, pause: float = 0.0):
+def _ctrl_c_when(cmd, ready, pause: float = 0.0, sig=signal.SIGINT, group: bool = True):
     """Start cmd in its own process group, wait until ready(), then (after `pause` s) send SIGINT to the
-    whole group as a terminal's Ctrl-C does. Returns (process, stderr, seconds it took to exit); asserts
-    it exited with 130 and one closing line, no traceback."""
+    whole group as a terminal's Ctrl-C does (or `sig` to the process alone, group=False, as `kill PID`
+    does). Returns (process, stderr, seconds it took to exit); asserts it exited with 130 and one closing
+    line, no traceback."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                             start_new_session=True)
     deadline = time.monotonic() + 120
@@ -152,7 +153,7 @@ def _ctrl_c_when(cmd, ready, pause: float = 0.0):
             assert time.monotonic() < deadline, "the run did not get there within 120 s"
             time.sleep(0.005)
         time.sleep(pause)
-        os.killpg(proc.pid, signal.SIGINT)
+        (os.killpg if group else os.kill)(proc.pid, sig)
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=120)
         took = time.monotonic() - t0
@@ -205,17 +206,37 @@ def test_ctrl_c_while_a_worker_starts_up_stops_promptly_then_resumes(tmp_path):
     cmd = [*FASTGROK, "run", str(spec), "--out", str(out), "--quiet", "--workers", "2"]
     proc, err, took = _ctrl_c_when(cmd, lambda: any((out / "batches").glob("*/checkpoint.pt")))
     assert took < 40, f"the driver took {took:.0f} s to stop: it waited for a stuck worker"
-    for _ in range(50):                              # the group empties (workers, resource tracker)
+    _assert_group_empties(proc)
+    r = fastgrok("run", spec, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    for name in (store.MODELS, store.CURVES):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(tmp_path / "ref" / name),
+                                      check_exact=True)
+
+
+def _assert_group_empties(proc):
+    for _ in range(100):                             # the group empties (workers, resource tracker)
         left = subprocess.run(["ps", "-o", "pid=,args=", "-g", str(proc.pid)], capture_output=True,
                               text=True).stdout.strip()
         if not left:
             break
         time.sleep(0.1)
     assert not left, f"processes left in the group:\n{left}"
-    r = fastgrok("run", spec, "--out", out, "--quiet")
+
+
+def test_sigterm_to_the_driver_stops_the_workers_then_resumes(spec_path, reference, tmp_path):
+    """`kill PID` of `run --workers 2` (a scheduler's stop): the driver stops its workers as on Ctrl-C
+    (130, one line), none is left orphaned, and the same command finishes with the reference results."""
+    out = tmp_path / "run"
+    cmd = [*FASTGROK, "run", str(spec_path), "--out", str(out), "--quiet", "--workers", "2"]
+    proc, err, _ = _ctrl_c_when(cmd, lambda: any((out / "batches").glob("b*/curves.parquet")), pause=0.5,
+                                sig=signal.SIGTERM, group=False)
+    assert "stopped by signal 15" in err, err
+    _assert_group_empties(proc)
+    r = fastgrok("run", spec_path, "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
     for name in (store.MODELS, store.CURVES):
-        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(tmp_path / "ref" / name),
+        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(reference / name),
                                       check_exact=True)
 
 
