@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 import sys
 import time
@@ -245,8 +246,9 @@ def cmd_analyze(args) -> int:
     if not (args.dir / "models.parquet").exists():
         raise ConfigError(f"{args.dir} holds no results (no models.parquet)")
     result = analyze_dir(args.dir)
+    report = write_report(args.dir, result)        # the files first: a closed pipe (| head) keeps them
     render_terminal(result)
-    print(f"report: {write_report(args.dir, result)}")
+    print(f"report: {report}")
     return 0
 
 
@@ -308,6 +310,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:                      # before a trainer's own handler took over (or a second ^C)
         print("fastgrok: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:                        # output piped into `head` or a pager that quit: not an error
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        except (OSError, AttributeError, ValueError):
+            pass
+        return 141
     except Exception as e:
         if _out_of_memory(e):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -325,9 +325,20 @@ def grid_progress(run_dir, models: pd.DataFrame) -> tuple[int, int] | None:
 
 def grid_progress_warnings(run_dir, models: pd.DataFrame) -> list[str]:
     """The warning "partial: k/n cells done" when the run's grid plan has cells not done yet (see
-    `grid_progress`); none for a finished grid or a run without a plan."""
+    `grid_progress`); for a `fastgrok train` run (no plan) stopped before its end, "unfinished: stopped at
+    step s of n". None for a finished run."""
     progress = grid_progress(run_dir, models)
-    if progress is None or progress[0] == progress[1]:
+    if progress is None:
+        path = Path(run_dir) / "progress.json"            # store.PROGRESS, written by every Trainer
+        if not path.exists():
+            return []
+        p = json.loads(path.read_text())
+        if p.get("done", True):
+            return []
+        n = [f"{x:,}" if isinstance(x, int) else "?" for x in (p.get("step"), p.get("steps"))]
+        return [f"unfinished: this run stopped at step {n[0]} of {n[1]}; the "
+                f"tables cover the steps trained so far (continue it: fastgrok train --resume {run_dir})."]
+    if progress[0] == progress[1]:
         return []
     return [f"partial: {progress[0]}/{progress[1]} cells done; the tables cover the finished "
             "cells only."]

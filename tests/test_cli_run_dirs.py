@@ -333,3 +333,58 @@ def test_train_warns_about_options_it_does_not_use(tmp_path):
     assert "--d-model set the transformer's size; this run trains the mlp: ignored" in r.stderr
     assert "without --norm-target: no model is clamped" in r.stderr
     assert "--d-embed" not in r.stderr                              # used by the MLP: no warning
+
+
+def test_analyze_of_an_interrupted_train_run_says_it_is_unfinished(train_run, tmp_path, capsys):
+    """A `train` run stopped by a signal (here: the stop a worker's SIGTERM leaves pending) is analysed as
+    what it is: the terminal and report.md say at which step of how many it stopped, and how to go on."""
+    from fastgrok import trainer
+    from fastgrok.cli import main
+    out = tmp_path / "run"
+    trainer.PENDING_STOP = signal.SIGTERM
+    try:
+        assert main(["train", "--p", "17", "--seeds", "1", "--d-embed", "8", "--hidden", "16", "--steps", "200",
+                     "--no-compile", "--quiet", "--out", str(out)]) == 130
+    finally:
+        trainer.PENDING_STOP = None
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["done"] is False and progress["step"] < 200
+    capsys.readouterr()
+    assert main(["analyze", str(out)]) == 0
+    said = f"unfinished: this run stopped at step {progress['step']:,} of 200"
+    assert said in capsys.readouterr().out
+    assert said in (out / "report.md").read_text()
+    assert main(["analyze", str(train_run)]) == 0                   # a finished run: no such line
+    assert "unfinished" not in capsys.readouterr().out
+
+
+def test_analyze_into_a_closed_pipe_still_writes_the_report(train_run, tmp_path, monkeypatch):
+    """`fastgrok analyze DIR | head -3`: the report and figures are written before the tables are printed,
+    and the closed pipe ends the command quietly (141, as a SIGPIPE would), not with a traceback."""
+    import shutil
+
+    from fastgrok.cli import main
+    run = tmp_path / "run"
+    shutil.copytree(train_run, run)
+    (run / "report.md").unlink(missing_ok=True)
+
+    sink = open(tmp_path / "sink", "w")
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):                   # rich points the real stream at /dev/null through it
+            return sink.fileno()
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    try:
+        rc = main(["analyze", str(run)])
+    except SystemExit as e:                 # rich's own handling of a closed pipe: exit 1, quietly
+        rc = e.code
+    finally:
+        sink.close()
+    assert rc in (1, 141)
+    assert (run / "report.md").exists() and (run / "figures").is_dir()
