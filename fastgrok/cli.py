@@ -62,11 +62,12 @@ def _add_train(sub):
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="start from a preset (quick: groks in seconds on a CPU; study: the baseline cell)")
     defaults = TrainConfig()
+    compile_flags = p.add_mutually_exclusive_group()        # --compile X --no-compile: refused, not last-wins
     for flag, (field, kw) in _TRAIN_FLAGS.items():
         kw = dict(kw)
         if "action" not in kw and field not in ("taus", "norm_targets") and getattr(defaults, field) is not None:
             kw["help"] = (kw.get("help", "") + f" (default {getattr(defaults, field)})").strip()
-        p.add_argument(flag, dest=field, default=argparse.SUPPRESS, **kw)
+        (compile_flags if field == "compile" else p).add_argument(flag, dest=field, default=argparse.SUPPRESS, **kw)
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<time>)")
     p.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR with its saved config; with --steps N, extend it to N steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -75,9 +76,13 @@ def _add_train(sub):
 def _config_from_args(args) -> TrainConfig:
     base = PRESETS[args.preset]() if args.preset else TrainConfig()
     given = {field: getattr(args, field) for field, _ in _TRAIN_FLAGS.values() if hasattr(args, field)}
-    for k in ("taus", "norm_targets"):
+    for k, flag in (("taus", "--tau"), ("norm_targets", "--norm-target")):
         if k in given:
             given[k] = tuple(given[k])
+            twice = sorted({v for v in given[k] if given[k].count(v) > 1})
+            if twice:
+                raise ConfigError(f"{flag} lists {', '.join(f'{v:g}' for v in twice)} more than once: each value "
+                                  f"makes a cell of --seeds models; give each value once")
     if "eval_every" in given and "logit_every" not in given:
         given["logit_every"] = _logit_every(given["eval_every"])
     return dataclasses.replace(base, **given)
@@ -98,6 +103,10 @@ def _ignored_options(args, cfg: TrainConfig) -> list[str]:
     if given & {"clamp_mode", "clamp_from"} and not cfg.norm_targets:
         out.append("--clamp-mode/--clamp-from without --norm-target: no model is clamped")
     return out
+
+
+SMALL_TEST_SET = 20
+"""Fewer test pairs than this: `train` warns that a test accuracy of 0.90 can come by chance."""
 
 
 def _logit_every(eval_every: int) -> int:
@@ -159,6 +168,11 @@ def cmd_train(args) -> int:
           f"{cfg.model} {cfg.loss} {cfg.dtype} -> {run_dir}", file=sys.stderr)
     for warning in _ignored_options(args, cfg):
         print(f"fastgrok: warning: {warning}", file=sys.stderr)
+    n_test = cfg.p * cfg.p - cfg.n_train
+    if n_test < SMALL_TEST_SET:
+        print(f"fastgrok: warning: only {n_test} test pair(s) at p = {cfg.p}, train fraction {cfg.train_frac:g}: "
+              f"test accuracy moves in steps of 1/{n_test}, so T_grok (test accuracy >= {cfg.grok_threshold:g}) "
+              "can come by chance", file=sys.stderr)
     if any(t is not None for t in cfg.norm_targets) and cfg.t_clamp >= cfg.steps:
         print(f"fastgrok: warning: the clamp starts at step {cfg.t_clamp} (--clamp-from), at or after the last "
               f"step ({cfg.steps}): no model will be clamped", file=sys.stderr)
@@ -179,9 +193,10 @@ def _add_run(sub):
     p.add_argument("--p", type=int, default=None, help="override the modulus")
     p.add_argument("--seeds", type=int, default=None, help="override seeds per cell")
     p.add_argument("--max-steps", type=int, default=None, help="cap every cell's step budget")
-    p.add_argument("--compile", default=None, choices=COMPILE,
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--compile", default=None, choices=COMPILE,
                    help="torch.compile the step (default: the spec's [train] compile, else auto)")
-    p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
+    g.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<experiment>)")
     p.add_argument("--executor", default="local", choices=("local", "ray"))
     p.add_argument("--device", default="auto", choices=DEVICES)
@@ -279,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure kernels, the training step and a small grid, side by side")
     p.add_argument("--quick", action="store_true", help="small sizes, a minute or two")
     p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--json", type=Path, default=Path("bench.json"), help="where to write the JSON results")
+    p.add_argument("--json", type=Path, default=Path("bench.json"),
+                   help="where to write the JSON results (default: bench.json here)")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of throughput against M")
     p.add_argument("--sections", default="ce,clamp,step,grid",
                    help="comma-separated sections to run, in order (default: ce,clamp,step,grid)")

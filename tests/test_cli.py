@@ -60,6 +60,9 @@ BAD = {
     "unknown loss": (["--loss", "hinge"], "--loss"),
     "unknown preset": (["--preset", "huge"], "--preset"),
     "resume with run options": (["--resume", "somewhere", "--p", "5"], "--resume"),
+    "a tau given twice": (["--tau", "1", "1.3", "1"], "--tau lists 1 more than once"),
+    "a norm target given twice": (["--norm-target", "40", "40"], "--norm-target lists 40 more than once"),
+    "compile and no-compile": (["--compile", "on", "--no-compile"], "not allowed with"),
 }
 
 
@@ -241,3 +244,14 @@ def test_existing_run_directory_is_not_overwritten(reference_run):
     r = fastgrok("train", *FLAGS, "--out", reference_run)
     _assert_one_line_error(r, "already holds a run")
     assert (reference_run / "models.parquet").read_bytes() == before
+
+
+def test_a_tiny_test_set_is_flagged(tmp_path):
+    """p = 3 at train fraction 0.7: 3 test pairs, where 0.90 test accuracy means all 3 right by chance."""
+    r = fastgrok("train", "--p", "3", "--train-frac", "0.7", "--seeds", "1", "--d-embed", "8", "--hidden", "8",
+                 "--steps", "5", "--no-compile", "--quiet", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert "warning: only 3 test pair(s) at p = 3" in r.stderr
+    r = fastgrok("train", "--p", "11", "--seeds", "1", "--d-embed", "8", "--hidden", "8", "--steps", "5",
+                 "--no-compile", "--quiet", "--out", tmp_path / "run2")
+    assert r.returncode == 0 and "test pair" not in r.stderr, r.stderr
