@@ -211,6 +211,13 @@ def mediation_caution_notes(med: pd.DataFrame, cells: pd.DataFrame, *, n_boot: i
         if r["extrapolated"]:
             notes.append(f"Mediation{where}: the baseline's L0 = {format_value(r['L0'])} lies outside the "
                          "sweep's L, so T2 is the sweep's end value (np.interp does not extrapolate).")
+        T0, T1 = r.get("T0"), r.get("T1")
+        for T, v, cell in (("T0", T0, "baseline ρ = 1, τ = 1"), ("T1", T1, f"ρ = {format_value(r.get('rho_high'))}, τ = 1")):
+            if "T0" in r and pd.isna(v):
+                notes.append(f"Mediation{where}: no recovery, {T} is missing: no seed of the {cell} cell "
+                             "grokked within its budget.")
+        if "T0" in r and not pd.isna(T0) and not pd.isna(T1) and T1 == T0:
+            notes.append(f"Mediation{where}: no recovery: T1 = T0 (no delay to recover).")
         if r["n_boot_ok"] < n_boot:
             notes.append(f"Mediation{where}: {n_boot - int(r['n_boot_ok'])} of {n_boot} bootstrap resamples "
                          "gave no recovery and are left out of the CI.")
@@ -360,13 +367,15 @@ def _keys(row: pd.Series) -> dict:
     return {k: row[k] for k in A.SETTING_COLS if k in row.index}
 
 
-def _title(keys: dict, width: int = 45) -> str:
+def _title(keys: dict, width: int = 50) -> str:
     """The setting as `k=v` pairs, wrapped to lines of about `width` characters (a figure's width)."""
     text = ", ".join(f"{k}={format_value(v)}" for k, v in keys.items() if not pd.isna(v)) or "run"
     return "\n".join(textwrap.wrap(text, width))
 
 
 def _save(fig, stem: Path) -> list[Path]:
+    for ax in fig.axes:                             # settings' titles are long: keep them inside the panel
+        ax.title.set_fontsize(9)
     fig.tight_layout()
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     fig.savefig(paths[0], dpi=120)

@@ -21,7 +21,7 @@ def print_summary(cfg: TrainConfig, df: pd.DataFrame, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
     t = Table(title=f"fastgrok train: p={cfg.p} {cfg.op} {cfg.model} {cfg.loss}, {len(df)} models, {seconds:.1f} s")
-    for col in ("cell", "tau", "norm target", "grokked", "diverged", "median T_mem", "median T_grok", "test acc"):
+    for col in ("cell", "tau", "norm target", "grokked", "diverged", "median T_mem", "median T_grok", "mean test acc"):
         t.add_column(col, justify="right")
     fmt = lambda v: "-" if pd.isna(v) else f"{v:g}"
     for r in cell_summary(df).itertuples():

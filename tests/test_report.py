@@ -496,6 +496,13 @@ def test_mediation_caution_notes():
     notes = mediation_caution_notes(pd.DataFrame([clean, bad]), cells, n_boot=4000)
     assert len(notes) == 3 and all(n.startswith("Mediation for p=97") for n in notes)
     assert "do not count" in notes[0] and "L0 = 20 lies outside" in notes[1] and "10 of 4000" in notes[2]
+    # what is missing when there is no recovery: T1 (no seed of the rho_high, tau 1 cell grokked), or T1 = T0
+    full = {**clean, "rho_high": 1.15, "T0": 3675.0, "T1": 12600.0}
+    assert mediation_caution_notes(pd.DataFrame([full]), cells, n_boot=4000) == []
+    no_t1 = mediation_caution_notes(pd.DataFrame([{**full, "T1": float("nan")}]), cells, n_boot=4000)
+    assert len(no_t1) == 1 and "no recovery, T1 is missing: no seed of the ρ = 1.15, τ = 1 cell" in no_t1[0], no_t1
+    same = mediation_caution_notes(pd.DataFrame([{**full, "T1": 3675.0}]), cells, n_boot=4000)
+    assert len(same) == 1 and "T1 = T0" in same[0]
 
 
 def test_fork_caution_note_when_the_same_arm_does_not_count():
