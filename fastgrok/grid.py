@@ -120,6 +120,21 @@ def pack(spec: ExperimentSpec, cells: list[dict], budget_bytes: float) -> list[d
     return [{"id": f"b{i:03d}", "cells": b} for i, b in enumerate(batches)]
 
 
+def _dict_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, one level into nested tables (train.compile, not train), each shown
+    as key (saved -> now)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict) and not prefix:
+            out += _dict_diff(a, b, prefix=f"{k}.")
+        else:
+            out.append(f"{prefix}{k} ({a!r} -> {b!r})" if len(repr(a)) + len(repr(b)) < 60 else f"{prefix}{k}")
+    return out
+
+
 def make_plan(spec: ExperimentSpec, device: str) -> dict:
     cells = expand(spec)
     need = {}
@@ -325,7 +340,7 @@ def init_run_dir(spec: ExperimentSpec, run_dir: Path, device: str, *, check: boo
     if (run_dir / SPEC_JSON).exists():
         old = store.read_json(run_dir / SPEC_JSON)
         if old != d:
-            diff = sorted(k for k in set(old) | set(d) if old.get(k) != d.get(k))
+            diff = _dict_diff(old, d)
             raise ConfigError(f"out: {run_dir} holds a run of a different spec (differs in {', '.join(diff)}); "
                               "rerun with the same experiment and overrides to resume, or pick another --out")
         return store.read_json(run_dir / PLAN)

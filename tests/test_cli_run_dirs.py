@@ -322,7 +322,7 @@ def test_run_compile_override_is_kept_with_the_spec(spec_path, reference):
     is another spec (its rounding would differ), refused before any work."""
     assert apply_overrides(load_experiment("mediation"), compile="off").train["compile"] == "off"
     before = snapshot(reference)
-    one_line_error(fastgrok("run", spec_path, "--out", reference, "--compile", "on"), "different spec")
+    one_line_error(fastgrok("run", spec_path, "--out", reference, "--compile", "on"), "differs in train.compile ('off' -> 'on')")
     assert snapshot(reference) == before
 
 
