@@ -270,11 +270,17 @@ class _RayMapper:
     def _connect(self):
         ray = self.ray
         if not ray.is_initialized():
+            on_term = signal.getsignal(signal.SIGTERM)
             try:
                 ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError):
                 ray.init(log_to_driver=False)          # no cluster to join: a local one
                 self.started = True
+            if callable(on_term):
+                # ray.init installs its core's failure handler for SIGTERM (a crash dump and an abort);
+                # the driver's own (cli: stop as on Ctrl-C) is put back
+                with contextlib.suppress(ValueError):
+                    signal.signal(signal.SIGTERM, on_term)
         gpus = ray.cluster_resources().get("GPU", 0)
         self.task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=MAX_RETRIES,
                                retry_exceptions=[RuntimeError, OSError])(_ray_job)

@@ -507,7 +507,7 @@ def print_status(run_dir) -> None:
     df = status_table(run_dir)
     spec = store.read_json(run_dir / SPEC_JSON) if (run_dir / SPEC_JSON).exists() else {}
     cal = read_calibration(run_dir)
-    n_done = int((df["state"] == "done").sum())
+    n_done = sum(a == b for a, b in (x.split("/") for x in df["done"]))   # as the rows count (running batches too)
     # settings shared by every cell go in the title, so the table fits a terminal without truncation
     shared = [c for c in ("p", "arch", "loss", "dtype", "rho", "tau") if len(df) > 1 and df[c].nunique() == 1]
     common = ", ".join(f"{c} {df[c].iloc[0]:g}" if isinstance(df[c].iloc[0], float) else f"{c} {df[c].iloc[0]}"

@@ -302,6 +302,9 @@ class Trainer:
             bar.note("compiling the training step and the evaluation (one-off: ~45 s on a CPU at p = 59, "
                      "seconds once cached; --no-compile skips it)")
         last_checkpoint = self.step_idx
+        if not (self.run_dir / store.PROGRESS).exists():   # `status` shows a started run from its first step
+            store.write_json(self.run_dir / store.PROGRESS, {"step": self.step_idx, "done": False,
+                                                             "steps": int(self.budget.max())})
         try:
             with bar:
                 while not self.done:

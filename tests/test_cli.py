@@ -123,12 +123,21 @@ def reference_run(tmp_path_factory) -> Path:
     return out
 
 
+def _checkpointed(run: Path) -> bool:
+    """Whether a run has checkpointed: its progress.json (written at the start with step 0, then last at each
+    checkpoint, after checkpoint.pt and the results) is past step 0."""
+    try:
+        return json.loads((run / "progress.json").read_text())["step"] > 0
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def _start_and_interrupt(out: Path, sig: int) -> subprocess.Popen:
     """Start a run, wait for its first checkpoint, then send `sig` while it is still training."""
     proc = subprocess.Popen([*FASTGROK, "train", *FLAGS, "--quiet", "--out", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.monotonic() + 120
-    while not (out / "progress.json").exists():        # written last, after checkpoint.pt and the results
+    while not _checkpointed(out):
         assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.communicate()}"
         assert time.monotonic() < deadline, "no checkpoint within 120 s"
         time.sleep(0.02)

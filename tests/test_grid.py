@@ -237,8 +237,9 @@ def test_kill_9_mid_grid_then_resume(tmp_path, capsys, monkeypatch):
                             stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     b001 = out / "batches" / "b001"
     deadline = time.monotonic() + 240
-    try:   # kill once batch b000 is done and b001 has checkpointed (progress.json: its last file written)
-        while not ((out / "parts" / "b000.models.parquet").exists() and (b001 / store.PROGRESS).exists()):
+    try:   # kill once batch b000 is done and b001 has checkpointed (progress.json past step 0: its last file)
+        while not ((out / "parts" / "b000.models.parquet").exists() and (b001 / store.CHECKPOINT).exists()
+                   and (b001 / store.PROGRESS).exists() and store.read_json(b001 / store.PROGRESS)["step"] > 0):
             assert proc.poll() is None, f"fastgrok run ended before it was killed: {proc.stderr.read()}"
             assert time.monotonic() < deadline, "no batch checkpoint appeared"
             time.sleep(0.005)
@@ -383,7 +384,7 @@ def test_status_of_a_running_fork_batch(tmp_path, capsys, monkeypatch):
     assert "fork_tiny: 0/8 cells done" in _status(tmp_path, capsys, monkeypatch)
 
 
-def test_status_counts_the_cells_that_finished_inside_a_running_batch(tmp_path):
+def test_status_counts_the_cells_that_finished_inside_a_running_batch(tmp_path, capsys):
     """A batch of 4 cells (2 seeds each) at step 2000, from its saved results: cell 0 stopped at its
     budget (1500), cell 1 grokked and stopped, cells 2 and 3 still running: done 2/2, 2/2, 0/2, 0/2."""
     spec = spec_of({**MEDIATION, "seeds": 2, "calibration": {"w_c": 20.0}})
@@ -399,3 +400,25 @@ def test_status_counts_the_cells_that_finished_inside_a_running_batch(tmp_path):
     st = grid.status_table(tmp_path)
     assert list(st["done"]) == ["2/2", "2/2", "0/2", "0/2"]
     assert list(st["grokked"]) == ["0/2", "2/2", "1/2", "0/2"]
+    grid.print_status(tmp_path)                        # the title counts as the rows do: 2 of 4 cells done
+    assert "2/4 cells done" in capsys.readouterr().out
+
+
+def test_status_shows_a_started_batch_before_its_first_checkpoint(tmp_path, monkeypatch, capsys):
+    """A batch whose trainer has started (no checkpoint yet: the first comes after checkpoint_every steps)
+    reads as at its step, not "pending"."""
+    from fastgrok.trainer import Trainer
+    spec = spec_of({**MEDIATION, "seeds": 2, "calibration": {"w_c": 20.0}})
+    plan = grid.init_run_dir(spec, tmp_path, "cpu")
+    assert set(grid.status_table(tmp_path)["state"]) == {"pending"}
+
+    def stop_here(self):
+        raise RuntimeError("stopped at the first evaluation")
+    monkeypatch.setattr(Trainer, "_evaluate", stop_here)
+    bdir = tmp_path / "batches" / plan["batches"][0]["id"]
+    tr = Trainer(TrainConfig(p=7, seeds=1, d_embed=4, hidden=4, steps=300, device="cpu", compile="off"), bdir,
+                 progress=False)
+    with pytest.raises(RuntimeError, match="first evaluation"):
+        tr.run()
+    assert not (bdir / "checkpoint.pt").exists()
+    assert set(grid.status_table(tmp_path)["state"]) == {"step 0/300"}
