@@ -449,10 +449,13 @@ class _Progress:
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
-            self.live = Console().is_terminal
-            if self.live:
-                self.p = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
-                                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            console = Console()
+            self.live = console.is_terminal
+            if self.live:                           # on a narrow terminal (80 columns): no elapsed time, a short bar
+                wide = console.width >= 110
+                cols = [TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=40 if wide else 10)]
+                cols += [TimeElapsedColumn()] if wide else []
+                self.p = Progress(*cols, TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
                 self.task = self.p.add_task("train", total=total, info="")
         self.last = 0.0
         self.t0 = time.monotonic()
@@ -480,7 +483,8 @@ class _Progress:
         if records is not None:
             ev = records.evals[-1]
             info = (f"train {np.nanmean(ev[:, I_TRAIN_ACC]):.3f}  test {np.nanmean(ev[:, I_TEST_ACC]):.3f}  "
-                    f"grokked {(records.t_grok >= 0).sum()}/{self.n}  diverged {records.diverged.sum()}")
+                    f"grokked {(records.t_grok >= 0).sum()}/{self.n}"
+                    + (f"  diverged {records.diverged.sum()}" if records.diverged.any() else ""))
         now = time.monotonic()
         if not self.live:
             if records is not None and now - self.last_plain >= self.PLAIN_EVERY_S:
