@@ -1,7 +1,7 @@
 """On a CUDA GPU: the compiled training step through the Triton kernels against the eager step through the
 PyTorch twins (the only check of both custom ops inside the compiled step, the in-place clamp included).
 
-    python benchmarks/gpu_trainer_check.py [--steps 150] [--out FILE]
+    python benchmarks/gpu_trainer_check.py [--steps 100] [--out FILE]
     TRITON_INTERPRET=1 python benchmarks/gpu_trainer_check.py --device cpu --steps 60   # a dry run on a CPU
 
 The study MLP at p = 59, 2 seeds x 2 temperatures, clamped from step 50 at norm 40, trained by the
@@ -9,7 +9,8 @@ Trainer, once compiled with kernels=triton and once eager with kernels=torch (on
 minutes are few). Prints, and writes to
 --out, the largest parameter difference relative to the largest parameter, the evaluation metrics of
 both, the clamped models' norms against the target, and the per-step time of each (compile excluded).
-Exit 1 when the runs disagree beyond float32 drift (relative 1e-4) or a clamped norm is off target.
+Exit 1 when the runs disagree beyond float32 drift (relative 1e-3; a wrong gradient or a missed clamp
+is off by order 1) or a clamped norm is off target.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def run(kernels: str, steps: int, device: str, compile_step: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     args = ap.parse_args(argv)
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     lines += [f"max |flat_torch - flat_triton| / max |flat| = {rel:.3g}",
               f"clamped models' norm vs target 40 (triton run): max relative error {off:.3g}",
               "results, kernels=torch:", ra.to_string(), "results, kernels=triton:", rb.to_string()]
-    ok = rel <= 1e-4 and off <= 1e-5
+    ok = rel <= 1e-3 and off <= 1e-5
     lines.append("PASS" if ok else "FAIL")
     text = "\n".join(lines)
     print(text)
