@@ -21,8 +21,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/fastgrok_gpu}
 mkdir -p "$OUT"
-exec > >(tee -a "$OUT/session.log") 2>&1      # everything this script prints, also kept
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 unset TRITON_INTERPRET                      # the interpreter must not leak into a GPU run
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -33,8 +32,11 @@ left() {                                    # seconds for the next stage: its ow
     (( cap < 5 )) && cap=5
     echo "$cap"
 }
+T="timeout -k 10"                           # SIGTERM at the limit, SIGKILL 10 s later (a hung compile or CUDA call)
 
-$PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -5
+{                                           # everything printed goes to session.log too (the pipe waits for tee)
+
+$T 90 $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -5
 echo "pip install exit ${PIPESTATUS[0]}"
 if ! $PY -c "import fastgrok.kernels" 2>/dev/null; then
     echo "fastgrok not importable after install: running from the source tree"
@@ -48,20 +50,21 @@ print("python", platform.python_version(), "| torch", torch.__version__, "| trit
 PYEOF
 
 echo "== 1. gpu_check ($(left 130) s)"
-timeout "$(left 130)" $PY benchmarks/gpu_check.py --no-compile --out "$OUT/gpu_check.md" > "$OUT/gpu_check.log" 2>&1
+$T "$(left 130)" $PY benchmarks/gpu_check.py --no-compile --out "$OUT/gpu_check.md" > "$OUT/gpu_check.log" 2>&1
 echo "gpu_check exit $?"; tail -45 "$OUT/gpu_check.log"
 
 echo "== 2. compiled trainer, triton vs torch kernels ($(left 70) s)"
-timeout "$(left 70)" $PY benchmarks/gpu_trainer_check.py > "$OUT/gpu_trainer_check.txt" 2>&1
+$T "$(left 70)" $PY benchmarks/gpu_trainer_check.py > "$OUT/gpu_trainer_check.txt" 2>&1
 echo "gpu_trainer_check exit $?"; grep -E "wall|max|PASS|FAIL|Error" "$OUT/gpu_trainer_check.txt" | tail -8
 
 echo "== 3. kernel tests on CUDA ($(left 60) s)"
-timeout "$(left 60)" $PY -m pytest -q -rfE -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels_reference.py \
+$T "$(left 60)" $PY -m pytest -q -rfE -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels_reference.py \
     > "$OUT/pytest_gpu.txt" 2>&1
 echo "pytest exit $?"; tail -6 "$OUT/pytest_gpu.txt"
 
 echo "== 4. fastgrok bench ($(left 600) s)"
-timeout "$(left 600)" $PY -m fastgrok.cli bench --sections step,clamp,ce --models 768,3072,12 \
+$T "$(left 600)" $PY -m fastgrok.cli bench --sections step,clamp,ce --models 768,3072,12 \
     --json "$OUT/bench_gpu.json" --plot "$OUT/bench_gpu.png" > "$OUT/bench_gpu.txt" 2>&1
 echo "bench exit $?"; tail -40 "$OUT/bench_gpu.txt"
 echo "gpu_session: done in ${SECONDS} s; files in $OUT"
+} 2>&1 | tee -a "$OUT/session.log"

@@ -244,7 +244,10 @@ def section_step(device, quick: bool, on_rows=None, models: tuple[int, ...] | No
     reps = 5 if quick else (10 if device.type == "cpu" else 30)
     peak = fp32_peak(device)
     rows = []
+    too_big = math.inf                  # the smallest M that did not fit: larger ones are skipped
     for M in Ms:
+        if M >= too_big:
+            continue
         try:
             rows += _step_rows(base, M, device, reps, peak)
             if on_rows is not None:
@@ -252,7 +255,7 @@ def section_step(device, quick: bool, on_rows=None, models: tuple[int, ...] | No
         except (torch.cuda.OutOfMemoryError, ConfigError) as e:   # ConfigError: trainer.check_fits refused M
             print(f"fastgrok bench: step at M = {M} does not fit in device memory ({str(e)[:120]}); larger M skipped")
             torch.cuda.empty_cache()
-            break
+            too_big = M
     return rows
 
 

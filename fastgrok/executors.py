@@ -131,8 +131,23 @@ def _init_worker(counter, devices, threads, stopping) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _note_stop)
     trainer_mod.STOP_SIGNALS = (signal.SIGTERM,)
-    if stopping.value:                          # the driver was stopped while this worker started up
+    _sigterm_when_driver_dies()
+    if stopping.value or os.getppid() != _DRIVER_PID:   # stopped (or gone) while this worker started up
         trainer_mod.PENDING_STOP = signal.SIGTERM
+
+
+def _sigterm_when_driver_dies() -> None:
+    """Linux: have the kernel send this worker SIGTERM when its driver dies (even by kill -9): a running
+    trainer then checkpoints and stops, and the worker exits (see _pool_job), instead of training on for
+    nobody and then waiting on a dead queue."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        pass
 
 
 _DRIVER_PID = None
@@ -147,7 +162,11 @@ def _note_stop(signum, frame) -> None:
 
 
 def _pool_job(job):
-    return grid.run_job(job, progress=False)
+    try:
+        return grid.run_job(job, progress=False)
+    finally:
+        if _DRIVER_PID is not None and os.getppid() != _DRIVER_PID:
+            os._exit(143)                       # the driver is gone: no one takes the result or sends more
 
 
 @contextlib.contextmanager

@@ -138,8 +138,8 @@ def clamp_flat_triton_(flat: torch.Tensor, bounds, target: torch.Tensor, active:
     L = bounds[-1] - bounds[0]
     blk, num_warps = clamp_config(L, S, dev)
     blk = block or blk
-    if blk & (blk - 1):
-        raise ValueError(f"block must be a power of two, got {blk}")
+    if blk & (blk - 1) or blk > 2**17:
+        raise ValueError(f"block must be a power of two <= 2**17, got {blk}")
     b = _bounds_tensor(bounds, dev)                                    # (S + 1,) int32
     tgt = target.to(torch.float32).contiguous()                        # (M, S)
     act = active.contiguous()

@@ -102,6 +102,9 @@ def test_step_section_stops_at_the_first_m_that_does_not_fit(monkeypatch, capsys
     rows = bench.section_step(torch.device("cpu"), quick=True)
     assert {r["M"] for r in rows} == {1}
     assert "step at M = 4 does not fit" in capsys.readouterr().out
+    # in any order (a GPU session measures its large M first): only M at or above the refused one is skipped
+    rows = bench.section_step(torch.device("cpu"), quick=True, models=(4, 6, 1))
+    assert {r["M"] for r in rows} == {1}
 
 
 def test_a_failing_section_is_reported_and_the_next_runs(tmp_path, monkeypatch, capsys):

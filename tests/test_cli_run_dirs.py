@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -214,14 +215,42 @@ def test_ctrl_c_while_a_worker_starts_up_stops_promptly_then_resumes(tmp_path):
                                       check_exact=True)
 
 
-def _assert_group_empties(proc):
-    for _ in range(100):                             # the group empties (workers, resource tracker)
+def _assert_group_empties(proc, wait_s: float = 10):
+    for _ in range(int(wait_s * 10)):                # the group empties (workers, resource tracker)
         left = subprocess.run(["ps", "-o", "pid=,args=", "-g", str(proc.pid)], capture_output=True,
                               text=True).stdout.strip()
         if not left:
             break
         time.sleep(0.1)
     assert not left, f"processes left in the group:\n{left}"
+
+
+def test_workers_of_a_killed_driver_checkpoint_and_exit(spec_path, reference, tmp_path):
+    """kill -9 of `run --workers 2` while its workers train: the kernel's parent-death signal has each
+    worker checkpoint and exit (before: they trained on for nobody, then waited on a dead queue); the
+    same command then finishes with the reference results."""
+    out = tmp_path / "run"
+    cmd = [*FASTGROK, "run", str(spec_path), "--out", str(out), "--quiet", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:
+        while not any((out / "batches").glob("b*/curves.parquet")):
+            assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no batch got to its first evaluation within 120 s"
+            time.sleep(0.01)
+        time.sleep(0.5)
+        proc.kill()
+        proc.wait()
+        _assert_group_empties(proc, wait_s=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    r = fastgrok("run", spec_path, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    for name in (store.MODELS, store.CURVES):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(reference / name),
+                                      check_exact=True)
 
 
 def test_sigterm_to_the_driver_stops_the_workers_then_resumes(spec_path, reference, tmp_path):
