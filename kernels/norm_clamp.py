@@ -28,25 +28,31 @@ import triton.language as tl
 
 
 @triton.jit
-def _sumsq_kernel(flat_ptr, bounds_ptr, sumsq_ptr, stride_m, S, n_chunks,
-                  BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
-    m = tl.program_id(0) // n_chunks
-    pid = tl.program_id(0) % n_chunks
+def _chunk(bounds_ptr, S, pid, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Chunk `pid`'s columns, which of them are in range, and the first and last segment it overlaps
+    (first = the number of interior bounds <= its first column)."""
     ks = tl.arange(0, BLOCK_S)
     b = tl.load(bounds_ptr + ks, mask=ks <= S, other=0)              # (BLOCK_S,) bounds, padded
     lo = tl.load(bounds_ptr)
     hi = tl.load(bounds_ptr + S)
-    # 1. the chunk, squared in float32
     c0 = lo + pid * BLOCK
     cols = c0 + tl.arange(0, BLOCK)
-    ok = cols < hi
-    x = tl.load(flat_ptr + m.to(tl.int64) * stride_m + cols, mask=ok, other=0.0).to(tl.float32)
-    sq = x * x
-    # 2. one atomic per overlapped segment: first segment = number of interior bounds <= c0
     inner = (ks >= 1) & (ks < S)
     k_first = tl.sum((inner & (b <= c0)).to(tl.int32), 0)
-    c_last = tl.minimum(c0 + BLOCK, hi) - 1
-    k_last = tl.sum((inner & (b <= c_last)).to(tl.int32), 0)
+    k_last = tl.sum((inner & (b <= tl.minimum(c0 + BLOCK, hi) - 1)).to(tl.int32), 0)
+    return cols, cols < hi, k_first, k_last
+
+
+@triton.jit
+def _sumsq_kernel(flat_ptr, bounds_ptr, sumsq_ptr, stride_m, S, n_chunks,
+                  BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
+    m = tl.program_id(0) // n_chunks
+    pid = tl.program_id(0) % n_chunks
+    cols, ok, k_first, k_last = _chunk(bounds_ptr, S, pid, BLOCK, BLOCK_S)
+    # 1. the chunk, squared in float32
+    x = tl.load(flat_ptr + m.to(tl.int64) * stride_m + cols, mask=ok, other=0.0).to(tl.float32)
+    sq = x * x
+    # 2. one atomic per overlapped segment
     for k in range(k_first, k_last + 1):
         seg_lo = tl.load(bounds_ptr + k)
         seg_hi = tl.load(bounds_ptr + k + 1)
@@ -65,18 +71,9 @@ def _rescale_kernel(flat_ptr, bounds_ptr, sumsq_ptr, target_ptr, active_ptr, nor
         tl.store(norms_ptr + m * S + ks, tl.sqrt_rn(tl.load(sumsq_ptr + m * S + ks, mask=ks < S, other=0.0)),
                  mask=ks < S)
     # 2. active models: scale each column by its segment's target / (norm + 1e-12), segment by segment
-    #    over the (usually one) segments the chunk overlaps, found as in _sumsq_kernel
+    #    over the (usually one) segments the chunk overlaps
     if tl.load(active_ptr + m) != 0:
-        b = tl.load(bounds_ptr + ks, mask=ks <= S, other=0)
-        lo = tl.load(bounds_ptr)
-        hi = tl.load(bounds_ptr + S)
-        c0 = lo + pid * BLOCK
-        cols = c0 + tl.arange(0, BLOCK)
-        ok = cols < hi
-        inner = (ks >= 1) & (ks < S)
-        k_first = tl.sum((inner & (b <= c0)).to(tl.int32), 0)
-        c_last = tl.minimum(c0 + BLOCK, hi) - 1
-        k_last = tl.sum((inner & (b <= c_last)).to(tl.int32), 0)
+        cols, ok, k_first, k_last = _chunk(bounds_ptr, S, pid, BLOCK, BLOCK_S)
         ptrs = flat_ptr + m.to(tl.int64) * stride_m + cols
         x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
         out = x
