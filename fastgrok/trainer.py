@@ -303,8 +303,7 @@ class Trainer:
                      "seconds once cached; --no-compile skips it)")
         last_checkpoint = self.step_idx
         if not (self.run_dir / store.PROGRESS).exists():   # `status` shows a started run from its first step
-            store.write_json(self.run_dir / store.PROGRESS, {"step": self.step_idx, "done": False,
-                                                             "steps": int(self.budget.max())})
+            self._write_progress()
         try:
             with bar:
                 while not self.done:
@@ -394,6 +393,9 @@ class Trainer:
             return
         store.write_parquet(self.run_dir / store.MODELS, self.results())
         store.write_parquet(self.run_dir / store.CURVES, self.curves())
+        self._write_progress()
+
+    def _write_progress(self) -> None:
         store.write_json(self.run_dir / store.PROGRESS, {"step": self.step_idx, "done": self.done,
                                                          "steps": int(self.budget.max())})
 
