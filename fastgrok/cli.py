@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import COMPILE, DEVICES, DTYPES, KERNELS, LOSSES, MODELS, OPS, PRESETS, ConfigError, TrainConfig
+from .config import COMPILE, DEVICES, DTYPES, INITS, KERNELS, LOSSES, MODELS, OPS, PRESETS, ConfigError, TrainConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +45,8 @@ _TRAIN_FLAGS = {
     "--d-model": ("d_model", dict(type=int, help="transformer width")),
     "--n-heads": ("n_heads", dict(type=int)),
     "--d-mlp": ("d_mlp", dict(type=int, help="transformer MLP width")),
+    "--init": ("init", dict(choices=INITS, help="initial weights: model (each from its own seed) or study "
+                                               "(the study's cell-level draw: seed for seed its weights)")),
     "--layernorm": ("layernorm", dict(action="store_const", const=True, help="transformer: pre-LayerNorm")),
     "--dtype": ("dtype", dict(choices=DTYPES)),
     "--device": ("device", dict(choices=DEVICES)),

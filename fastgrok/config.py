@@ -18,6 +18,7 @@ DEVICES = ("auto", "cpu", "cuda")
 KERNELS = ("auto", "triton", "torch")
 CLAMP_MODES = ("total", "layer")
 COMPILE = ("auto", "on", "off")
+INITS = ("model", "study")
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,10 @@ class TrainConfig:
     """Transformer: MLP hidden width."""
     layernorm: bool = False
     """Transformer: LayerNorm before attention, MLP and unembedding."""
+    init: str = "model"
+    """Initial weights: `model` draws each model from its own seed (its weights depend on its seed
+    alone); `study` is the study's cell-level draw (one generator seeded with the cell's first seed draws
+    all its seeds' matrices; the weights depend on the cell's seed0 and seed count). See models.py."""
 
     # --- cells and seeds ---
     seeds: int = 12
@@ -131,6 +136,7 @@ class TrainConfig:
         _choice("kernels", self.kernels, KERNELS)
         _choice("clamp_mode", self.clamp_mode, CLAMP_MODES)
         _choice("compile", self.compile, COMPILE)
+        _choice("init", self.init, INITS)
         if not isinstance(self.p, int) or self.p < 2:
             raise ConfigError(f"p must be an integer >= 2, got {self.p!r}")
         if self.op == "div" and not is_prime(self.p):
@@ -252,8 +258,8 @@ def study_mlp_p59() -> TrainConfig:
 def quick_cpu() -> TrainConfig:
     """A configuration that groks in seconds on a 2-core CPU (see README).
 
-    Measured on the 2-core CPU machine: seeds 0-11 each memorise at step 50 and grok between steps 425 and
-    875; `fastgrok train --preset quick` groks 4/4 (median T_grok 675). Its run is too short to repay
+    Measured on the 2-core CPU machine (2026-12-02, E / sqrt(d) init): `fastgrok train --preset quick`
+    memorises at step 50 and groks 4/4 (median T_grok 575). Its run is too short to repay
     compilation: 6.7 s wall eager (4.1 s training) vs ~43 s with torch.compile, so the preset
     runs eager (`--compile on` to override). The study's width (d 128, H 256), train fraction 0.5 or
     lr 3e-3 take several times as many steps."""

@@ -4,9 +4,14 @@ Layout of the flat buffer: all matrices first (they take weight decay and the cl
 (biases, LayerNorm gains). `ParamLayout.views(flat)` gives named (M, ...) views; `bounds` are the
 matrix segments' offsets (the clamp's per-layer segments), `n_mat` where the matrices end.
 
-Initialisation: each matrix N(0, 1)/sqrt(fan_in) with fan_in = its first dimension, biases 0, drawn in
-float32 on the CPU from the model's own generator (seeded by its seed), so a model's weights never
-depend on the batch it trains in, and a float64 run starts from the same weights as a float32 one.
+Initialisation: each matrix N(0, 1)/sqrt(its `fans` entry), biases 0 (LayerNorm gains 1), drawn in
+float32 on the CPU (a float64 run starts from the same weights as a float32 one). The MLP's fans are the
+study's code's: E (p x d) / sqrt(d), the embedding WIDTH, W1 / sqrt(2d), W2 / sqrt(H). Two draws:
+- per model (`init = "model"`, the default): matrices in layout order from a generator seeded by the
+  model's own seed, so its weights depend on its seed alone, never on its batch, cell or grid;
+- the study's (`init = "study"`): one generator seeded with the cell's first seed draws each matrix for
+  all S seeds of the cell at once, `randn(S, *shape)` in layout order, each divided by its scale; the
+  model with seed seed0 + s takes slice s. Its weights depend on its cell (seed0, S), never on the batch.
 
 The MLP has a hand-written backward (exact algebra, one screen): it keeps the training step a plain
 tensor program that torch.compile traces whole. The transformer uses autograd.
@@ -27,6 +32,7 @@ class ParamLayout:
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     n_matrices: int            # the first n_matrices entries are matrices
+    fans: tuple[int, ...]      # matrix i starts as N(0, 1) / sqrt(fans[i])
 
     @property
     def sizes(self) -> list[int]:
@@ -61,14 +67,33 @@ class ParamLayout:
         M = next(iter(tensors.values())).shape[0]
         return torch.cat([tensors[n].reshape(M, -1) for n in self.names], 1)
 
-    def init(self, seeds: list[int], dtype: torch.dtype, device) -> torch.Tensor:
-        rows = []
-        for s in seeds:
-            g = torch.Generator().manual_seed(int(s))
-            parts = [torch.randn(shape, generator=g) / math.sqrt(shape[0]) for shape in self.shapes[: self.n_matrices]]
-            parts += [_vector_init(n, shape) for n, shape in zip(self.names[self.n_matrices:], self.shapes[self.n_matrices:])]
-            rows.append(torch.cat([p.reshape(-1) for p in parts]))
-        return torch.stack(rows).to(device=device, dtype=dtype)
+    def init(self, seeds: list[int], dtype: torch.dtype, device, *,
+             cells: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """(M, P) initial parameters of the models with these seeds. `cells`: None draws each model from
+        its own seed (`init = "model"`); else, per model, its cell's (first seed, number of seeds), and
+        the study's cell-level draw is used (`init = "study"`, see the module docstring)."""
+        if cells is None:
+            rows = [self._matrices(torch.Generator().manual_seed(int(s)), ()) for s in seeds]
+            mats = [torch.stack([r[i] for r in rows]) for i in range(self.n_matrices)]      # (M, *shape)
+        else:
+            draws = {}
+            for c0, S in set(cells):
+                draws[(c0, S)] = self._matrices(torch.Generator().manual_seed(int(c0)), (S,))  # (S, *shape)
+            for s, (c0, S) in zip(seeds, cells):
+                if not 0 <= s - c0 < S:
+                    raise ValueError(f"seed {s} is not one of its cell's seeds {c0}..{c0 + S - 1}")
+            mats = [torch.stack([draws[c][i][s - c[0]] for s, c in zip(seeds, cells)])
+                    for i in range(self.n_matrices)]
+        M = len(seeds)
+        vecs = [_vector_init(n, shape).expand(M, *shape)
+                for n, shape in zip(self.names[self.n_matrices:], self.shapes[self.n_matrices:])]
+        flat = torch.cat([t.reshape(M, -1) for t in mats + vecs], 1)
+        return flat.to(device=device, dtype=dtype)
+
+    def _matrices(self, g: torch.Generator, lead: tuple[int, ...]) -> list[torch.Tensor]:
+        """Each matrix drawn from g in layout order, shape lead + its shape, divided by sqrt(its fan)."""
+        return [torch.randn(lead + shape, generator=g) / math.sqrt(fan)
+                for shape, fan in zip(self.shapes[: self.n_matrices], self.fans)]
 
 
 def _vector_init(name: str, shape) -> torch.Tensor:
@@ -149,7 +174,8 @@ class MLP:
         p, d, H = cfg.p, cfg.d_embed, cfg.hidden
         self.p, self.d = p, d
         self.layout = ParamLayout(names=("E", "W1", "W2", "b1", "b2"),
-                                  shapes=((p, d), (2 * d, H), (H, p), (H,), (p,)), n_matrices=3)
+                                  shapes=((p, d), (2 * d, H), (H, p), (H,), (p,)), n_matrices=3,
+                                  fans=(d, 2 * d, H))              # the study's code: E / sqrt(d), not sqrt(p)
 
     def plan(self, a: torch.Tensor, b: torch.Tensor) -> dict:
         """Index plan of loss_and_grads' backward for fixed rows a, b (M, N); build it once per split."""
@@ -235,7 +261,8 @@ class Transformer:
                 shapes += [(D,)] * 4
             names += ["lnf_g", "lnf_b"]
             shapes += [(D,)] * 2
-        self.layout = ParamLayout(names=tuple(names), shapes=tuple(shapes), n_matrices=n_mat)
+        fans = tuple(shape[0] for shape in shapes[:n_mat])
+        self.layout = ParamLayout(names=tuple(names), shapes=tuple(shapes), n_matrices=n_mat, fans=fans)
 
     def _norm(self, x, P, name):
         if not self.ln:

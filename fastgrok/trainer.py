@@ -117,7 +117,7 @@ class Records:
     stop: np.ndarray | None = None   # (M,) int: the step a model stopped at, -1 = running
 
 
-ROW_ONLY = ("t_clamp", "budget", "layer_fracs")
+ROW_ONLY = ("t_clamp", "budget", "layer_fracs", "cell_seed0", "cell_seeds")
 """Table-row keys the trainer consumes and does not copy into results()."""
 
 
@@ -155,7 +155,10 @@ class Trainer:
             tau=torch.tensor([r["tau"] for r in self.table], dtype=self.dtype, device=dev),
             clamp_on=torch.tensor([r["norm_target"] is not None for r in self.table], device=dev),
             t_clamp=torch.tensor([r.get("t_clamp", cfg.t_clamp) for r in self.table], dtype=torch.int64, device=dev))
-        flat = lay.init(seeds, self.dtype, dev)
+        cells = None
+        if cfg.init == "study":     # each model's cell: its first seed and seed count (train: seed0, seeds)
+            cells = [(r.get("cell_seed0", cfg.seed0), r.get("cell_seeds", cfg.seeds)) for r in self.table]
+        flat = lay.init(seeds, self.dtype, dev, cells=cells)
         self.state = {
             "flat": flat, "m": torch.zeros_like(flat), "v": torch.zeros_like(flat),
             "t": torch.zeros(M, dtype=torch.int64, device=dev),
