@@ -9,8 +9,8 @@ The inputs follow the run-directory schema the trainer writes:
     curves.parquet  long format: model, step, metric, value.
 
 The study's conventions (see paper-notes):
-- A cell's T_grok (T_mem) is the median over the seeds that reached it; a cell *counts* only if a
-  strict majority of its seeds grokked. Delay = median T_grok - median T_mem.
+- A cell's T_grok (T_mem) is the median over the seeds that reached it; a cell *counts* when at
+  least half of its seeds grokked (n_grokked >= 0.5 n). Delay = median T_grok - median T_mem.
 - A cell's L at a step is the mean over its models of `logit_scale` at that step; its L at grok
   (`L_grok`) is L at the logged step nearest its median T_grok (the earlier step on a tie).
 - Bootstrap CIs resample seeds with `rng = np.random.default_rng(0)`, one `rng.integers(0, S, S)`
@@ -41,6 +41,13 @@ ATOL = 1e-6
 """Tolerance when matching a cell's rho or tau to a requested value."""
 STUDY_RHO_HIGH = 1.15
 """The study's raised dose: the mediation's rho_high when several doses have a tau sweep."""
+COLLAPSE_JUMP = 2.5
+"""Dose law: the collapse onset is the first cell (ascending rho) whose L at grok exceeds this many
+times the previous cell's."""
+DOSE_RHO_MAX = 1.15
+"""Dose law: the study's collapse-free fit keeps rho <= this."""
+DOSE_MIN_CELLS = 3
+"""Dose law: the fewest cells a fit is made with."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,6 +90,13 @@ def _nanmedian(x: np.ndarray, axis=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmedian(x, axis=axis)
+
+
+def _nanmean(x: np.ndarray, axis=None):
+    """np.nanmean without the empty-slice warning (an all-NaN slice gives NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(x, axis=axis)
 
 
 def _cell_value(s: pd.Series):
@@ -170,10 +184,10 @@ def cell_table(models: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.D
         row.update(
             n_seeds=n, n_grokked=n_grok,
             n_diverged=int(np.nansum(_num(g["diverged"]))) if "diverged" in g else 0,
-            counts=bool(2 * n_grok > n),
+            counts=bool(2 * n_grok >= n),                       # the study's n_grokked >= 0.5 n
             T_mem=float(_nanmedian(tm)), T_grok=float(_nanmedian(tg)))
         row["delay"] = row["T_grok"] - row["T_mem"]
-        row["sc_rate"] = float(np.nanmean(_num(g["sc_rate"]))) if "sc_rate" in g and n else np.nan
+        row["sc_rate"] = float(_nanmean(_num(g["sc_rate"]))) if "sc_rate" in g and n else np.nan
         row["W_final"] = float(_nanmedian(_num(g["weight_norm"]))) if "weight_norm" in g else np.nan
         rows.append(row)
     cells = pd.DataFrame(rows)
@@ -391,7 +405,7 @@ def ols_r2(y, *xs) -> float:
 
 
 def counting_cells(cells: pd.DataFrame) -> pd.DataFrame:
-    """Non-fork cells that count (majority grokked) with a positive T_grok."""
+    """Non-fork cells that count (at least half their seeds grokked) with a positive T_grok."""
     c = cells.loc[~is_fork(cells) & cells["counts"].astype(bool).to_numpy()]
     return c.loc[_num(c["T_grok"]) > 0]
 
@@ -443,27 +457,83 @@ def dose_groups(cells: pd.DataFrame):
             yield keys, g
 
 
+def collapse_free_cells(cells: pd.DataFrame) -> pd.DataFrame:
+    """One setting's cells for the study's dose-law fit: its counting tau = 1 clamp cells (non-fork,
+    one per rho) in ascending rho, cut before the first whose L at grok is more than COLLAPSE_JUMP x
+    the previous cell's (the softmax-collapse onset), then rho <= DOSE_RHO_MAX. Column W: the median over
+    grokked seeds of ‖W‖ at grok (W_grok) where known, else the cell's ‖W‖ of `with_norm`."""
+    c = with_norm(counting_cells(cells))
+    c = c.loc[match_value(c["tau"], 1.0) & np.isfinite(_num(c["rho"]))] if has_values(c, "tau") else c.iloc[:0]
+    if "layer_fracs" in c.columns:
+        c = c.loc[c["layer_fracs"].isna().to_numpy()]
+    c = c.sort_values("rho", kind="stable")
+    L = _num(c["L_grok"])
+    cut = len(c)
+    for i in range(1, len(c)):
+        if L[i] > COLLAPSE_JUMP * L[i - 1]:
+            cut = i
+            break
+    c = c.iloc[:cut]
+    c = c.loc[_num(c["rho"]) <= DOSE_RHO_MAX + ATOL]
+    Wg = _num(c["W_grok"]) if "W_grok" in c.columns else np.full(len(c), np.nan)
+    return c.assign(W=np.where(np.isfinite(Wg), Wg, c["W"].to_numpy()))
+
+
+def _fit_row(g: pd.DataFrame) -> dict:
+    y, w = np.log(_num(g["T_grok"])), g["W"].to_numpy(dtype="float64")
+    X = np.column_stack([np.ones_like(w), w])  # (N, 2)
+    (c0, alpha), *_ = np.linalg.lstsq(X, y, rcond=None)
+    return {"n_cells": len(g), "W_min": float(w.min()), "W_max": float(w.max()), "c": float(c0),
+            "alpha": float(alpha), "r2": ols_r2(y, w)}
+
+
 def dose_law(cells: pd.DataFrame) -> pd.DataFrame:
-    """Per setting and tau: fit ln T_grok = c + alpha * ‖W‖ over the counting cells, ‖W‖ being the
-    cell's norm_target, or its median final weight_norm (W_final) when unclamped. Columns n_cells,
-    W_min, W_max, c, alpha, r2; settings with fewer than 3 distinct ‖W‖ are left out."""
+    """Fits of ln T_grok = c + alpha * ‖W‖, two rows kinds (column `fit`):
+    - "collapse-free": the study's fit, per setting, over `collapse_free_cells` (tau = 1, cut at the
+      collapse onset, rho <= 1.15), made only with >= DOSE_MIN_CELLS cells;
+    - "whole grid": per setting and tau, over every counting cell, ‖W‖ being the cell's norm_target, or
+      its median final weight_norm (W_final) when unclamped; >= 3 distinct ‖W‖.
+    Columns: the setting (and tau), fit, n_cells, W_min, W_max, c, alpha, r2."""
     rows = []
+    if has_values(cells, "rho"):
+        for keys, g in setting_groups(cells.loc[~is_fork(cells)]):
+            free = collapse_free_cells(g)
+            if len(free) >= DOSE_MIN_CELLS and free["W"].round(9).nunique() >= 2:
+                rows.append({**keys, "tau": 1.0, "fit": "collapse-free", **_fit_row(free)})
     for keys, g in dose_groups(counting_cells(cells)):
-        y, w = np.log(_num(g["T_grok"])), g["W"].to_numpy()
-        X = np.column_stack([np.ones_like(w), w])  # (N, 2)
-        (c0, alpha), *_ = np.linalg.lstsq(X, y, rcond=None)
-        rows.append({**keys, "n_cells": len(g), "W_min": float(w.min()), "W_max": float(w.max()),
-                     "c": float(c0), "alpha": float(alpha), "r2": ols_r2(y, w)})
+        rows.append({**keys, "fit": "whole grid", **_fit_row(g)})
     return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------------------------
 # Same-state forks
 # ---------------------------------------------------------------------------------------------
+def fork_ratio(delays: np.ndarray, *, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float, float, int]:
+    """The study's same-state ratio of one arm to "same": delays (2, S) per seed (row 0 the arm, row 1
+    "same"; NaN = did not grok), over the seeds idx that grokked in BOTH arms: median(arm[idx]) /
+    median(same[idx]); CI from n_boot paired resamples b = rng.choice(idx, len(idx), True) with
+    rng = default_rng(seed), b applied to both arms, 2.5 / 97.5 percentiles. Returns (ratio, lo, hi,
+    len(idx)); NaNs when no seed grokked in both."""
+    D = np.asarray(delays, dtype="float64")
+    idx = np.nonzero(np.isfinite(D[0]) & np.isfinite(D[1]))[0]
+    if idx.size == 0:
+        return np.nan, np.nan, np.nan, 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float(np.median(D[0, idx]) / np.median(D[1, idx]))
+        rng = np.random.default_rng(seed)
+        samples = np.empty(n_boot)
+        for k in range(n_boot):
+            b = rng.choice(idx, len(idx), True)
+            samples[k] = np.median(D[0, b]) / np.median(D[1, b])
+    ok = samples[np.isfinite(samples)]
+    lo, hi = np.percentile(ok, [2.5, 97.5]) if ok.size else (np.nan, np.nan)
+    return ratio, float(lo), float(hi), int(idx.size)
+
+
 def fork_table(models: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
     """Per fork (setting, tau, fork_step) and arm: delay_from_fork, the median over the seeds that
-    grokked of T_grok - fork_step; for each arm but "same", ratio = delay(arm) / delay(same)
-    with a paired bootstrap CI (seeds paired by id; a fresh default_rng(seed) per ratio)."""
+    grokked of T_grok - fork_step; for each arm but "same", ratio = delay(arm) / delay(same) over the
+    seeds that grokked in both arms (n_both), with the study's paired bootstrap CI (`fork_ratio`)."""
     if "arm" not in models.columns or "fork_step" not in models.columns:
         raise ValueError("fork_table needs the columns 'arm' and 'fork_step'")
     f = models.loc[models["arm"].notna()]
@@ -479,11 +549,9 @@ def fork_table(models: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0) -> 
             row = {**keys, "arm": a, "cell": cell_of[a], "n_seeds": len(ga),
                    "n_grokked": int(np.isfinite(ga["delay_from_fork"]).sum()),
                    "delay_from_fork": float(_nanmedian(ga["delay_from_fork"].to_numpy())),
-                   "ratio": np.nan, "ci_low": np.nan, "ci_high": np.nan}
+                   "ratio": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n_both": np.nan}
             if a != "same" and "same" in cell_of:
                 D, _ = seed_matrix(g, [cell_of[a], cell_of["same"]], col="delay_from_fork")
-                ratio = lambda med: med[0] / med[1]  # noqa: E731
-                row["ratio"], row["ci_low"], row["ci_high"], _ = paired_bootstrap(
-                    D, ratio, n_boot=n_boot, seed=seed)
+                row["ratio"], row["ci_low"], row["ci_high"], row["n_both"] = fork_ratio(D, n_boot=n_boot, seed=seed)
             rows.append(row)
     return pd.DataFrame(rows)

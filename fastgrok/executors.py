@@ -85,7 +85,8 @@ def _run_plan(spec, plan, run_dir, device, compile_mode, mapper, progress, bar) 
         for job, (models, curves) in mapper(jobs, progress, bar):
             cal = grid.record_calibration(run_dir, job["id"], models, curves)
             bar.note(f"calibration {job['id']}: w_c = {cal['w_c']:.4g} ({cal['n_grokked']}/{cal['seeds']} "
-                     f"grokked{'' if cal['source'] == 'grok' else '; none grokked: median final ||W||'})")
+                     f"grokked; median ||W|| at step {cal['step']}, "
+                     f"{'where the last seed grokked' if cal['source'] == 'last grok' else 'the budget'})")
             if cal["n_grokked"] == 0:
                 bar.warn(f"no calibration model grokked within {grid.calibration_steps(spec)} steps, so w_c is "
                          "not the norm at grokking and every rho is relative to it; consider more calibration "

@@ -215,7 +215,7 @@ def batch_job(spec: ExperimentSpec, plan: dict, batch: dict, w_c: dict, run_dir:
     if spec.fork is None:
         job["rows"] = [{"model": c["model0"] + s, "cell": c["cell"], "seed": seed0 + s, "tau": c["tau"],
                         "norm_target": target(c), "rho": c["rho"], "budget": c["budget"], "t_clamp": cfg.t_clamp,
-                        "layer_fracs": c["layer_fracs"]}
+                        "layer_fracs": c["layer_fracs"], "cell_seed0": seed0, "cell_seeds": c["seeds"]}
                        for c in cells for s in range(c["seeds"])]
         return job
     # forks: parents (one per parent id, in order) train to the fork step; arms copy their rows
@@ -225,11 +225,13 @@ def batch_job(spec: ExperimentSpec, plan: dict, batch: dict, w_c: dict, run_dir:
             parents[c["parent"]] = len(parent_rows)
             parent_rows += [{"model": len(parent_rows) + s, "cell": c["parent"], "seed": seed0 + s, "tau": c["tau"],
                              "norm_target": target(c), "rho": c["rho"], "budget": c["fork_step"],
-                             "t_clamp": cfg.t_clamp} for s in range(c["seeds"])]
+                             "t_clamp": cfg.t_clamp, "cell_seed0": seed0, "cell_seeds": c["seeds"]}
+                            for s in range(c["seeds"])]
         for s in range(c["seeds"]):
             arm_rows.append({"model": c["model0"] + s, "cell": c["cell"], "seed": seed0 + s, "tau": c["tau"],
                              "norm_target": None, "rho": None, "budget": c["budget"], "t_clamp": c["fork_step"],
-                             "parent_row": parents[c["parent"]] + s, "factor": c["factor"]})
+                             "parent_row": parents[c["parent"]] + s, "factor": c["factor"],
+                             "cell_seed0": seed0, "cell_seeds": c["seeds"]})
     job["rows"] = arm_rows
     job["fork"] = {"step": spec.fork.step, "parents": parent_rows}
     return job
@@ -242,7 +244,7 @@ def calibration_job(spec: ExperimentSpec, cal: dict, run_dir: Path, device: str,
     return {"kind": "calibration", "id": cal["key"], "dir": str(Path(run_dir) / "calibration" / cal["key"]),
             "cfg": _cfg(spec, {**cal["shape"], "dtype": "float32"}, device, compile_mode, steps),
             "rows": [{"model": s, "cell": 0, "seed": cfg.seed0 + s, "tau": 1.0, "norm_target": None, "rho": None,
-                      "budget": steps} for s in range(n)],
+                      "budget": steps, "cell_seed0": cfg.seed0, "cell_seeds": n} for s in range(n)],
             "compact_frac": 0.0, "columns": None, "fork": None}
 
 
@@ -315,14 +317,22 @@ def attach_columns(models: pd.DataFrame, columns: dict) -> pd.DataFrame:
 
 
 def calibrate_from(models: pd.DataFrame, curves: pd.DataFrame) -> dict:
-    """w_c = median over the seeds that grokked of ||W|| at their T_grok (curves' weight_norm); if none
-    grokked, the median final ||W|| (flagged source = "final")."""
-    w = curves.loc[curves["metric"] == "weight_norm"].set_index(["model", "step"])["value"]
-    g = models.dropna(subset=["t_grok"])
-    vals = [float(w.loc[(int(m), int(t))]) for m, t in zip(g["model"], g["t_grok"])]
-    if vals:
-        return {"w_c": float(np.median(vals)), "source": "grok", "n_grokked": len(vals), "seeds": len(models)}
-    return {"w_c": float(np.median(models["weight_norm"])), "source": "final", "n_grokked": 0, "seeds": len(models)}
+    """w_c, the study's rule: its free control run stops at the step its LAST seed groks, and w_c is the
+    median over the seeds of ||W|| at THAT step (the study's `wn_at_grok`: each seed's norm at the end of
+    the control run, not at its own T_grok). A control whose seeds did not all grok ran to its budget:
+    the median of the norms there (source "budget"; none grokked is flagged by the report).
+    A seed whose curve ends earlier (it diverged) gives its last norm."""
+    w = curves.loc[curves["metric"] == "weight_norm"].sort_values("step")
+    t_grok = pd.to_numeric(models["t_grok"], errors="coerce")
+    n_grokked = int(t_grok.notna().sum())
+    if n_grokked == len(models):
+        end, source = int(t_grok.max()), "last grok"
+    else:
+        end, source = int(pd.to_numeric(models["steps"]).max()), "budget"
+    upto = w.loc[w["step"] <= end].groupby("model")["value"].last()       # each seed's norm at `end`
+    vals = upto.reindex(models["model"].to_numpy()).dropna().to_numpy(dtype="float64")
+    return {"w_c": float(np.median(vals)), "source": source, "step": end, "n_grokked": n_grokked,
+            "seeds": len(models)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def fork_caution_notes(forks: pd.DataFrame) -> list[str]:
     notes = []
     same = forks.loc[forks["arm"] == "same"]
     for _, r in same.iterrows():
-        if 2 * int(r["n_grokked"]) <= int(r["n_seeds"]):
+        if 2 * int(r["n_grokked"]) < int(r["n_seeds"]):     # does not count: fewer than half grokked
             where = ", ".join(f"{k}={format_value(r[k])}" for k in ("p", "tau", "fork_step") if k in r)
             notes.append(f"Forks ({where}): only {int(r['n_grokked'])}/{int(r['n_seeds'])} seeds of the "
                          "\"same\" arm grokked, so the ratios against it rest on those few; read them with care.")
@@ -266,7 +266,7 @@ def missing_fit_notes(cells: pd.DataFrame) -> list[str]:
 
 
 def _counting_line(cells: pd.DataFrame) -> str:
-    return (f"{len(A.counting_cells(cells))} of its {len(cells)} cells count (a majority of "
+    return (f"{len(A.counting_cells(cells))} of its {len(cells)} cells count (at least half their "
             "seeds grokked)")
 
 
@@ -297,12 +297,13 @@ def dose_law_skip_notes(cells: pd.DataFrame) -> list[str]:
 
 def calibration_table(run_dir) -> pd.DataFrame:
     """The run's clamp calibration (DIR/calibration.json, written by `grid.record_calibration`): per
-    calibration key, w_c, n_grokked of seeds, and its source ("grok": the median ‖W‖ at the seeds'
-    T_grok; "final": no seed grokked, the median final ‖W‖). Empty when the run has none."""
+    calibration key, w_c, n_grokked of seeds, the step its norms were read at and its source ("last
+    grok": every seed grokked, the median ‖W‖ at the step the last one did, the study's rule; "budget":
+    the control ran to its budget, the median ‖W‖ there). Empty when the run has none."""
     from fastgrok import grid  # here, not at the top: it imports torch, which no table needs
 
     cal = grid.read_calibration(run_dir)
-    cols = ["key", "w_c", "n_grokked", "seeds", "source"]
+    cols = ["key", "w_c", "n_grokked", "seeds", "step", "source"]
     return pd.DataFrame([{"key": k, **{c: v.get(c) for c in cols[1:]}} for k, v in cal.items()],
                         columns=cols)
 
@@ -311,7 +312,7 @@ def calibration_warnings(calibration: pd.DataFrame) -> list[str]:
     """A warning per calibration in which no seed grokked: its w_c is not a critical norm, so every
     rho of that setting is relative to a meaningless w_c."""
     return [f"no calibration seed grokked for {r.key} (0/{format_value(r.seeds)}): w_c = "
-            f"{format_value(r.w_c)} is the median final ‖W‖, not ‖W‖ at grok, so every rho of this "
+            f"{format_value(r.w_c)} is the median ‖W‖ at the budget's end, not where grokking ended, so every rho of this "
             "setting is relative to a meaningless w_c."
             for r in calibration.itertuples() if r.n_grokked == 0]
 

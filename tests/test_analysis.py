@@ -36,7 +36,8 @@ def _logit_curves(models, L_of_cell, steps=range(0, 6001, 200)):
 def test_cell_medians_skip_non_grokked_seeds():
     # cell 0: t_grok (100, 200, -, 400) -> median of {100, 200, 400} = 200; 3 of 4 grokked -> counts
     #         t_mem  (25, 50, 75, -)    -> median of {25, 50, 75} = 50; delay = 200 - 50 = 150
-    # cell 1: t_grok (300, -, -, 500)   -> median 400, 2 of 4 is not a strict majority -> no count
+    # cell 1: t_grok (300, -, -, 500)   -> median 400, 2 of 4: exactly half counts (the study's
+    #         n_grokked >= 0.5 n; a strict majority would not)
     #         t_mem  (25, 25, 50, 100)  -> median (25 + 50) / 2 = 37.5; delay = 362.5
     m = _models([(0, 0, 1.0, 1.0, 25, 100), (0, 1, 1.0, 1.0, 50, 200), (0, 2, 1.0, 1.0, 75, NA),
                  (0, 3, 1.0, 1.0, NA, 400), (1, 0, 1.3, 1.0, 25, 300), (1, 1, 1.3, 1.0, 25, NA),
@@ -48,7 +49,7 @@ def test_cell_medians_skip_non_grokked_seeds():
     assert c.loc[0, "T_grok"] == 200 and c.loc[0, "T_mem"] == 50 and c.loc[0, "delay"] == 150
     assert c.loc[1, "T_grok"] == 400 and c.loc[1, "T_mem"] == 37.5 and c.loc[1, "delay"] == 362.5
     assert list(c["n_seeds"]) == [4, 4] and list(c["n_grokked"]) == [3, 2]
-    assert list(c["counts"]) == [True, False]
+    assert list(c["counts"]) == [True, True]
     assert list(c["n_diverged"]) == [1, 0]
     assert c.loc[0, "sc_rate"] == pytest.approx(0.25)   # mean of 0.1..0.4 over all seeds
     assert c.loc[0, "W_final"] == 25.0                  # median of 10, 20, 30, 40
@@ -318,34 +319,86 @@ def test_dose_law_on_exact_exponentials():
     assert d.loc[59, "W_min"] == 45.0
 
 
+def _dose_cells(rhos, L, T, W=None, counts=True):
+    return pd.DataFrame({"cell": range(len(rhos)), "p": 59, "tau": 1.0, "rho": rhos,
+                         "norm_target": [50.0 * r for r in rhos], "W_final": np.nan,
+                         "W_grok": W if W is not None else [50.0 * r for r in rhos],
+                         "L_grok": L, "T_grok": T, "counts": counts})
+
+
+def test_dose_law_collapse_free_range_cut_at_the_l_jump():
+    # rho 0.85..1.25 at tau 1, W = 50 rho. Up to rho 1.00 T = exp(1 + 0.1 W) exactly; at 1.05 L jumps
+    # 3x (> 2.5x: the collapse onset) and T explodes. The study's fit keeps 0.85-1.00 (4 cells):
+    # alpha = 0.1 exactly; the whole grid, every cell, gives another slope.
+    rhos = [0.85, 0.90, 0.95, 1.00, 1.05, 1.10, 1.15, 1.20, 1.25]
+    L = [20.0, 21.0, 22.0, 23.0, 69.0, 70.0, 71.0, 72.0, 73.0]
+    T = [float(np.exp(1 + 0.1 * 50 * r)) if r <= 1.0 else float(np.exp(1 + 0.1 * 50 * r) * 40) for r in rhos]
+    d = A.dose_law(_dose_cells(rhos, L, T)).set_index("fit")
+    free, whole = d.loc["collapse-free"], d.loc["whole grid"]
+    assert free["n_cells"] == 4 and free["alpha"] == pytest.approx(0.1) and free["c"] == pytest.approx(1.0)
+    assert free["W_max"] == pytest.approx(50.0) and free["r2"] == pytest.approx(1.0)
+    assert whole["n_cells"] == 9 and abs(whole["alpha"] - 0.1) > 0.01
+    # a jump of exactly 2.5x is no onset; then rho <= 1.15 cuts: 0.85..1.15 (7 cells)
+    L2 = [20.0, 21.0, 22.0, 23.0, 57.5, 58.0, 59.0, 60.0, 61.0]
+    assert A.dose_law(_dose_cells(rhos, L2, T)).set_index("fit").loc["collapse-free", "n_cells"] == 7
+
+
+def test_dose_law_collapse_free_needs_three_cells_and_uses_w_at_grok():
+    # the onset at the third cell leaves two: no collapse-free fit, the whole grid still fits
+    rhos, L = [0.9, 1.0, 1.05, 1.1], [20.0, 21.0, 60.0, 61.0]
+    T = [100.0, 200.0, 900.0, 1000.0]
+    d = A.dose_law(_dose_cells(rhos, L, T))
+    assert list(d["fit"]) == ["whole grid"]
+    # W is the median norm at grok (W_grok) where known: T = exp(0.2 W_grok), norm targets elsewhere
+    rhos, L = [0.9, 1.0, 1.1], [20.0, 21.0, 22.0]
+    Wg = [40.0, 41.0, 43.0]
+    d = A.dose_law(_dose_cells(rhos, L, [float(np.exp(0.2 * w)) for w in Wg], W=Wg)).set_index("fit")
+    assert d.loc["collapse-free", "alpha"] == pytest.approx(0.2)
+    # a non-counting cell (fewer than half grokked) is left out before the cut
+    cells = _dose_cells([0.9, 1.0, 1.05, 1.1], [20.0, 60.0, 21.0, 22.0], [100.0, 1e6, 200.0, 300.0],
+                        counts=[True, False, True, True])
+    assert A.dose_law(cells).set_index("fit").loc["collapse-free", "n_cells"] == 3
+
+
+def test_cell_table_no_warning_for_all_nan_columns():
+    m = _models([(0, 0, 1.0, 1.0, NA, NA), (0, 1, 1.0, 1.0, NA, NA)], sc_rate=[np.nan, np.nan],
+                weight_norm=[np.nan, np.nan], diverged=[True, True])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = A.cell_table(m)
+    assert np.isnan(c.loc[0, "sc_rate"]) and not c.loc[0, "counts"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Same-state forks
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:All-NaN slice")
 def test_fork_ratio_by_hand():
     # fork at 800. same: T_grok (1800, 2000, 2200, -) -> delays (1000, 1200, 1400) -> median 1200
-    # raised: (3800, 4400, 5000, 5800) -> (3000, 3600, 4200, 5000) -> median 3900
-    # ratio = 3900 / 1200 = 3.25
+    # raised: (3800, 4400, 5000, 5800) -> (3000, 3600, 4200, 5000) -> median 3900 (the arm's own row)
+    # ratio, the study's way: over the seeds that grokked in BOTH arms (0, 1, 2): 3600 / 1200 = 3.0
+    # (the medians over each arm's own grokked seeds would give 3900 / 1200 = 3.25)
     same, raised = [1800, 2000, 2200, None], [3800, 4400, 5000, 5800]
     m = _models([(0, s, 1.0, np.nan, 175, t) for s, t in enumerate(same)]
                 + [(1, s, 1.0, np.nan, 175, t) for s, t in enumerate(raised)],
                 arm=["same"] * 4 + ["raised"] * 4, fork_step=800)
     f = A.fork_table(m).set_index("arm")
     assert f.loc["same", "delay_from_fork"] == 1200 and f.loc["raised", "delay_from_fork"] == 3900
-    assert f.loc["raised", "ratio"] == pytest.approx(3.25)
+    assert f.loc["raised", "ratio"] == pytest.approx(3.0) and f.loc["raised", "n_both"] == 3
     assert np.isnan(f.loc["same", "ratio"])
-    # CI: the same paired scheme written plainly
+    # CI: the study's resamples written plainly: b = rng.choice(idx, len(idx), True) over both arms
     d_same = np.array([1000, 1200, 1400, np.nan])
     d_raised = np.array([3000, 3600, 4200, 5000], float)
+    idx = np.array([0, 1, 2])
     rng = np.random.default_rng(0)
     ratios = []
     for _ in range(4000):
-        idx = rng.integers(0, 4, 4)
-        ratios.append(np.median(d_raised[idx]) / np.nanmedian(d_same[idx]))
-    ratios = np.array(ratios)
-    lo, hi = np.percentile(ratios[np.isfinite(ratios)], [2.5, 97.5])
+        b = rng.choice(idx, len(idx), True)
+        ratios.append(np.median(d_raised[b]) / np.median(d_same[b]))
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
     assert (f.loc["raised", "ci_low"], f.loc["raised", "ci_high"]) == pytest.approx((lo, hi))
-    assert lo <= 3.25 <= hi
+    assert lo <= 3.0 <= hi
 
 
 def test_load_run_roundtrip(tmp_path):

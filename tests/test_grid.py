@@ -98,14 +98,16 @@ def test_mediation_packed_equals_cells_run_separately(packed, tmp_path, capsys, 
     models, curves = tables(packed)
     assert len(models) == 12 and (models["t_mem"].notna()).all()
     assert models["t_grok"].notna().sum() >= 9                     # the grid is about grokking: most do
-    # w_c: the median over the free control's seeds of ||W|| at T_grok, from a plain free run
+    # w_c: the median over the free control's seeds of ||W|| at the step its last seed grokked (the
+    # study's rule), from a plain free run
     ref = plain_run(tmp_path / "calib", seeds=3, steps=1000)
     rm, rc = ref.results(), ref.curves()
     wn = rc[rc["metric"] == "weight_norm"].set_index(["model", "step"])["value"]
     assert rm["t_grok"].notna().all()
-    w_c = float(np.median([wn[(m, t)] for m, t in zip(rm["model"], rm["t_grok"])]))
+    end = int(rm["t_grok"].max())
+    w_c = float(np.median([wn[(m, end)] for m in rm["model"]]))
     (cal,) = grid.read_calibration(packed).values()
-    assert cal == {"w_c": w_c, "source": "grok", "n_grokked": 3, "seeds": 3}
+    assert cal == {"w_c": w_c, "source": "last grok", "step": end, "n_grokked": 3, "seeds": 3}
     (key,) = grid.read_calibration(packed)
     assert f"w_c[{key}] = {w_c:.4g} (3/3 grokked" in _status(packed, capsys, monkeypatch)   # key not eaten as markup
     np.testing.assert_array_equal(models["norm_target"], models["rho"] * w_c)
@@ -422,3 +424,21 @@ def test_status_shows_a_started_batch_before_its_first_checkpoint(tmp_path, monk
         tr.run()
     assert not (bdir / "checkpoint.pt").exists()
     assert set(grid.status_table(tmp_path)["state"]) == {"step 0/300"}
+
+
+def test_calibrate_from_reads_every_norm_where_the_last_seed_grokked():
+    # 4 seeds, ||W|| = 40 + seed + step / 100 at steps 0..500 (every 100); T_grok 100, 300, 100, 100:
+    # the control stops at 300, where the last seed grokked, and w_c is the median of every seed's norm there
+    steps = range(0, 501, 100)
+    curves = pd.DataFrame([dict(model=m, step=s, metric="weight_norm", value=40.0 + m + s / 100)
+                           for m in range(4) for s in steps])
+    models = pd.DataFrame({"model": range(4), "t_grok": pd.array([100, 300, 100, 100], "Int64"),
+                           "steps": 300})
+    cal = grid.calibrate_from(models, curves)
+    # at 300: 43, 44, 45, 46 -> 44.5; at each own T_grok: 41, 44, 43, 44 -> 43.5 (the old rule)
+    assert cal == {"w_c": 44.5, "source": "last grok", "step": 300, "n_grokked": 4, "seeds": 4}
+    # a seed that never grokked: the control ran to its budget (500): 45, 46, 47, 48 -> 46.5
+    models["t_grok"] = pd.array([100, None, 100, 100], "Int64")
+    models["steps"] = 500
+    assert grid.calibrate_from(models, curves) == {"w_c": 46.5, "source": "budget", "step": 500,
+                                                   "n_grokked": 3, "seeds": 4}
