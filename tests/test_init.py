@@ -98,3 +98,19 @@ def test_bad_init_is_refused():
     lay = MLP(TrainConfig(p=23, d_embed=8, hidden=8)).layout
     with pytest.raises(ValueError, match="not one of its cell's seeds"):
         lay.init([5], torch.float32, "cpu", cells=[(0, 4)])
+
+
+def test_transformer_embeddings_start_at_the_mlps_scale(tmp_path):
+    # the grokking transformers' convention: tokens and positions N(0, 1)/sqrt(d_model) (like the MLP's E);
+    # the other matrices N(0, 1)/sqrt(fan_in); one generator per model, layout order
+    cfg = TrainConfig(model="transformer", p=11, seeds=1, seed0=4, d_model=16, n_heads=2, d_mlp=24)
+    W = _weights(Trainer(cfg, tmp_path, progress=False))
+    g = torch.Generator().manual_seed(4)
+    ref = {"W_E": torch.randn(12, 16, generator=g) / 4.0, "W_pos": torch.randn(3, 16, generator=g) / 4.0}
+    for c in "QKVO":
+        ref[f"W_{c}0"] = torch.randn(16, 16, generator=g) / 4.0
+    ref["W_in0"] = torch.randn(16, 24, generator=g) / 4.0
+    ref["W_out0"] = torch.randn(24, 16, generator=g) / math.sqrt(24)
+    ref["W_U"] = torch.randn(16, 11, generator=g) / 4.0
+    for name, r in ref.items():
+        assert torch.equal(W[name][0], r), name

@@ -487,3 +487,21 @@ def test_checkpoints_at_the_first_evaluation_after_each_multiple(tmp_path, monke
                       stop_when_grokked=False)
     Trainer(cfg, tmp_path, progress=False).run()
     assert steps[:3] == [120, 210, 300] and steps[-1] == 400 and set(steps[3:]) == {400}
+
+
+TINY_TF = dict(model="transformer", p=13, train_frac=0.7, lr=1e-2, d_model=32, n_heads=2, d_mlp=64, device="cpu",
+               compile="off")
+
+
+@pytest.mark.slow
+def test_transformer_in_a_batch_matches_it_alone(tmp_path):
+    """The transformer (autograd over the model axis): 4 models, seeds {0, 1} x tau {1.0, 1.5}, against
+    each trained alone: the same T_mem and parameters after 150 steps."""
+    cfg = TrainConfig(**TINY_TF, seeds=2, taus=(1.0, 1.5), steps=300)
+    batch_df, batch_flat, _ = _run_with_snapshot(cfg, tmp_path / "batch", at=150)
+    assert batch_df.t_mem.notna().all()
+    for i, row in batch_df.iterrows():
+        alone = dataclasses.replace(cfg, seeds=1, seed0=int(row.seed), taus=(float(row.tau),))
+        df, flat, _ = _run_with_snapshot(alone, tmp_path / f"alone{i}", at=150)
+        assert df.t_mem[0] == row.t_mem
+        torch.testing.assert_close(flat[0], batch_flat[i], rtol=1e-5, atol=1e-5 * float(batch_flat[i].abs().max()))
