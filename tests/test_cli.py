@@ -105,10 +105,10 @@ def test_resume_of_a_directory_without_a_run(tmp_path):
 
 FLAGS = ["--p", "23", "--train-frac", "0.7", "--lr", "1e-2", "--d-embed", "32", "--hidden", "64",
          "--seeds", "2", "--seed0", "3", "--tau", "1.0", "1.3", "--norm-target", "26", "--clamp-from", "100",
-         "--steps", "600", "--checkpoint-every", "100", "--no-compile"]
-"""4 models (2 cells x 2 seeds), clamped from step 100; three of them grok by step ~400, one not in 600."""
+         "--steps", "500", "--checkpoint-every", "100", "--no-compile"]
+"""4 models (2 cells x 2 seeds), clamped from step 100; three of them grok by step 425, one not in 500 (at 550)."""
 EXPECTED = TrainConfig(p=23, train_frac=0.7, lr=1e-2, d_embed=32, hidden=64, seeds=2, seed0=3, taus=(1.0, 1.3),
-                       norm_targets=(26.0,), clamp_from=100, steps=600, checkpoint_every=100, compile="off")
+                       norm_targets=(26.0,), clamp_from=100, steps=500, checkpoint_every=100, compile="off")
 MODEL_COLUMNS = ["cell", "seed", "tau", "norm_target", "t_mem", "t_grok", "logit_scale_at_grok", "train_acc",
                  "test_acc", "weight_norm", "diverged"]
 
@@ -167,7 +167,7 @@ def test_interrupted_run_resumes_to_identical_results(tmp_path, reference_run, s
         assert proc.returncode == 130, stderr
         assert f"--resume {out}" in stderr and "Traceback" not in stderr
     progress = json.loads((out / "progress.json").read_text())
-    assert not progress["done"] and 100 <= progress["step"] < 600    # really stopped mid-run
+    assert not progress["done"] and 100 <= progress["step"] < 500    # really stopped mid-run
     killed_models = pd.read_parquet(out / "models.parquet")           # what the partial run had on disk
     r = fastgrok("train", "--resume", out)
     assert r.returncode == 0, r.stderr
@@ -181,16 +181,16 @@ def test_finished_run_extended_with_more_steps_matches_the_longer_run(tmp_path, 
     goes on to N and ends exactly as the run started with N (the evaluation its old budget forced, and what
     it detected, left out); a shorter --steps is refused; config.json records the new budget."""
     out = tmp_path / "run"
-    short = [f if f != "600" else "330" for f in FLAGS]
+    short = [f if f != "500" else "330" for f in FLAGS]
     r = fastgrok("train", *short, "--quiet", "--out", out)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "progress.json").read_text()) == {"step": 330, "done": True, "steps": 330}
     assert 330 in set(pd.read_parquet(out / "curves.parquet").step)
     r = fastgrok("train", "--resume", out, "--steps", "200")
     assert r.returncode == 2 and "not shorten" in r.stderr and "Traceback" not in r.stderr
-    r = fastgrok("train", "--resume", out, "--steps", "600", "--quiet")
+    r = fastgrok("train", "--resume", out, "--steps", "500", "--quiet")
     assert r.returncode == 0, r.stderr
-    assert "extending the run from 330 to 600 steps" in r.stderr
+    assert "extending the run from 330 to 500 steps" in r.stderr
     _assert_same_results(out, reference_run)
 
 
