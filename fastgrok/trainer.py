@@ -1,11 +1,13 @@
 """The training loop: evaluation, grokking detection, checkpoints, resume, progress.
 
 One screen of loop (`Trainer.run`): evaluate every `eval_every` steps (the only host sync), record
-T_mem/T_grok per model, checkpoint every `checkpoint_every` steps and on SIGINT/SIGTERM, stop when
-every model has grokked or diverged, or at the budget. Training is full batch and deterministic, so a
+T_mem/T_grok per model, checkpoint every `checkpoint_every` steps and on SIGINT/SIGTERM; each model
+stops (is frozen) when it has grokked or diverged, or at the budget, and the run ends when all have. Training is full batch and deterministic, so a
 run resumed from its checkpoint ends with exactly the results of an uninterrupted one.
 
-`Trainer(cfg, dir)` trains cfg's product of cells x seeds. `Trainer(cfg, dir, table=rows)` trains an
+`Trainer(cfg, dir)` trains cfg's product of cells x seeds, each model stopping at its own end (its
+T_grok, divergence or the budget), so every number it reports equals that of the model trained alone
+(`--seeds 1 --seed0 K`). `Trainer(cfg, dir, table=rows)` trains an
 explicit list of models (the grid engine's packed batches): each row carries its own seed, tau,
 norm_target, t_clamp, step `budget` and `cell`, and a model stops at its own budget, when it diverges,
 or when every model of its cell has grokked (the study's per-cell rule) -- never because of another
@@ -136,7 +138,9 @@ class Trainer:
             raise ConfigError("table: no models to train")
         check_fits(cfg, M, self.device)
         self.budget = np.array([r.get("budget", cfg.steps) for r in self.table], dtype=np.int64)
-        self.group = np.array([r["cell"] for r in self.table]) if self.independent else np.zeros(M, np.int64)
+        # what a model waits for before it stops once grokked: its cell (a grid's cells are never split
+        # across batches), or (`train`, where `--seeds 1 --seed0 K` makes a cell of one) nothing but itself
+        self.group = np.array([r["cell"] for r in self.table]) if self.independent else np.arange(M)
         self.compact_frac = compact_frac if self.independent else 0.0
         self.rows = np.arange(M)                    # table row of each batch row
         seeds = [r["seed"] for r in self.table]
@@ -202,13 +206,17 @@ class Trainer:
         if self.independent or self.cfg.steps <= old_steps:
             return
         at_budget = r.stop == old_steps
+        forced = bool(r.steps) and r.steps[-1] == old_steps and old_steps % self.cfg.eval_every != 0
+        if not forced:                              # a divergence seen at a regular evaluation stands
+            at_budget &= ~r.diverged
         if not at_budget.any():
             return
-        if r.steps and r.steps[-1] == old_steps and old_steps % self.cfg.eval_every:
+        if forced:
             r.steps.pop()
             r.evals.pop()
             r.t_mem[r.t_mem == old_steps] = -1
             r.t_grok[r.t_grok == old_steps] = -1
+            r.diverged[at_budget] = False           # seen again at the next regular evaluation
         r.stop[at_budget] = -1
         self.done = False
         pos = np.nonzero(at_budget[self.rows])[0]
@@ -256,11 +264,9 @@ class Trainer:
             grok = running & (r.t_grok < 0) & (out[:, I_TEST_ACC] >= cfg.grok_threshold) & ~r.diverged
         r.t_mem[mem] = s
         r.t_grok[grok] = s
-        # who stops here: its own budget, (independent) its divergence, or every model of its cell
-        # (of the whole batch without a table) grokked or diverged
-        stop = running & (s >= self.budget)
-        if self.independent:
-            stop |= running & r.diverged
+        # who stops here: its own budget, its divergence, or every model of its group (its cell in a
+        # grid, itself in `train`) grokked or diverged
+        stop = running & ((s >= self.budget) | r.diverged)
         if cfg.stop_when_grokked:
             fin = (r.t_grok >= 0) | r.diverged
             open_groups = np.unique(self.group[~fin])
@@ -352,17 +358,15 @@ class Trainer:
         r, cfg = self.records, self.cfg
         ev = np.stack(r.evals)                                  # (T, M, 6)
         steps = np.asarray(r.steps)
-        logged = (steps % cfg.logit_every) == 0
         ends = self._ends()
         rows = []
         for i, row in enumerate(self.table):
             tg = int(r.t_grok[i])
             last = ev[np.searchsorted(steps, ends[i])]          # (M, 6) at this model's last step
-            ok = logged & (steps <= ends[i])
-            L = float("nan")
-            if tg >= 0 and ok.any():
-                ls = steps[ok]
-                L = float(ev[ok][np.argmin(np.abs(ls - tg)), i, I_LOGIT])
+            # L at grok: the model's own evaluation at T_grok (every evaluation computes L), so it does
+            # not depend on how long the batch ran; the study's cell-level rule (L at the logged step
+            # nearest the cell's median T_grok) is analysis.cell_logit_scale's, from the curves
+            L = float(ev[np.searchsorted(steps, tg), i, I_LOGIT]) if tg >= 0 else float("nan")
             rows.append({**{k: v for k, v in row.items() if k not in ROW_ONLY}, "rho": row.get("rho"),
                          "t_mem": int(r.t_mem[i]) if r.t_mem[i] >= 0 else None,
                          "t_grok": tg if tg >= 0 else None, "logit_scale_at_grok": L,
