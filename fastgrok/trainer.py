@@ -36,6 +36,7 @@ import fastgrok.kernels as K
 from . import store
 from .config import ConfigError, TrainConfig
 from .data import make_task
+from .memory import bytes_per_model, check_fits, device_memory, estimate_bytes  # noqa: F401 (grid, cli)
 from .models import build_model
 from .step import EVAL_METRICS, Batch, build_step_fns, strict_float32
 
@@ -75,37 +76,6 @@ def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.compile != "auto":
         return cfg.compile == "on"
     return device.type == "cuda" or (cfg.model == "mlp" and cfg.steps > QUICK_STEPS)
-
-
-def bytes_per_model(cfg: TrainConfig, *, at_least: bool = False) -> int:
-    """Rough device bytes one model costs: flat, grad, Adam moments and temporaries (8 P) plus the
-    evaluation's activations over all pairs (about 6 tensors of N (H + V)). `at_least`: what it cannot
-    do without (4 P and one such tensor)."""
-    P = build_model(cfg).layout.n_params
-    width = cfg.hidden + cfg.p if cfg.model == "mlp" else 3 * (4 * cfg.d_model + cfg.d_mlp + cfg.n_heads * 3) + cfg.p
-    dsize = 8 if cfg.dtype == "float64" else 4
-    if at_least:
-        return dsize * (4 * P + cfg.n_pairs * width)
-    return dsize * (8 * P + 6 * cfg.n_pairs * width)
-
-
-def device_memory(device: torch.device) -> int | None:
-    """Total bytes of the device's memory (the machine's RAM for a CPU), or None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_fits(cfg: TrainConfig, n_models: int, device: torch.device) -> None:
-    """A ConfigError, before anything is allocated, when n_models of cfg cannot fit in the device's memory
-    (by the least they need: a run that only might not fit is tried, and an OOM is reported as one)."""
-    need, have = n_models * bytes_per_model(cfg, at_least=True), device_memory(device)
-    if have is not None and need > have:
-        raise ConfigError(f"{n_models} models at p = {cfg.p} need at least {need / 2**30:,.1f} GiB; this "
-                          f"{device.type} has {have / 2**30:,.1f} GiB: use fewer seeds or cells, or a smaller p or model")
 
 
 @dataclass
@@ -180,10 +150,41 @@ class Trainer:
         tensors = {k: v.detach().cpu() for k, v in self.state.items() if isinstance(v, torch.Tensor)}
         store.save_checkpoint(self.run_dir, {"step": self.step_idx, "state": tensors, "records": self.records,
                                              "done": self.done, "capture_shares": self.capture_shares,
-                                             "rows": self.rows})
+                                             "rows": self.rows, "fingerprint": self.fingerprint})
         self.write_results()
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of what determines this batch's results: the config and the models' table, less what
+        only says how or how long it runs (device, kernels, compile, checkpoint interval; the step
+        budgets, which a run may extend)."""
+        how = ("steps", "device", "kernels", "compile", "checkpoint_every")
+        cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in how}
+        table = [{k: v for k, v in r.items() if k != "budget"} for r in self.table]
+        return store.fingerprint({"config": cfg, "table": table})
+
+    def check_checkpoint(self, ck: dict) -> None:
+        """A StateError naming the checkpoint unless it belongs to this run: its fingerprint, or (a
+        checkpoint written before fingerprints) its tensors' and records' shapes."""
+        path = self.run_dir / store.CHECKPOINT
+        fp = ck.get("fingerprint")
+        if fp is not None and fp != self.fingerprint:
+            raise store.state_error(path, "its configuration fingerprint is not this run's (a checkpoint of "
+                                          "another run, or the run's config.json or spec was edited)")
+        M, P = len(self.table), self.model.layout.n_params
+        rows = np.asarray(ck.get("rows", np.arange(M)))
+        try:
+            flat, rec = ck["state"]["flat"], ck["records"]
+            ok = (tuple(flat.shape) == (len(rows), P) and len(rec.t_grok) == M and len(rec.t_mem) == M
+                  and len(rec.steps) == len(rec.evals) and (len(rows) == 0 or int(rows.max()) < M))
+        except (KeyError, AttributeError, TypeError):
+            ok = False
+        if not ok:
+            raise store.state_error(path, f"a checkpoint of another run (its tensors are not those of {M} "
+                                          f"model(s) of {P} parameters)")
+
     def restore(self, ck: dict) -> None:
+        self.check_checkpoint(ck)
         for k, v in ck["state"].items():
             self.state[k] = v.to(self.device)
         self.step_idx, self.records, self.done = ck["step"], ck["records"], ck["done"]
@@ -539,4 +540,9 @@ def load_config(run_dir: Path | str) -> TrainConfig:
     path = Path(run_dir) / store.CONFIG
     if not path.exists():
         raise ConfigError(f"{run_dir} holds no run (no {store.CONFIG})")
-    return TrainConfig.from_dict(store.read_json(path))
+    d = store.read_json(path)
+    try:
+        return TrainConfig.from_dict(d)
+    except (ConfigError, TypeError, ValueError) as e:   # a hand-edited value: "seeds": "4", a list for p
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise store.state_error(path, f"not a valid run config ({why})") from None

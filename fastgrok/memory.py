@@ -1,0 +1,105 @@
+"""How much memory a run needs, and the check that refuses one that cannot fit, before anything is written.
+
+`estimate_bytes(cfg, M)` is an upper bound of the peak a run of M models adds to a process that has
+imported torch and fastgrok: measured on a CPU (resident set, `benchmarks/memory_peak.py`, table in
+benchmarks/RESULTS.md) for the step, the evaluation and compilation, both models, across p and M, and
+tested (`tests/test_memory.py`). Its terms, per model, in elements of the working dtype:
+
+    parameters: flat, m, v, the gradient and the AdamW step's new flat, m, v      PARAM_COPIES * P
+    the evaluation over all N = p^2 pairs, or the step over the train rows (the larger; autograd keeps
+    the transformer's activations for its backward):
+        MLP          (M, N, H) pre-activations, GeLU, gathers; (M, N, V) logits, softmax, grad
+        transformer  (M, N, 3, D) residual, q/k/v, attention out; (M, N, Nh, 3, 3) scores;
+                     (M, N, 3, d_mlp) MLP in/out; (M, N, V) logits
+plus a fixed cost (allocator arenas, oneDNN buffers; torch.compile's compiler, when it compiles).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .config import ConfigError, TrainConfig
+
+PARAM_COPIES = 10
+"""flat, m, v, grad, AdamW's new flat/m/v, and the where() copies of the divergence guard."""
+MLP_H, MLP_V = 10, 8
+"""(M, N, H) and (M, N, V) tensors alive at the peak (measured, then rounded up)."""
+TF_D, TF_MLP, TF_ATT, TF_V = 12, 4, 6, 8
+"""Transformer: (M, N, 3, D), (M, N, 3, d_mlp), (M, N, Nh, 3, 3) and (M, N, V) tensors alive at the peak."""
+FIXED = 256 * 2**20
+"""Bytes any run adds whatever its size (allocator arenas, kernels' workspaces)."""
+FIXED_COMPILE = 1536 * 2**20
+"""More when the step is compiled (the compiler's own peak: inductor, its worker-free codegen)."""
+
+
+def bytes_per_model(cfg: TrainConfig) -> int:
+    """An upper bound of the bytes one model of cfg adds at the peak (`estimate_bytes` less the fixed cost)."""
+    from .models import build_model
+    P = build_model(cfg).layout.n_params
+    N, V = cfg.n_pairs, cfg.p
+    if cfg.model == "mlp":
+        rows = MLP_H * cfg.hidden + MLP_V * V
+    else:
+        rows = 3 * (TF_D * cfg.d_model + TF_MLP * cfg.d_mlp + TF_ATT * 3 * cfg.n_heads) + TF_V * V
+    dsize = 8 if cfg.dtype == "float64" else 4
+    index = 3 * 8 * cfg.n_train + cfg.n_pairs                      # train rows a, b, y (int64), train mask
+    return dsize * (PARAM_COPIES * P + N * rows) + 3 * index
+
+
+def fixed_bytes(compiled: bool) -> int:
+    return FIXED + (FIXED_COMPILE if compiled else 0)
+
+
+def estimate_bytes(cfg: TrainConfig, n_models: int, device: torch.device) -> int:
+    """Upper bound of the peak bytes a run of n_models of cfg adds (on a CUDA device the compiler's
+    memory is the host's: only the fixed allocator cost counts there)."""
+    from .trainer import use_compile
+    compiled = use_compile(cfg, device) and device.type == "cpu"
+    return n_models * bytes_per_model(cfg) + fixed_bytes(compiled)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes the run can have: the device's total memory on CUDA; on a CPU the memory available now
+    (MemAvailable: free plus what the kernel can reclaim), not the machine's total, since other
+    processes hold the rest."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"]
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def largest_fitting(cfg: TrainConfig, n_models: int, have: int, device: torch.device) -> str:
+    """What would fit in `have` bytes: fewer models, else the largest p for one model."""
+    from dataclasses import replace
+    per, fixed = bytes_per_model(cfg), estimate_bytes(cfg, 0, device)
+    m = (have - fixed) // per if have > fixed else 0
+    if m >= 1:
+        return f"at most {m} model(s) of this size fit (e.g. --seeds {max(1, m // max(1, len(cfg.cells)))})"
+    lo, hi = 2, cfg.p                                           # the largest p with one model fitting
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate_bytes(replace(cfg, p=mid, seeds=1, taus=(1.0,), norm_targets=()), 1, device) <= have:
+            lo = mid
+        else:
+            hi = mid - 1
+    return f"not even one model of this size fits; one fits up to p = {lo}" if lo > 2 else \
+        "not even one model of the smallest size fits"
+
+
+def check_fits(cfg: TrainConfig, n_models: int, device: torch.device) -> None:
+    """A ConfigError (one line: what is needed, what the device has, what would fit), before anything is
+    allocated or written, when n_models of cfg may not fit: the estimate is an upper bound of the peak."""
+    need, have = estimate_bytes(cfg, n_models, device), device_memory(device)
+    if have is not None and need > have:
+        raise ConfigError(f"{n_models} model(s) at p = {cfg.p} ({cfg.model}, {cfg.dtype}) need up to "
+                          f"{need / 2**30:,.2f} GiB; this {device.type} has {have / 2**30:,.2f} GiB available: "
+                          f"{largest_fitting(cfg, n_models, have, device)}")
