@@ -109,6 +109,7 @@ CASES = [
      "run {spec} --out {d} --quiet"),
     ("grid", "models.parquet", _garbage, "status {d}"),
     ("grid", "models.parquet", _truncate, "analyze {d}"),
+    ("grid", "models.parquet", _garbage, "run {spec} --out {d} --quiet"),
 ]
 
 
