@@ -379,7 +379,7 @@ def read_plan(run_dir: Path) -> dict:
     plan = store.read_json(p)
     try:
         cell_ids = {c["cell"] for c in plan["cells"]}
-        ok = (all(isinstance(c["seeds"], int) and isinstance(c["budget"], int) for c in plan["cells"])
+        ok = (all(isinstance(c["seeds"], int) and isinstance(c.get("budget", 0), int) for c in plan["cells"])
               and all(isinstance(b["id"], str) and set(b["cells"]) <= cell_ids for b in plan["batches"])
               and isinstance(plan.get("calibrations", []), list))
     except (KeyError, TypeError):

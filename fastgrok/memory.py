@@ -115,13 +115,15 @@ import json, resource, sys, tempfile
 import torch
 torch.set_num_threads(1)
 from fastgrok.cli import main
-def rss():
+def status(key):
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) * 1024
-base = rss()
+        return next(int(l.split()[1]) for l in f if l.startswith(key)) * 1024
+base = status("VmRSS")
 with tempfile.TemporaryDirectory() as d:
     rc = main(["train", *sys.argv[1:], "--quiet", "--device", "cpu", "--out", d + "/run"])
-print(json.dumps({"rc": rc, "base": base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so a child of a big process (pytest
+# after many tests) would report its parent's size
+print(json.dumps({"rc": rc, "base": base, "peak": status("VmHWM"),
                   "child": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 """
 
@@ -129,7 +131,8 @@ print(json.dumps({"rc": rc, "base": base, "peak": resource.getrusage(resource.RU
 def measure_peak(args: list[str], timeout: float = 1200) -> dict:
     """Run `fastgrok train ARGS` on the CPU in a fresh process (one thread, a cold compile cache) and
     return {"rc", "base", "peak", "child"} in bytes: the resident set once torch and fastgrok are imported,
-    the process's peak resident set (Linux ru_maxrss), and the largest child's (the compiler's)."""
+    the process's peak resident set (VmHWM), and the largest child's (the compiler's; ru_maxrss, which
+    counts what a child inherited at fork, so an upper bound)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as cache:
         env["TORCHINDUCTOR_CACHE_DIR"] = cache
