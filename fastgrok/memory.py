@@ -24,6 +24,8 @@ import tempfile
 import torch
 
 from .config import ConfigError, TrainConfig
+from .models import build_model
+from .step import use_compile
 
 PARAM_COPIES = 10
 """flat, m, v, grad, AdamW's new flat/m/v, and the where() copies of the divergence guard."""
@@ -40,7 +42,6 @@ subprocesses (the largest ~630 MiB, torch imported: benchmarks/RESULTS.md)."""
 
 def bytes_per_model(cfg: TrainConfig) -> int:
     """An upper bound of the bytes one model of cfg adds at the peak (`estimate_bytes` less the fixed cost)."""
-    from .models import build_model
     P = build_model(cfg).layout.n_params
     N, V = cfg.n_pairs, cfg.p
     if cfg.model == "mlp":
@@ -59,7 +60,6 @@ def fixed_bytes(compiled: bool) -> int:
 def estimate_bytes(cfg: TrainConfig, n_models: int, device: torch.device) -> int:
     """Upper bound of the peak bytes a run of n_models of cfg adds (on a CUDA device the compiler's
     memory is the host's: only the fixed allocator cost counts there)."""
-    from .trainer import use_compile
     compiled = use_compile(cfg, device) and device.type == "cpu"
     return n_models * bytes_per_model(cfg) + fixed_bytes(compiled)
 

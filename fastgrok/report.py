@@ -10,7 +10,6 @@ the same with rich, every value whole at any terminal width. Every number shown,
 """
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 

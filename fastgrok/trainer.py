@@ -38,7 +38,7 @@ from .config import ConfigError, TrainConfig
 from .data import make_task
 from .memory import bytes_per_model, check_fits, device_memory, estimate_bytes  # noqa: F401 (grid, cli)
 from .models import build_model
-from .step import EVAL_METRICS, Batch, build_step_fns, strict_float32
+from .step import QUICK_STEPS, EVAL_METRICS, Batch, build_step_fns, strict_float32, use_compile  # noqa: F401
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 I_TRAIN_ACC, I_TEST_ACC, I_LOGIT = EVAL_METRICS.index("train_acc"), EVAL_METRICS.index("test_acc"), \
@@ -63,19 +63,6 @@ def resolve_device(name: str) -> torch.device:
             raise ConfigError("device 'cuda' requested but no CUDA device is available on this machine")
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-QUICK_STEPS = 2000
-"""compile "auto" on a CPU stays eager for runs of at most this many steps: a cold compile of the p = 59
-step costs ~45 s, about what compiling saves over 1,000-2,000 steps (benchmarks/RESULTS.md)."""
-
-
-def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
-    """`auto`: compile on CUDA, and on a CPU for MLP runs longer than QUICK_STEPS (measured faster there;
-    the transformer was not)."""
-    if cfg.compile != "auto":
-        return cfg.compile == "on"
-    return device.type == "cuda" or (cfg.model == "mlp" and cfg.steps > QUICK_STEPS)
 
 
 @dataclass
