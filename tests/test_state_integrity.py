@@ -114,8 +114,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("run,name,how,command", CASES,
-                         ids=[f"{c[0]}-{c[1]}-{getattr(c[2], '__name__', 'edit')}-{c[3].split()[0]}-{i}"
-                              for i, c in enumerate(CASES)])
+                         ids=[f"{i}-{c[0]}-{c[1]}-{c[3].split()[0]}" for i, c in enumerate(CASES)])
 def test_bad_state_file_is_one_line_naming_it(runs, tmp_path, capsys, run, name, how, command):
     d = tmp_path / run
     shutil.copytree(runs / run, d)
