@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -121,8 +120,9 @@ def _extended(cfg: TrainConfig, steps: int, run_dir: Path) -> TrainConfig:
     if steps < cfg.steps:
         raise ConfigError(f"{run_dir} holds a run of {cfg.steps:,} steps: --steps can extend it "
                           f"(more than {cfg.steps:,}), not shorten it")
-    progress = run_dir / "progress.json"
-    state = json.loads(progress.read_text()) if progress.exists() else {}
+    from .store import PROGRESS, read_progress
+    progress = run_dir / PROGRESS
+    state = read_progress(progress) if progress.exists() else {}
     if state.get("done") and state.get("step", cfg.steps) < cfg.steps:
         print(f"fastgrok: the run finished at step {state['step']:,}, every model grokked or diverged: "
               f"nothing to extend", file=sys.stderr)

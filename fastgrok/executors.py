@@ -338,8 +338,9 @@ class GridProgress:
         self.start_cells = self.cells_done
         self.grokked = 0
         if done and (Path(run_dir) / "models.parquet").exists():
-            import pandas as pd
-            self.grokked = int(pd.read_parquet(Path(run_dir) / "models.parquet")["t_grok"].notna().sum())
+            from .store import read_parquet
+            self.grokked = int(read_parquet(Path(run_dir) / "models.parquet", required=("t_grok",))["t_grok"]
+                               .notna().sum())
         self.t0 = time.monotonic()
         if enabled:
             from rich.console import Console

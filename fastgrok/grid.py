@@ -353,7 +353,7 @@ def init_run_dir(spec: ExperimentSpec, run_dir: Path, device: str, *, check: boo
             diff = _dict_diff(old, d)
             raise ConfigError(f"out: {run_dir} holds a run of a different spec (differs in {', '.join(diff)}); "
                               "rerun with the same experiment and overrides to resume, or pick another --out")
-        return store.read_json(run_dir / PLAN)
+        return read_plan(run_dir)
     plan = make_plan(spec, device)
     if check:
         preflight(spec, plan, device)                       # fails before the directory is touched
@@ -370,8 +370,33 @@ def init_run_dir(spec: ExperimentSpec, run_dir: Path, device: str, *, check: boo
 
 
 def read_calibration(run_dir: Path) -> dict:
+    """calibration.json: {key: {"w_c", "source", "n_grokked", "seeds"}} ({} if none yet)."""
     p = Path(run_dir) / CALIBRATION
-    return store.read_json(p) if p.exists() else {}
+    if not p.exists():
+        return {}
+    cal = store.read_json(p)
+    for v in cal.values():
+        if not (isinstance(v, dict) and isinstance(v.get("w_c"), (int, float)) and not isinstance(v["w_c"], bool)
+                and math.isfinite(v["w_c"]) and v["w_c"] > 0 and isinstance(v.get("n_grokked"), int)
+                and isinstance(v.get("seeds"), int) and isinstance(v.get("source"), str)):
+            raise store.state_error(p, "not a calibration record (w_c > 0, source, n_grokked, seeds per setting)")
+    return cal
+
+
+def read_plan(run_dir: Path) -> dict:
+    """plan.json, checked for the fields the grid reads (a StateError naming it otherwise)."""
+    p = Path(run_dir) / PLAN
+    plan = store.read_json(p)
+    try:
+        cell_ids = {c["cell"] for c in plan["cells"]}
+        ok = (all(isinstance(c["seeds"], int) and isinstance(c.get("budget", 0), int) for c in plan["cells"])
+              and all(isinstance(b["id"], str) and set(b["cells"]) <= cell_ids for b in plan["batches"])
+              and isinstance(plan.get("calibrations", []), list))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise store.state_error(p, "not a grid plan (cells with seeds and budget, batches of cells)")
+    return plan
 
 
 def record_calibration(run_dir: Path, key: str, models: pd.DataFrame, curves: pd.DataFrame) -> dict:
@@ -399,7 +424,7 @@ def complete_in_results(run_dir: Path, plan: dict) -> set[str]:
     path = Path(run_dir) / store.MODELS
     if not path.exists():
         return set()
-    done = cells_complete(pd.read_parquet(path, columns=["cell", "seed"]), plan)
+    done = cells_complete(store.read_parquet(path, required=("cell", "seed")), plan)
     return {b["id"] for b in plan["batches"] if all(c in done for c in b["cells"])}
 
 
@@ -410,23 +435,54 @@ def restore_parts(run_dir: Path, plan: dict) -> None:
     missing = complete_in_results(run_dir, plan) - done_batches(run_dir)
     if not missing:
         return
-    models, curves = pd.read_parquet(run_dir / store.MODELS), pd.read_parquet(run_dir / store.CURVES)
+    models, curves = store.read_parquet(run_dir / store.MODELS), store.read_parquet(run_dir / store.CURVES)
     for b in plan["batches"]:
         if b["id"] in missing:
             m = models.loc[models["cell"].isin(b["cells"])]
+            fp = run_fingerprint(run_dir)
             store.write_parquet(run_dir / "parts" / f"{b['id']}.curves.parquet",
-                                curves.loc[curves["model"].isin(m["model"])].reset_index(drop=True))
-            store.write_parquet(run_dir / "parts" / f"{b['id']}.models.parquet", m.reset_index(drop=True))
+                                curves.loc[curves["model"].isin(m["model"])].reset_index(drop=True), fingerprint=fp)
+            store.write_parquet(run_dir / "parts" / f"{b['id']}.models.parquet", m.reset_index(drop=True),
+                                fingerprint=fp)
+
+
+def run_fingerprint(run_dir: Path) -> str | None:
+    """The fingerprint of a grid run: its spec (spec.json), which with the calibrations it records
+    determines every result, less what only decides packing (engine), the step budgets (a run may be
+    extended) and the description. Every part carries it (None: no spec.json yet)."""
+    p = Path(run_dir) / SPEC_JSON
+    if not p.exists():
+        return None
+    spec = store.read_json(p)
+    return store.fingerprint({k: v for k, v in spec.items() if k not in ("engine", "budget", "description")})
 
 
 def write_part(run_dir: Path, batch_id: str, models: pd.DataFrame, curves: pd.DataFrame) -> None:
     """A finished batch: its part (curves first; the models part marks it done), then the consolidated
     tables, then its checkpoint directory goes."""
     run_dir = Path(run_dir)
-    store.write_parquet(run_dir / "parts" / f"{batch_id}.curves.parquet", curves)
-    store.write_parquet(run_dir / "parts" / f"{batch_id}.models.parquet", models)
+    fp = run_fingerprint(run_dir)
+    store.write_parquet(run_dir / "parts" / f"{batch_id}.curves.parquet", curves, fingerprint=fp)
+    store.write_parquet(run_dir / "parts" / f"{batch_id}.models.parquet", models, fingerprint=fp)
     consolidate(run_dir)
     shutil.rmtree(run_dir / "batches" / batch_id, ignore_errors=True)
+
+
+def read_part(run_dir: Path, batch_id: str, kind: str, fp: str | None, cells: set | None) -> pd.DataFrame:
+    """parts/<id>.<kind>.parquet, refused (StateError naming it) when it is unreadable, from another run
+    (its fingerprint is not the run's; a part written before fingerprints has none and is accepted), or
+    holds cells its batch does not plan."""
+    path = Path(run_dir) / "parts" / f"{batch_id}.{kind}.parquet"
+    if not path.exists():
+        raise store.state_error(path, f"missing (its batch's {kind} part)")
+    got = store.read_fingerprint(path)
+    if fp is not None and got is not None and got != fp:
+        raise store.state_error(path, "a part of another run (its fingerprint is not this run's spec.json)")
+    df = store.read_parquet(path, required=("model", "cell", "seed") if kind == "models" else
+                            ("model", "step", "metric", "value"))
+    if kind == "models" and cells is not None and not set(df["cell"].tolist()) <= cells:
+        raise store.state_error(path, f"holds cells that batch {batch_id} does not plan: a part of another run")
+    return df
 
 
 def consolidate(run_dir: Path) -> None:
@@ -434,9 +490,11 @@ def consolidate(run_dir: Path) -> None:
     ids = sorted(done_batches(run_dir))
     if not ids:
         return
-    parts = run_dir / "parts"
-    models = pd.concat([pd.read_parquet(parts / f"{i}.models.parquet") for i in ids], ignore_index=True)
-    curves = pd.concat([pd.read_parquet(parts / f"{i}.curves.parquet") for i in ids], ignore_index=True)
+    fp = run_fingerprint(run_dir)
+    plan = read_plan(run_dir) if (run_dir / PLAN).exists() else None
+    planned = {b["id"]: set(b["cells"]) for b in plan["batches"]} if plan else {}
+    models = pd.concat([read_part(run_dir, i, "models", fp, planned.get(i)) for i in ids], ignore_index=True)
+    curves = pd.concat([read_part(run_dir, i, "curves", fp, None) for i in ids], ignore_index=True)
     store.write_parquet(run_dir / store.MODELS, models.sort_values("model", kind="stable").reset_index(drop=True))
     store.write_parquet(run_dir / store.CURVES, curves.sort_values(["model", "step"], kind="stable")
                         .reset_index(drop=True))
@@ -458,14 +516,14 @@ def status_table(run_dir: Path) -> pd.DataFrame:
     if not run_dir.is_dir():
         raise ConfigError(f"dir: {run_dir} does not exist" if not run_dir.exists() else f"dir: {run_dir} is a file")
     if not (run_dir / PLAN).exists() and (run_dir / store.PROGRESS).exists():
-        pr = store.read_json(run_dir / store.PROGRESS)
+        pr = store.read_progress(run_dir / store.PROGRESS)
         raise ConfigError(f"dir: {run_dir} holds a `fastgrok train` run (not a grid): step {pr['step']} of "
                           f"{pr.get('steps', '?')}, {'done' if pr.get('done') else 'not done'}")
     if not (run_dir / PLAN).exists():
         raise ConfigError(f"dir: {run_dir} holds no grid run (no {PLAN})")
-    plan = store.read_json(run_dir / PLAN)
+    plan = read_plan(run_dir)
     done = done_batches(run_dir) | complete_in_results(run_dir, plan)
-    frames = [pd.read_parquet(run_dir / store.MODELS)] if (run_dir / store.MODELS).exists() else []
+    frames = [store.read_parquet(run_dir / store.MODELS, required=("cell", "t_grok"))] if (run_dir / store.MODELS).exists() else []
     state = {}
     for b in plan["batches"]:
         st = "done" if b["id"] in done else "pending"
@@ -474,14 +532,15 @@ def status_table(run_dir: Path) -> pd.DataFrame:
             # the batch's trainer (a fork batch: its arms, after the parents in parent/)
             for d, label in ((bdir, "step"), (bdir / "parent", "fork parent, step")):
                 if (d / store.PROGRESS).exists():
-                    pr = store.read_json(d / store.PROGRESS)
+                    pr = store.read_progress(d / store.PROGRESS)
                     st = f"{label} {pr['step']}" + (f"/{pr['steps']}" if "steps" in pr else "")
                     break
                 if (d / store.CHECKPOINT).exists():
                     st = "running"
                     break
             if (bdir / store.MODELS).exists():
-                frames.append(pd.read_parquet(bdir / store.MODELS).assign(_running=True))
+                frames.append(store.read_parquet(bdir / store.MODELS, required=("cell", "t_grok"))
+                              .assign(_running=True))
         for c in b["cells"]:
             state[c] = st
     models = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["cell", "t_grok"])
@@ -538,5 +597,5 @@ def print_status(run_dir) -> None:
     cal_dir = run_dir / "calibration"
     for d in sorted(cal_dir.iterdir()) if cal_dir.is_dir() else []:
         if d.name not in cal and (d / store.PROGRESS).exists():
-            pr = store.read_json(d / store.PROGRESS)
+            pr = store.read_progress(d / store.PROGRESS)
             con.print(f"calibration {d.name}: step {pr['step']}/{pr.get('steps', '?')} (the cells wait for its w_c)")

@@ -10,7 +10,6 @@ the same with rich, every value whole at any terminal width. Every number shown,
 """
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from fastgrok import analysis as A  # noqa: E402
+from fastgrok import store  # noqa: E402
 
 TABLES = (("calibration", "Clamp calibration: w_c per setting"), ("cells", "Cells"),
           ("mediation", "Mediation: τ sweep at ρ_high"),
@@ -93,13 +93,34 @@ def markdown_table(df: pd.DataFrame) -> str:
 # ---------------------------------------------------------------------------------------------
 # Analysis of a directory
 # ---------------------------------------------------------------------------------------------
+RESULT_COLUMNS = {store.MODELS: ("model", "cell", "seed", "t_mem", "t_grok"),
+                  store.CURVES: ("model", "step", "metric", "value")}
+
+
+def load_checked(d: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """`analysis.load_run`, with a file it cannot use (torn, foreign, missing columns, no or repeated
+    rows) reported as one StateError naming the file."""
+    for name, cols in RESULT_COLUMNS.items():
+        if (d / name).exists():
+            names = set(store.read_parquet_schema(d / name))
+            missing = [c for c in cols if c not in names]
+            if missing:
+                raise store.state_error(d / name, f"lacks column(s) {', '.join(missing)}: not a fastgrok results table")
+    if (d / store.CONFIG).exists():
+        store.read_json(d / store.CONFIG)
+    try:
+        return A.load_run(d)
+    except ValueError as e:                     # analysis.check_models: no rows, repeated models
+        raise store.state_error(d / store.MODELS, str(e)) from None
+
+
 def analyze_dir(run_dir, *, rho_high: float | None = None, baseline=(1.0, 1.0),
                 n_boot: int = A.N_BOOT) -> dict:
     """All analyses that apply to the run's cells. Keys: dir, config, warnings, notes, cells, and
     when present calibration, mediation, collapse, dose_law, memorization, forks (DataFrames).
     rho_high: the mediation's raised dose; None picks it from the cells (`choose_rho_high`)."""
     d = Path(run_dir)
-    models, curves, config = A.load_run(d)
+    models, curves, config = load_checked(d)
     cells = A.cell_table(models, curves)
     calibration = calibration_table(d)
     out = {"dir": d, "config": config,
@@ -327,7 +348,7 @@ def grid_progress(run_dir, models: pd.DataFrame) -> tuple[int, int] | None:
     path = Path(run_dir) / grid.PLAN
     if not path.exists():
         return None
-    plan = json.loads(path.read_text())
+    plan = grid.read_plan(run_dir)
     return len(grid.cells_complete(models, plan)), len(plan["cells"])
 
 
@@ -340,7 +361,7 @@ def grid_progress_warnings(run_dir, models: pd.DataFrame) -> list[str]:
         path = Path(run_dir) / "progress.json"            # store.PROGRESS, written by every Trainer
         if not path.exists():
             return []
-        p = json.loads(path.read_text())
+        p = store.read_progress(path)
         if p.get("done", True):
             return []
         n = [f"{x:,}" if isinstance(x, int) else "?" for x in (p.get("step"), p.get("steps"))]

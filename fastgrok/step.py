@@ -142,6 +142,19 @@ def keep_freed_memory() -> bool:
     return _HEAP_KEPT
 
 
+QUICK_STEPS = 2000
+"""compile "auto" on a CPU stays eager for runs of at most this many steps: a cold compile of the p = 59
+step costs ~45 s, about what compiling saves over 1,000-2,000 steps (benchmarks/RESULTS.md)."""
+
+
+def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    """`auto`: compile on CUDA, and on a CPU for MLP runs longer than QUICK_STEPS (measured faster there;
+    the transformer was not)."""
+    if cfg.compile != "auto":
+        return cfg.compile == "on"
+    return device.type == "cuda" or (cfg.model == "mlp" and cfg.steps > QUICK_STEPS)
+
+
 def build_step_fns(model, cfg: TrainConfig, backend: str, compile_step: bool):
     """(step, eval) callables over (state, batch); compiled when asked.
 

@@ -1,11 +1,13 @@
 """The training loop: evaluation, grokking detection, checkpoints, resume, progress.
 
 One screen of loop (`Trainer.run`): evaluate every `eval_every` steps (the only host sync), record
-T_mem/T_grok per model, checkpoint every `checkpoint_every` steps and on SIGINT/SIGTERM, stop when
-every model has grokked or diverged, or at the budget. Training is full batch and deterministic, so a
+T_mem/T_grok per model, checkpoint every `checkpoint_every` steps and on SIGINT/SIGTERM; each model
+stops (is frozen) when it has grokked or diverged, or at the budget, and the run ends when all have. Training is full batch and deterministic, so a
 run resumed from its checkpoint ends with exactly the results of an uninterrupted one.
 
-`Trainer(cfg, dir)` trains cfg's product of cells x seeds. `Trainer(cfg, dir, table=rows)` trains an
+`Trainer(cfg, dir)` trains cfg's product of cells x seeds, each model stopping at its own end (its
+T_grok, divergence or the budget), so every number it reports equals that of the model trained alone
+(`--seeds 1 --seed0 K`). `Trainer(cfg, dir, table=rows)` trains an
 explicit list of models (the grid engine's packed batches): each row carries its own seed, tau,
 norm_target, t_clamp, step `budget` and `cell`, and a model stops at its own budget, when it diverges,
 or when every model of its cell has grokked (the study's per-cell rule) -- never because of another
@@ -34,8 +36,9 @@ import fastgrok.kernels as K
 from . import store
 from .config import ConfigError, TrainConfig
 from .data import make_task
+from .memory import bytes_per_model, check_fits, device_memory, estimate_bytes  # noqa: F401 (grid, cli)
 from .models import build_model
-from .step import EVAL_METRICS, Batch, build_step_fns, strict_float32
+from .step import QUICK_STEPS, EVAL_METRICS, Batch, build_step_fns, strict_float32, use_compile  # noqa: F401
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 I_TRAIN_ACC, I_TEST_ACC, I_LOGIT = EVAL_METRICS.index("train_acc"), EVAL_METRICS.index("test_acc"), \
@@ -60,50 +63,6 @@ def resolve_device(name: str) -> torch.device:
             raise ConfigError("device 'cuda' requested but no CUDA device is available on this machine")
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-QUICK_STEPS = 2000
-"""compile "auto" on a CPU stays eager for runs of at most this many steps: a cold compile of the p = 59
-step costs ~45 s, about what compiling saves over 1,000-2,000 steps (benchmarks/RESULTS.md)."""
-
-
-def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
-    """`auto`: compile on CUDA, and on a CPU for MLP runs longer than QUICK_STEPS (measured faster there;
-    the transformer was not)."""
-    if cfg.compile != "auto":
-        return cfg.compile == "on"
-    return device.type == "cuda" or (cfg.model == "mlp" and cfg.steps > QUICK_STEPS)
-
-
-def bytes_per_model(cfg: TrainConfig, *, at_least: bool = False) -> int:
-    """Rough device bytes one model costs: flat, grad, Adam moments and temporaries (8 P) plus the
-    evaluation's activations over all pairs (about 6 tensors of N (H + V)). `at_least`: what it cannot
-    do without (4 P and one such tensor)."""
-    P = build_model(cfg).layout.n_params
-    width = cfg.hidden + cfg.p if cfg.model == "mlp" else 3 * (4 * cfg.d_model + cfg.d_mlp + cfg.n_heads * 3) + cfg.p
-    dsize = 8 if cfg.dtype == "float64" else 4
-    if at_least:
-        return dsize * (4 * P + cfg.n_pairs * width)
-    return dsize * (8 * P + 6 * cfg.n_pairs * width)
-
-
-def device_memory(device: torch.device) -> int | None:
-    """Total bytes of the device's memory (the machine's RAM for a CPU), or None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_fits(cfg: TrainConfig, n_models: int, device: torch.device) -> None:
-    """A ConfigError, before anything is allocated, when n_models of cfg cannot fit in the device's memory
-    (by the least they need: a run that only might not fit is tried, and an OOM is reported as one)."""
-    need, have = n_models * bytes_per_model(cfg, at_least=True), device_memory(device)
-    if have is not None and need > have:
-        raise ConfigError(f"{n_models} models at p = {cfg.p} need at least {need / 2**30:,.1f} GiB; this "
-                          f"{device.type} has {have / 2**30:,.1f} GiB: use fewer seeds or cells, or a smaller p or model")
 
 
 @dataclass
@@ -136,7 +95,9 @@ class Trainer:
             raise ConfigError("table: no models to train")
         check_fits(cfg, M, self.device)
         self.budget = np.array([r.get("budget", cfg.steps) for r in self.table], dtype=np.int64)
-        self.group = np.array([r["cell"] for r in self.table]) if self.independent else np.zeros(M, np.int64)
+        # what a model waits for before it stops once grokked: its cell (a grid's cells are never split
+        # across batches), or (`train`, where `--seeds 1 --seed0 K` makes a cell of one) nothing but itself
+        self.group = np.array([r["cell"] for r in self.table]) if self.independent else np.arange(M)
         self.compact_frac = compact_frac if self.independent else 0.0
         self.rows = np.arange(M)                    # table row of each batch row
         seeds = [r["seed"] for r in self.table]
@@ -179,10 +140,41 @@ class Trainer:
         tensors = {k: v.detach().cpu() for k, v in self.state.items() if isinstance(v, torch.Tensor)}
         store.save_checkpoint(self.run_dir, {"step": self.step_idx, "state": tensors, "records": self.records,
                                              "done": self.done, "capture_shares": self.capture_shares,
-                                             "rows": self.rows})
+                                             "rows": self.rows, "fingerprint": self.fingerprint})
         self.write_results()
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of what determines this batch's results: the config and the models' table, less what
+        only says how or how long it runs (device, kernels, compile, checkpoint interval; the step
+        budgets, which a run may extend)."""
+        how = ("steps", "device", "kernels", "compile", "checkpoint_every")
+        cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in how}
+        table = [{k: v for k, v in r.items() if k != "budget"} for r in self.table]
+        return store.fingerprint({"config": cfg, "table": table})
+
+    def check_checkpoint(self, ck: dict) -> None:
+        """A StateError naming the checkpoint unless it belongs to this run: its fingerprint, or (a
+        checkpoint written before fingerprints) its tensors' and records' shapes."""
+        path = self.run_dir / store.CHECKPOINT
+        fp = ck.get("fingerprint")
+        if fp is not None and fp != self.fingerprint:
+            raise store.state_error(path, "its configuration fingerprint is not this run's (a checkpoint of "
+                                          "another run, or the run's config.json or spec was edited)")
+        M, P = len(self.table), self.model.layout.n_params
+        rows = np.asarray(ck.get("rows", np.arange(M)))
+        try:
+            flat, rec = ck["state"]["flat"], ck["records"]
+            ok = (tuple(flat.shape) == (len(rows), P) and len(rec.t_grok) == M and len(rec.t_mem) == M
+                  and len(rec.steps) == len(rec.evals) and (len(rows) == 0 or int(rows.max()) < M))
+        except (KeyError, AttributeError, TypeError):
+            ok = False
+        if not ok:
+            raise store.state_error(path, f"a checkpoint of another run (its tensors are not those of {M} "
+                                          f"model(s) of {P} parameters)")
+
     def restore(self, ck: dict) -> None:
+        self.check_checkpoint(ck)
         for k, v in ck["state"].items():
             self.state[k] = v.to(self.device)
         self.step_idx, self.records, self.done = ck["step"], ck["records"], ck["done"]
@@ -205,13 +197,17 @@ class Trainer:
         if self.independent or self.cfg.steps <= old_steps:
             return
         at_budget = r.stop == old_steps
+        forced = bool(r.steps) and r.steps[-1] == old_steps and old_steps % self.cfg.eval_every != 0
+        if not forced:                              # a divergence seen at a regular evaluation stands
+            at_budget &= ~r.diverged
         if not at_budget.any():
             return
-        if r.steps and r.steps[-1] == old_steps and old_steps % self.cfg.eval_every:
+        if forced:
             r.steps.pop()
             r.evals.pop()
             r.t_mem[r.t_mem == old_steps] = -1
             r.t_grok[r.t_grok == old_steps] = -1
+            r.diverged[at_budget] = False           # seen again at the next regular evaluation
         r.stop[at_budget] = -1
         self.done = False
         pos = np.nonzero(at_budget[self.rows])[0]
@@ -259,11 +255,9 @@ class Trainer:
             grok = running & (r.t_grok < 0) & (out[:, I_TEST_ACC] >= cfg.grok_threshold) & ~r.diverged
         r.t_mem[mem] = s
         r.t_grok[grok] = s
-        # who stops here: its own budget, (independent) its divergence, or every model of its cell
-        # (of the whole batch without a table) grokked or diverged
-        stop = running & (s >= self.budget)
-        if self.independent:
-            stop |= running & r.diverged
+        # who stops here: its own budget, its divergence, or every model of its group (its cell in a
+        # grid, itself in `train`) grokked or diverged
+        stop = running & ((s >= self.budget) | r.diverged)
         if cfg.stop_when_grokked:
             fin = (r.t_grok >= 0) | r.diverged
             open_groups = np.unique(self.group[~fin])
@@ -355,17 +349,15 @@ class Trainer:
         r, cfg = self.records, self.cfg
         ev = np.stack(r.evals)                                  # (T, M, 6)
         steps = np.asarray(r.steps)
-        logged = (steps % cfg.logit_every) == 0
         ends = self._ends()
         rows = []
         for i, row in enumerate(self.table):
             tg = int(r.t_grok[i])
             last = ev[np.searchsorted(steps, ends[i])]          # (M, 6) at this model's last step
-            ok = logged & (steps <= ends[i])
-            L = float("nan")
-            if tg >= 0 and ok.any():
-                ls = steps[ok]
-                L = float(ev[ok][np.argmin(np.abs(ls - tg)), i, I_LOGIT])
+            # L at grok: the model's own evaluation at T_grok (every evaluation computes L), so it does
+            # not depend on how long the batch ran; the study's cell-level rule (L at the logged step
+            # nearest the cell's median T_grok) is analysis.cell_logit_scale's, from the curves
+            L = float(ev[np.searchsorted(steps, tg), i, I_LOGIT]) if tg >= 0 else float("nan")
             rows.append({**{k: v for k, v in row.items() if k not in ROW_ONLY}, "rho": row.get("rho"),
                          "t_mem": int(r.t_mem[i]) if r.t_mem[i] >= 0 else None,
                          "t_grok": tg if tg >= 0 else None, "logit_scale_at_grok": L,
@@ -538,4 +530,9 @@ def load_config(run_dir: Path | str) -> TrainConfig:
     path = Path(run_dir) / store.CONFIG
     if not path.exists():
         raise ConfigError(f"{run_dir} holds no run (no {store.CONFIG})")
-    return TrainConfig.from_dict(store.read_json(path))
+    d = store.read_json(path)
+    try:
+        return TrainConfig.from_dict(d)
+    except (ConfigError, TypeError, ValueError) as e:   # a hand-edited value: "seeds": "4", a list for p
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise store.state_error(path, f"not a valid run config ({why})") from None

@@ -96,9 +96,10 @@ def test_step_section_stops_at_the_first_m_that_does_not_fit(monkeypatch, capsys
     section with a message, keeping the rows measured so far (a GPU's OOM is handled alike)."""
     import torch
 
-    from fastgrok import bench, trainer
-    per_model = trainer.bytes_per_model(bench.step_config(quick=True), at_least=True)
-    monkeypatch.setattr(trainer, "device_memory", lambda device: 2 * per_model)    # room for M = 1, not 4
+    from fastgrok import bench, memory
+    cfg = bench.step_config(quick=True)
+    one = memory.estimate_bytes(cfg, 1, torch.device("cpu"))
+    monkeypatch.setattr(memory, "device_memory", lambda device: one + 1)    # room for M = 1, not 4
     rows = bench.section_step(torch.device("cpu"), quick=True)
     assert {r["M"] for r in rows} == {1}
     assert "step at M = 4 does not fit" in capsys.readouterr().out

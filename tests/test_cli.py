@@ -22,6 +22,8 @@ import pytest
 import torch
 
 from fastgrok.config import TrainConfig
+from fastgrok.data import all_pairs
+from fastgrok.models import MLP
 from fastgrok.step import EVAL_METRICS
 
 _SCRIPT = Path(sys.executable).with_name("fastgrok")
@@ -231,7 +233,11 @@ def test_run_directory_contents(reference_run):
     assert (curves.step % EXPECTED.eval_every == 0).all() and curves.step.max() == EXPECTED.steps
     assert (curves[curves.metric == "logit_scale"].step % EXPECTED.logit_every == 0).all()
     # the per-model results are the curves' readouts: T_mem/T_grok the first evaluation over the
-    # threshold, final accuracies and norm the last evaluation, L at grok the logged value nearest T_grok
+    # threshold, final accuracies and norm the last evaluation (T_grok: a model stops when it groks), L at
+    # grok that of the weights at T_grok (the checkpoint's, where the model stopped)
+    flat = torch.load(reference_run / "checkpoint.pt", weights_only=False)["state"]["flat"].double()
+    a, b, _ = all_pairs(EXPECTED.p, EXPECTED.op)
+    z = MLP(EXPECTED).logits(flat, a, b)                                # (M, N, V)
     for r in models.itertuples():
         mine = curves[curves.model == r.model]
         series = {m: g.set_index("step").value.sort_index() for m, g in mine.groupby("metric")}
@@ -244,8 +250,11 @@ def test_run_directory_contents(reference_run):
         for col in ("train_acc", "test_acc", "weight_norm"):
             assert getattr(r, col) == series[col].iloc[-1]
         if not pd.isna(r.t_grok):
-            ls = series["logit_scale"]
-            assert r.logit_scale_at_grok == ls.iloc[int(np.argmin(np.abs(ls.index - r.t_grok)))]
+            assert r.steps == r.t_grok and series["test_acc"].index[-1] == r.t_grok
+            want = (z[r.model] / r.tau).norm(dim=-1).mean().item()
+            assert r.logit_scale_at_grok == pytest.approx(want, rel=1e-5)
+            if r.t_grok % EXPECTED.logit_every == 0:
+                assert r.logit_scale_at_grok == series["logit_scale"][r.t_grok]
 
 
 def test_existing_run_directory_is_not_overwritten(reference_run):

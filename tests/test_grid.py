@@ -63,10 +63,12 @@ def assert_no_duplicates(run_dir):
     assert set(curves["model"]) == set(models["model"])
 
 
-def plain_run(tmp, **kw) -> Trainer:
-    """An independent reference: fastgrok's plain Trainer (TrainConfig cells, no table, no grid)."""
+def plain_run(tmp, per_cell: bool = False, **kw) -> Trainer:
+    """An independent reference: fastgrok's plain Trainer (TrainConfig cells, no grid). It stops each
+    model at its own end (`fastgrok train`); per_cell: each cell's models when all of them have (the
+    study's rule, the grid's), by giving it its config's own table."""
     cfg = TrainConfig(**{k: v[0] for k, v in SHAPE.items()}, **TRAIN, device="cpu", **kw)
-    tr = Trainer(cfg, tmp, progress=False)
+    tr = Trainer(cfg, tmp, progress=False, table=cfg.model_table() if per_cell else None)
     tr.run()
     return tr
 
@@ -115,7 +117,8 @@ def test_mediation_packed_equals_cells_run_separately(packed, tmp_path, capsys, 
 
     # cells against plain runs of one cell each (the study's per-cell stopping; budget grows with rho)
     for cell, rho, tau, steps in ((0, 1.0, 1.0, 1500), (3, 1.15, 1.7, 3000)):
-        ref = plain_run(tmp_path / f"cell{cell}", seeds=3, steps=steps, taus=(tau,), norm_targets=(rho * w_c,))
+        ref = plain_run(tmp_path / f"cell{cell}", per_cell=True, seeds=3, steps=steps, taus=(tau,),
+                        norm_targets=(rho * w_c,))
         exp = ref.results()
         got = models[models["cell"] == cell].reset_index(drop=True)
         assert list(got["seed"]) == list(exp["seed"]) and (got["budget"] == steps).all()
