@@ -12,9 +12,9 @@ import torch
 
 from fastgrok.cli import main
 
-QUICK = ["--preset", "quick", "--no-compile", "--quiet", "--steps", "1000"]
+QUICK = ["--preset", "quick", "--no-compile", "--quiet", "--steps", "900"]
 TAUS = ("1", "1.5")
-SEEDS = 2           # seeds 0, 1: three models grok (at different steps), one does not within 1000 steps
+SEEDS = 2           # seeds 0, 1: three models grok (475, 500, 700), one does not within 900 steps (at 1000)
 
 
 def _train(out, *flags) -> tuple[pd.DataFrame, pd.DataFrame]:
