@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -18,6 +20,14 @@ from .config import COMPILE, DEVICES, DTYPES, KERNELS, LOSSES, MODELS, OPS, PRES
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        # argparse reads "-1e-3" or "-inf" (not matching its own "-1" / "-.5" pattern) as an option and says
+        # "expected one argument"; no fastgrok option looks like a number, so any number is a value and the
+        # config's validation names the field ("lr must be finite and > 0")
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$",
+                                                   re.IGNORECASE)
+
     def error(self, message):                   # one line, exit 2 (argparse prints usage otherwise)
         self.exit(2, f"fastgrok: error: {message}\n")
 
@@ -337,6 +347,12 @@ def main(argv=None) -> int:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"fastgrok: error: out of memory ({first[:200]}); use fewer models (seeds x cells), a smaller p "
                   "or model, or another device", file=sys.stderr)
+            return 1
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            # atomic writes: every file holds its last complete version, so the run resumes once there is room
+            where = f" writing {e.filename}" if e.filename else ""
+            print(f"fastgrok: error: the disk is full{where}; free some space and rerun (or --resume): what was "
+                  "written before is kept", file=sys.stderr)
             return 1
         if isinstance(e, OSError) and e.filename is not None:     # a path that cannot be made, read or written
             print(f"fastgrok: error: {e.strerror or type(e).__name__}: {e.filename}", file=sys.stderr)

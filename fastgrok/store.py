@@ -11,6 +11,7 @@ the old one, so a kill at any instant leaves either the old or the new version, 
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -34,8 +35,32 @@ def _umask() -> int:
     return mask
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+LOW_SPACE = 64 * 2**20
+"""A writer that fails otherwise than with ENOSPC (torch.save says "unexpected pos ...") while the file
+system has less free space than this is taken to have run out of it."""
+
+
+class DiskFull(OSError):
+    """The disk filled up while writing `filename`; the file's previous version is kept."""
+
+    def __init__(self, path):
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def _out_of_space(e: BaseException, directory: Path) -> bool:
+    if isinstance(e, OSError) and e.errno in DISK_FULL:
+        return True
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):
+        return False
+    return st.f_bavail * st.f_frsize < LOW_SPACE
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then fsync and rename tmp over path."""
+    """Call write(tmp_path), then fsync and rename tmp over path. A full disk raises DiskFull, the old
+    version of path left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -46,6 +71,10 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())         # mkstemp makes 0600; results are shared like any file
         os.replace(tmp, path)
+    except Exception as e:
+        if not isinstance(e, DiskFull) and _out_of_space(e, path.parent):
+            raise DiskFull(path) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -63,7 +64,29 @@ BAD = {
     "a tau given twice": (["--tau", "1", "1.3", "1"], "--tau lists 1 more than once"),
     "a norm target given twice": (["--norm-target", "40", "40"], "--norm-target lists 40 more than once"),
     "compile and no-compile": (["--compile", "on", "--no-compile"], "not allowed with"),
+    # issue 15, item 6
+    "seed0 beyond 64 bits": (["--seed0", "99999999999999999999"], "seed0 must be at most"),
+    "seed0 whose last split seed overflows": (["--seed0", str(2**63 - 1000 - 3), "--seeds", "5"],
+                                              "seed0 must be at most"),
+    "negative lr in exponent form": (["--lr", "-1e-3"], "lr must be finite and > 0"),
+    "negative wd in exponent form": (["--wd", "-1E-2"], "wd must be"),
+    "tau minus infinity": (["--tau", "-inf"], "tau must be"),
 }
+
+BAD_SPECS = {
+    "grok threshold above 1": ("[train]\ngrok_threshold = 5.0\n", "train.grok_threshold: grok_threshold must be in (0, 1]"),
+    "mem threshold nan": ("[train]\nmem_threshold = nan\n", "train.mem_threshold: mem_threshold must be in (0, 1]"),
+    "mem threshold zero": ("[train]\nmem_threshold = 0.0\n", "train.mem_threshold"),
+    "seed0 beyond 64 bits": ("[train]\nseed0 = 9223372036854775000\n", "train.seed0"),
+    "a tau listed twice": ("tau = [1.0, 1.0]\n", "spec.tau: lists 1.0 more than once"),
+    "a rho listed twice in a block": ('[[grid]]\nrho = ["free", 1.0, "free"]\n', "grid[0].rho: lists 'free'"),
+    "name ..": (None, "name: must be a plain file name"),
+    "name .": (None, "name: must be a plain file name"),
+    "name with a backslash": (None, "name: must be a plain file name"),
+}
+"""Spec mistakes `fastgrok run` refuses in one line naming the field, before writing anything anywhere.
+(None: the case is in the name, see SPEC_NAMES.)"""
+SPEC_NAMES = {"name ..": "..", "name .": ".", "name with a backslash": "a\\\\b"}
 
 
 def _assert_one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
@@ -80,6 +103,20 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     r = fastgrok("train", *args, "--out", out, cwd=tmp_path)
     _assert_one_line_error(r, needle)
     assert not out.exists() and not (tmp_path / "runs").exists()      # failed before any work
+
+
+@pytest.mark.parametrize("text,needle", list(BAD_SPECS.values()), ids=list(BAD_SPECS))
+def test_bad_spec_exits_2_with_one_line(tmp_path, text, needle, request):
+    name = SPEC_NAMES.get(request.node.callspec.id, "bad")
+    spec = tmp_path / "spec" / "bad.toml"
+    spec.parent.mkdir()
+    spec.write_text(f'name = "{name}"\np = [11]\n' + (text or ""))
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    # default --out: runs/<name> under work/here; --max-steps bounds the run where a case is not refused
+    r = fastgrok("run", spec, "--quiet", "--max-steps", "5", "--no-compile", cwd=work)
+    _assert_one_line_error(r, needle)
+    assert list(work.iterdir()) == [] and list((tmp_path / "work").iterdir()) == [work]   # nothing written
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -264,3 +301,47 @@ def test_a_tiny_test_set_is_flagged(tmp_path):
     r = fastgrok("train", "--p", "11", "--seeds", "1", "--d-embed", "8", "--hidden", "8", "--steps", "5",
                  "--no-compile", "--quiet", "--out", tmp_path / "run2")
     assert r.returncode == 0 and "test pair" not in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, monkeypatch, capsys):
+    """The disk fills up at the run's first checkpoint (the atomic writer raises ENOSPC): one line saying
+    so (exit 1, no traceback), the files written before it intact, and a resume once there is room
+    finishes the run."""
+    from fastgrok import cli, store
+    real, calls = store.atomic_write, []
+
+    def fills_up(path, write):
+        calls.append(Path(path).name)
+        if Path(path).name == store.CHECKPOINT:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, write)
+
+    monkeypatch.setattr(store, "atomic_write", fills_up)
+    out = tmp_path / "run"
+    args = ["train", "--p", "11", "--seeds", "1", "--d-embed", "8", "--hidden", "8", "--steps", "60",
+            "--checkpoint-every", "50", "--no-compile", "--quiet", "--out", str(out)]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fastgrok: error: the disk is full") and "kept" in err[-1], err
+    assert "Traceback" not in "\n".join(err) and store.CHECKPOINT in calls
+    assert not json.loads((out / "progress.json").read_text())["done"]         # written before: intact
+    assert not (out / store.CHECKPOINT).exists() and not list(out.glob(".*.tmp"))
+    monkeypatch.setattr(store, "atomic_write", real)                          # room again
+    assert cli.main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert json.loads((out / "progress.json").read_text())["done"]
+
+
+def test_atomic_write_keeps_the_old_version_when_the_disk_fills(tmp_path):
+    from fastgrok import store
+    path = tmp_path / "x.json"
+    store.write_json(path, {"a": 1})
+
+    def half_then_full(tmp):
+        Path(tmp).write_text("{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(store.DiskFull):
+        store.atomic_write(path, half_then_full)
+    assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["x.json"]

@@ -242,6 +242,11 @@ BAD = [
     (BASE + '[[grid]]\np = [1]\n', "grid[0].p"),
     (BASE + 'op = ["div"]\n[[grid]]\np = [12]\n', "spec.op"),
     ('p = [11]\n', "name"),
+    ('name = ".."\np = [11]\n', "name"),                                     # would write runs/.. = runs' parent
+    (BASE + "[train]\ngrok_threshold = 5.0\n", "train.grok_threshold"),      # nothing could ever grok
+    (BASE + "[train]\nmem_threshold = nan\n", "train.mem_threshold"),
+    (BASE + "tau = [1.0, 1.0]\n", "spec.tau"),                                 # as `train --tau 1 1` is refused
+    (BASE + "[[grid]]\nnorm_target = [20.0, 30.0, 20.0]\n", "grid[0].norm_target"),
 ]
 
 
