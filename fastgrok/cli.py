@@ -174,24 +174,26 @@ def cmd_train(args) -> int:
         raise ConfigError(f"{run_dir} holds a grid run (fastgrok run); pick another --out")
     if not resume and (run_dir / "config.json").exists():   # (train() checks too; here before the banner)
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
-    print(f"fastgrok: {cfg.n_models} models ({len(cfg.cells)} cells x {cfg.seeds} seeds), p={cfg.p} {cfg.op} "
-          f"{cfg.model} {cfg.loss} {cfg.dtype} -> {run_dir}", file=sys.stderr)
-    for warning in _ignored_options(args, cfg):
-        print(f"fastgrok: warning: {warning}", file=sys.stderr)
-    n_test = cfg.p * cfg.p - cfg.n_train
-    if n_test < SMALL_TEST_SET:
-        print(f"fastgrok: warning: only {n_test} test pair(s) at p = {cfg.p}, train fraction {cfg.train_frac:g}: "
-              f"test accuracy moves in steps of 1/{n_test}, so T_grok (test accuracy >= {cfg.grok_threshold:g}) "
-              "can come by chance", file=sys.stderr)
-    if any(t is not None for t in cfg.norm_targets) and cfg.t_clamp >= cfg.steps:
-        print(f"fastgrok: warning: the clamp starts at step {cfg.t_clamp} (--clamp-from), at or after the last "
-              f"step ({cfg.steps}): no model will be clamped", file=sys.stderr)
-    t0 = time.perf_counter()
-    try:
-        df = train(cfg, run_dir, resume=resume, progress=not args.quiet)
-    except Interrupted as e:
-        print(f"fastgrok: {e}; resume with: fastgrok train --resume {run_dir}", file=sys.stderr)
-        return 130
+    from .store import writer_lock
+    with writer_lock(run_dir):          # a second writer is refused before the banner
+        print(f"fastgrok: {cfg.n_models} models ({len(cfg.cells)} cells x {cfg.seeds} seeds), p={cfg.p} {cfg.op} "
+              f"{cfg.model} {cfg.loss} {cfg.dtype} -> {run_dir}", file=sys.stderr)
+        for warning in _ignored_options(args, cfg):
+            print(f"fastgrok: warning: {warning}", file=sys.stderr)
+        n_test = cfg.p * cfg.p - cfg.n_train
+        if n_test < SMALL_TEST_SET:
+            print(f"fastgrok: warning: only {n_test} test pair(s) at p = {cfg.p}, train fraction {cfg.train_frac:g}: "
+                  f"test accuracy moves in steps of 1/{n_test}, so T_grok (test accuracy >= {cfg.grok_threshold:g}) "
+                  "can come by chance", file=sys.stderr)
+        if any(t is not None for t in cfg.norm_targets) and cfg.t_clamp >= cfg.steps:
+            print(f"fastgrok: warning: the clamp starts at step {cfg.t_clamp} (--clamp-from), at or after the last "
+                  f"step ({cfg.steps}): no model will be clamped", file=sys.stderr)
+        t0 = time.perf_counter()
+        try:
+            df = train(cfg, run_dir, resume=resume, progress=not args.quiet)
+        except Interrupted as e:
+            print(f"fastgrok: {e}; resume with: fastgrok train --resume {run_dir}", file=sys.stderr)
+            return 130
     print_summary(cfg, df, time.perf_counter() - t0)
     print(f"results: {run_dir}/models.parquet, {run_dir}/curves.parquet")
     return 0
@@ -318,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_error(e: Exception) -> bool:
     """ConfigError, or the kernels' BackendError (only raised once fastgrok.kernels was imported)."""
     kernels = sys.modules.get("fastgrok.kernels")
+    store = sys.modules.get("fastgrok.store")
+    if store is not None and isinstance(e, store.Locked):      # a second writer of a run directory
+        return True
     return isinstance(e, ConfigError) or (kernels is not None and isinstance(e, kernels.BackendError))
 
 

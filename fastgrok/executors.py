@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import grid
+from . import grid, store
 from . import trainer as trainer_mod
 from .config import ConfigError
 from .experiments import apply_overrides, load_experiment
@@ -55,6 +55,12 @@ def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str
         _import_ray()
         workers = 1
     run_dir = Path(out) if out is not None else Path("runs") / spec.name
+    with store.writer_lock(run_dir):            # one writer per run directory (a second is refused)
+        return _run_locked(spec, run_dir, executor, device, progress, workers,
+                           n_dev if executor == "local" else 1, dev if executor == "local" else None)
+
+
+def _run_locked(spec, run_dir, executor, device, progress, workers, n_dev, dev) -> Path:
     local = executor == "local"                 # Ray's workers may have other devices: no preflight here
     plan = grid.init_run_dir(spec, run_dir, device if local else "cpu", check=local)
     compile_mode = grid.resolve_compile(spec, plan)

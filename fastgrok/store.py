@@ -8,13 +8,21 @@
 
 A file is written to a temporary name in the same directory, flushed and fsynced, then renamed over
 the old one, so a kill at any instant leaves either the old or the new version, never a torn file.
+
+One writer per run directory: `fastgrok run`, `train` and `train --resume` hold an exclusive flock on
+DIR/.lock (`writer_lock`) while they write; a second writer is refused, naming the holder's PID. The OS
+drops the lock when its process dies, so even `kill -9` leaves no stale lock. Readers (status, analyze)
+take no lock.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +35,7 @@ CURVES = "curves.parquet"
 PROGRESS = "progress.json"
 SPEC_JSON = "spec.json"                 # a grid run (fastgrok run): its spec and plan
 PLAN = "plan.json"
+LOCK = ".lock"
 
 
 def _umask() -> int:
@@ -78,6 +87,80 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class Locked(RuntimeError):
+    """Another live process holds the run directory's writer lock."""
+
+
+def _holder(fd: int) -> str:
+    """The PID the lock's holder wrote into the lock file ("?" if it has not yet)."""
+    for _ in range(20):                     # the holder writes its PID just after it takes the lock
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text:
+            return text
+        time.sleep(0.01)
+    return "?"
+
+
+_HELD: set[str] = set()
+"""Run directories whose writer lock this process holds (flock is per open file: a second one would
+conflict with the first)."""
+
+
+@contextlib.contextmanager
+def writer_lock(run_dir: Path):
+    """Hold run_dir's writer lock inside (making the directory). Raises Locked when another process holds
+    it. A directory this call made and left holding nothing but the lock file (the run was refused before
+    writing) is removed again, with the parents it made, so a refused run leaves no trace."""
+    run_dir = Path(run_dir)
+    key = os.path.realpath(run_dir)
+    if key in _HELD:                        # this process holds it already (the CLI around a library call)
+        yield
+        return
+    made = []
+    for d in (run_dir, *run_dir.absolute().parents):
+        if d.exists():
+            break
+        made.append(d)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        yield                               # a file in the way: nothing to lock; the caller's checks say so
+        return
+    path = run_dir / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise Locked(f"{run_dir} is being written by another fastgrok process (PID {holder}); wait for it "
+                         "to finish or stop it; one writer per run directory") from None
+        try:                                # the file locked may have just been removed (by the cleanup below)
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    _HELD.add(key)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        _HELD.discard(key)
+        if made and [q.name for q in run_dir.iterdir()] == [LOCK]:
+            os.unlink(path)
+            for d in made:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        else:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)         # empty while nobody holds it (a reader's snapshot does not change)
+        os.close(fd)                        # releases the lock
 
 
 def holds_train_run(run_dir: Path) -> bool:

@@ -502,8 +502,13 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, progre
     """Train `cfg` into run_dir (resuming from its checkpoint when asked); returns models' results.
 
     Resuming with a config that differs from the saved one only in a larger `steps` extends the run
-    (`Trainer.extend`); its config.json then records the new budget."""
-    run_dir = Path(run_dir)
+    (`Trainer.extend`); its config.json then records the new budget. The run directory's writer lock is
+    held throughout (`store.writer_lock`): a second writer is refused."""
+    with store.writer_lock(run_dir):
+        return _train(cfg, Path(run_dir), resume, progress)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> pd.DataFrame:
     saved = run_dir / store.CONFIG
     if saved.exists() and not resume:
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")

@@ -417,3 +417,62 @@ def test_analyze_into_a_closed_pipe_still_writes_the_report(train_run, tmp_path,
         sink.close()
     assert rc in (1, 141)
     assert (run / "report.md").exists() and (run / "figures").is_dir()
+
+
+# ----------------------------------------------------------------------------- one writer per run directory
+
+def _holding_lock(cmd, run_dir: Path) -> subprocess.Popen:
+    """Start cmd; return once it holds run_dir's writer lock (its PID in DIR/.lock)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    lock = run_dir / store.LOCK
+    while not (lock.exists() and lock.read_text().strip() == str(proc.pid)):
+        assert proc.poll() is None, f"the run ended before it was seen holding the lock: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "no lock within 120 s"
+        time.sleep(0.01)
+    return proc
+
+
+def _kill_9(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def test_one_writer_per_run_directory_and_kill_9_leaves_no_stale_lock(spec_path, reference, tmp_path):
+    """A second `fastgrok run` into a live run's --out, and `train --resume` of a live `train`: refused in one
+    line naming the live writer's PID, nothing written. Once the writers are killed with -9 (the OS drops their
+    locks), the same commands run: the grid ends with the reference results."""
+    grid_dir, train_dir = tmp_path / "grid", tmp_path / "train"
+    writers = []
+    try:
+        writers.append(_holding_lock([*FASTGROK, "run", str(spec_path), "--out", str(grid_dir), "--quiet"], grid_dir))
+        writers.append(_holding_lock([*FASTGROK, "train", "--p", "17", "--seeds", "1", "--d-embed", "8", "--hidden",
+                                      "16", "--steps", "100000", "--keep-going", "--no-compile", "--quiet",
+                                      "--out", str(train_dir)], train_dir))
+        line = one_line_error(fastgrok("run", spec_path, "--out", grid_dir, "--quiet"), f"PID {writers[0].pid}")
+        assert "another fastgrok process" in line
+        one_line_error(fastgrok("train", "--resume", train_dir, "--quiet"), f"PID {writers[1].pid}")
+        assert writers[1].poll() is None                        # the live trainer was not disturbed
+    finally:
+        for w in writers:
+            _kill_9(w)
+    r = fastgrok("run", spec_path, "--out", grid_dir, "--quiet")
+    assert r.returncode == 0, r.stderr
+    for name in (store.MODELS, store.CURVES):
+        pd.testing.assert_frame_equal(pd.read_parquet(grid_dir / name), pd.read_parquet(reference / name),
+                                      check_exact=True)
+    proc = _holding_lock([*FASTGROK, "train", "--resume", str(train_dir), "--quiet"], train_dir)
+    _kill_9(proc)                                               # it took the lock: no stale one was in the way
+
+
+def test_a_refused_run_leaves_no_lock_behind(tmp_path):
+    """A run refused before writing (too big) leaves no directory, not even the lock's."""
+    out = tmp_path / "new" / "big"
+    one_line_error(fastgrok("train", "--p", "200000", "--out", out), "GiB")
+    from fastgrok import trainer
+    from fastgrok.config import TrainConfig
+    with pytest.raises(Exception, match="already holds a run|GiB"):
+        trainer.train(TrainConfig(p=200000), out)
+    assert not (tmp_path / "new").exists()
