@@ -235,7 +235,7 @@ def _sigterm_as_ctrl_c():
 
 
 def cmd_run(args) -> int:
-    from .executors import run_experiment
+    from .executors import WorkerDied, run_experiment
     from .trainer import Interrupted
     overrides = {k: v for k, v in (("p", args.p), ("seeds", args.seeds), ("max_steps", args.max_steps),
                                    ("compile", args.compile)) if v is not None}
@@ -247,6 +247,9 @@ def cmd_run(args) -> int:
         why = str(e) or "interrupted"
         print(f"fastgrok: {why}; finished batches are kept: rerun the same command to resume", file=sys.stderr)
         return 130
+    except WorkerDied as e:                      # not a user mistake: exit 1, one line
+        print(f"fastgrok: error: {e}", file=sys.stderr)
+        return 1
     print(f"results: {run_dir}/models.parquet, {run_dir}/curves.parquet; tables and report: fastgrok analyze {run_dir}")
     return 0
 

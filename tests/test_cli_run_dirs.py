@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -476,3 +477,100 @@ def test_a_refused_run_leaves_no_lock_behind(tmp_path):
     with pytest.raises(Exception, match="already holds a run|GiB"):
         trainer.train(TrainConfig(p=200000), out)
     assert not (tmp_path / "new").exists()
+
+
+# ----------------------------------------------------------------------------- worker lifecycle
+
+def _marked(marker: str) -> dict[int, str]:
+    """pid -> command line of every live process whose environment holds marker (the driver's, inherited
+    by its workers and the multiprocessing resource tracker, even once they are orphaned under PID 1)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (d / "environ").read_bytes():
+                out[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:                                      # gone meanwhile, or a zombie's empty environ
+            continue
+    return out
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _assert_none_left(marker: str, wait_s: float = 30) -> None:
+    """Within wait_s no process of the run is left; any that is gets killed (the test cleans up after
+    itself) and the test fails naming it."""
+    deadline = time.monotonic() + wait_s
+    while (left := _marked(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left behind: {left}"
+
+
+def _start_marked(cmd, marker: str) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "FASTGROK_TEST_MARKER": marker}, start_new_session=True)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.5, 1.5, 3.0])
+def test_driver_killed_while_workers_start_leaves_no_process(spec_path, tmp_path, delay):
+    """kill -9 of `run --workers 2` `delay` s after its first worker was spawned (the worker still imports
+    torch, before it could arm its parent-death signal): within 30 s no worker and no resource tracker is
+    left (before: they ran on under PID 1, one training its batch into the run directory, then waited forever)."""
+    marker = f"fastgrok-test-{os.getpid()}-{tmp_path.name}"
+    proc = _start_marked([*FASTGROK, "run", str(spec_path), "--out", str(tmp_path / "run"), "--quiet",
+                          "--workers", "2"], marker)
+    try:
+        deadline = time.monotonic() + 120
+        while not any("spawn_main" in c for c in _marked(marker).values()):
+            assert proc.poll() is None, f"the run ended before a worker started: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no worker within 120 s"
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait(timeout=30)
+        _assert_none_left(marker)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def test_a_worker_killed_mid_batch_stops_the_run_then_it_resumes(spec_path, reference, tmp_path):
+    """SIGKILL to one of two workers while both train (the OOM killer's way): the driver says which batch's
+    worker died, in one line (no BrokenProcessPool traceback), stops the other worker (which checkpoints),
+    exits with code 1 within a minute and leaves no process; the same command then ends with the reference
+    results."""
+    marker = f"fastgrok-test-{os.getpid()}-{tmp_path.name}"
+    out = tmp_path / "run"
+    proc = _start_marked([*FASTGROK, "run", str(spec_path), "--out", str(out), "--quiet", "--workers", "2"], marker)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((out / "batches").glob("b*/curves.parquet"))) < 2:     # both batches have trained a while
+            assert proc.poll() is None, f"the run ended before a worker was killed: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "the batches did not both get going within 120 s"
+            time.sleep(0.01)
+        workers = sorted(pid for pid, c in _marked(marker).items() if "spawn_main" in c and _parent(pid) == proc.pid)
+        assert len(workers) == 2, _marked(marker)
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=90)
+        _assert_none_left(marker)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err and "BrokenProcessPool" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert re.match(r"fastgrok: error: the worker running batch b00[01] died \(killed by SIGKILL", last), err
+    assert "rerun the same command" in last
+    r = fastgrok("run", spec_path, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    for name in (store.MODELS, store.CURVES):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(reference / name),
+                                      check_exact=True)
