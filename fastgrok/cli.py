@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import COMPILE, DEVICES, DTYPES, KERNELS, LOSSES, MODELS, OPS, PRESETS, ConfigError, TrainConfig
+from .config import (COMPILE, DEVICES, DTYPES, KERNELS, LOSSES, MODELS, OPS, PRESETS, ConfigError, TrainConfig,
+                     logit_every_for)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,18 +70,41 @@ _TRAIN_FLAGS = {
 
 def _add_train(sub):
     p = sub.add_parser("train", help="train a batch of models (cells x seeds) and record when they grok")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="start from a preset (quick: groks in seconds on a CPU; study: the baseline cell)")
     defaults = TrainConfig()
+    presets = {name: PRESETS[name]() for name in sorted(PRESETS)}
+    sets = {name: ", ".join(f"{_flag_of(f)} {_shown(getattr(cfg, f))}" for f in _differs(cfg, defaults))
+            for name, cfg in presets.items()}
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="start from a preset; flags given override it. " + "; ".join(
+                       f"{name}: {PRESETS[name].__doc__.strip().splitlines()[0].rstrip('.')}"
+                       + (f" (sets {sets[name]})" if sets[name] else " (the defaults)") for name in sorted(PRESETS)))
     compile_flags = p.add_mutually_exclusive_group()        # --compile X --no-compile: refused, not last-wins
     for flag, (field, kw) in _TRAIN_FLAGS.items():
         kw = dict(kw)
-        if "action" not in kw and field not in ("taus", "norm_targets") and getattr(defaults, field) is not None:
-            kw["help"] = (kw.get("help", "") + f" (default {getattr(defaults, field)})").strip()
+        if "action" not in kw and field not in ("taus", "norm_targets"):
+            # the default, and what a preset puts in its place (--preset quick --help shows the same text)
+            shown = [] if getattr(defaults, field) is None else [f"default {_shown(getattr(defaults, field))}"]
+            shown += [f"--preset {n}: {_shown(getattr(c, field))}" for n, c in presets.items()
+                      if getattr(c, field) != getattr(defaults, field)]
+            if shown:
+                kw["help"] = (kw.get("help", "") + f" ({'; '.join(shown)})").strip()
         (compile_flags if field == "compile" else p).add_argument(flag, dest=field, default=argparse.SUPPRESS, **kw)
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<time>)")
     p.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR with its saved config; with --steps N, extend it to N steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _flag_of(field: str) -> str:
+    return next((f for f, (name, kw) in _TRAIN_FLAGS.items() if name == field and "action" not in kw),
+                f"--{field.replace('_', '-')}")
+
+
+def _shown(v) -> str:
+    return " ".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _differs(cfg: TrainConfig, base: TrainConfig) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(base, f.name)]
 
 
 def _config_from_args(args) -> TrainConfig:
@@ -94,7 +118,7 @@ def _config_from_args(args) -> TrainConfig:
                 raise ConfigError(f"{flag} lists {', '.join(f'{v:g}' for v in twice)} more than once: each value "
                                   f"makes a cell of --seeds models; give each value once")
     if "eval_every" in given and "logit_every" not in given:
-        given["logit_every"] = _logit_every(given["eval_every"])
+        given["logit_every"] = logit_every_for(given["eval_every"])
     return dataclasses.replace(base, **given)
 
 
@@ -119,9 +143,6 @@ SMALL_TEST_SET = 20
 """Fewer test pairs than this: `train` warns that a test accuracy of 0.90 can come by chance."""
 
 
-def _logit_every(eval_every: int) -> int:
-    """200 as in the study, rounded up to a multiple of eval_every."""
-    return max(1, -(-200 // max(eval_every, 1))) * max(eval_every, 1)
 
 
 def _extended(cfg: TrainConfig, steps: int, run_dir: Path) -> TrainConfig:
@@ -255,14 +276,28 @@ def cmd_run(args) -> int:
 
 
 def cmd_experiments(args) -> int:
-    from .experiments import list_experiments
-    for name, description in list_experiments():
-        print(f"{name:12s} {description}")
+    from .experiments import EXPERIMENTS, SPEC_DIR, apply_overrides, load_spec
+    from .sizes import experiment_size, fmt_duration
+    where = f"at p = {args.p}" if args.p is not None else "at each spec's own p"
+    rows = []                                   # all sized first: a bad --p prints its error alone
+    for name in EXPERIMENTS:
+        spec = load_spec(SPEC_DIR / f"{name}.toml")
+        if args.p is not None:
+            spec = apply_overrides(spec, p=args.p)
+        z = experiment_size(spec)
+        steps = f"{z['min_steps']:,}" + (f"-{z['max_steps']:,}" if z["max_steps"] != z["min_steps"] else "")
+        rows.append(f"{name:12s} {z['cells']:5d} {z['models']:6d} {steps:>16s} {fmt_duration(z['cpu_s']):>10s}  "
+                    f"{spec.description}")
+    print(f"{'name':12s} {'cells':>5s} {'models':>6s} {'steps (budget)':>16s} {'CPU time':>10s}  description")
+    print("\n".join(rows))
+    print(f"({where}; models include the calibration controls; CPU time: every model to its budget at the "
+          "measured 406 model-steps/s of the p = 59 MLP on 2 cores, scaled by each step's work: an upper "
+          "bound, cells stop once their seeds grok; a GPU is many times faster)")
     return 0
 
 
 def cmd_status(args) -> int:
-    from .grid import print_status
+    from .status import print_status
     print_status(args.dir)
     return 0
 
@@ -276,7 +311,9 @@ def cmd_analyze(args) -> int:
     if not (args.dir / "models.parquet").exists():
         raise ConfigError(f"{args.dir} holds no results (no models.parquet)")
     result = analyze_dir(args.dir)
-    report = write_report(args.dir, result)        # the files first: a closed pipe (| head) keeps them
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file; give a directory for the report")
+    report = write_report(args.dir, result, out=args.out)   # the files first: a closed pipe (| head) keeps them
     render_terminal(result)
     print(f"report: {report}")
     return 0
@@ -301,11 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_run(sub)
-    sub.add_parser("experiments", help="list the built-in experiments")
-    p = sub.add_parser("status", help="progress of a grid run, per cell")
+    p = sub.add_parser("experiments", help="list the built-in experiments: cells, models, step budgets, CPU time")
+    p.add_argument("--p", type=int, default=None, help="size them at this modulus (as `run --p` would)")
+    p = sub.add_parser("status", help="progress of a run: a grid's cells, or a train run's step and models grokked")
     p.add_argument("dir", type=Path)
     p = sub.add_parser("analyze", help="the study's tables, figures and a report from a run directory")
     p.add_argument("dir", type=Path)
+    p.add_argument("--out", type=Path, default=None,
+                   help="write report.md and figures/ here (default: into the run directory)")
     p = sub.add_parser("bench", help="measure kernels, the training step and a small grid, side by side")
     p.add_argument("--quick", action="store_true", help="small sizes, a minute or two")
     p.add_argument("--device", default="auto", choices=DEVICES)

@@ -254,6 +254,13 @@ class TrainConfig:
         return cls(**d)
 
 
+def logit_every_for(eval_every: int) -> int:
+    """The logit-scale period for an evaluation period: the study's 200, rounded up to a multiple of
+    eval_every (logit_every must be one). `train --eval-every N` and a spec's [train] eval_every use it
+    when logit_every is not given."""
+    return max(1, -(-200 // max(eval_every, 1))) * max(eval_every, 1)
+
+
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

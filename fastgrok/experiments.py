@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import CLAMP_MODES, DTYPES, LOSSES, MODELS, OPS, ConfigError, TrainConfig, default_lr
+from .config import CLAMP_MODES, DTYPES, LOSSES, MODELS, OPS, ConfigError, TrainConfig, default_lr, logit_every_for
 
 try:
     import tomllib
@@ -352,6 +352,10 @@ class ExperimentSpec:
             bad = _train_type_error(k, self.train[k])
             if bad:
                 raise _err(f"train.{k}", bad)
+        ev = self.train.get("eval_every")
+        if _is_int(ev) and ev >= 1 and "logit_every" not in self.train and \
+                logit_every_for(ev) != TrainConfig.logit_every:     # as `train --eval-every N` adapts it
+            self.train = {**self.train, "logit_every": logit_every_for(ev)}
         try:
             base = TrainConfig(**self.train)
         except ConfigError as e:

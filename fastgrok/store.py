@@ -163,6 +163,17 @@ def writer_lock(run_dir: Path):
         os.close(fd)                        # releases the lock
 
 
+def lock_holder(run_dir: Path) -> int | None:
+    """The PID of the live process holding run_dir's writer lock, or None (read without locking: a
+    reader never stands in a writer's way)."""
+    try:
+        pid = int((Path(run_dir) / LOCK).read_text().strip())
+        os.kill(pid, 0)                     # the file keeps the PID of a writer killed with -9: alive?
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
 def holds_train_run(run_dir: Path) -> bool:
     """Whether run_dir holds a `fastgrok train` run (its config.json is a TrainConfig; a grid run's
     config.json names its experiment, and a grid keeps its checkpoints under batches/)."""

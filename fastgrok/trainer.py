@@ -62,6 +62,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+PROGRESS_EVERY_S = 2.0
+"""progress.json (what `fastgrok status` shows) is rewritten at the first evaluation this long after the
+last write, besides at every checkpoint: a live view at the cost of one small atomic write per interval."""
+
 QUICK_STEPS = 2000
 """compile "auto" on a CPU stays eager for runs of at most this many steps: a cold compile of the p = 59
 step costs ~45 s, about what compiling saves over 1,000-2,000 steps (benchmarks/RESULTS.md)."""
@@ -170,6 +174,8 @@ class Trainer:
         self.done = False
         self._build_fns()
         self._stop_signal = None
+        self._progress_t = 0.0
+        self._checkpoint_step = None
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint(self) -> None:
@@ -183,6 +189,7 @@ class Trainer:
         for k, v in ck["state"].items():
             self.state[k] = v.to(self.device)
         self.step_idx, self.records, self.done = ck["step"], ck["records"], ck["done"]
+        self._checkpoint_step = ck["step"]
         self.capture_shares = ck["capture_shares"]
         if self.records.stop is None:               # a checkpoint from before per-model stopping
             self.records.stop = np.full(len(self.table), -1)
@@ -311,6 +318,8 @@ class Trainer:
                     if self._eval_due(s):
                         self._evaluate()                    # also decides who stops here (and done)
                         bar.update(s, self.records)
+                        if time.monotonic() - self._progress_t >= PROGRESS_EVERY_S:
+                            self._write_progress()          # for `fastgrok status`: a small file, seconds apart
                         n_stopped = int((self.records.stop[self.rows] >= 0).sum())
                         if not self.done and self.compact_frac and n_stopped >= self.compact_frac * len(self.rows):
                             self.compact()                  # results are per model: unchanged by this
@@ -331,6 +340,10 @@ class Trainer:
             if self.records.steps[-1] != self.step_idx:      # the budget ended between evaluations
                 self._evaluate()
             self.checkpoint()
+            early = self.step_idx < int(self.budget.max())
+            bar.finish(self.step_idx, self.records, "the step budget" if not early else
+                       "every model grokked or diverged" if not self.independent else
+                       "every model grokked, diverged or reached its own budget")
             if self._stop_signal is not None:
                 # the signal came during the last evaluation or checkpoint: the run is saved whole, and
                 # the caller (a grid about to start its next batch) is told to stop too
@@ -393,11 +406,20 @@ class Trainer:
             return
         store.write_parquet(self.run_dir / store.MODELS, self.results())
         store.write_parquet(self.run_dir / store.CURVES, self.curves())
-        self._write_progress()
+        self._write_progress(checkpoint=True)
 
-    def _write_progress(self) -> None:
-        store.write_json(self.run_dir / store.PROGRESS, {"step": self.step_idx, "done": self.done,
-                                                         "steps": int(self.budget.max())})
+    def _write_progress(self, checkpoint: bool = False) -> None:
+        """progress.json: the step reached, whether the run is done, the budget, the step of the last
+        checkpoint (what a resume starts from), and how many models memorized, grokked and diverged."""
+        r = self.records
+        if checkpoint:
+            self._checkpoint_step = self.step_idx
+        store.write_json(self.run_dir / store.PROGRESS, {
+            "step": self.step_idx, "done": self.done, "steps": int(self.budget.max()),
+            "checkpoint": self._checkpoint_step, "models": len(self.table),
+            "memorized": int((r.t_mem >= 0).sum()), "grokked": int((r.t_grok >= 0).sum()),
+            "diverged": int(r.diverged.sum())})
+        self._progress_t = time.monotonic()
 
     # ---------------------------------------------------------------- signals
     def _install_signals(self) -> None:
@@ -476,6 +498,18 @@ class _Progress:
         if self.live:
             self.p.console.print(msg)
         elif self.enabled:
+            print(msg, flush=True)
+
+    def finish(self, step: int, records: Records, why: str) -> None:
+        """A closing line: where the run ended and why (an early stop leaves the bar short of the budget)."""
+        if not self.enabled:
+            return
+        msg = (f"done at step {step}/{self.total} ({why}): grokked {(records.t_grok >= 0).sum()}/{self.n}"
+               + (f", diverged {records.diverged.sum()}" if records.diverged.any() else "")
+               + f" ({time.monotonic() - self.t0:.0f} s)")
+        if self.live:
+            self.p.console.print(msg, markup=False, highlight=False)
+        else:
             print(msg, flush=True)
 
     def update(self, step: int, records: Records | None) -> None:

@@ -313,3 +313,16 @@ def test_budget_steps_alone_keeps_the_study_ratio():
     b = Budget(steps=1500)
     assert b.at(1.0) == 1500 and b.at(1.15) == round(1500 * 137000 / 20000)
     assert Budget(steps=1500, steps_ref=3000).at(1.15) == 3000
+
+
+def test_spec_eval_every_adapts_logit_every_as_train_does():
+    """[train] eval_every = 7: logit_every becomes 203 (200 rounded up to a multiple of 7), as with
+    `fastgrok train --eval-every 7`; a given logit_every is kept; a divisor of 200 changes nothing."""
+    from fastgrok.cli import _config_from_args, build_parser
+    spec = ExperimentSpec.from_dict({"name": "x", "p": [11], "train": {"eval_every": 7}})
+    assert spec.base_config(p=11).logit_every == 203
+    assert _config_from_args(build_parser().parse_args(["train", "--eval-every", "7"])).logit_every == 203
+    assert ExperimentSpec.from_dict(spec.to_dict()) == spec                  # spec.json reads back the same
+    assert ExperimentSpec.from_dict({"name": "x", "train": {"eval_every": 10}}).train == {"eval_every": 10}
+    with pytest.raises(ConfigError, match="train.logit_every"):
+        ExperimentSpec.from_dict({"name": "x", "train": {"eval_every": 7, "logit_every": 200}})
