@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import grid, store
+from . import extend, grid, store
 from . import trainer as trainer_mod
 from .config import ConfigError
 from .experiments import apply_overrides, load_experiment
@@ -62,6 +62,9 @@ def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str
 
 def _run_locked(spec, run_dir, executor, device, progress, workers, n_dev, dev) -> Path:
     local = executor == "local"                 # Ray's workers may have other devices: no preflight here
+    saved = run_dir / grid.SPEC_JSON
+    if saved.is_file() and extend.is_extension(store.read_json(saved), spec.to_dict()):
+        extend.extend(spec, run_dir, lambda msg: print(f"fastgrok: {msg}", file=sys.stderr, flush=True))
     plan = grid.init_run_dir(spec, run_dir, device if local else "cpu", check=local)
     compile_mode = grid.resolve_compile(spec, plan)
     pooled = executor == "ray" or workers > 1

@@ -541,13 +541,15 @@ def test_driver_killed_while_workers_start_leaves_no_process(spec_path, tmp_path
         proc.wait(timeout=30)
 
 
-def test_a_worker_killed_mid_batch_stops_the_run_then_it_resumes(spec_path, reference, tmp_path):
+def test_a_worker_killed_mid_batch_stops_the_run_then_it_resumes(reference, tmp_path):
     """SIGKILL to one of two workers while both train (the OOM killer's way): the driver says which batch's
     worker died, in one line (no BrokenProcessPool traceback), stops the other worker (which checkpoints),
     exits with code 1 within a minute and leaves no process; the same command then ends with the reference
     results."""
     marker = f"fastgrok-test-{os.getpid()}-{tmp_path.name}"
     out = tmp_path / "run"
+    spec_path = tmp_path / "dirs.toml"          # SPEC, checkpointed every 100 steps: both batches show early
+    spec_path.write_text(to_toml({**SPEC, "train": {**SPEC["train"], "checkpoint_every": 100}}))
     proc = _start_marked([*FASTGROK, "run", str(spec_path), "--out", str(out), "--quiet", "--workers", "2"], marker)
     try:
         deadline = time.monotonic() + 120
