@@ -256,7 +256,8 @@ def _sigterm_as_ctrl_c():
 
 
 def cmd_run(args) -> int:
-    from .executors import WorkerDied, run_experiment
+    from .executors import run_experiment
+    from .workers import WorkerDied
     from .trainer import Interrupted
     overrides = {k: v for k, v in (("p", args.p), ("seeds", args.seeds), ("max_steps", args.max_steps),
                                    ("compile", args.compile)) if v is not None}

@@ -46,7 +46,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 """Signals on which a running Trainer checkpoints and raises Interrupted (a grid's worker processes
 leave SIGINT to their driver, which stops them with SIGTERM)."""
 PENDING_STOP: int | None = None
-"""A stop signal a worker process received outside Trainer.run (executors._note_stop): the next run of
+"""A stop signal a worker process received outside Trainer.run (workers._note_stop): the next run of
 the process checkpoints and stops at its first chance instead of training its batch."""
 
 
