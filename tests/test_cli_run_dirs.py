@@ -7,8 +7,11 @@
   the running batches checkpointed where they stopped, and the same command again finishes with exactly
   the results of an uninterrupted run;
 - result files are readable as the umask says (not only by their owner);
-- `fastgrok status` on a train run, on a missing directory; the clamp warning; plain progress lines
-  when the output is not a terminal.
+- `fastgrok status` on a train run (shown), on a missing directory; the clamp warning; plain progress lines
+  when the output is not a terminal;
+- one writer per run directory (a second is refused naming the first's PID; kill -9 leaves no stale lock);
+- worker lifecycle: a driver killed while its workers start leaves no process; a worker killed mid-batch
+  stops the run in one line naming its batch, and the same command resumes.
 """
 from __future__ import annotations
 
@@ -98,8 +101,9 @@ def test_train_refuses_a_grid_run_directory(reference):
     assert snapshot(reference) == before
 
 
-def test_status_names_a_train_run_and_a_missing_directory(train_run, tmp_path):
-    one_line_error(fastgrok("status", train_run), "holds a `fastgrok train` run")
+def test_status_shows_a_train_run_and_names_a_missing_directory(train_run, tmp_path):
+    r = fastgrok("status", train_run)                    # a train run: shown (it was an error before)
+    assert r.returncode == 0 and "fastgrok train run, p=17" in r.stdout and "step 30 of 30: done" in r.stdout, r
     one_line_error(fastgrok("status", tmp_path / "nowhere"), "does not exist")
 
 
