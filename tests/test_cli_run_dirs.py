@@ -176,8 +176,9 @@ def _ctrl_c_when(cmd, ready, pause: float = 0.0, sig=signal.SIGINT, group: bool 
 def test_ctrl_c_during_run_then_the_same_command_resumes(spec_path, reference, tmp_path, workers):
     out = tmp_path / "run"
     cmd = [*FASTGROK, "run", str(spec_path), "--out", str(out), "--quiet"] + (["--workers", str(workers)] if workers else [])
-    # interrupt once some batch has trained past its first evaluation (its curves exist)
-    proc, err, _ = _ctrl_c_when(cmd, lambda: any((out / "batches").glob("b*/curves.parquet")), pause=0.5)
+    # interrupt once some batch has checkpointed (its curves exist, at step 1,000 of 1,500), at once: the 500
+    # steps left take well under a second on an idle machine, and a pause could let the batch finish
+    proc, err, _ = _ctrl_c_when(cmd, lambda: any((out / "batches").glob("b*/curves.parquet")))
     steps = [json.loads(p.read_text())["step"] for p in (out / "batches").glob("b*/progress.json")]
     assert steps and any(0 < s < 1500 for s in steps)           # stopped mid-batch, with a checkpoint
 
