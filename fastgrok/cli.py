@@ -7,16 +7,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
+import json
 import os
+import re
 import signal
 import sys
 import time
 from pathlib import Path
 
-from .config import COMPILE, DEVICES, DTYPES, INITS, KERNELS, LOSSES, MODELS, OPS, PRESETS, ConfigError, TrainConfig
+from .config import (COMPILE, DEVICES, DTYPES, INITS, KERNELS, LOSSES, MODELS, OPS, PRESETS, ConfigError,
+                     TrainConfig, logit_every_for)
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        # argparse reads "-1e-3" or "-inf" (not matching its own "-1" / "-.5" pattern) as an option and says
+        # "expected one argument"; no fastgrok option looks like a number, so any number is a value and the
+        # config's validation names the field ("lr must be finite and > 0")
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$",
+                                                   re.IGNORECASE)
+
     def error(self, message):                   # one line, exit 2 (argparse prints usage otherwise)
         self.exit(2, f"fastgrok: error: {message}\n")
 
@@ -60,18 +72,41 @@ _TRAIN_FLAGS = {
 
 def _add_train(sub):
     p = sub.add_parser("train", help="train a batch of models (cells x seeds) and record when they grok")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="start from a preset (quick: groks in seconds on a CPU; study: the baseline cell)")
     defaults = TrainConfig()
+    presets = {name: PRESETS[name]() for name in sorted(PRESETS)}
+    sets = {name: ", ".join(f"{_flag_of(f)} {_shown(getattr(cfg, f))}" for f in _differs(cfg, defaults))
+            for name, cfg in presets.items()}
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="start from a preset; flags given override it. " + "; ".join(
+                       f"{name}: {PRESETS[name].__doc__.strip().splitlines()[0].rstrip('.')}"
+                       + (f" (sets {sets[name]})" if sets[name] else " (the defaults)") for name in sorted(PRESETS)))
     compile_flags = p.add_mutually_exclusive_group()        # --compile X --no-compile: refused, not last-wins
     for flag, (field, kw) in _TRAIN_FLAGS.items():
         kw = dict(kw)
-        if "action" not in kw and field not in ("taus", "norm_targets") and getattr(defaults, field) is not None:
-            kw["help"] = (kw.get("help", "") + f" (default {getattr(defaults, field)})").strip()
+        if "action" not in kw and field not in ("taus", "norm_targets"):
+            # the default, and what a preset puts in its place (--preset quick --help shows the same text)
+            shown = [] if getattr(defaults, field) is None else [f"default {_shown(getattr(defaults, field))}"]
+            shown += [f"--preset {n}: {_shown(getattr(c, field))}" for n, c in presets.items()
+                      if getattr(c, field) != getattr(defaults, field)]
+            if shown:
+                kw["help"] = (kw.get("help", "") + f" ({'; '.join(shown)})").strip()
         (compile_flags if field == "compile" else p).add_argument(flag, dest=field, default=argparse.SUPPRESS, **kw)
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<time>)")
     p.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR with its saved config; with --steps N, extend it to N steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _flag_of(field: str) -> str:
+    return next((f for f, (name, kw) in _TRAIN_FLAGS.items() if name == field and "action" not in kw),
+                f"--{field.replace('_', '-')}")
+
+
+def _shown(v) -> str:
+    return " ".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _differs(cfg: TrainConfig, base: TrainConfig) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(base, f.name)]
 
 
 def _config_from_args(args) -> TrainConfig:
@@ -85,7 +120,7 @@ def _config_from_args(args) -> TrainConfig:
                 raise ConfigError(f"{flag} lists {', '.join(f'{v:g}' for v in twice)} more than once: each value "
                                   f"makes a cell of --seeds models; give each value once")
     if "eval_every" in given and "logit_every" not in given:
-        given["logit_every"] = _logit_every(given["eval_every"])
+        given["logit_every"] = logit_every_for(given["eval_every"])
     return dataclasses.replace(base, **given)
 
 
@@ -110,9 +145,6 @@ SMALL_TEST_SET = 20
 """Fewer test pairs than this: `train` warns that a test accuracy of 0.90 can come by chance."""
 
 
-def _logit_every(eval_every: int) -> int:
-    """200 as in the study, rounded up to a multiple of eval_every."""
-    return max(1, -(-200 // max(eval_every, 1))) * max(eval_every, 1)
 
 
 def _extended(cfg: TrainConfig, steps: int, run_dir: Path) -> TrainConfig:
@@ -166,24 +198,26 @@ def cmd_train(args) -> int:
         raise ConfigError(f"{run_dir} holds a grid run (fastgrok run); pick another --out")
     if not resume and (run_dir / "config.json").exists():   # (train() checks too; here before the banner)
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
-    print(f"fastgrok: {cfg.n_models} models ({len(cfg.cells)} cells x {cfg.seeds} seeds), p={cfg.p} {cfg.op} "
-          f"{cfg.model} {cfg.loss} {cfg.dtype} -> {run_dir}", file=sys.stderr)
-    for warning in _ignored_options(args, cfg):
-        print(f"fastgrok: warning: {warning}", file=sys.stderr)
-    n_test = cfg.p * cfg.p - cfg.n_train
-    if n_test < SMALL_TEST_SET:
-        print(f"fastgrok: warning: only {n_test} test pair(s) at p = {cfg.p}, train fraction {cfg.train_frac:g}: "
-              f"test accuracy moves in steps of 1/{n_test}, so T_grok (test accuracy >= {cfg.grok_threshold:g}) "
-              "can come by chance", file=sys.stderr)
-    if any(t is not None for t in cfg.norm_targets) and cfg.t_clamp >= cfg.steps:
-        print(f"fastgrok: warning: the clamp starts at step {cfg.t_clamp} (--clamp-from), at or after the last "
-              f"step ({cfg.steps}): no model will be clamped", file=sys.stderr)
-    t0 = time.perf_counter()
-    try:
-        df = train(cfg, run_dir, resume=resume, progress=not args.quiet)
-    except Interrupted as e:
-        print(f"fastgrok: {e}; resume with: fastgrok train --resume {run_dir}", file=sys.stderr)
-        return 130
+    from .store import writer_lock
+    with writer_lock(run_dir):          # a second writer is refused before the banner
+        print(f"fastgrok: {cfg.n_models} models ({len(cfg.cells)} cells x {cfg.seeds} seeds), p={cfg.p} {cfg.op} "
+              f"{cfg.model} {cfg.loss} {cfg.dtype} -> {run_dir}", file=sys.stderr)
+        for warning in _ignored_options(args, cfg):
+            print(f"fastgrok: warning: {warning}", file=sys.stderr)
+        n_test = cfg.p * cfg.p - cfg.n_train
+        if n_test < SMALL_TEST_SET:
+            print(f"fastgrok: warning: only {n_test} test pair(s) at p = {cfg.p}, train fraction {cfg.train_frac:g}: "
+                  f"test accuracy moves in steps of 1/{n_test}, so T_grok (test accuracy >= {cfg.grok_threshold:g}) "
+                  "can come by chance", file=sys.stderr)
+        if any(t is not None for t in cfg.norm_targets) and cfg.t_clamp >= cfg.steps:
+            print(f"fastgrok: warning: the clamp starts at step {cfg.t_clamp} (--clamp-from), at or after the last "
+                  f"step ({cfg.steps}): no model will be clamped", file=sys.stderr)
+        t0 = time.perf_counter()
+        try:
+            df = train(cfg, run_dir, resume=resume, progress=not args.quiet)
+        except Interrupted as e:
+            print(f"fastgrok: {e}; resume with: fastgrok train --resume {run_dir}", file=sys.stderr)
+            return 130
     print_summary(cfg, df, time.perf_counter() - t0)
     print(f"results: {run_dir}/models.parquet, {run_dir}/curves.parquet")
     return 0
@@ -226,6 +260,7 @@ def _sigterm_as_ctrl_c():
 
 def cmd_run(args) -> int:
     from .executors import run_experiment
+    from .workers import WorkerDied
     from .trainer import Interrupted
     overrides = {k: v for k, v in (("p", args.p), ("seeds", args.seeds), ("max_steps", args.max_steps),
                                    ("compile", args.compile)) if v is not None}
@@ -237,19 +272,36 @@ def cmd_run(args) -> int:
         why = str(e) or "interrupted"
         print(f"fastgrok: {why}; finished batches are kept: rerun the same command to resume", file=sys.stderr)
         return 130
+    except WorkerDied as e:                      # not a user mistake: exit 1, one line
+        print(f"fastgrok: error: {e}", file=sys.stderr)
+        return 1
     print(f"results: {run_dir}/models.parquet, {run_dir}/curves.parquet; tables and report: fastgrok analyze {run_dir}")
     return 0
 
 
 def cmd_experiments(args) -> int:
-    from .experiments import list_experiments
-    for name, description in list_experiments():
-        print(f"{name:12s} {description}")
+    from .experiments import EXPERIMENTS, SPEC_DIR, apply_overrides, load_spec
+    from .sizes import experiment_size, fmt_duration
+    where = f"at p = {args.p}" if args.p is not None else "at each spec's own p"
+    rows = []                                   # all sized first: a bad --p prints its error alone
+    for name in EXPERIMENTS:
+        spec = load_spec(SPEC_DIR / f"{name}.toml")
+        if args.p is not None:
+            spec = apply_overrides(spec, p=args.p)
+        z = experiment_size(spec)
+        steps = f"{z['min_steps']:,}" + (f"-{z['max_steps']:,}" if z["max_steps"] != z["min_steps"] else "")
+        rows.append(f"{name:12s} {z['cells']:5d} {z['models']:6d} {steps:>16s} {fmt_duration(z['cpu_s']):>10s}  "
+                    f"{spec.description}")
+    print(f"{'name':12s} {'cells':>5s} {'models':>6s} {'steps (budget)':>16s} {'CPU time':>10s}  description")
+    print("\n".join(rows))
+    print(f"({where}; models include the calibration controls; CPU time: every model to its budget at the "
+          "measured 406 model-steps/s of the p = 59 MLP on 2 cores, scaled by each step's work: an upper "
+          "bound, cells stop once their seeds grok; a GPU is many times faster)")
     return 0
 
 
 def cmd_status(args) -> int:
-    from .grid import print_status
+    from .status import print_status
     print_status(args.dir)
     return 0
 
@@ -263,7 +315,9 @@ def cmd_analyze(args) -> int:
     if not (args.dir / "models.parquet").exists():
         raise ConfigError(f"{args.dir} holds no results (no models.parquet)")
     result = analyze_dir(args.dir)
-    report = write_report(args.dir, result)        # the files first: a closed pipe (| head) keeps them
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file; give a directory for the report")
+    report = write_report(args.dir, result, out=args.out)   # the files first: a closed pipe (| head) keeps them
     render_terminal(result)
     print(f"report: {report}")
     return 0
@@ -288,11 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_run(sub)
-    sub.add_parser("experiments", help="list the built-in experiments")
-    p = sub.add_parser("status", help="progress of a grid run, per cell")
+    p = sub.add_parser("experiments", help="list the built-in experiments: cells, models, step budgets, CPU time")
+    p.add_argument("--p", type=int, default=None, help="size them at this modulus (as `run --p` would)")
+    p = sub.add_parser("status", help="progress of a run: a grid's cells, or a train run's step and models grokked")
     p.add_argument("dir", type=Path)
     p = sub.add_parser("analyze", help="the study's tables, figures and a report from a run directory")
     p.add_argument("dir", type=Path)
+    p.add_argument("--out", type=Path, default=None,
+                   help="write report.md and figures/ here (default: into the run directory)")
     p = sub.add_parser("bench", help="measure kernels, the training step and a small grid, side by side")
     p.add_argument("--quick", action="store_true", help="small sizes, a minute or two")
     p.add_argument("--device", default="auto", choices=DEVICES)
@@ -310,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_error(e: Exception) -> bool:
     """ConfigError, or the kernels' BackendError (only raised once fastgrok.kernels was imported)."""
     kernels = sys.modules.get("fastgrok.kernels")
+    store = sys.modules.get("fastgrok.store")
+    if store is not None and isinstance(e, store.Locked):      # a second writer of a run directory
+        return True
     return isinstance(e, ConfigError) or (kernels is not None and isinstance(e, kernels.BackendError))
 
 
@@ -339,6 +399,12 @@ def main(argv=None) -> int:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"fastgrok: error: out of memory ({first[:200]}); use fewer models (seeds x cells), a smaller p "
                   "or model, or another device", file=sys.stderr)
+            return 1
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            # atomic writes: every file holds its last complete version, so the run resumes once there is room
+            where = f" writing {e.filename}" if e.filename else ""
+            print(f"fastgrok: error: the disk is full{where}; free some space and rerun (or --resume): what was "
+                  "written before is kept", file=sys.stderr)
             return 1
         if isinstance(e, OSError) and e.filename is not None:     # a path that cannot be made, read or written
             print(f"fastgrok: error: {e.strerror or type(e).__name__}: {e.filename}", file=sys.stderr)

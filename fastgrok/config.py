@@ -25,6 +25,13 @@ class ConfigError(ValueError):
     """A user mistake in a configuration; the message names the field and the value."""
 
 
+MAX_SEED = 2**63 - 1
+"""Largest seed a model may use: `torch.Generator.manual_seed` takes 64-bit integers, and results keep seeds
+in int64 columns. A model's split generator is seeded 1000 + seed (data.py), so seed0 + seeds - 1 + 1000
+must not exceed it."""
+SPLIT_SEED_OFFSET = 1000
+
+
 def is_prime(n: int) -> bool:
     return n >= 2 and all(n % k for k in range(2, int(math.isqrt(n)) + 1))
 
@@ -161,6 +168,16 @@ class TrainConfig:
             raise ConfigError(f"clamp_from must be >= 0, got {self.clamp_from!r}")
         if self.seeds < 1:
             raise ConfigError(f"seeds must be >= 1, got {self.seeds!r}")
+        top = MAX_SEED - SPLIT_SEED_OFFSET - (self.seeds - 1)
+        if self.seed0 > top:
+            raise ConfigError(f"seed0 must be at most {top:,} with {self.seeds} seeds (seeds and their split "
+                              f"generators, seeded 1000 + seed, are 64-bit integers), got {self.seed0!r}")
+        for name in ("mem_threshold", "grok_threshold"):
+            v = getattr(self, name)
+            # an accuracy: above 1 (or nan) nothing could ever memorize or grok, and the run would say so
+            # only by its empty T_mem/T_grok columns
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+                raise ConfigError(f"{name} must be in (0, 1] (an accuracy), got {v!r}")
         for name in ("eval_every", "logit_every", "checkpoint_every", "d_embed", "hidden", "d_model",
                      "n_heads", "n_layers", "d_mlp"):
             if getattr(self, name) < 1:
@@ -241,6 +258,13 @@ class TrainConfig:
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
+
+
+def logit_every_for(eval_every: int) -> int:
+    """The logit-scale period for an evaluation period: the study's 200, rounded up to a multiple of
+    eval_every (logit_every must be one). `train --eval-every N` and a spec's [train] eval_every use it
+    when logit_every is not given."""
+    return max(1, -(-200 // max(eval_every, 1))) * max(eval_every, 1)
 
 
 def _choice(name: str, value, allowed) -> None:

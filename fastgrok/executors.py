@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from . import grid
-from . import trainer as trainer_mod
+from . import extend, grid, store
 from .config import ConfigError
 from .experiments import apply_overrides, load_experiment
+from .workers import PoolMapper
 
 EXECUTORS = ("local", "ray")
 MAX_RETRIES = 3
@@ -55,7 +55,16 @@ def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str
         _import_ray()
         workers = 1
     run_dir = Path(out) if out is not None else Path("runs") / spec.name
+    with store.writer_lock(run_dir):            # one writer per run directory (a second is refused)
+        return _run_locked(spec, run_dir, executor, device, progress, workers,
+                           n_dev if executor == "local" else 1, dev if executor == "local" else None)
+
+
+def _run_locked(spec, run_dir, executor, device, progress, workers, n_dev, dev) -> Path:
     local = executor == "local"                 # Ray's workers may have other devices: no preflight here
+    saved = run_dir / grid.SPEC_JSON
+    if saved.is_file() and extend.is_extension(store.read_json(saved), spec.to_dict()):
+        extend.extend(spec, run_dir, lambda msg: print(f"fastgrok: {msg}", file=sys.stderr, flush=True))
     plan = grid.init_run_dir(spec, run_dir, device if local else "cpu", check=local)
     compile_mode = grid.resolve_compile(spec, plan)
     pooled = executor == "ray" or workers > 1
@@ -67,7 +76,7 @@ def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str
     if executor == "ray":
         mapper = _RayMapper()
     elif workers > 1:
-        mapper = _PoolMapper(workers, devices=list(range(n_dev)) if dev.type == "cuda" else None)
+        mapper = PoolMapper(workers, devices=list(range(n_dev)) if dev.type == "cuda" else None)
     else:
         mapper = contextlib.nullcontext(_local_map)
     with mapper as run_jobs:
@@ -113,138 +122,6 @@ def _local_map(jobs, progress, bar):
     for job in jobs:
         bar.start(job)
         yield job, grid.run_job(job, progress=progress)
-
-
-def _init_worker(counter, devices, threads, stopping) -> None:
-    """A local worker process: its own device (CUDA: devices[i], made current) and its share of the cores."""
-    with counter.get_lock():
-        i = counter.value
-        counter.value += 1
-    global _DRIVER_PID
-    _DRIVER_PID = os.getppid()
-    if devices:
-        torch.cuda.set_device(devices[i % len(devices)])
-    torch.set_num_threads(threads)
-    # Ctrl-C reaches every process of the terminal's group: the driver alone handles it and stops the
-    # workers with SIGTERM, on which a running trainer checkpoints and raises Interrupted. Outside a
-    # trainer (idle, or setting a batch up) SIGTERM is noted for the next trainer, not fatal: a worker
-    # that died would break the pool and strand the others' results
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _note_stop)
-    trainer_mod.STOP_SIGNALS = (signal.SIGTERM,)
-    _sigterm_when_driver_dies()
-    if stopping.value or os.getppid() != _DRIVER_PID:   # stopped (or gone) while this worker started up
-        trainer_mod.PENDING_STOP = signal.SIGTERM
-
-
-def _sigterm_when_driver_dies() -> None:
-    """Linux: have the kernel send this worker SIGTERM when its driver dies (even by kill -9): a running
-    trainer then checkpoints and stops, and the worker exits (see _pool_job), instead of training on for
-    nobody and then waiting on a dead queue."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    except (OSError, AttributeError):
-        pass
-
-
-_DRIVER_PID = None
-
-
-def _note_stop(signum, frame) -> None:
-    """A worker's SIGTERM: noted for its trainer (see _init_worker). A worker whose driver is gone (killed
-    outright) has no one to serve: it exits, instead of waiting on the job queue forever."""
-    if _DRIVER_PID is not None and os.getppid() != _DRIVER_PID:
-        os._exit(128 + signum)
-    trainer_mod.PENDING_STOP = signum
-
-
-def _pool_job(job):
-    try:
-        return grid.run_job(job, progress=False)
-    finally:
-        if _DRIVER_PID is not None and os.getppid() != _DRIVER_PID:
-            os._exit(143)                       # the driver is gone: no one takes the result or sends more
-
-
-@contextlib.contextmanager
-def _stop_signals_ignored():
-    """SIGINT and SIGTERM ignored inside (main thread only; elsewhere nothing changes), restored after."""
-    try:
-        old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:                          # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h if h is not None else signal.SIG_DFL)
-
-
-STOP_WAIT_S = 60.0
-"""After a Ctrl-C, how long the driver waits for local workers to checkpoint and exit before killing them."""
-
-
-class _PoolMapper:
-    """Maps jobs to `n` worker processes (spawned), one per device; results arrive as jobs finish and the
-    driver writes them. CPU workers share the cores (threads each = cores // n, at least 1)."""
-
-    def __init__(self, n: int, devices: list[int] | None):
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-        ctx = mp.get_context("spawn")
-        threads = max(1, torch.get_num_threads() // n) if not devices else torch.get_num_threads()
-        self.stopping = ctx.Value("b", 0)
-        self.pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(ctx.Value("i", 0), devices, threads, self.stopping))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
-            self._stop_workers()
-            return
-        self.pool.shutdown(wait=exc_type is None, cancel_futures=True)
-
-    def _stop_workers(self) -> None:
-        """After a Ctrl-C: SIGTERM every worker (a running trainer checkpoints and stops; an idle or
-        starting worker notes it, so its next trainer stops at once), let the pool go without waiting on it (a worker that died can leave it broken, and a
-        broken pool's shutdown(wait=True) can wait forever), then wait up to STOP_WAIT_S for the workers
-        to exit and kill what is left (checkpoints are atomic: at most the work since the last is lost).
-        A second Ctrl-C kills them at once."""
-        self.stopping.value = 1                     # for a worker still starting up (SIGTERM ignored there)
-        procs = list((getattr(self.pool, "_processes", None) or {}).values())
-        for proc in procs:
-            try:
-                os.kill(proc.pid, signal.SIGTERM)
-            except OSError:
-                pass
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + STOP_WAIT_S
-        try:
-            for proc in procs:
-                proc.join(max(0.0, deadline - time.monotonic()))
-        except KeyboardInterrupt:
-            pass
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-
-    def __call__(self, jobs, progress, bar):
-        from concurrent.futures import as_completed
-        # workers start while the jobs are submitted: with SIGINT and SIGTERM ignored here, they start
-        # ignoring them until _init_worker (a signal while a worker still imports torch would otherwise
-        # kill it and break the pool)
-        with _stop_signals_ignored():
-            futures = {self.pool.submit(_pool_job, job): job for job in jobs}
-        for f in as_completed(futures):
-            yield futures[f], f.result()
 
 
 def _import_ray():

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import CLAMP_MODES, DTYPES, LOSSES, MODELS, OPS, ConfigError, TrainConfig, default_lr
+from .config import CLAMP_MODES, DTYPES, LOSSES, MODELS, OPS, ConfigError, TrainConfig, default_lr, logit_every_for
 
 try:
     import tomllib
@@ -186,7 +186,12 @@ class Axes:
         for name in AXES:
             v = getattr(self, name)
             if v is not None:
-                setattr(self, name, _tuple(f"{self.where}.{name}", v, _CONV[name]))
+                v = _tuple(f"{self.where}.{name}", v, _CONV[name])
+                twice = [x for i, x in enumerate(v) if x in v[:i]]
+                if twice:                   # as `train --tau 1 1` is refused: a repeat is a typo, not a cell
+                    x = FREE if twice[0] is None else list(twice[0]) if isinstance(twice[0], tuple) else twice[0]
+                    raise _err(f"{self.where}.{name}", f"lists {x!r} more than once; give each value once")
+                setattr(self, name, v)
         if self.seeds is not None and (isinstance(self.seeds, bool) or not isinstance(self.seeds, int)
                                        or self.seeds < 1):
             raise _err(f"{self.where}.seeds", f"must be an integer >= 1, got {self.seeds!r}")
@@ -327,8 +332,9 @@ class ExperimentSpec:
     engine: Engine = field(default_factory=Engine)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or "/" in self.name:
-            raise _err("name", f"must be a non-empty string without '/', got {self.name!r}")
+        if not _plain_name(self.name):     # it names the run directory: runs/<name>, never above or beside it
+            raise _err("name", f"must be a plain file name (not '.' or '..', no '/', '\\' or control "
+                               f"characters), got {self.name!r}")
         if not isinstance(self.description, str):
             raise _err("description", f"must be a string, got {self.description!r}")
         if not _is_int(self.seeds) or self.seeds < 1:
@@ -346,6 +352,10 @@ class ExperimentSpec:
             bad = _train_type_error(k, self.train[k])
             if bad:
                 raise _err(f"train.{k}", bad)
+        ev = self.train.get("eval_every")
+        if _is_int(ev) and ev >= 1 and "logit_every" not in self.train and \
+                logit_every_for(ev) != TrainConfig.logit_every:     # as `train --eval-every N` adapts it
+            self.train = {**self.train, "logit_every": logit_every_for(ev)}
         try:
             base = TrainConfig(**self.train)
         except ConfigError as e:
@@ -453,6 +463,12 @@ class ExperimentSpec:
         if self.grids:
             out["grid"] = [g.to_dict() for g in self.grids]
         return out
+
+
+def _plain_name(name) -> bool:
+    """Whether name is one path component that stays where it is put (runs/<name>)."""
+    return (isinstance(name, str) and name.strip() not in ("", ".", "..") and not any(c in name for c in "/\\")
+            and all(ord(c) >= 32 and ord(c) != 127 for c in name))
 
 
 def _table(where: str, v) -> dict:

@@ -364,7 +364,8 @@ def grid_progress_warnings(run_dir, models: pd.DataFrame) -> list[str]:
         p = store.read_progress(path)
         if p.get("done", True):
             return []
-        n = [f"{x:,}" if isinstance(x, int) else "?" for x in (p.get("step"), p.get("steps"))]
+        at = p.get("checkpoint") or p.get("step")     # the results are the last checkpoint's
+        n = [f"{x:,}" if isinstance(x, int) else "?" for x in (at, p.get("steps"))]
         return [f"unfinished: this run stopped at step {n[0]} of {n[1]}; the "
                 f"tables cover the steps trained so far (continue it: fastgrok train --resume {run_dir})."]
     if progress[0] == progress[1]:
@@ -505,13 +506,15 @@ def _config_line(config: dict) -> str:
     return "; ".join(f"{k} = {show(v)}" for k, v in items)
 
 
-def write_report(run_dir, result: dict | None = None) -> Path:
-    """Write DIR/figures/*.png|pdf and DIR/report.md; return the report's path."""
-    d = Path(run_dir)
-    result = result if result is not None else analyze_dir(d)
-    models, curves, _ = A.load_run(d)
+def write_report(run_dir, result: dict | None = None, out=None) -> Path:
+    """Write OUT/figures/*.png|pdf and OUT/report.md (OUT: the run directory unless given, so a run kept
+    read-only, such as the repository's docs/ run, can be analyzed elsewhere); return the report's path."""
+    src = Path(run_dir)
+    d = Path(out) if out is not None else src
+    result = result if result is not None else analyze_dir(src)
+    models, curves, _ = A.load_run(src)
     cells, figs = result["cells"], {}
-    (d / "figures").mkdir(exist_ok=True)
+    (d / "figures").mkdir(parents=True, exist_ok=True)
     curves_c = A.cell_curves(models, curves)
     if "mediation" in result:
         figs["mediation"] = fig_mediation(result["mediation"], cells, d / "figures" / "mediation")
@@ -524,7 +527,7 @@ def write_report(run_dir, result: dict | None = None) -> Path:
         if len(plain):
             figs["curves"] = fig_curves(curves_c, plain, d / "figures" / "curves")
 
-    lines = [f"# fastgrok report: {d.name}", ""]
+    lines = [f"# fastgrok report: {src.name}", ""]
     for w in result["warnings"]:
         lines += [f"> **Warning:** {w}", ""]
     if result["config"]:

@@ -49,7 +49,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 """Signals on which a running Trainer checkpoints and raises Interrupted (a grid's worker processes
 leave SIGINT to their driver, which stops them with SIGTERM)."""
 PENDING_STOP: int | None = None
-"""A stop signal a worker process received outside Trainer.run (executors._note_stop): the next run of
+"""A stop signal a worker process received outside Trainer.run (workers._note_stop): the next run of
 the process checkpoints and stops at its first chance instead of training its batch."""
 
 
@@ -63,6 +63,11 @@ def resolve_device(name: str) -> torch.device:
             raise ConfigError("device 'cuda' requested but no CUDA device is available on this machine")
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+PROGRESS_EVERY_S = 2.0
+"""progress.json (what `fastgrok status` shows) is rewritten at the first evaluation this long after the
+last write, besides at every checkpoint: a live view at the cost of one small atomic write per interval."""
 
 
 @dataclass
@@ -134,6 +139,8 @@ class Trainer:
         self.done = False
         self._build_fns()
         self._stop_signal = None
+        self._progress_t = 0.0
+        self._checkpoint_step = None
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint(self) -> None:
@@ -178,6 +185,7 @@ class Trainer:
         for k, v in ck["state"].items():
             self.state[k] = v.to(self.device)
         self.step_idx, self.records, self.done = ck["step"], ck["records"], ck["done"]
+        self._checkpoint_step = ck["step"]
         self.capture_shares = ck["capture_shares"]
         if self.records.stop is None:               # a checkpoint from before per-model stopping
             self.records.stop = np.full(len(self.table), -1)
@@ -308,6 +316,8 @@ class Trainer:
                     if self._eval_due(s):
                         self._evaluate()                    # also decides who stops here (and done)
                         bar.update(s, self.records)
+                        if time.monotonic() - self._progress_t >= PROGRESS_EVERY_S:
+                            self._write_progress()          # for `fastgrok status`: a small file, seconds apart
                         n_stopped = int((self.records.stop[self.rows] >= 0).sum())
                         if not self.done and self.compact_frac and n_stopped >= self.compact_frac * len(self.rows):
                             self.compact()                  # results are per model: unchanged by this
@@ -328,6 +338,10 @@ class Trainer:
             if self.records.steps[-1] != self.step_idx:      # the budget ended between evaluations
                 self._evaluate()
             self.checkpoint()
+            early = self.step_idx < int(self.budget.max())
+            bar.finish(self.step_idx, self.records, "the step budget" if not early else
+                       "every model grokked or diverged" if not self.independent else
+                       "every model grokked, diverged or reached its own budget")
             if self._stop_signal is not None:
                 # the signal came during the last evaluation or checkpoint: the run is saved whole, and
                 # the caller (a grid about to start its next batch) is told to stop too
@@ -388,11 +402,20 @@ class Trainer:
             return
         store.write_parquet(self.run_dir / store.MODELS, self.results())
         store.write_parquet(self.run_dir / store.CURVES, self.curves())
-        self._write_progress()
+        self._write_progress(checkpoint=True)
 
-    def _write_progress(self) -> None:
-        store.write_json(self.run_dir / store.PROGRESS, {"step": self.step_idx, "done": self.done,
-                                                         "steps": int(self.budget.max())})
+    def _write_progress(self, checkpoint: bool = False) -> None:
+        """progress.json: the step reached, whether the run is done, the budget, the step of the last
+        checkpoint (what a resume starts from), and how many models memorized, grokked and diverged."""
+        r = self.records
+        if checkpoint:
+            self._checkpoint_step = self.step_idx
+        store.write_json(self.run_dir / store.PROGRESS, {
+            "step": self.step_idx, "done": self.done, "steps": int(self.budget.max()),
+            "checkpoint": self._checkpoint_step, "models": len(self.table),
+            "memorized": int((r.t_mem >= 0).sum()), "grokked": int((r.t_grok >= 0).sum()),
+            "diverged": int(r.diverged.sum())})
+        self._progress_t = time.monotonic()
 
     # ---------------------------------------------------------------- signals
     def _install_signals(self) -> None:
@@ -473,6 +496,18 @@ class _Progress:
         elif self.enabled:
             print(msg, flush=True)
 
+    def finish(self, step: int, records: Records, why: str) -> None:
+        """A closing line: where the run ended and why (an early stop leaves the bar short of the budget)."""
+        if not self.enabled:
+            return
+        msg = (f"done at step {step}/{self.total} ({why}): grokked {(records.t_grok >= 0).sum()}/{self.n}"
+               + (f", diverged {records.diverged.sum()}" if records.diverged.any() else "")
+               + f" ({time.monotonic() - self.t0:.0f} s)")
+        if self.live:
+            self.p.console.print(msg, markup=False, highlight=False)
+        else:
+            print(msg, flush=True)
+
     def update(self, step: int, records: Records | None) -> None:
         if not self.enabled:
             return
@@ -497,8 +532,13 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, progre
     """Train `cfg` into run_dir (resuming from its checkpoint when asked); returns models' results.
 
     Resuming with a config that differs from the saved one only in a larger `steps` extends the run
-    (`Trainer.extend`); its config.json then records the new budget."""
-    run_dir = Path(run_dir)
+    (`Trainer.extend`); its config.json then records the new budget. The run directory's writer lock is
+    held throughout (`store.writer_lock`): a second writer is refused."""
+    with store.writer_lock(run_dir):
+        return _train(cfg, Path(run_dir), resume, progress)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> pd.DataFrame:
     saved = run_dir / store.CONFIG
     if saved.exists() and not resume:
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")

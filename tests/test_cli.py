@@ -8,8 +8,10 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,7 +67,29 @@ BAD = {
     "a tau given twice": (["--tau", "1", "1.3", "1"], "--tau lists 1 more than once"),
     "a norm target given twice": (["--norm-target", "40", "40"], "--norm-target lists 40 more than once"),
     "compile and no-compile": (["--compile", "on", "--no-compile"], "not allowed with"),
+    # issue 15, item 6
+    "seed0 beyond 64 bits": (["--seed0", "99999999999999999999"], "seed0 must be at most"),
+    "seed0 whose last split seed overflows": (["--seed0", str(2**63 - 1000 - 3), "--seeds", "5"],
+                                              "seed0 must be at most"),
+    "negative lr in exponent form": (["--lr", "-1e-3"], "lr must be finite and > 0"),
+    "negative wd in exponent form": (["--wd", "-1E-2"], "wd must be"),
+    "tau minus infinity": (["--tau", "-inf"], "tau must be"),
 }
+
+BAD_SPECS = {
+    "grok threshold above 1": ("[train]\ngrok_threshold = 5.0\n", "train.grok_threshold: grok_threshold must be in (0, 1]"),
+    "mem threshold nan": ("[train]\nmem_threshold = nan\n", "train.mem_threshold: mem_threshold must be in (0, 1]"),
+    "mem threshold zero": ("[train]\nmem_threshold = 0.0\n", "train.mem_threshold"),
+    "seed0 beyond 64 bits": ("[train]\nseed0 = 9223372036854775000\n", "train.seed0"),
+    "a tau listed twice": ("tau = [1.0, 1.0]\n", "spec.tau: lists 1.0 more than once"),
+    "a rho listed twice in a block": ('[[grid]]\nrho = ["free", 1.0, "free"]\n', "grid[0].rho: lists 'free'"),
+    "name ..": (None, "name: must be a plain file name"),
+    "name .": (None, "name: must be a plain file name"),
+    "name with a backslash": (None, "name: must be a plain file name"),
+}
+"""Spec mistakes `fastgrok run` refuses in one line naming the field, before writing anything anywhere.
+(None: the case is in the name, see SPEC_NAMES.)"""
+SPEC_NAMES = {"name ..": "..", "name .": ".", "name with a backslash": "a\\\\b"}
 
 
 def _assert_one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
@@ -82,6 +106,20 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     r = fastgrok("train", *args, "--out", out, cwd=tmp_path)
     _assert_one_line_error(r, needle)
     assert not out.exists() and not (tmp_path / "runs").exists()      # failed before any work
+
+
+@pytest.mark.parametrize("text,needle", list(BAD_SPECS.values()), ids=list(BAD_SPECS))
+def test_bad_spec_exits_2_with_one_line(tmp_path, text, needle, request):
+    name = SPEC_NAMES.get(request.node.callspec.id, "bad")
+    spec = tmp_path / "spec" / "bad.toml"
+    spec.parent.mkdir()
+    spec.write_text(f'name = "{name}"\np = [11]\n' + (text or ""))
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    # default --out: runs/<name> under work/here; --max-steps bounds the run where a case is not refused
+    r = fastgrok("run", spec, "--quiet", "--max-steps", "5", "--no-compile", cwd=work)
+    _assert_one_line_error(r, needle)
+    assert list(work.iterdir()) == [] and list((tmp_path / "work").iterdir()) == [work]   # nothing written
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -126,10 +164,10 @@ def reference_run(tmp_path_factory) -> Path:
 
 
 def _checkpointed(run: Path) -> bool:
-    """Whether a run has checkpointed: its progress.json (written at the start with step 0, then last at each
-    checkpoint, after checkpoint.pt and the results) is past step 0."""
+    """Whether a run has checkpointed: its progress.json (written at the start, at evaluations seconds apart,
+    and last at each checkpoint, after checkpoint.pt and the results) names a checkpoint past step 0."""
     try:
-        return json.loads((run / "progress.json").read_text())["step"] > 0
+        return (json.loads((run / "progress.json").read_text())["checkpoint"] or 0) > 0
     except (OSError, ValueError, KeyError):
         return False
 
@@ -186,7 +224,9 @@ def test_finished_run_extended_with_more_steps_matches_the_longer_run(tmp_path, 
     short = [f if f != "500" else "330" for f in FLAGS]
     r = fastgrok("train", *short, "--quiet", "--out", out)
     assert r.returncode == 0, r.stderr
-    assert json.loads((out / "progress.json").read_text()) == {"step": 330, "done": True, "steps": 330}
+    progress = json.loads((out / "progress.json").read_text())
+    assert {k: progress[k] for k in ("step", "done", "steps", "checkpoint")} == \
+        {"step": 330, "done": True, "steps": 330, "checkpoint": 330}
     assert 330 in set(pd.read_parquet(out / "curves.parquet").step)
     r = fastgrok("train", "--resume", out, "--steps", "200")
     assert r.returncode == 2 and "not shorten" in r.stderr and "Traceback" not in r.stderr
@@ -198,10 +238,13 @@ def test_finished_run_extended_with_more_steps_matches_the_longer_run(tmp_path, 
 
 def test_extending_a_run_whose_models_all_grokked_says_so(tmp_path):
     out = tmp_path / "run"
-    r = fastgrok("train", "--preset", "quick", "--seeds", "1", "--quiet", "--out", out)
+    r = fastgrok("train", "--preset", "quick", "--seeds", "1", "--out", out)     # with its progress output
     assert r.returncode == 0, r.stderr
     progress = json.loads((out / "progress.json").read_text())
     assert progress["done"] and progress["step"] < progress["steps"]
+    # the early stop ends the progress output with a line saying where and why (not a bar left mid-way)
+    assert f"done at step {progress['step']}/{progress['steps']} (every model grokked or diverged): grokked 1/1" \
+        in r.stdout, r.stdout
     before = pd.read_parquet(out / "models.parquet")
     r = fastgrok("train", "--resume", out, "--steps", str(2 * progress["steps"]), "--quiet")
     assert r.returncode == 0, r.stderr
@@ -273,3 +316,109 @@ def test_a_tiny_test_set_is_flagged(tmp_path):
     r = fastgrok("train", "--p", "11", "--seeds", "1", "--d-embed", "8", "--hidden", "8", "--steps", "5",
                  "--no-compile", "--quiet", "--out", tmp_path / "run2")
     assert r.returncode == 0 and "test pair" not in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, monkeypatch, capsys):
+    """The disk fills up at the run's first checkpoint (the atomic writer raises ENOSPC): one line saying
+    so (exit 1, no traceback), the files written before it intact, and a resume once there is room
+    finishes the run."""
+    from fastgrok import cli, store
+    real, calls = store.atomic_write, []
+
+    def fills_up(path, write):
+        calls.append(Path(path).name)
+        if Path(path).name == store.CHECKPOINT:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, write)
+
+    monkeypatch.setattr(store, "atomic_write", fills_up)
+    out = tmp_path / "run"
+    args = ["train", "--p", "11", "--seeds", "1", "--d-embed", "8", "--hidden", "8", "--steps", "60",
+            "--checkpoint-every", "50", "--no-compile", "--quiet", "--out", str(out)]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fastgrok: error: the disk is full") and "kept" in err[-1], err
+    assert "Traceback" not in "\n".join(err) and store.CHECKPOINT in calls
+    assert not json.loads((out / "progress.json").read_text())["done"]         # written before: intact
+    assert not (out / store.CHECKPOINT).exists() and not list(out.glob(".*.tmp"))
+    monkeypatch.setattr(store, "atomic_write", real)                          # room again
+    assert cli.main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert json.loads((out / "progress.json").read_text())["done"]
+
+
+def test_atomic_write_keeps_the_old_version_when_the_disk_fills(tmp_path):
+    from fastgrok import store
+    path = tmp_path / "x.json"
+    store.write_json(path, {"a": 1})
+
+    def half_then_full(tmp):
+        Path(tmp).write_text("{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(store.DiskFull):
+        store.atomic_write(path, half_then_full)
+    assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+# ----------------------------------------------------------------------------- status, help, experiments
+
+def test_status_of_a_train_run_is_live(tmp_path):
+    """`fastgrok status` of a `train` directory shows its step, models grokked and state; progress.json is
+    rewritten at evaluations (seconds apart), so status follows a run long before its first checkpoint."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*FASTGROK, "train", "--p", "17", "--seeds", "2", "--d-embed", "8", "--hidden", "16",
+                             "--steps", "1000000", "--checkpoint-every", "1000000", "--keep-going", "--no-compile",
+                             "--quiet", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "progress.json").exists() or json.loads((out / "progress.json").read_text())["step"] == 0:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "progress.json did not move within 120 s"
+            time.sleep(0.05)
+        r = fastgrok("status", out)
+        assert r.returncode == 0, r.stderr
+        assert "fastgrok train run, p=17 add mlp ce float32, 2 models (1 cells x 2 seeds)" in r.stdout, r.stdout
+        assert re.search(rf"step [\d,]+ of 1,000,000: running \(PID {proc.pid}\)", r.stdout), r.stdout
+        assert re.search(r"memorized \d/2, grokked \d/2, diverged 0", r.stdout), r.stdout
+        assert "no checkpoint yet" in r.stdout
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    r = fastgrok("status", out)
+    assert r.returncode == 0 and f"stopped; continue it: fastgrok train --resume {out}" in r.stdout, r.stdout
+
+
+def test_help_says_what_a_preset_sets():
+    r = fastgrok("train", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())                       # argparse wraps lines
+    assert "modulus (default 59; --preset quick: 31)" in text
+    assert "(--preset quick: 0.01)" in text and "step budget (default 20000; --preset quick: 5000)" in text
+    assert "quick: A configuration that groks in seconds on a 2-core CPU (see README) (sets --p 31" in text
+
+
+def test_experiments_shows_size_and_time_at_the_given_p():
+    r = fastgrok("experiments", "--p", "31")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:-1]}
+    assert list(rows) == ["mediation", "collapse", "dose", "mse", "float64", "samestate", "alloc", "transformer"]
+    # mediation at one p: 6 cells x 12 seeds and one calibration of 12 free models; budgets 20k (rho 1) to 137k
+    assert rows["mediation"][1:4] == ["6", "84", "20,000-137,000"]
+    assert rows["mediation"][5] in ("min", "h")                             # a duration: "90 min"
+    assert "at p = 31" in r.stdout.splitlines()[-1]
+    assert fastgrok("experiments", "--p", "1").stdout == ""                 # a bad p: its error alone
+
+
+def test_analyze_out_leaves_the_run_directory_untouched(tmp_path):
+    """`analyze --out DIR` on the repository's docs/ run: the report lands in DIR, docs/ is unchanged."""
+    docs = Path(__file__).resolve().parents[1] / "docs" / "mediation_p31"
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(docs.rglob("*")) if p.is_file()}
+    r = fastgrok("analyze", docs, "--out", tmp_path / "report")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "report" / "report.md").exists() and list((tmp_path / "report" / "figures").glob("*.png"))
+    assert f"report: {tmp_path / 'report' / 'report.md'}" in r.stdout
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(docs.rglob("*")) if p.is_file()}
+    assert after == before

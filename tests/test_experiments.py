@@ -38,9 +38,10 @@ def _key(c, *axes):
 # ------------------------------------------------------------------------------------------ built-ins
 def test_experiments_command_lists_the_built_ins(capsys):
     assert main(["experiments"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()[1:-1]                 # between the header and the note
     assert [ln.split()[0] for ln in lines] == list(BUILT_IN)
-    assert all(len(ln.split(None, 1)) == 2 for ln in lines)            # every one has a description
+    descriptions = {n: d for n, d in list_experiments()}
+    assert all(ln.endswith(descriptions[ln.split()[0]]) for ln in lines)    # every one has its description
     assert [n for n, _ in list_experiments()] == list(BUILT_IN) == list(EXPERIMENTS)
 
 
@@ -242,6 +243,11 @@ BAD = [
     (BASE + '[[grid]]\np = [1]\n', "grid[0].p"),
     (BASE + 'op = ["div"]\n[[grid]]\np = [12]\n', "spec.op"),
     ('p = [11]\n', "name"),
+    ('name = ".."\np = [11]\n', "name"),                                     # would write runs/.. = runs' parent
+    (BASE + "[train]\ngrok_threshold = 5.0\n", "train.grok_threshold"),      # nothing could ever grok
+    (BASE + "[train]\nmem_threshold = nan\n", "train.mem_threshold"),
+    (BASE + "tau = [1.0, 1.0]\n", "spec.tau"),                                 # as `train --tau 1 1` is refused
+    (BASE + "[[grid]]\nnorm_target = [20.0, 30.0, 20.0]\n", "grid[0].norm_target"),
 ]
 
 
@@ -308,3 +314,16 @@ def test_budget_steps_alone_keeps_the_study_ratio():
     b = Budget(steps=1500)
     assert b.at(1.0) == 1500 and b.at(1.15) == round(1500 * 137000 / 20000)
     assert Budget(steps=1500, steps_ref=3000).at(1.15) == 3000
+
+
+def test_spec_eval_every_adapts_logit_every_as_train_does():
+    """[train] eval_every = 7: logit_every becomes 203 (200 rounded up to a multiple of 7), as with
+    `fastgrok train --eval-every 7`; a given logit_every is kept; a divisor of 200 changes nothing."""
+    from fastgrok.cli import _config_from_args, build_parser
+    spec = ExperimentSpec.from_dict({"name": "x", "p": [11], "train": {"eval_every": 7}})
+    assert spec.base_config(p=11).logit_every == 203
+    assert _config_from_args(build_parser().parse_args(["train", "--eval-every", "7"])).logit_every == 203
+    assert ExperimentSpec.from_dict(spec.to_dict()) == spec                  # spec.json reads back the same
+    assert ExperimentSpec.from_dict({"name": "x", "train": {"eval_every": 10}}).train == {"eval_every": 10}
+    with pytest.raises(ConfigError, match="train.logit_every"):
+        ExperimentSpec.from_dict({"name": "x", "train": {"eval_every": 7, "logit_every": 200}})

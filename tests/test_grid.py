@@ -445,3 +445,34 @@ def test_calibrate_from_reads_every_norm_where_the_last_seed_grokked():
     models["steps"] = 500
     assert grid.calibrate_from(models, curves) == {"w_c": 46.5, "source": "budget", "step": 500,
                                                    "n_grokked": 3, "seeds": 4}
+
+
+# ------------------------------------------------------------------------------------------ a larger cap
+def test_a_grid_extended_with_a_larger_max_steps_equals_the_longer_run(tmp_path, monkeypatch, capsys):
+    """A finished grid rerun with a larger --max-steps: the batches whose budget grows (rho 1.15, capped at
+    1,500 then 2,500) train again, the rest (the rho 1 batch, the calibration: their budgets are below both
+    caps) are kept untouched, and the results equal a run started with the larger cap."""
+    spec = spec_of(MEDIATION, max_models=3)          # one cell per batch: b000 rho 1, b001-b003 rho 1.15
+    out = tmp_path / "run"
+    run_experiment(spec, overrides={"max_steps": 1500}, out=out, progress=False)
+    part0 = out / "parts" / "b000.models.parquet"
+    stamp = (part0.stat().st_mtime_ns, (out / "calibration.json").stat().st_mtime_ns)
+    ran = []
+    real = grid.run_job
+
+    def spy(job, progress=False):
+        ran.append(job["id"])
+        return real(job, progress=progress)
+    monkeypatch.setattr(grid, "run_job", spy)
+    capsys.readouterr()
+    run_experiment(spec, overrides={"max_steps": 2500}, out=out, progress=False)
+    assert "extending the grid to 2,500 steps at most: 3 of 4 batches and 0 of 1 calibrations train again" \
+        in capsys.readouterr().err
+    assert sorted(ran) == ["b001", "b002", "b003"]
+    assert (part0.stat().st_mtime_ns, (out / "calibration.json").stat().st_mtime_ns) == stamp
+    ref = run_experiment(spec, overrides={"max_steps": 2500}, out=tmp_path / "ref", progress=False)
+    assert_same_results(out, ref)
+    assert_no_duplicates(out)
+    assert store.read_json(out / "spec.json") == store.read_json(ref / "spec.json")
+    with pytest.raises(ConfigError, match="differs in budget.max_steps"):     # shortening is still refused
+        run_experiment(spec, overrides={"max_steps": 1000}, out=out, progress=False)

@@ -1,0 +1,50 @@
+"""`fastgrok status` of a `fastgrok train` run directory: where the run is, read from its progress.json
+(rewritten seconds apart while it trains, see trainer.PROGRESS_EVERY_S) and config.json, with no lock."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import store
+from .config import ConfigError
+
+
+def train_status(run_dir: Path) -> list[str]:
+    """Lines: the run's setup; step reached of the budget and its state; models memorized, grokked,
+    diverged; the step a resume would start from."""
+    run_dir = Path(run_dir)
+    try:
+        cfg = store.read_json(run_dir / store.CONFIG)
+        pr = store.read_json(run_dir / store.PROGRESS) if (run_dir / store.PROGRESS).exists() else {}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"dir: {run_dir}: unreadable run state ({e}); is it a fastgrok run directory?") from None
+    if not isinstance(cfg, dict) or not isinstance(pr, dict):
+        raise ConfigError(f"dir: {run_dir}: config.json or progress.json is not a JSON object")
+    n_cells = len(cfg.get("taus") or [1]) * max(1, len(cfg.get("norm_targets") or []))
+    models = pr.get("models", n_cells * cfg.get("seeds", 0))
+    holder = store.lock_holder(run_dir)
+    if pr.get("done"):
+        state = "done"
+    elif holder is not None:
+        state = f"running (PID {holder})"
+    else:
+        state = f"stopped; continue it: fastgrok train --resume {run_dir}"
+    lines = [f"{run_dir}: fastgrok train run, p={cfg.get('p')} {cfg.get('op')} {cfg.get('model')} {cfg.get('loss')} "
+             f"{cfg.get('dtype')}, {models} models ({n_cells} cells x {cfg.get('seeds')} seeds)",
+             f"step {pr.get('step', 0):,} of {pr.get('steps', cfg.get('steps', 0)):,}: {state}"]
+    if "grokked" in pr:
+        lines.append(f"memorized {pr['memorized']}/{models}, grokked {pr['grokked']}/{models}, "
+                     f"diverged {pr['diverged']}")
+    if not pr.get("done"):
+        ck = pr.get("checkpoint")
+        lines.append(f"last checkpoint: step {ck:,}" if ck else "no checkpoint yet (a resume starts at step 0)")
+    return lines
+
+
+def print_status(run_dir) -> None:
+    """A train run's lines, a grid run's table (grid.print_status)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and not store.holds_grid_run(run_dir) and store.holds_train_run(run_dir):
+        print("\n".join(train_status(run_dir)))
+        return
+    from .grid import print_status as grid_status
+    grid_status(run_dir)
