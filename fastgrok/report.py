@@ -402,7 +402,7 @@ def _save(fig, stem: Path) -> list[Path]:
     fig.tight_layout()
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     fig.savefig(paths[0], dpi=120)
-    fig.savefig(paths[1])
+    fig.savefig(paths[1], metadata={"CreationDate": None})   # no timestamp: the same run gives the same bytes
     plt.close(fig)
     return paths
 

@@ -102,7 +102,7 @@ def test_mediation_packed_equals_cells_run_separately(packed, tmp_path, capsys, 
     assert models["t_grok"].notna().sum() >= 9                     # the grid is about grokking: most do
     # w_c: the median over the free control's seeds of ||W|| at the step its last seed grokked (the
     # study's rule), from a plain free run
-    ref = plain_run(tmp_path / "calib", seeds=3, steps=1000)
+    ref = plain_run(tmp_path / "calib", per_cell=True, seeds=3, steps=1000)   # the control stops as a cell
     rm, rc = ref.results(), ref.curves()
     wn = rc[rc["metric"] == "weight_norm"].set_index(["model", "step"])["value"]
     assert rm["t_grok"].notna().all()

@@ -516,3 +516,20 @@ def test_fork_caution_note_when_the_same_arm_does_not_count():
     notes = fork_caution_notes(forks)
     assert len(notes) == 1 and "only 1/3 seeds" in notes[0] and "p=17" in notes[0]
     assert fork_caution_notes(forks.iloc[2:]) == []              # 3 of 4 grokked: it counts
+
+
+def test_analyzing_the_docs_run_rewrites_it_byte_for_byte(tmp_path):
+    """docs/mediation_p31 is today's code's output: its analysis, rerun, gives the same report byte for
+    byte, and figures without a date (the same matplotlib then writes the same bytes, so analyzing the
+    docs run in place leaves the repository unchanged)."""
+    import shutil
+    from pathlib import Path
+
+    from fastgrok.cli import main
+    docs = Path(__file__).resolve().parents[1] / "docs" / "mediation_p31"
+    run = tmp_path / "mediation_p31"
+    shutil.copytree(docs, run)
+    assert main(["analyze", str(run)]) == 0
+    assert (run / "report.md").read_bytes() == (docs / "report.md").read_bytes()
+    for f in ("figures/curves.pdf", "figures/mediation.pdf"):
+        assert b"/CreationDate" not in (run / f).read_bytes(), f
