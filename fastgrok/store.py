@@ -275,7 +275,9 @@ def read_progress(path: Path) -> dict:
     """progress.json: {"step": int, "done": bool, "steps": int (optional)} (a StateError otherwise)."""
     pr = read_json(path)
     ok = isinstance(pr.get("step"), int) and isinstance(pr.get("done", False), bool) \
-        and isinstance(pr.get("steps", 0), int)
+        and isinstance(pr.get("steps", 0), int) \
+        and all(isinstance(pr.get(k, 0), int) for k in ("models", "memorized", "grokked", "diverged")) \
+        and (pr.get("checkpoint") is None or isinstance(pr["checkpoint"], int))
     if not ok:
         raise state_error(path, "not a progress record (step, done, steps)")
     return pr
