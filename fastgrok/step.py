@@ -23,8 +23,10 @@ import fastgrok.kernels as K
 from .config import TrainConfig
 from .optim import adamw
 
-N_EVAL = 6
-EVAL_METRICS = ("train_loss", "train_acc", "test_acc", "sc_rate", "logit_scale", "weight_norm")
+EVAL_METRICS = ("train_loss", "train_acc", "test_acc", "sc_rate", "logit_scale", "weight_norm", "test_loss")
+"""What an evaluation reads per model (columns of its (M, N_EVAL) result; test_loss last, so the
+others keep their places in checkpoints written before it)."""
+N_EVAL = len(EVAL_METRICS)
 
 
 @dataclass
@@ -83,11 +85,13 @@ def train_step(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch)
 
 
 def evaluate(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch) -> torch.Tensor:
-    """All pairs through every model: (M, 6) float64 of EVAL_METRICS. The caller syncs once to read it."""
+    """All pairs through every model: (M, N_EVAL) float64 of EVAL_METRICS. The caller syncs once to read it."""
     flat = state["flat"]
     z = model.logits(flat, batch.a, batch.b)                            # (M, N, V)
     mask = batch.train_mask
     loss, st = K.loss_and_stats(z, batch.y, batch.tau, mask, backend=backend, loss=cfg.loss)
+    # the test loss: the same loss over each model's test rows (a second readouts pass over z)
+    test_loss, _ = K.loss_and_stats(z, batch.y, batch.tau, ~mask, backend=backend, loss=cfg.loss)
     wdt, f64 = st.logit_norm.dtype, torch.float64
     # the rates in float64: counts over counts, so an accuracy of exactly 0.9 (999 / 1110 at p = 43) is
     # 0.9 and passes the 0.90 threshold (in float32 it is 0.89999998 and would not)
@@ -104,6 +108,7 @@ def evaluate(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch) -
         (st.collapsed.to(f64) * train).sum(1) / n_train,
         st.logit_norm.mean(1).to(f64),
         wn.to(f64),
+        test_loss.to(f64),
     ], 1)
 
 

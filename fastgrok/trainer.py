@@ -43,6 +43,7 @@ from .step import QUICK_STEPS, EVAL_METRICS, Batch, build_step_fns, strict_float
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 I_TRAIN_ACC, I_TEST_ACC, I_LOGIT = EVAL_METRICS.index("train_acc"), EVAL_METRICS.index("test_acc"), \
     EVAL_METRICS.index("logit_scale")
+I_TEST_LOSS = EVAL_METRICS.index("test_loss")
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -74,7 +75,7 @@ last write, besides at every checkpoint: a live view at the cost of one small at
 class Records:
     """Host-side results so far (saved in checkpoints)."""
     steps: list            # evaluated steps
-    evals: list            # (M, 6) numpy per evaluated step (NaN: the model had left the batch)
+    evals: list            # (M, N_EVAL) numpy per evaluated step (NaN: the model had left the batch)
     t_mem: np.ndarray      # (M,) int, -1 = not yet
     t_grok: np.ndarray
     diverged: np.ndarray   # (M,) bool
@@ -189,6 +190,10 @@ class Trainer:
         self.capture_shares = ck["capture_shares"]
         if self.records.stop is None:               # a checkpoint from before per-model stopping
             self.records.stop = np.full(len(self.table), -1)
+        # a checkpoint from before test_loss (6 metrics): its evaluations read NaN there
+        self.records.evals = [e if e.shape[1] == len(EVAL_METRICS) else
+                              np.concatenate([e, np.full((e.shape[0], len(EVAL_METRICS) - e.shape[1]), np.nan)], 1)
+                              for e in self.records.evals]
         rows = ck.get("rows", np.arange(len(self.table)))
         if len(rows) < len(self.table):             # the state was saved compacted: compact the batch too
             self.batch = _select_batch(self.batch, torch.as_tensor(rows, device=self.device))
@@ -248,7 +253,7 @@ class Trainer:
     def _evaluate(self) -> None:
         ev = self.eval_fn(self.state, self.batch).double().cpu().numpy()    # sync point: once per eval
         r, cfg, s, rows = self.records, self.cfg, self.step_idx, self.rows
-        out = np.full((len(self.table), ev.shape[1]), np.nan)               # (M, 6) over the whole table
+        out = np.full((len(self.table), ev.shape[1]), np.nan)               # (M, N_EVAL) over the whole table
         out[rows] = ev
         r.steps.append(s)
         r.evals.append(out)
@@ -361,20 +366,21 @@ class Trainer:
 
     def results(self) -> pd.DataFrame:
         r, cfg = self.records, self.cfg
-        ev = np.stack(r.evals)                                  # (T, M, 6)
+        ev = np.stack(r.evals)                                  # (T, M, N_EVAL)
         steps = np.asarray(r.steps)
         ends = self._ends()
         rows = []
         for i, row in enumerate(self.table):
             tg = int(r.t_grok[i])
-            last = ev[np.searchsorted(steps, ends[i])]          # (M, 6) at this model's last step
+            last = ev[np.searchsorted(steps, ends[i])]          # (M, N_EVAL) at this model's last step
             # L at grok: the model's own evaluation at T_grok (every evaluation computes L), so it does
             # not depend on how long the batch ran; the study's cell-level rule (L at the logged step
             # nearest the cell's median T_grok) is analysis.cell_logit_scale's, from the curves
-            L = float(ev[np.searchsorted(steps, tg), i, I_LOGIT]) if tg >= 0 else float("nan")
+            at_grok = ev[np.searchsorted(steps, tg), i] if tg >= 0 else np.full(ev.shape[2], np.nan)  # (N_EVAL,)
             rows.append({**{k: v for k, v in row.items() if k not in ROW_ONLY}, "rho": row.get("rho"),
                          "t_mem": int(r.t_mem[i]) if r.t_mem[i] >= 0 else None,
-                         "t_grok": tg if tg >= 0 else None, "logit_scale_at_grok": L,
+                         "t_grok": tg if tg >= 0 else None, "logit_scale_at_grok": float(at_grok[I_LOGIT]),
+                         "test_loss_at_grok": float(at_grok[I_TEST_LOSS]),
                          **{m: float(last[i, k]) for k, m in enumerate(EVAL_METRICS) if m != "logit_scale"},
                          "diverged": bool(r.diverged[i]), "steps": int(ends[i])})
         df = pd.DataFrame(rows)
@@ -386,7 +392,7 @@ class Trainer:
 
     def curves(self) -> pd.DataFrame:
         r, cfg = self.records, self.cfg
-        ev = np.stack(r.evals)                                  # (T, M, 6)
+        ev = np.stack(r.evals)                                  # (T, M, N_EVAL)
         T, M, K_ = ev.shape
         steps = np.repeat(np.asarray(r.steps), M * K_).reshape(T, M, K_)
         ids = np.array([row["model"] for row in self.table])

@@ -509,3 +509,50 @@ def test_transformer_in_a_batch_matches_it_alone(tmp_path):
         df, flat, _ = _run_with_snapshot(alone, tmp_path / f"alone{i}", at=150)
         assert df.t_mem[0] == row.t_mem
         torch.testing.assert_close(flat[0], batch_flat[i], rtol=1e-5, atol=1e-5 * float(batch_flat[i].abs().max()))
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_test_loss_is_the_float64_loss_over_each_models_test_rows(tmp_path, loss):
+    """test_loss (curves, models.parquet) = the mean loss over the model's own test rows, against the
+    direct form in float64 from the final weights (each model its own split and tau)."""
+    cfg = TrainConfig(**SMALL, seeds=2, taus=(1.0, 1.5), steps=50, loss=loss)
+    tr = Trainer(cfg, tmp_path, progress=False)
+    df = tr.run()
+    assert (df["steps"] == 50).all()                                 # no model stopped early
+    task, lay = tr.task, tr.model.layout
+    P = {k: v.double() for k, v in lay.views(tr.state["flat"]).items()}
+    test = (~task.train_mask).nonzero()[:, 1].view(cfg.n_models, -1)   # (M, n_test) each model's own rows
+    tau = torch.tensor([r["tau"] for r in tr.table], dtype=torch.float64)
+    ref = _direct_mlp_loss(P, task.a[test], task.b[test], task.y[test], tau, loss, cfg.d_embed)
+    np.testing.assert_allclose(df["test_loss"], ref.numpy(), rtol=1e-5)
+    curves = tr.curves()
+    last = curves[(curves.metric == "test_loss") & (curves.step == 50)].sort_values("model")["value"]
+    np.testing.assert_allclose(last, ref.numpy(), rtol=1e-5)
+    assert (ref > 0).all() and ref[0] != ref[1]
+
+
+def test_test_loss_at_grok_is_the_evaluation_at_t_grok(tmp_path):
+    cfg = dataclasses.replace(quick_cpu(), seeds=2, steps=600)       # seed 0 groks at 475, seed 1 later
+    tr = Trainer(cfg, tmp_path, progress=False)
+    df = tr.run()
+    curves = tr.curves()
+    assert df["t_grok"].notna().any()
+    for r in df.itertuples():
+        if pd.isna(r.t_grok):
+            assert np.isnan(r.test_loss_at_grok)
+            continue
+        c = curves[(curves.model == r.model) & (curves.metric == "test_loss") & (curves.step == r.t_grok)]
+        assert r.test_loss_at_grok == c["value"].iloc[0] > 0
+
+
+def test_a_checkpoint_from_before_test_loss_resumes_with_it_unknown(tmp_path):
+    cfg = TrainConfig(**SMALL, seeds=2, steps=50)
+    tr = Trainer(cfg, tmp_path, progress=False)
+    done = tr.run()
+    ck = store.load_checkpoint(tmp_path)
+    ck["records"].evals = [e[:, :6] for e in ck["records"].evals]   # the 6 metrics written before test_loss
+    again = Trainer(cfg, tmp_path, progress=False)
+    again.restore(ck)
+    res = again.results()
+    assert res["test_loss"].isna().all()
+    pd.testing.assert_frame_equal(res.drop(columns="test_loss"), done.drop(columns="test_loss"))
