@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
@@ -281,6 +281,17 @@ def read_progress(path: Path) -> dict:
     if not ok:
         raise state_error(path, "not a progress record (step, done, steps)")
     return pr
+
+
+def read_config(path: Path) -> TrainConfig:
+    """A train run's config.json as its TrainConfig (a StateError naming the file for a hand-edited value:
+    "seeds": "4", a list for p)."""
+    d = read_json(path)
+    try:
+        return TrainConfig.from_dict(d)
+    except (ConfigError, TypeError, ValueError) as e:
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise state_error(path, f"not a valid run config ({why})") from None
 
 
 def write_parquet(path: Path, df: pd.DataFrame, fingerprint: str | None = None) -> None:
