@@ -56,7 +56,7 @@ class BaselineCell:
         self.tau = cfg.taus[0] if tau is None else tau
         self.norm_target = norm_target
         S = len(self.seeds)
-        task = make_task(cfg.p, cfg.op, cfg.n_train, self.seeds, self.device)
+        task = make_task(cfg.p, cfg.op, cfg.train_frac, self.seeds, self.device)
         self.a, self.b, self.y, self.train_mask = task.a, task.b, task.y, task.train_mask
         idx = task.train_idx                                            # (S, n_train)
         self.ta, self.tb, self.ty = task.a[idx], task.b[idx], task.y[idx]

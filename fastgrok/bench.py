@@ -10,6 +10,9 @@ Sections (each a list of long-format rows in the JSON, one rich table on the ter
          CUDA the fraction of the float32 peak
   grid   a small grid end to end with fastgrok.trainer.Trainer: packed (one Trainer, all cells) vs
          sequential (one Trainer per cell); wall-clock, cell-runs and model-runs per hour, compile included
+  phase  an lr x wd phase diagram's training step: every cell in one batch (lr and wd per model) vs one
+         batch per cell stepped in turn; model-steps/s and the ratio (the GPU target: >= 10x at >= 1,000
+         models)
 Timing: warm-up excluded, the device synchronised before every clock read, the providers of a case timed
 in alternation (one call each per round, so a noisy machine affects them alike), median over repeats with
 min-max (and p20/p80 in the JSON); compile time (the first call) reported separately.
@@ -338,6 +341,45 @@ def section_grid(device, quick: bool) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------ phase
+def phase_grid(device, quick: bool) -> tuple[TrainConfig, tuple[float, ...], tuple[float, ...]]:
+    """The phase-diagram case: an lr x wd grid (log-spaced) of cells x seeds on step_config's model.
+    On CUDA 10 x 10 cells x 12 seeds at p = 59 (1,200 models); on a CPU 4 x 4 x 4 (64); --quick 3 x 3 x 1."""
+    base = step_config(quick)
+    n, seeds = (3, 1) if quick else (10, 12) if device.type == "cuda" else (4, 4)
+    lrs = tuple(float(f"{1e-4 * 100 ** (i / (n - 1)):.3g}") for i in range(n))      # 1e-4 .. 1e-2
+    wds = tuple(float(f"{0.01 * 1000 ** (i / (n - 1)):.3g}") for i in range(n))     # 0.01 .. 10
+    return replace(base, seeds=seeds, device=device.type), lrs, wds
+
+
+def section_phase(device, quick: bool) -> list[dict]:
+    """One training step of a whole lr x wd diagram: packed (every cell in one batch, lr and wd per
+    model) vs one batch per (lr, wd) cell, stepped one after another; model-steps/s and the ratio.
+    Compiled on CUDA, eager on a CPU (as `compile = auto` runs short runs); compile time excluded."""
+    from .trainer import Trainer
+    base, lrs, wds = phase_grid(device, quick)
+    compiled = device.type == "cuda"
+    packed = Trainer(replace(base, lr=lrs, wd=wds, compile="off"), _scratch_dir(), progress=False)
+    cells = [Trainer(replace(base, lr=a, wd=b, compile="off"), _scratch_dir(), progress=False)
+             for a in lrs for b in wds]
+    torch._dynamo.reset()
+    steps = {}
+    for name, trs in (("packed (one batch)", [packed]), ("one batch per (lr, wd) cell", cells)):
+        fns = [build_step_fns(tr.model, tr.cfg, tr.backend, compiled)[0] for tr in trs]
+
+        def step(fns=fns, trs=trs):
+            for f, tr in zip(fns, trs):
+                f(tr.state, tr.batch)
+        steps[name] = (step, 3 if quick else 10)
+    t = _measure_alternating(steps, device, warmup=2)
+    M = len(packed.table)
+    per = t["one batch per (lr, wd) cell"]["median_s"]
+    case = f"{len(lrs)} lr x {len(wds)} wd cells x {base.seeds} seeds (M = {M}), p={base.p}"
+    return [{"section": "phase", "case": case, "provider": name, "M": M, "cells": len(cells), **t[name],
+             "model_steps_per_s": M / t[name]["median_s"], "speedup_vs_per_cell": per / t[name]["median_s"],
+             "compiled": compiled, "lrs": list(lrs), "wds": list(wds)} for name in steps]
+
+
 def best_m(step_rows: list[dict]) -> dict:
     """Each provider at its own best M (the largest seed-steps/s over the Ms measured), and fastgrok
     compiled's ratio to the baseline there: the comparison the issue's GPU target (>= 30x) asks for."""
@@ -421,6 +463,10 @@ def render(result: dict) -> None:
                       f"({r['runs_per_hour']:,.0f} cells/h)",
                       f"{seq / r['wall_s']:.2f}x" if seq else "",
                       _fmt_time(r["first_calls_s"]) + " first calls")
+    for r in result.get("phase", []):
+        table.add_row("phase", r["case"], r["provider"], _fmt_time(r["median_s"]),
+                      f"{_fmt_time(r['min_s'])}–{_fmt_time(r['max_s'])}", f"{r['model_steps_per_s']:,.0f} model-steps/s",
+                      f"{r['speedup_vs_per_cell']:.2f}x", "")
     Console(width=max(170, shutil.get_terminal_size().columns)).print(table)
     step_note = (f"; step GFLOP/s count the arithmetic each provider executes in the step (fastgrok: the table "
                  f"form; evaluations excluded); model-runs/h: one model trained {RUN_STEPS} steps (the study's "
@@ -462,7 +508,7 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-SECTIONS = ("ce", "clamp", "step", "grid")
+SECTIONS = ("ce", "clamp", "step", "grid", "phase")
 
 
 def run_bench(quick: bool, device: str, json_path: Path, plot_path: Path | None,
@@ -497,7 +543,7 @@ def run_bench(quick: bool, device: str, json_path: Path, plot_path: Path | None,
 
     runs = {"ce": lambda: section_ce(dev, quick, copy_gbs), "clamp": lambda: section_clamp(dev, quick, copy_gbs),
             "step": lambda: section_step(dev, quick, on_rows=save_step_rows, models=models),
-            "grid": lambda: section_grid(dev, quick)}
+            "grid": lambda: section_grid(dev, quick), "phase": lambda: section_phase(dev, quick)}
     for name in sections:
         t0 = time.perf_counter()
         try:

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import (COMPILE, DEVICES, DTYPES, INITS, KERNELS, LOSSES, MODELS, OPS, PRESETS, ConfigError,
-                     TrainConfig, logit_every_for)
+from .config import (COMPILE, DEVICES, DTYPES, INITS, KERNELS, LOSSES, MODELS, OP_HELP, OPS, PER_MODEL, PRESETS,
+                     ConfigError, TrainConfig, logit_every_for, n_pairs_of, n_train_of)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 # --preset), so only the flags a user gives override it.
 _TRAIN_FLAGS = {
     "--p": ("p", dict(type=int, help="modulus")),
-    "--op": ("op", dict(choices=OPS)),
+    "--op": ("op", dict(choices=OPS, nargs="+", metavar="OP", help="task(s): " + "; ".join(f"{k}: {v}" for k, v in OP_HELP.items()) + "; several make cells (per model, one batch)")),
     "--model": ("model", dict(choices=MODELS)),
     "--loss": ("loss", dict(choices=LOSSES)),
     "--seeds": ("seeds", dict(type=int, help="models per cell")),
@@ -48,9 +48,16 @@ _TRAIN_FLAGS = {
     "--clamp-mode": ("clamp_mode", dict(choices=("total", "layer"))),
     "--steps": ("steps", dict(type=int, help="step budget")),
     "--eval-every": ("eval_every", dict(type=int)),
-    "--train-frac": ("train_frac", dict(type=float)),
-    "--lr": ("lr", dict(type=float, help="learning rate (default: the study's, 1e-3 for the MLP, 5e-4 for the transformer)")),
-    "--wd": ("wd", dict(type=float)),
+    "--train-frac": ("train_frac", dict(type=float, nargs="+", help="train fraction(s); several make cells")),
+    "--lr": ("lr", dict(type=float, nargs="+", help="learning rate(s); several make cells (default: the study's, "
+                                                  "1e-3 for the MLP, 5e-4 for the transformer)")),
+    "--wd": ("wd", dict(type=float, nargs="+", help="weight decay(s); several make cells")),
+    "--orthograd": ("orthograd", dict(type=lambda v: _on_off(v), nargs="*", metavar="on|off",
+                                      help="⊥Grad before AdamW (Prieto et al. 2025); alone: on; `off on` makes cells")),
+    "--grokfast-alpha": ("grokfast_alpha", dict(type=float, nargs="+", help="Grokfast-EMA decay (Lee et al. 2024)")),
+    "--grokfast-lambda": ("grokfast_lambda", dict(type=float, nargs="+", help="Grokfast-EMA gain; 0 = off")),
+    "--init-scale": ("init_scale", dict(type=float, nargs="+", help="init scale(s) alpha: every initial matrix "
+                                                                    "times alpha; several make cells")),
     "--d-embed": ("d_embed", dict(type=int, help="MLP embedding width")),
     "--hidden": ("hidden", dict(type=int, help="MLP hidden width")),
     "--d-model": ("d_model", dict(type=int, help="transformer width")),
@@ -96,13 +103,23 @@ def _add_train(sub):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _on_off(v: str) -> bool:
+    if v not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {v!r}")
+    return v == "on"
+
+
 def _flag_of(field: str) -> str:
     return next((f for f, (name, kw) in _TRAIN_FLAGS.items() if name == field and "action" not in kw),
                 f"--{field.replace('_', '-')}")
 
 
 def _shown(v) -> str:
-    return " ".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else str(v)
+    if isinstance(v, tuple):
+        return " ".join(_shown(x) for x in v)
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _differs(cfg: TrainConfig, base: TrainConfig) -> list[str]:
@@ -112,12 +129,14 @@ def _differs(cfg: TrainConfig, base: TrainConfig) -> list[str]:
 def _config_from_args(args) -> TrainConfig:
     base = PRESETS[args.preset]() if args.preset else TrainConfig()
     given = {field: getattr(args, field) for field, _ in _TRAIN_FLAGS.values() if hasattr(args, field)}
-    for k, flag in (("taus", "--tau"), ("norm_targets", "--norm-target")):
+    if given.get("orthograd") == []:            # `--orthograd` alone: on
+        given["orthograd"] = [True]
+    for k in ("taus", "norm_targets", *PER_MODEL):
         if k in given:
             given[k] = tuple(given[k])
             twice = sorted({v for v in given[k] if given[k].count(v) > 1})
             if twice:
-                raise ConfigError(f"{flag} lists {', '.join(f'{v:g}' for v in twice)} more than once: each value "
+                raise ConfigError(f"{_flag_of(k)} lists {', '.join(_shown(v) for v in twice)} more than once: each value "
                                   f"makes a cell of --seeds models; give each value once")
     if "eval_every" in given and "logit_every" not in given:
         given["logit_every"] = logit_every_for(given["eval_every"])
@@ -200,13 +219,15 @@ def cmd_train(args) -> int:
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
     from .store import writer_lock
     with writer_lock(run_dir):          # a second writer is refused before the banner
-        print(f"fastgrok: {cfg.n_models} models ({len(cfg.cells)} cells x {cfg.seeds} seeds), p={cfg.p} {cfg.op} "
+        print(f"fastgrok: {cfg.n_models} models ({len(cfg.cells)} cells x {cfg.seeds} seeds), p={cfg.p} "
+              f"{'/'.join(cfg.values('op'))} "
               f"{cfg.model} {cfg.loss} {cfg.dtype} -> {run_dir}", file=sys.stderr)
         for warning in _ignored_options(args, cfg):
             print(f"fastgrok: warning: {warning}", file=sys.stderr)
-        n_test = cfg.p * cfg.p - cfg.n_train
+        n_test, frac = min((n_pairs_of(cfg.p, o) - n_train_of(cfg.p, o, f), f)
+                           for o in cfg.values("op") for f in cfg.values("train_frac"))
         if n_test < SMALL_TEST_SET:
-            print(f"fastgrok: warning: only {n_test} test pair(s) at p = {cfg.p}, train fraction {cfg.train_frac:g}: "
+            print(f"fastgrok: warning: only {n_test} test pair(s) at p = {cfg.p}, train fraction {frac:g}: "
                   f"test accuracy moves in steps of 1/{n_test}, so T_grok (test accuracy >= {cfg.grok_threshold:g}) "
                   "can come by chance", file=sys.stderr)
         if any(t is not None for t in cfg.norm_targets) and cfg.t_clamp >= cfg.steps:
@@ -356,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=Path("bench.json"),
                    help="where to write the JSON results (default: bench.json here)")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of throughput against M")
-    p.add_argument("--sections", default="ce,clamp,step,grid",
-                   help="comma-separated sections to run, in order (default: ce,clamp,step,grid)")
+    p.add_argument("--sections", default="ce,clamp,step,grid,phase",
+                   help="comma-separated sections to run, in order (default: ce,clamp,step,grid,phase)")
     p.add_argument("--models", default=None,
                    help="the step section's model counts M, comma-separated (default 1,12,96 on a CPU, "
                         "1,12,96,768,3072 on a GPU)")

@@ -10,7 +10,14 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-OPS = ("add", "sub", "mul", "div")
+OPS = ("add", "sub", "mul", "div", "quad", "cubic", "perm", "random")
+"""The tasks, each a binary operation on p symbols given as a p x p table (data.op_table): a + b, a - b,
+a * b, a / b mod p (div: p prime, b = 0 in neither split); quad = a^2 + ab + b^2 and cubic = a^3 + ab mod p
+(Power et al. 2022); perm = composition in the permutation group S_n, p = n! symbols (S5: p = 120);
+random = a fixed random table (seeded by p: nothing to generalize, a control)."""
+OP_HELP = {"add": "a + b mod p", "sub": "a - b mod p", "mul": "a * b mod p", "div": "a / b mod p (p prime)",
+           "quad": "a^2 + ab + b^2 mod p", "cubic": "a^3 + ab mod p", "perm": "composition in S_n, p = n! (S5: 120)",
+           "random": "a fixed random table (control)"}
 MODELS = ("mlp", "transformer")
 LOSSES = ("ce", "mse")
 DTYPES = ("float32", "float64")
@@ -31,9 +38,44 @@ in int64 columns. A model's split generator is seeded 1000 + seed (data.py), so 
 must not exceed it."""
 SPLIT_SEED_OFFSET = 1000
 
+PER_MODEL = ("op", "train_frac", "lr", "wd", "init_scale", "orthograd", "grokfast_alpha", "grokfast_lambda")
+"""Fields that may hold several values (a tuple): each model of the batch takes one, and the cells are
+their product with taus and norm_targets. One value is stored as a scalar (as configs have always been)."""
+ADDED_DEFAULTS = {"init_scale": 1.0, "orthograd": False, "grokfast_alpha": 0.98, "grokfast_lambda": 0.0}
+"""Fields added after runs were saved without them, and the value such a run had (`with_defaults`)."""
+
+
+def n_pairs_of(p: int, op: str) -> int:
+    """Pairs of the task: p * p, or p * (p - 1) for div (b = 0 left out)."""
+    return p * (p - 1) if op == "div" else p * p
+
+
+def n_train_of(p: int, op: str, train_frac: float) -> int:
+    """Train rows of a model: int(train_frac * its task's pairs), the study's rule."""
+    return int(train_frac * n_pairs_of(p, op))
+
+
+def with_defaults(d: dict) -> dict:
+    """A saved config dict with the fields added since filled in (so an old run compares equal)."""
+    return {**ADDED_DEFAULTS, **d}
+
+
+def without_defaults(d: dict) -> dict:
+    """A config dict less the added fields at their old value (fingerprints of old runs stay valid)."""
+    return {k: v for k, v in d.items() if not (k in ADDED_DEFAULTS and v == ADDED_DEFAULTS[k])}
+
 
 def is_prime(n: int) -> bool:
     return n >= 2 and all(n % k for k in range(2, int(math.isqrt(n)) + 1))
+
+
+def symmetric_group_degree(p: int) -> int | None:
+    """n with n! = p (n >= 2), else None."""
+    n, f = 2, 2
+    while f < p:
+        n += 1
+        f *= n
+    return n if f == p else None
 
 
 def default_lr(model: str) -> float:
@@ -53,10 +95,12 @@ class TrainConfig:
     # --- task ---
     p: int = 59
     """Modulus; the task is `a op b mod p`, a p-way classification."""
-    op: str = "add"
-    """One of add, sub, mul, div (div needs a prime p; pairs with b = 0 are left out)."""
-    train_frac: float = 0.4
-    """Fraction of the pairs in each model's training split, n_train = int(train_frac * n_pairs)."""
+    op: str | tuple[str, ...] = "add"
+    """One of add, sub, mul, div (div needs a prime p; pairs with b = 0 belong to neither split), or
+    several (per-model: product cells)."""
+    train_frac: float | tuple[float, ...] = 0.4
+    """Fraction of the pairs in each model's training split, n_train = int(train_frac * n_pairs); several
+    values make cells (models of one batch then hold different numbers of train rows)."""
 
     # --- model ---
     model: str = "mlp"
@@ -80,6 +124,10 @@ class TrainConfig:
     alone); `study` is the study's cell-level draw (one generator seeded with the cell's first seed draws
     all its seeds' matrices; the weights depend on the cell's seed0 and seed count). See models.py."""
 
+    init_scale: float | tuple[float, ...] = 1.0
+    """Every matrix of the initial draw multiplied by this (Omnigrok's `initialization_scale`); several
+    values make cells."""
+
     # --- cells and seeds ---
     seeds: int = 12
     """Models per cell; model s of a cell uses seed seed0 + s (init and split both derive from it)."""
@@ -102,13 +150,20 @@ class TrainConfig:
     """`ce` (cross-entropy on z/tau) or `mse` (sum over classes of (z/tau - onehot)^2)."""
     steps: int = 20000
     """Budget of optimizer steps."""
-    lr: float | None = None
-    """Adam's learning rate; None means the study's for the model (`learning_rate`)."""
-    wd: float = 1.0
-    """Decoupled weight decay, on matrices only, applied after the Adam update."""
+    lr: float | tuple[float, ...] | None = None
+    """Adam's learning rate; None means the study's for the model (`learning_rate`); several make cells."""
+    wd: float | tuple[float, ...] = 1.0
+    """Decoupled weight decay, on matrices only, applied after the Adam update; several make cells."""
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    orthograd: bool | tuple[bool, ...] = False
+    """Prieto et al. 2025's ⊥Grad before AdamW: each parameter tensor's gradient loses its component along
+    the weights, rescaled to the gradient's norm (optim.orthograd); both values make cells."""
+    grokfast_alpha: float | tuple[float, ...] = 0.98
+    """Grokfast-EMA's decay alpha (Lee et al. 2024; their algorithmic-data setting): h <- alpha h + (1 - alpha) g."""
+    grokfast_lambda: float | tuple[float, ...] = 0.0
+    """Grokfast-EMA's gain lambda: g <- g + lambda h before AdamW; 0 is off (their algorithmic data: 2)."""
 
     # --- readouts ---
     eval_every: int = 25
@@ -135,7 +190,10 @@ class TrainConfig:
         self.taus = tuple(float(t) for t in self.taus)
         self.norm_targets = tuple(float(t) for t in self.norm_targets)
         self.layer_fracs = tuple(float(t) for t in self.layer_fracs)
-        _choice("op", self.op, OPS)
+        for name in PER_MODEL:
+            setattr(self, name, _one_or_many(name, getattr(self, name)))
+        for op in self.values("op"):
+            _choice("op", op, OPS)
         _choice("model", self.model, MODELS)
         _choice("loss", self.loss, LOSSES)
         _choice("dtype", self.dtype, DTYPES)
@@ -144,15 +202,21 @@ class TrainConfig:
         _choice("clamp_mode", self.clamp_mode, CLAMP_MODES)
         _choice("compile", self.compile, COMPILE)
         _choice("init", self.init, INITS)
-        if not isinstance(self.p, int) or self.p < 2:
+        if isinstance(self.p, bool) or not isinstance(self.p, int) or self.p < 2:
             raise ConfigError(f"p must be an integer >= 2, got {self.p!r}")
-        if self.op == "div" and not is_prime(self.p):
-            raise ConfigError(f"op 'div' needs a prime p, got p={self.p}")
-        if not (0.0 < self.train_frac < 1.0) or not math.isfinite(self.train_frac):
-            raise ConfigError(f"train_frac must be in (0, 1), got {self.train_frac!r}")
-        n_train = int(self.train_frac * self.n_pairs)
-        if n_train < 1 or n_train >= self.n_pairs:
-            raise ConfigError(f"train_frac={self.train_frac} leaves an empty train or test set at p={self.p}")
+        for op in self.values("op"):
+            if op == "div" and not is_prime(self.p):
+                raise ConfigError(f"op 'div' needs a prime p, got p={self.p}")
+            if op == "perm" and symmetric_group_degree(self.p) is None:
+                raise ConfigError(f"op 'perm' needs p = n! symbols (6, 24, 120 for S3, S4, S5), got p={self.p}")
+        for f in self.values("train_frac"):
+            if _not_number(f) or not (0.0 < f < 1.0) or not math.isfinite(f):
+                raise ConfigError(f"train_frac must be in (0, 1), got {f!r}")
+            for op in self.values("op"):
+                n, n_train = n_pairs_of(self.p, op), n_train_of(self.p, op, f)
+                if n_train < 1 or n_train >= n:
+                    raise ConfigError(f"train_frac={f} leaves an empty train or test set at p={self.p}"
+                                      + (f" (op {op})" if op == "div" else ""))
         if not self.taus:
             raise ConfigError("taus must hold at least one temperature")
         for t in self.taus:
@@ -186,14 +250,26 @@ class TrainConfig:
             raise ConfigError(f"logit_every ({self.logit_every}) must be a multiple of eval_every ({self.eval_every})")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        for name in ("lr", "eps"):
-            v = getattr(self, name)
-            if v is None and name == "lr":
-                continue
-            if not math.isfinite(v) or v <= 0:
-                raise ConfigError(f"{name} must be finite and > 0, got {v!r}")
-        if not math.isfinite(self.wd) or self.wd < 0:
-            raise ConfigError(f"wd must be finite and >= 0, got {self.wd!r}")
+        for lr in self.values("lr"):
+            if _not_number(lr) or not math.isfinite(lr) or lr <= 0:
+                raise ConfigError(f"lr must be finite and > 0, got {lr!r}")
+        if _not_number(self.eps) or not math.isfinite(self.eps) or self.eps <= 0:
+            raise ConfigError(f"eps must be finite and > 0, got {self.eps!r}")
+        for wd in self.values("wd"):
+            if _not_number(wd) or not math.isfinite(wd) or wd < 0:
+                raise ConfigError(f"wd must be finite and >= 0, got {wd!r}")
+        for v in self.values("orthograd"):
+            if not isinstance(v, bool):
+                raise ConfigError(f"orthograd must be true or false, got {v!r}")
+        for v in self.values("grokfast_alpha"):
+            if _not_number(v) or not 0.0 <= v < 1.0:
+                raise ConfigError(f"grokfast_alpha must be in [0, 1), got {v!r}")
+        for v in self.values("grokfast_lambda"):
+            if _not_number(v) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"grokfast_lambda must be finite and >= 0, got {v!r}")
+        for a in self.values("init_scale"):
+            if _not_number(a) or not math.isfinite(a) or a <= 0:
+                raise ConfigError(f"init_scale must be finite and > 0, got {a!r}")
         for name in ("beta1", "beta2"):
             if not (0.0 <= getattr(self, name) < 1.0):
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -202,18 +278,30 @@ class TrainConfig:
                 raise ConfigError(f"layer_fracs must be positive and sum to 1, got {self.layer_fracs!r}")
 
     # --- derived ---
+    def values(self, name: str) -> tuple:
+        """The values of a per-model field (PER_MODEL) as a tuple; lr resolved to the model's default."""
+        v = getattr(self, name)
+        v = v if isinstance(v, tuple) else (v,)
+        if name == "lr":
+            v = tuple(default_lr(self.model) if x is None else x for x in v)
+        return v
+
     @property
     def n_pairs(self) -> int:
-        return self.p * (self.p - 1) if self.op == "div" else self.p * self.p
+        """Rows of the batch's task: every pair some model's op defines (p * p unless all ops are div)."""
+        return max(n_pairs_of(self.p, op) for op in self.values("op"))
 
     @property
     def n_train(self) -> int:
-        return int(self.train_frac * self.n_pairs)
+        """The most train rows a model holds (a batch's train rows are padded to it)."""
+        return max(n_train_of(self.p, op, f) for op in self.values("op") for f in self.values("train_frac"))
 
     @property
-    def learning_rate(self) -> float:
-        """The lr in effect: `lr`, or the study's for the model (1e-3 MLP, 5e-4 transformer)."""
-        return default_lr(self.model) if self.lr is None else self.lr
+    def learning_rate(self):
+        """The lr in effect: `lr`, or the study's for the model (1e-3 MLP, 5e-4 transformer); a tuple
+        when several are given."""
+        v = self.values("lr")
+        return v[0] if len(v) == 1 else v
 
     @property
     def t_clamp(self) -> int:
@@ -221,22 +309,24 @@ class TrainConfig:
 
     @property
     def cells(self) -> list[dict]:
-        """The product of taus and norm targets, in order; norm_target None means unclamped."""
+        """The product of the per-model fields (PER_MODEL), taus and norm targets, in order (the first
+        field outermost); norm_target None means unclamped."""
         targets = self.norm_targets or (None,)
-        return [{"cell": i, "tau": t, "norm_target": r}
-                for i, (t, r) in enumerate(itertools.product(self.taus, targets))]
+        axes = [self.values(n) for n in PER_MODEL]
+        return [{"cell": i, **dict(zip(PER_MODEL, vals)), "tau": t, "norm_target": r}
+                for i, (*vals, t, r) in enumerate(itertools.product(*axes, self.taus, targets))]
 
     @property
     def n_models(self) -> int:
         return len(self.cells) * self.seeds
 
     def model_table(self) -> list[dict]:
-        """One dict per model in batch order: model, cell, seed, tau, norm_target."""
+        """One dict per model in batch order: model, cell, seed, its per-model fields, tau, norm_target."""
         rows = []
         for c in self.cells:
             for s in range(self.seeds):
                 rows.append({"model": len(rows), "cell": c["cell"], "seed": self.seed0 + s,
-                             "tau": c["tau"], "norm_target": c["norm_target"]})
+                             **{k: c[k] for k in PER_MODEL}, "tau": c["tau"], "norm_target": c["norm_target"]})
         return rows
 
     def __eq__(self, other) -> bool:
@@ -254,8 +344,8 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
         d = dict(d)
-        for k in ("taus", "norm_targets", "layer_fracs"):
-            if k in d:
+        for k in ("taus", "norm_targets", "layer_fracs", *PER_MODEL):
+            if isinstance(d.get(k), list):
                 d[k] = tuple(d[k])
         return cls(**d)
 
@@ -265,6 +355,25 @@ def logit_every_for(eval_every: int) -> int:
     eval_every (logit_every must be one). `train --eval-every N` and a spec's [train] eval_every use it
     when logit_every is not given."""
     return max(1, -(-200 // max(eval_every, 1))) * max(eval_every, 1)
+
+
+def _not_number(v) -> bool:
+    return isinstance(v, bool) or not isinstance(v, (int, float))
+
+
+def _one_or_many(name: str, v):
+    """A per-model field's value: a scalar, or a tuple of at least two distinct values (a list or tuple
+    of one is that one)."""
+    if not isinstance(v, (list, tuple)):
+        return v
+    if not v:
+        raise ConfigError(f"{name} must hold at least one value")
+    twice = [x for i, x in enumerate(v) if x in v[:i]]
+    if twice:
+        raise ConfigError(f"{name} lists {twice[0]!r} more than once; give each value once")
+    if name == "lr" and None in v:
+        raise ConfigError("lr: give numbers (None, the model's default, only alone)")
+    return v[0] if len(v) == 1 else tuple(v)
 
 
 def _choice(name: str, value, allowed) -> None:

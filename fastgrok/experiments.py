@@ -1,7 +1,7 @@
 """The study's experiments as specs: `kw_only` dataclasses validated on construction, stored as TOML.
 
-A spec is a union of products. Its top-level axes (p, op, model, loss, dtype, lr, wd, train_frac, rho,
-norm_target, tau, layer_fracs, seeds) are defaults; each `[[grid]]` block overrides some of them, and
+A spec is a union of products. Its top-level axes (p, op, model, loss, dtype, lr, wd, train_frac,
+init_scale, rho, norm_target, tau, layer_fracs, seeds) are defaults; each `[[grid]]` block overrides some of them, and
 the spec's cells are the union (in order, duplicates dropped) of every block's product. With no block
 the top-level axes form one product. A cell is clamped to `rho * w_c` (rho "free" = no clamp; w_c from
 a free calibration run, see grid.py) or to an absolute `norm_target`.
@@ -42,14 +42,22 @@ except ImportError:                                 # Python 3.10
 
 SPEC_DIR = Path(__file__).parent / "specs"
 FREE = "free"
-SHAPE_AXES = ("p", "op", "model", "loss", "dtype", "lr", "wd", "train_frac")
-"""Axes that change the batch's tensors or step: cells differing in one never share a batch."""
-CELL_AXES = ("rho", "norm_target", "tau", "layer_fracs")
+SHAPE_AXES = ("p", "model", "loss", "dtype")
+"""Axes that change the batch's tensor shapes or its step: cells differing in one never share a batch."""
+PACKED_AXES = ("op", "lr", "wd", "train_frac", "init_scale")
+"""Settings of the task and optimizer held per model (config.PER_MODEL): cells differing in them pack
+into one batch (before 2026-12-02 all but init_scale were shape axes)."""
+CONFIG_AXES = SHAPE_AXES + PACKED_AXES
+"""The axes that are TrainConfig fields: a cell's config is the spec's [train] with these."""
+CELL_AXES = PACKED_AXES + ("rho", "norm_target", "tau", "layer_fracs")
 """Per-model axes: cells differing only in these pack into one batch of M models."""
-AXES = SHAPE_AXES + CELL_AXES
+AXES = ("p", "op", "model", "loss", "dtype", "lr", "wd", "train_frac", "init_scale", "rho", "norm_target", "tau",
+        "layer_fracs")
+"""Every axis, in the order a block's product runs (the last fastest)."""
 ARMS = {"same": lambda f: 1.0, "raised": lambda f: f, "lowered": lambda f: 1.0 / f, "free": lambda f: None}
 """Fork arms: the clamp target as a multiple of the norm at the fork (None = no clamp)."""
-_NOT_IN_TRAIN = set(SHAPE_AXES) | {"taus", "norm_targets", "layer_fracs", "seeds", "steps", "device"}
+_NOT_IN_TRAIN = set(SHAPE_AXES) | set(PACKED_AXES) | {"taus", "norm_targets", "layer_fracs", "seeds", "steps",
+                                                       "device"}
 
 
 def _err(where: str, msg: str) -> ConfigError:
@@ -153,7 +161,8 @@ def _train_type_error(name: str, v) -> str | None:
 
 
 _CONV = {"p": _int, "op": _choice(OPS), "model": _choice(MODELS), "loss": _choice(LOSSES),
-         "dtype": _choice(DTYPES), "lr": _positive, "wd": _float, "train_frac": _float, "rho": _rho,
+         "dtype": _choice(DTYPES), "lr": _positive, "wd": _float, "train_frac": _float, "init_scale": _positive,
+         "rho": _rho,
          "norm_target": _positive, "tau": _positive, "layer_fracs": _fracs}
 
 
@@ -170,6 +179,8 @@ class Axes:
     lr: tuple[float, ...] | None = None
     wd: tuple[float, ...] | None = None
     train_frac: tuple[float, ...] | None = None
+    init_scale: tuple[float, ...] | None = None
+    """Initialisation scales alpha (every initial matrix times alpha)."""
     rho: tuple[float | None, ...] | None = None
     """Clamp doses, target = rho * w_c; None ("free" in TOML) is an unclamped cell."""
     norm_target: tuple[float, ...] | None = None
@@ -491,12 +502,12 @@ def _check_block(spec: ExperimentSpec, b: Axes, layer: bool) -> None:
         raise _err(f"{w}.layer_fracs", "train.clamp_mode = 'layer' needs the shares of every matrix per cell")
     if not layer and fracs != (None,):
         raise _err(f"{w}.layer_fracs", "only applies with train.clamp_mode = 'layer'")
-    for combo in itertools.product(*(spec.resolve(b, n) for n in SHAPE_AXES)):
-        shape = dict(zip(SHAPE_AXES, combo))
+    for combo in itertools.product(*(spec.resolve(b, n) for n in CONFIG_AXES)):
+        shape = dict(zip(CONFIG_AXES, combo))
         try:
             cfg = spec.base_config(**shape)
         except ConfigError as e:
-            src = {a: w if getattr(b, a) is not None else "spec" for a in SHAPE_AXES}
+            src = {a: w if getattr(b, a) is not None else "spec" for a in CONFIG_AXES}
             raise _named(e, {**dict.fromkeys(spec.train, "train"), **src}, w) from None
         if layer:
             from .models import build_model

@@ -4,8 +4,8 @@ Layout of the flat buffer: all matrices first (they take weight decay and the cl
 (biases, LayerNorm gains). `ParamLayout.views(flat)` gives named (M, ...) views; `bounds` are the
 matrix segments' offsets (the clamp's per-layer segments), `n_mat` where the matrices end.
 
-Initialisation: each matrix N(0, 1)/sqrt(its `fans` entry), biases 0 (LayerNorm gains 1), drawn in
-float32 on the CPU (a float64 run starts from the same weights as a float32 one). The MLP's fans are the
+Initialisation: each matrix N(0, 1)/sqrt(its `fans` entry) times the model's init scale alpha (1 by
+default; Omnigrok's `initialization_scale`), biases 0 (LayerNorm gains 1), drawn in float32 on the CPU (a float64 run starts from the same weights as a float32 one). The MLP's fans are the
 study's code's: E (p x d) / sqrt(d), the embedding WIDTH, W1 / sqrt(2d), W2 / sqrt(H). Two draws:
 - per model (`init = "model"`, the default): matrices in layout order from a generator seeded by the
   model's own seed, so its weights depend on its seed alone, never on its batch, cell or grid;
@@ -68,10 +68,11 @@ class ParamLayout:
         return torch.cat([tensors[n].reshape(M, -1) for n in self.names], 1)
 
     def init(self, seeds: list[int], dtype: torch.dtype, device, *,
-             cells: list[tuple[int, int]] | None = None) -> torch.Tensor:
+             cells: list[tuple[int, int]] | None = None, scales: list[float] | None = None) -> torch.Tensor:
         """(M, P) initial parameters of the models with these seeds. `cells`: None draws each model from
         its own seed (`init = "model"`); else, per model, its cell's (first seed, number of seeds), and
-        the study's cell-level draw is used (`init = "study"`, see the module docstring)."""
+        the study's cell-level draw is used (`init = "study"`, see the module docstring). `scales`: per
+        model, a factor on every matrix (the init scale alpha; None = 1)."""
         if cells is None:
             rows = [self._matrices(torch.Generator().manual_seed(int(s)), ()) for s in seeds]
             mats = [torch.stack([r[i] for r in rows]) for i in range(self.n_matrices)]      # (M, *shape)
@@ -85,6 +86,9 @@ class ParamLayout:
             mats = [torch.stack([draws[c][i][s - c[0]] for s, c in zip(seeds, cells)])
                     for i in range(self.n_matrices)]
         M = len(seeds)
+        if scales is not None and any(a != 1.0 for a in scales):
+            alpha = torch.tensor(scales, dtype=torch.float64)
+            mats = [(w.double() * alpha.view(-1, *([1] * (w.dim() - 1)))).float() for w in mats]
         vecs = [_vector_init(n, shape).expand(M, *shape)
                 for n, shape in zip(self.names[self.n_matrices:], self.shapes[self.n_matrices:])]
         flat = torch.cat([t.reshape(M, -1) for t in mats + vecs], 1)

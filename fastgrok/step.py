@@ -2,9 +2,11 @@
 
 State (all tensors with leading axis M, living on the device):
     flat (M, P) parameters, m/v (M, P) Adam moments, t (M,) steps taken, alive (M,) bool
-Per-model settings: tau (M,), target (M, S) clamp targets, clamp_on (M,) bool, t_clamp (M,).
+Per-model settings: tau (M,), lr and lr * wd (M, 1), target (M, S) clamp targets, clamp_on (M,) bool,
+t_clamp (M,); each model's task (labels, train rows and their weights, test rows; data.py).
 
-`train_step` = forward for all M models -> fused loss and dL/dz -> backward -> AdamW -> clamp, with a
+`train_step` = forward for all M models -> fused loss and dL/dz -> backward -> per-model gradient
+transforms (⊥Grad, Grokfast-EMA) -> AdamW -> clamp, with a
 model whose loss or parameters turn non-finite frozen (alive = False) so the others are unaffected.
 Nothing here calls .item() or .cpu(): metrics are read on the host only at evaluation steps.
 """
@@ -21,7 +23,7 @@ import torch
 import fastgrok.kernels as K
 
 from .config import TrainConfig
-from .optim import adamw
+from .optim import adamw, grokfast_ema, orthograd
 
 EVAL_METRICS = ("train_loss", "train_acc", "test_acc", "sc_rate", "logit_scale", "weight_norm", "test_loss")
 """What an evaluation reads per model (columns of its (M, N_EVAL) result; test_loss last, so the
@@ -37,11 +39,19 @@ class Batch:
     train_y: torch.Tensor
     a: torch.Tensor         # (N,) all pairs
     b: torch.Tensor
-    y: torch.Tensor
+    y: torch.Tensor         # (N,), or (M, N) when the models' ops differ
     train_mask: torch.Tensor  # (M, N) bool
+    test_mask: torch.Tensor   # (M, N) bool
     tau: torch.Tensor       # (M,)
+    lr: torch.Tensor        # (M, 1) learning rates
+    lr_wd: torch.Tensor | None  # (M, 1) lr * wd (formed in float64); None when no model decays
     clamp_on: torch.Tensor  # (M,) bool
     t_clamp: torch.Tensor   # (M,) int64
+    orthograd: torch.Tensor | None = None     # (M,) bool: ⊥Grad on; None = no model uses it
+    gf_alpha: torch.Tensor | None = None      # (M, 1) Grokfast-EMA decay; None = no model uses Grokfast
+    gf_lambda: torch.Tensor | None = None     # (M, 1) Grokfast-EMA gain (0 = off)
+    train_weight: torch.Tensor | None = None  # (M, n_train) bool, False on padding; None = no padding
+    valid: torch.Tensor | None = None         # (M, N) bool, the pairs of each model's task; None = all
     plan: dict | None = None  # the model's index plan for the train rows (`ensure_plan`), else None
 
 
@@ -63,19 +73,27 @@ def train_step(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch)
     """One optimizer step for all M models, in place on `state`. Returns the train loss (M,)."""
     flat, m, v, t, alive = state["flat"], state["m"], state["v"], state["t"], state["alive"]
     # forward, fused loss with readouts, backward (hand-written for the MLP, autograd otherwise)
-    lossfn = make_lossfn(cfg.loss, backend, batch.tau)
+    lossfn = make_lossfn(cfg.loss, backend, batch.tau, batch.train_weight)
     kw = {} if batch.plan is None else {"plan": batch.plan}
     loss, grad, _ = model.loss_and_grads(flat, batch.train_a, batch.train_b, batch.train_y, lossfn, **kw)
+    # gradient transforms, per model: ⊥Grad, then Grokfast-EMA (its filter h is state, checkpointed)
+    if batch.orthograd is not None:
+        off = model.layout.offsets
+        grad = orthograd(flat, grad, list(zip(off[:-1], off[1:])), batch.orthograd)
+    if batch.gf_lambda is not None:
+        grad, ema_new = grokfast_ema(grad, state["ema"], t, batch.gf_alpha, batch.gf_lambda)
     # AdamW (decay on matrices only)
     t_new = t + 1
-    new, m_new, v_new = adamw(flat, grad, m, v, t_new, lr=cfg.learning_rate, beta1=cfg.beta1, beta2=cfg.beta2,
-                              eps=cfg.eps, wd=cfg.wd, n_mat=model.layout.n_mat)
+    new, m_new, v_new = adamw(flat, grad, m, v, t_new, lr=batch.lr, beta1=cfg.beta1, beta2=cfg.beta2,
+                              eps=cfg.eps, lr_wd=batch.lr_wd, n_mat=model.layout.n_mat)
     # divergence: a model whose loss or update is non-finite stops updating, the others go on
     ok = alive & torch.isfinite(loss) & torch.isfinite(new).all(1)
     keep = ok[:, None]
     flat.copy_(torch.where(keep, new, flat))
     m.copy_(torch.where(keep, m_new, m))
     v.copy_(torch.where(keep, v_new, v))
+    if batch.gf_lambda is not None:
+        state["ema"].copy_(torch.where(keep, ema_new, state["ema"]))
     t.copy_(torch.where(ok, t_new, t))
     alive.copy_(ok)
     # clamp: from step t_clamp on, each clamped model's matrix norm(s) set to its own target
@@ -91,22 +109,27 @@ def evaluate(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch) -
     mask = batch.train_mask
     loss, st = K.loss_and_stats(z, batch.y, batch.tau, mask, backend=backend, loss=cfg.loss)
     # the test loss: the same loss over each model's test rows (a second readouts pass over z)
-    test_loss, _ = K.loss_and_stats(z, batch.y, batch.tau, ~mask, backend=backend, loss=cfg.loss)
+    test_loss, _ = K.loss_and_stats(z, batch.y, batch.tau, batch.test_mask, backend=backend, loss=cfg.loss)
     wdt, f64 = st.logit_norm.dtype, torch.float64
     # the rates in float64: counts over counts, so an accuracy of exactly 0.9 (999 / 1110 at p = 43) is
     # 0.9 and passes the 0.90 threshold (in float32 it is 0.89999998 and would not)
     train = mask.to(f64)
     n_train = train.sum(1)
-    test = 1.0 - train
+    test = batch.test_mask.to(f64)
     n_test = test.sum(1).clamp_min(1.0)
     bounds = state["bounds"]
     wn = flat[:, bounds[0]:bounds[-1]].to(wdt).square().sum(1).sqrt()
+    if batch.valid is None:                                             # L: the mean over the model's pairs
+        logit_scale = st.logit_norm.mean(1)
+    else:
+        v = batch.valid.to(wdt)
+        logit_scale = (st.logit_norm * v).sum(1) / v.sum(1)
     return torch.stack([
         loss.to(f64),
         (st.correct.to(f64) * train).sum(1) / n_train,
         (st.correct.to(f64) * test).sum(1) / n_test,
         (st.collapsed.to(f64) * train).sum(1) / n_train,
-        st.logit_norm.mean(1).to(f64),
+        logit_scale.to(f64),
         wn.to(f64),
         test_loss.to(f64),
     ], 1)

@@ -34,7 +34,7 @@ import torch
 import fastgrok.kernels as K
 
 from . import store
-from .config import ConfigError, TrainConfig
+from .config import PER_MODEL, ConfigError, TrainConfig, default_lr, without_defaults
 from .data import make_task
 from .memory import bytes_per_model, check_fits, device_memory, estimate_bytes  # noqa: F401 (grid, cli)
 from .models import build_model
@@ -86,6 +86,38 @@ ROW_ONLY = ("t_clamp", "budget", "layer_fracs", "cell_seed0", "cell_seeds")
 """Table-row keys the trainer consumes and does not copy into results()."""
 
 
+def per_model_values(cfg: TrainConfig, table: list[dict]) -> dict[str, list]:
+    """Each per-model field (config.PER_MODEL) as one value per table row: the row's, else the config's
+    (which must then be one value). lr None is the model's default."""
+    out = {}
+    for name in PER_MODEL:
+        default = cfg.values(name)
+        vals = []
+        for r in table:
+            v = r.get(name)
+            if v is None:
+                if len(default) > 1:
+                    raise ConfigError(f"table: model {r.get('model')} has no {name} and the config gives "
+                                      f"several ({list(default)})")
+                v = default[0]
+            vals.append(v)
+        out[name] = vals
+    out["lr"] = [default_lr(cfg.model) if v is None else v for v in out["lr"]]
+    return out
+
+
+def _column(values: list[float], dtype, device) -> torch.Tensor:
+    """(M, 1) per-model values, rounded once from float64."""
+    return torch.tensor(values, dtype=torch.float64)[:, None].to(dtype).to(device)
+
+
+def rows_config(cfg: TrainConfig, table: list[dict]) -> TrainConfig:
+    """cfg with its per-model fields set to the values the table's rows use (validated as a config: a
+    row's bad lr or fraction is a ConfigError; `n_train` is the batch's most train rows)."""
+    per = per_model_values(cfg, table)
+    return dataclasses.replace(cfg, **{k: tuple(dict.fromkeys(v)) for k, v in per.items()})
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path | str, *, progress: bool = True,
                  table: list[dict] | None = None, compact_frac: float = 0.0):
@@ -99,7 +131,7 @@ class Trainer:
         M = len(self.table)
         if M == 0:
             raise ConfigError("table: no models to train")
-        check_fits(cfg, M, self.device)
+        check_fits(rows_config(cfg, self.table), M, self.device)
         self.budget = np.array([r.get("budget", cfg.steps) for r in self.table], dtype=np.int64)
         # what a model waits for before it stops once grokked: its cell (a grid's cells are never split
         # across batches), or (`train`, where `--seeds 1 --seed0 K` makes a cell of one) nothing but itself
@@ -107,25 +139,35 @@ class Trainer:
         self.compact_frac = compact_frac if self.independent else 0.0
         self.rows = np.arange(M)                    # table row of each batch row
         seeds = [r["seed"] for r in self.table]
+        self.per = per = per_model_values(cfg, self.table)     # op, train_frac, lr, wd, init_scale: lists
         dev = self.device
-        self.task = make_task(cfg.p, cfg.op, cfg.n_train, seeds, dev)
+        self.task = make_task(cfg.p, per["op"], per["train_frac"], seeds, dev)
         self.model = build_model(cfg)
         lay = self.model.layout
         tgt = torch.tensor([r["norm_target"] or 0.0 for r in self.table], dtype=torch.float64)
         S = lay.n_matrices if cfg.clamp_mode == "layer" else 1
         fracs = torch.tensor([(r.get("layer_fracs") or cfg.layer_fracs or [1.0 / S] * S) if S > 1 else [1.0]
                               for r in self.table], dtype=torch.float64)                  # (M, S)
-        ta, tb = self.task.a[self.task.train_idx], self.task.b[self.task.train_idx]
+        task = self.task
+        ta, tb = task.a[task.train_idx], task.b[task.train_idx]
+        ty = task.y[task.train_idx] if task.y.dim() == 1 else torch.gather(task.y, 1, task.train_idx)
+        lr = torch.tensor(per["lr"], dtype=torch.float64)
+        lr_wd = lr * torch.tensor(per["wd"], dtype=torch.float64)          # in float64, as lr * wd in Python
         self.batch = Batch(
-            train_a=ta, train_b=tb, train_y=self.task.y[self.task.train_idx],
-            a=self.task.a, b=self.task.b, y=self.task.y, train_mask=self.task.train_mask,
+            train_a=ta, train_b=tb, train_y=ty, a=task.a, b=task.b, y=task.y, train_mask=task.train_mask,
+            test_mask=task.test_mask, train_weight=task.train_weight, valid=task.valid,
             tau=torch.tensor([r["tau"] for r in self.table], dtype=self.dtype, device=dev),
+            lr=lr[:, None].to(self.dtype).to(dev),
+            lr_wd=lr_wd[:, None].to(self.dtype).to(dev) if bool((lr_wd != 0).any()) else None,
+            orthograd=torch.tensor(per["orthograd"], device=dev) if any(per["orthograd"]) else None,
+            gf_alpha=_column(per["grokfast_alpha"], self.dtype, dev) if any(per["grokfast_lambda"]) else None,
+            gf_lambda=_column(per["grokfast_lambda"], self.dtype, dev) if any(per["grokfast_lambda"]) else None,
             clamp_on=torch.tensor([r["norm_target"] is not None for r in self.table], device=dev),
             t_clamp=torch.tensor([r.get("t_clamp", cfg.t_clamp) for r in self.table], dtype=torch.int64, device=dev))
         cells = None
         if cfg.init == "study":     # each model's cell: its first seed and seed count (train: seed0, seeds)
             cells = [(r.get("cell_seed0", cfg.seed0), r.get("cell_seeds", cfg.seeds)) for r in self.table]
-        flat = lay.init(seeds, self.dtype, dev, cells=cells)
+        flat = lay.init(seeds, self.dtype, dev, cells=cells, scales=per["init_scale"])
         self.state = {
             "flat": flat, "m": torch.zeros_like(flat), "v": torch.zeros_like(flat),
             "t": torch.zeros(M, dtype=torch.int64, device=dev),
@@ -133,6 +175,8 @@ class Trainer:
             "target": (tgt[:, None] * fracs.sqrt()).to(self.dtype).to(dev),
             "bounds": lay.bounds if cfg.clamp_mode == "layer" else [lay.bounds[0], lay.bounds[-1]],
         }
+        if self.batch.gf_lambda is not None:        # Grokfast-EMA's filter h, per model (set at its first step)
+            self.state["ema"] = torch.zeros_like(flat)
         self.capture_shares = (cfg.clamp_mode == "layer" and not cfg.layer_fracs
                                and not any(r.get("layer_fracs") for r in self.table))
         self.records = Records([], [], np.full(M, -1), np.full(M, -1), np.zeros(M, bool), np.full(M, -1))
@@ -157,8 +201,12 @@ class Trainer:
         only says how or how long it runs (device, kernels, compile, checkpoint interval; the step
         budgets, which a run may extend)."""
         how = ("steps", "device", "kernels", "compile", "checkpoint_every")
-        cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in how}
-        table = [{k: v for k, v in r.items() if k != "budget"} for r in self.table]
+        cfg = {k: v for k, v in without_defaults(self.cfg.to_dict()).items() if k not in how}
+        # a row's per-model value equal to the config's one value is left out, as rows were written
+        # before these fields were per model (a checkpoint of then still resumes)
+        same = {k: v for k, v in self.cfg.to_dict().items() if k in PER_MODEL and not isinstance(v, tuple)}
+        table = [{k: v for k, v in r.items() if k != "budget" and not (k in same and v == same[k])}
+                 for r in self.table]
         return store.fingerprint({"config": cfg, "table": table})
 
     def check_checkpoint(self, ck: dict) -> None:
@@ -377,7 +425,8 @@ class Trainer:
             # not depend on how long the batch ran; the study's cell-level rule (L at the logged step
             # nearest the cell's median T_grok) is analysis.cell_logit_scale's, from the curves
             at_grok = ev[np.searchsorted(steps, tg), i] if tg >= 0 else np.full(ev.shape[2], np.nan)  # (N_EVAL,)
-            rows.append({**{k: v for k, v in row.items() if k not in ROW_ONLY}, "rho": row.get("rho"),
+            rows.append({**{k: v for k, v in row.items() if k not in ROW_ONLY},
+                         **{k: self.per[k][i] for k in PER_MODEL}, "rho": row.get("rho"),
                          "t_mem": int(r.t_mem[i]) if r.t_mem[i] >= 0 else None,
                          "t_grok": tg if tg >= 0 else None, "logit_scale_at_grok": float(at_grok[I_LOGIT]),
                          "test_loss_at_grok": float(at_grok[I_TEST_LOSS]),
@@ -445,7 +494,7 @@ class Trainer:
 
 
 _SHARED = ("a", "b", "y")
-"""Batch fields without a model axis."""
+"""Batch fields without a model axis (y has one when the models' ops differ)."""
 
 
 def _select_batch(batch: Batch, idx: torch.Tensor) -> Batch:
@@ -453,7 +502,7 @@ def _select_batch(batch: Batch, idx: torch.Tensor) -> Batch:
     kw = {}
     for f in dataclasses.fields(batch):
         v = getattr(batch, f.name)
-        if f.name in _SHARED:
+        if f.name in _SHARED and v.dim() == 1:
             kw[f.name] = v
         elif isinstance(v, torch.Tensor):
             kw[f.name] = v.index_select(0, idx)

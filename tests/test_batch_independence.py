@@ -6,6 +6,7 @@ its solo run gives, whatever the others in the batch do (grok earlier, later, or
 """
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -64,3 +65,68 @@ def test_each_model_stops_at_its_t_grok_with_l_from_that_evaluation(batch_and_so
         assert mine.step.max() == row.t_grok
         acc = mine[(mine.metric == "test_acc") & (mine.step == row.t_grok)].value
         assert acc.iloc[0] == row.test_acc >= 0.9
+
+
+# ----------------------------------------------------------------------------- per-model knobs
+BASE = dict(op="add", train_frac=0.6, lr=1e-2, wd=1.0, init_scale=1.0, orthograd=False, grokfast_alpha=0.98,
+            grokfast_lambda=0.0)
+KNOBS = [{}, {"lr": 5e-3}, {"wd": 0.3}, {"init_scale": 1.5}, {"train_frac": 0.45}, {"op": "div"},
+         {"orthograd": True}, {"grokfast_lambda": 2.0}, {"grokfast_lambda": 5.0, "grokfast_alpha": 0.9},
+         {"op": "sub", "train_frac": 0.5, "lr": 2e-2, "wd": 0.5, "init_scale": 0.7, "orthograd": True,
+          "grokfast_lambda": 1.0}]
+"""The quick preset's model, then one knob changed at a time, then all at once."""
+
+
+def _knob_rows(knobs, seed=0):
+    return [{"model": i, "cell": i, "seed": seed, "tau": 1.0, "norm_target": None, **BASE, **k}
+            for i, k in enumerate(knobs)]
+
+
+@pytest.fixture(scope="module")
+def knobs_batch_and_solo(tmp_path_factory):
+    from fastgrok.config import quick_cpu
+    from fastgrok.trainer import Trainer
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("knobs")
+    cfg = quick_cpu()
+    cfg = type(cfg)(**{**cfg.to_dict(), "steps": 800, "lr": 1e-2})
+    batch = Trainer(cfg, root / "batch", table=_knob_rows(KNOBS), progress=False)
+    models, curves = batch.run(), batch.curves()
+    solo = []
+    for i, k in enumerate(KNOBS):
+        alone = Trainer(cfg, root / f"solo{i}", table=_knob_rows([k]), progress=False)
+        solo.append((alone.run(), alone.curves()))
+    return models, curves, solo
+
+
+def test_each_per_model_knob_gives_the_solo_result(knobs_batch_and_solo):
+    """lr, wd, init scale, train fraction and op mixed in one batch (padded train rows, (M, N) labels,
+    a div model among p * p pairs): each model's T_mem, T_grok, stop step and final accuracies equal its
+    run alone exactly, its losses, L and norm to float rounding (summed over other row layouts)."""
+    models, curves, solo = knobs_batch_and_solo
+    assert models.t_grok.nunique() >= 3 and models.t_grok.isna().any()          # they differ
+    for i, k in enumerate(KNOBS):
+        row, alone = models.iloc[i], solo[i][0].iloc[0]
+        for c in BASE:
+            assert row[c] == alone[c] == {**BASE, **k}[c]
+        for c in ("t_mem", "t_grok", "steps", "train_acc", "test_acc", "sc_rate", "diverged"):
+            assert (pd.isna(row[c]) and pd.isna(alone[c])) or row[c] == alone[c], (k, c, row[c], alone[c])
+        for c in ("train_loss", "test_loss", "weight_norm", "logit_scale_at_grok", "test_loss_at_grok"):
+            if not (pd.isna(row[c]) and pd.isna(alone[c])):
+                assert row[c] == pytest.approx(alone[c], rel=1e-5, abs=1e-7), (k, c, row[c], alone[c])
+
+
+def test_each_per_model_knob_trains_bit_for_bit_as_alone(knobs_batch_and_solo):
+    """Training itself is bitwise the solo run's (the weight-norm curve, every evaluation); the other
+    curves too, except the op-mixed model's losses and L, averaged over its pairs laid out among p * p."""
+    _, curves, solo = knobs_batch_and_solo
+    for i, k in enumerate(KNOBS):
+        mine = curves[curves.model == i].drop(columns="model").reset_index(drop=True)
+        alone = solo[i][1].drop(columns="model").reset_index(drop=True)
+        assert mine[["step", "metric"]].equals(alone[["step", "metric"]])
+        norm = (mine.metric == "weight_norm").to_numpy()
+        assert norm.any() and (mine.value[norm].to_numpy() == alone.value[norm].to_numpy()).all(), k
+        if k.get("op") != "div":
+            assert (mine.value.to_numpy() == alone.value.to_numpy()).all(), k
+        else:
+            np.testing.assert_allclose(mine.value.to_numpy(), alone.value.to_numpy(), rtol=1e-5, atol=1e-7)

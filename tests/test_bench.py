@@ -17,12 +17,14 @@ POSITIVE = {
     "step": ("median_s", "min_s", "max_s", "seed_steps_per_s", "speedup_vs_baseline", "flops_per_step",
              "flop_per_s", "nominal_flop_per_s", "eval_per_step_s", "runs_per_hour", "run_speedup_vs_baseline"),
     "grid": ("wall_s", "first_calls_s", "runs_per_hour", "seed_runs_per_hour"),
+    "phase": ("median_s", "min_s", "max_s", "model_steps_per_s", "speedup_vs_per_cell"),
 }
 PROVIDERS = {
     "ce": {"fastgrok.kernels (torch)", "eager reference", "torch.compile(reference)"},
     "clamp": {"fastgrok.kernels (torch)", "eager per-tensor"},
     "step": {"eager per-cell baseline", "fastgrok compiled", "fastgrok eager"},
     "grid": {"packed (one Trainer)", "sequential (one Trainer per cell)"},
+    "phase": {"packed (one batch)", "one batch per (lr, wd) cell"},
 }
 
 
@@ -60,6 +62,10 @@ def test_bench_quick_cpu_writes_every_section(tmp_path, capsys):
                                                          / best["providers"]["eager per-cell baseline"]["seed_steps_per_s"])
     for r in res["grid"]:                                   # cell-runs and model-runs per hour agree
         assert r["seed_runs_per_hour"] == pytest.approx(r["runs_per_hour"] * r["seeds"])
+    packed, per_cell = sorted(res["phase"], key=lambda r: r["provider"] != "packed (one batch)")
+    assert packed["M"] == per_cell["M"] == len(packed["lrs"]) * len(packed["wds"]) == packed["cells"]
+    assert packed["speedup_vs_per_cell"] == pytest.approx(per_cell["median_s"] / packed["median_s"])
+    assert per_cell["speedup_vs_per_cell"] == 1.0
     assert png.stat().st_size > 0
     text = capsys.readouterr().out
     assert "fastgrok bench" in text and "at each provider's best M" in text

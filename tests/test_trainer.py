@@ -156,9 +156,11 @@ def _adamw_reference(params, grads, m, v, t, *, lr, beta1, beta2, eps, wd, matri
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_adamw_matches_study_reference(dtype, rtol):
+    """Per-model lr and wd (M, 1) against the study's per-model update, models at different steps."""
     cfg = TrainConfig(p=7, d_embed=4, hidden=6)
     lay = MLP(cfg).layout
-    hp = dict(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8, wd=2.0)       # large lr*wd: decay order matters
+    hp = dict(beta1=0.9, beta2=0.999, eps=1e-8)
+    lrs, wds = [0.05, 0.01, 0.2], [2.0, 0.0, 0.5]                      # large lr*wd: decay order matters
     M, steps = 3, 6
     g = torch.Generator().manual_seed(0)
     flat = torch.randn(M, lay.n_params, generator=g, dtype=torch.float64)
@@ -175,9 +177,12 @@ def test_adamw_matches_study_reference(dtype, rtol):
     for step in range(steps):
         grad = torch.randn(M, lay.n_params, generator=g, dtype=torch.float64) * (1 + step)
         t = t + 1
-        cur, cm, cv = adamw(cur, grad.to(dtype), cm, cv, t, n_mat=lay.n_mat, **hp)
+        lr = torch.tensor(lrs, dtype=torch.float64)[:, None]
+        cur, cm, cv = adamw(cur, grad.to(dtype), cm, cv, t, n_mat=lay.n_mat, lr=lr.to(dtype),
+                            lr_wd=(lr * torch.tensor(wds, dtype=torch.float64)[:, None]).to(dtype), **hp)
         for i, gi in enumerate(split(grad)):
-            ref_p[i] = _adamw_reference(ref_p[i], gi, ref_m[i], ref_v[i], int(t[i]), matrices=matrices, **hp)
+            ref_p[i] = _adamw_reference(ref_p[i], gi, ref_m[i], ref_v[i], int(t[i]), matrices=matrices,
+                                        lr=lrs[i], wd=wds[i], **hp)
     for got, want in ((cur, join(ref_p)), (cm, join(ref_m)), (cv, join(ref_v))):
         assert got.dtype == dtype
         err = ((got.double() - want).norm(dim=1) / want.norm(dim=1)).max()
@@ -194,7 +199,7 @@ def test_adamw_decay_is_after_the_update_not_before():
     grad = torch.randn(2, lay.n_params, generator=g, dtype=torch.float64)
     lr, wd, eps = 0.1, 1.5, 1e-8
     new, _, _ = adamw(flat, grad, torch.zeros_like(flat), torch.zeros_like(flat), torch.tensor([1, 1]),
-                      lr=lr, beta1=0.9, beta2=0.999, eps=eps, wd=wd, n_mat=lay.n_mat)
+                      lr=lr, beta1=0.9, beta2=0.999, eps=eps, lr_wd=lr * wd, n_mat=lay.n_mat)
     u = grad / (grad.abs() + eps)
     after = flat - lr * u
     after[:, : lay.n_mat] *= 1 - lr * wd
@@ -318,18 +323,60 @@ def test_div_uses_the_modular_inverse_and_leaves_out_zero(p):
 
 def test_split_depends_only_on_the_seed():
     p, n_train = 17, int(0.4 * 17 * 17)
-    batch = make_task(p, "add", n_train, [3, 9, 5, 0])
-    alone = make_task(p, "add", n_train, [5])
+    batch = make_task(p, "add", 0.4, [3, 9, 5, 0])
+    alone = make_task(p, "add", 0.4, [5])
     assert torch.equal(batch.train_idx[2], alone.train_idx[0])
     assert torch.equal(batch.train_mask[2], alone.train_mask[0])
     # the study's scheme: the first n_train entries of a permutation from a generator seeded 1000 + seed
     for row, s in enumerate([3, 9, 5, 0]):
         perm = torch.randperm(p * p, generator=torch.Generator().manual_seed(1000 + s))
-        assert torch.equal(batch.train_idx[row], perm[:n_train])
+        assert torch.equal(batch.train_idx[row, :n_train], perm[:n_train])
         assert batch.train_mask[row].sum() == n_train
         assert batch.train_mask[row][perm[:n_train]].all() and not batch.train_mask[row][perm[n_train:]].any()
     assert len({tuple(r.tolist()) for r in batch.train_idx}) == 4      # different seeds, different splits
-    assert torch.equal(split_indices(p * p, n_train, [9]), batch.train_idx[1:2])
+    assert torch.equal(split_indices(p * p, n_train, [9]), batch.train_idx[1:2, :n_train])
+    # 115 rows, padded to 128 (a whole block of 16) with the first row, weighted 0
+    assert batch.train_idx.shape == (4, 128) and (batch.train_idx[:, n_train:] == batch.train_idx[:, :1]).all()
+    assert torch.equal(batch.train_weight, (torch.arange(128) < n_train).expand(4, -1))
+
+
+def _pairs(task, m, rows):
+    """The (a, b, answer) triples of model m at batch rows `rows`, in order."""
+    y = task.y if task.y.dim() == 1 else task.y[m]
+    return [(int(task.a[r]), int(task.b[r]), int(y[r])) for r in rows]
+
+
+def test_mixed_ops_and_fractions_keep_each_models_own_split():
+    """A model in a batch of other ops and fractions holds the train rows (same pairs, same order, same
+    answers) and test rows it holds alone; a div model's b = 0 pairs are in neither split; padding rows
+    carry weight 0 and the model's own count of real rows."""
+    p = 13
+    models = [("div", 0.3, 4), ("add", 0.5, 4), ("mul", 0.7, 9), ("div", 0.5, 2), ("sub", 0.3, 4)]
+    ops, fracs, seeds = zip(*models)
+    batch = make_task(p, list(ops), list(fracs), list(seeds))
+    assert batch.n_pairs == p * p and batch.y.shape == (5, p * p) and batch.valid is not None
+    for m, (op, f, seed) in enumerate(models):
+        alone = make_task(p, op, f, [seed])
+        n = int(f * (p * (p - 1) if op == "div" else p * p))
+        w = batch.train_weight[m]
+        assert int(w.sum()) == n and bool(w[:n].all())                # real rows first, then padding
+        assert _pairs(batch, m, batch.train_idx[m, :n].tolist()) == _pairs(alone, 0, alone.train_idx[0, :n].tolist())
+        test_b = set(_pairs(batch, m, batch.test_mask[m].nonzero()[:, 0].tolist()))
+        assert test_b == set(_pairs(alone, 0, alone.test_mask[0].nonzero()[:, 0].tolist()))
+        assert int(batch.train_mask[m].sum()) == n
+        for a, b, q in _pairs(batch, m, range(p * p)):
+            if op == "div" and b == 0:
+                continue
+            assert q == {"add": (a + b) % p, "sub": (a - b) % p, "mul": (a * b) % p,
+                         "div": next((c for c in range(p) if c * b % p == a), -1)}[op]
+        if op == "div":                                               # b = 0: neither split, not valid
+            zero = batch.b == 0
+            assert not (batch.train_mask[m] & zero).any() and not (batch.test_mask[m] & zero).any()
+            assert not batch.valid[m][zero].any()
+        else:
+            assert batch.valid[m].all()
+    one = make_task(20, "add", 0.4, [1, 2])        # one op, one fraction, 160 rows (10 x 16): nothing padded
+    assert one.train_weight is None and one.valid is None and one.y.dim() == 1
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -1,0 +1,88 @@
+"""The tasks as p x p tables (data.op_table) against hand-written definitions, and each new task trained."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from fastgrok.config import OPS, ConfigError, TrainConfig, symmetric_group_degree
+from fastgrok.data import all_pairs, make_task, op_table
+
+
+def _by_hand(op: str, p: int, a: int, b: int) -> int:
+    return {"add": (a + b) % p, "sub": (a - b) % p, "mul": (a * b) % p,
+            "quad": (a * a + a * b + b * b) % p, "cubic": (a ** 3 + a * b) % p}[op]
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "quad", "cubic"])
+@pytest.mark.parametrize("p", [7, 13])
+def test_polynomial_tables_by_hand(op, p):
+    t = op_table(p, op)
+    assert t.shape == (p, p)
+    for a, b in itertools.product(range(p), range(p)):
+        assert int(t[a, b]) == _by_hand(op, p, a, b)
+
+
+def test_perm_is_composition_in_the_symmetric_group():
+    """S3 (p = 6) and S4 (p = 24): symbols are the permutations in lexicographic order, a o b composes them
+    ((a o b)(k) = a(b(k))); the table is a group: closed, associative, an identity (symbol 0), inverses,
+    a Latin square, and not commutative."""
+    for n, p in ((3, 6), (4, 24)):
+        assert symmetric_group_degree(p) == n
+        perms = list(itertools.permutations(range(n)))
+        t = op_table(p, "perm")
+        for i, j in itertools.product(range(p), range(p)):
+            assert perms[int(t[i, j])] == tuple(perms[i][perms[j][k]] for k in range(n))
+        assert torch.equal(t[0], torch.arange(p)) and torch.equal(t[:, 0], torch.arange(p))   # identity
+        for row in list(t) + list(t.T):
+            assert sorted(row.tolist()) == list(range(p))                                    # Latin square
+        for a, b, c in itertools.product(range(p), repeat=3):
+            if (a + b + c) % 7 == 0:                                                         # a sample
+                assert t[t[a, b], c] == t[a, t[b, c]]
+        assert not torch.equal(t, t.T)
+    assert symmetric_group_degree(120) == 5 and symmetric_group_degree(100) is None
+    with pytest.raises(ConfigError, match="n!"):
+        TrainConfig(p=100, op="perm")
+
+
+def test_random_table_is_fixed_per_p_and_the_div_table_leaves_out_zero():
+    assert torch.equal(op_table(11, "random"), op_table(11, "random"))
+    assert not torch.equal(op_table(11, "random"), op_table(13, "random")[:11, :11])
+    t = op_table(7, "div")
+    assert (t[:, 0] == -1).all() and (t[:, 1:] >= 0).all()
+    a, b, y = all_pairs(7, "div")
+    assert len(a) == 42 and int((y != -1).sum()) == 42
+
+
+def test_every_op_in_a_mixed_batch_keeps_its_own_answers():
+    p = 13
+    ops = [o for o in OPS if o != "perm"]
+    task = make_task(p, ops, 0.5, list(range(len(ops))))
+    for m, op in enumerate(ops):
+        t = op_table(p, op).reshape(-1)
+        ok = t >= 0
+        assert torch.equal(task.y[m][ok], t[ok])
+
+
+@pytest.mark.parametrize("op,p,frac", [("perm", 24, 0.8), ("quad", 13, 0.9), ("cubic", 13, 0.9)])
+def test_each_new_task_groks(tmp_path, op, p, frac):
+    """One small run per new task groks (every seed reaches 90% test accuracy)."""
+    from fastgrok.config import quick_cpu
+    from fastgrok.trainer import train
+    import dataclasses
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(quick_cpu(), p=p, op=op, train_frac=frac, seeds=2, steps=6000)
+    df = train(cfg, tmp_path / op, progress=False)
+    assert df.t_grok.notna().all(), df[["seed", "t_mem", "t_grok", "test_acc"]]
+
+
+def test_the_random_table_does_not_generalize(tmp_path):
+    """The control: memorised, test accuracy near chance (1/p)."""
+    from fastgrok.config import quick_cpu
+    from fastgrok.trainer import train
+    import dataclasses
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(quick_cpu(), p=23, op="random", train_frac=0.6, seeds=1, steps=1500)
+    df = train(cfg, tmp_path / "random", progress=False)
+    assert df.t_mem.notna().all() and df.t_grok.isna().all() and (df.test_acc < 5 / 23).all()
