@@ -23,11 +23,11 @@ import time
 import pytest
 import torch
 
-from fastgrok import grid
 from fastgrok.baseline import run_baseline
 from fastgrok.bench import meta
 from fastgrok.executors import run_experiment
-from fastgrok.experiments import ExperimentSpec
+from fastgrok.experiments import SHAPE_AXES, ExperimentSpec
+from fastgrok.plan import expand
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 QUICK = os.environ.get("FASTGROK_BENCH_QUICK") == "1"
@@ -40,7 +40,7 @@ SPEC = ExperimentSpec.from_dict({
     "train": {**TRAIN, "stop_when_grokked": False},
     "budget": {"max_steps": STEPS}, "calibration": {"w_c": W_C},
     "grid": [{"rho": [1.0], "tau": [1.0]}, {"rho": [1.15], "tau": [1.0, 1.3, 1.7]}]})
-CELLS = grid.expand(SPEC)
+CELLS = expand(SPEC)
 GROUP = f"grid: {len(CELLS)} cells x {SEEDS} seeds, p={P}, {STEPS} steps ({DEV.type})"
 WALL: dict[str, float] = {}
 
@@ -54,7 +54,7 @@ def per_cell() -> None:
     """The grid the study's way: each cell a stack of its seeds, cells one after another."""
     t0 = time.perf_counter()
     for c in CELLS:
-        cfg = SPEC.base_config(**{a: c[a] for a in grid.SHAPE_AXES})
+        cfg = SPEC.base_config(**{a: c[a] for a in SHAPE_AXES})
         run_baseline(cfg, c["budget"], tau=c["tau"], norm_target=c["rho"] * W_C, device=DEV,
                      seeds=[cfg.seed0 + s for s in range(c["seeds"])])
     _sync()

@@ -1,11 +1,11 @@
 """Running an experiment's batches: locally (one process per device: in this process, or in worker
 processes when there are several devices or `workers` asks for them) or on Ray.
 
-`run_experiment` plans the grid (grid.py), runs the free calibration controls first (w_c per setting,
-cached in calibration.json), then the packed batches. Either executor only maps jobs to results; the
-driver alone writes the run directory (a part per finished batch), so both give identical results and
-a rerun of the same command resumes: finished batches are skipped, a running one continues from its
-checkpoint.
+`run_experiment` plans the grid (plan.py) into its run directory (rundir.py), runs the free calibration
+controls first (w_c per setting, cached in calibration.json), then the packed batches (grid.py's jobs).
+Either executor only maps jobs to results; the driver alone writes the run directory (a part per
+finished batch), so both give identical results and a rerun of the same command resumes: finished
+batches are skipped, a running one continues from its checkpoint.
 
 Ray: connects to a running cluster (RAY_ADDRESS, or `ray.init(address="auto")`), else starts a local
 one (shut down at the end). Each batch is one task pinned to one GPU when the cluster has GPUs, else to
@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
-from . import extend, grid, store
+from . import extend, grid, rundir, store
 from .config import ConfigError
 from .experiments import apply_overrides, load_experiment
+from .plan import calibration_steps, clamp_never_starts, resolve_compile
+from .trainer import resolve_device
 from .workers import PoolMapper
 
 EXECUTORS = ("local", "ray")
@@ -48,7 +50,7 @@ def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str
         raise ConfigError("workers is an option of the local executor; Ray places its tasks itself")
     spec = apply_overrides(load_experiment(experiment), **(overrides or {}))
     if executor == "local":
-        dev = grid.resolve_device(device)      # a CUDA request without CUDA fails here, before any work
+        dev = resolve_device(device)           # a CUDA request without CUDA fails here, before any work
         n_dev = torch.cuda.device_count() if dev.type == "cuda" else 1
         workers = workers or n_dev
     else:
@@ -62,14 +64,14 @@ def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str
 
 def _run_locked(spec, run_dir, executor, device, progress, workers, n_dev, dev) -> Path:
     local = executor == "local"                 # Ray's workers may have other devices: no preflight here
-    saved = run_dir / grid.SPEC_JSON
+    saved = run_dir / rundir.SPEC_JSON
     if saved.is_file() and extend.is_extension(store.read_json(saved), spec.to_dict()):
         extend.extend(spec, run_dir, lambda msg: print(f"fastgrok: {msg}", file=sys.stderr, flush=True))
-    plan = grid.init_run_dir(spec, run_dir, device if local else "cpu", check=local)
-    compile_mode = grid.resolve_compile(spec, plan)
+    plan = rundir.init_run_dir(spec, run_dir, device if local else "cpu", check=local)
+    compile_mode = resolve_compile(spec, plan)
     pooled = executor == "ray" or workers > 1
     bar = GridProgress(plan, run_dir, enabled=progress, live=pooled)
-    late = grid.clamp_never_starts(spec, plan)
+    late = clamp_never_starts(spec, plan)
     if late:
         bar.warn(f"{len(late)} clamped cell(s) end before their clamp starts (budget {min(b for _, b, _ in late)} "
                  f"<= clamp start {late[0][2]}): they train unclamped")
@@ -87,31 +89,31 @@ def _run_locked(spec, run_dir, executor, device, progress, workers, n_dev, dev) 
 def _run_plan(spec, plan, run_dir, device, compile_mode, mapper, progress, bar) -> None:
     """Calibrations, then the batches not done yet; the driver writes every result."""
     # 1. calibration: the free controls that set w_c, before any clamped cell
-    cached = grid.read_calibration(run_dir)
+    cached = rundir.read_calibration(run_dir)
     jobs = [grid.calibration_job(spec, c, run_dir, device, compile_mode)
             for c in plan["calibrations"] if c["key"] not in cached]
     with bar:
         for job, (models, curves) in mapper(jobs, progress, bar):
-            cal = grid.record_calibration(run_dir, job["id"], models, curves)
+            cal = rundir.record_calibration(run_dir, job["id"], models, curves)
             bar.note(f"calibration {job['id']}: w_c = {cal['w_c']:.4g} ({cal['n_grokked']}/{cal['seeds']} "
                      f"grokked; median ||W|| at step {cal['step']}, "
                      f"{'where the last seed grokked' if cal['source'] == 'last grok' else 'the budget'})")
             if cal["n_grokked"] == 0:
-                bar.warn(f"no calibration model grokked within {grid.calibration_steps(spec)} steps, so w_c is "
+                bar.warn(f"no calibration model grokked within {calibration_steps(spec)} steps, so w_c is "
                          "not the norm at grokking and every rho is relative to it; consider more calibration "
                          "steps ([calibration] steps, --max-steps) or absolute norm_target cells")
-        w_c = {k: v["w_c"] for k, v in grid.read_calibration(run_dir).items()}
+        w_c = {k: v["w_c"] for k, v in rundir.read_calibration(run_dir).items()}
 
         # 2. the packed batches
-        grid.restore_parts(run_dir, plan)       # a run directory copied without parts/ keeps its results
-        grid.consolidate(run_dir)               # repairs a crash between a part and the consolidation
-        done = grid.done_batches(run_dir)
+        rundir.restore_parts(run_dir, plan)     # a run directory copied without parts/ keeps its results
+        rundir.consolidate(run_dir)             # repairs a crash between a part and the consolidation
+        done = rundir.done_batches(run_dir)
         jobs = [grid.batch_job(spec, plan, b, w_c, run_dir, device, compile_mode)
                 for b in plan["batches"] if b["id"] not in done]
         if not jobs:
             bar.say(f"{run_dir}: every batch is already done ({len(plan['cells'])} cells)")
         for job, (models, curves) in mapper(jobs, progress, bar):
-            grid.write_part(run_dir, job["id"], models, curves)
+            rundir.write_part(run_dir, job["id"], models, curves)
             bar.batch_done(job["id"], models)
 
 
@@ -210,7 +212,7 @@ class GridProgress:
         self.n_models = sum(c["seeds"] for c in plan["cells"])
         self.cells_of = {b["id"]: b["cells"] for b in plan["batches"]}
         self.plan = plan
-        done = grid.done_batches(run_dir)
+        done = rundir.done_batches(run_dir)
         self.cells_done = sum(len(self.cells_of[b]) for b in done if b in self.cells_of)
         self.start_cells = self.cells_done
         self.grokked = 0

@@ -4,7 +4,7 @@ A spec is a union of products. Its top-level axes (p, op, model, loss, dtype, lr
 init_scale, rho, norm_target, tau, layer_fracs, seeds) are defaults; each `[[grid]]` block overrides some of them, and
 the spec's cells are the union (in order, duplicates dropped) of every block's product. With no block
 the top-level axes form one product. A cell is clamped to `rho * w_c` (rho "free" = no clamp; w_c from
-a free calibration run, see grid.py) or to an absolute `norm_target`.
+a free calibration run, see rundir.calibrate_from) or to an absolute `norm_target`.
 
     name = "mediation"
     seeds = 12

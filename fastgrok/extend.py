@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import grid, store
-from .experiments import ExperimentSpec
+from . import rundir, store
+from .experiments import ExperimentSpec, to_toml
+from .plan import calib_key, calibration_steps, expand, resolve_compile
 
 
 def _without_cap(d: dict) -> dict:
@@ -36,22 +37,22 @@ def is_extension(old: dict, new: dict) -> bool:
 def extend(spec: ExperimentSpec, run_dir: Path, say) -> None:
     """Turn run_dir (holding `spec` with a smaller cap) into what `spec` resumes from; `say` gets one line."""
     run_dir = Path(run_dir)
-    old_spec = ExperimentSpec.from_dict(store.read_json(run_dir / grid.SPEC_JSON))
-    plan = store.read_json(run_dir / grid.PLAN)
-    cells = grid.expand(spec)
+    old_spec = ExperimentSpec.from_dict(store.read_json(run_dir / rundir.SPEC_JSON))
+    plan = store.read_json(run_dir / rundir.PLAN)
+    cells = expand(spec)
     if [{**c, "budget": None} for c in cells] != [{**c, "budget": None} for c in plan["cells"]]:
         raise AssertionError("a larger max_steps changed the cells beyond their budgets")
-    everything = grid.resolve_compile(old_spec, plan) != grid.resolve_compile(spec, {**plan, "cells": cells})
+    everything = resolve_compile(old_spec, plan) != resolve_compile(spec, {**plan, "cells": cells})
     # calibrations whose budget grows and whose run ended at the old cap (not every seed grokked)
-    cal = grid.read_calibration(run_dir)
-    grows = grid.calibration_steps(spec) > grid.calibration_steps(old_spec)
+    cal = rundir.read_calibration(run_dir)
+    grows = calibration_steps(spec) > calibration_steps(old_spec)
     redo_cal = {k for k, v in cal.items() if everything or (grows and v["n_grokked"] < v["seeds"])}
     redo = set()
     for b in plan["batches"]:
         for i in b["cells"]:
             old, new = plan["cells"][i], cells[i]
             if everything or new["budget"] > old["budget"] or (new["rho"] is not None
-                                                                 and grid.calib_key(new) in redo_cal):
+                                                                 and calib_key(new) in redo_cal):
                 redo.add(b["id"])
     for bid in sorted(redo):
         for kind in ("models", "curves"):
@@ -61,10 +62,10 @@ def extend(spec: ExperimentSpec, run_dir: Path, say) -> None:
     for key in redo_cal:
         shutil.rmtree(run_dir / "calibration" / key, ignore_errors=True)
     if redo_cal:
-        store.write_json(run_dir / grid.CALIBRATION, {k: v for k, v in cal.items() if k not in redo_cal})
-    store.write_json(run_dir / grid.PLAN, {**plan, "cells": cells})
-    store.atomic_write(run_dir / grid.SPEC_TOML, lambda tmp: Path(tmp).write_text(grid.to_toml(spec.to_dict())))
-    store.write_json(run_dir / grid.SPEC_JSON, spec.to_dict())          # last: the extension is done
+        store.write_json(run_dir / rundir.CALIBRATION, {k: v for k, v in cal.items() if k not in redo_cal})
+    store.write_json(run_dir / rundir.PLAN, {**plan, "cells": cells})
+    store.atomic_write(run_dir / rundir.SPEC_TOML, lambda tmp: Path(tmp).write_text(to_toml(spec.to_dict())))
+    store.write_json(run_dir / rundir.SPEC_JSON, spec.to_dict())          # last: the extension is done
     cap = spec.budget.max_steps
     say(f"extending the grid to {'no step cap' if cap is None else f'{cap:,} steps at most'}: "
         f"{len(redo)} of {len(plan['batches'])} batches and {len(redo_cal)} of {len(cal)} calibrations train again"

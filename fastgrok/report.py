@@ -317,13 +317,13 @@ def dose_law_skip_notes(cells: pd.DataFrame) -> list[str]:
 
 
 def calibration_table(run_dir) -> pd.DataFrame:
-    """The run's clamp calibration (DIR/calibration.json, written by `grid.record_calibration`): per
+    """The run's clamp calibration (DIR/calibration.json, written by `rundir.record_calibration`): per
     calibration key, w_c, n_grokked of seeds, the step its norms were read at and its source ("last
     grok": every seed grokked, the median ‖W‖ at the step the last one did, the study's rule; "budget":
     the control ran to its budget, the median ‖W‖ there). Empty when the run has none."""
-    from fastgrok import grid  # here, not at the top: it imports torch, which no table needs
+    from fastgrok import rundir  # here, not at the top: it imports torch (plan.py), which no table needs
 
-    cal = grid.read_calibration(run_dir)
+    cal = rundir.read_calibration(run_dir)
     cols = ["key", "w_c", "n_grokked", "seeds", "step", "source"]
     return pd.DataFrame([{"key": k, **{c: v.get(c) for c in cols[1:]}} for k, v in cal.items()],
                         columns=cols)
@@ -341,15 +341,15 @@ def calibration_warnings(calibration: pd.DataFrame) -> list[str]:
 def grid_progress(run_dir, models: pd.DataFrame) -> tuple[int, int] | None:
     """(cells done, cells planned) of a grid run (DIR/plan.json); None when the run has no plan. A
     planned cell is done when models.parquet holds all its seeds: the grid writes that table from
-    the finished batches only (the batches' parts, which `grid.status_table` counts, may be gone
+    the finished batches only (the batches' parts, which `rundir.status_table` counts, may be gone
     from a copied run directory)."""
-    from fastgrok import grid  # here, not at the top: it imports torch, which no table needs
+    from fastgrok import rundir  # here, not at the top: it imports torch (plan.py), which no table needs
 
-    path = Path(run_dir) / grid.PLAN
+    path = Path(run_dir) / rundir.PLAN
     if not path.exists():
         return None
-    plan = grid.read_plan(run_dir)
-    return len(grid.cells_complete(models, plan)), len(plan["cells"])
+    plan = rundir.read_plan(run_dir)
+    return len(rundir.cells_complete(models, plan)), len(plan["cells"])
 
 
 def grid_progress_warnings(run_dir, models: pd.DataFrame) -> list[str]:

@@ -29,7 +29,7 @@ _REF_WORK = _work(TrainConfig())
 def experiment_size(spec: ExperimentSpec) -> dict:
     """cells, models (calibration controls included), the smallest and largest step budget, model-steps
     (every model to its budget) and the CPU seconds they would take at the reference rate."""
-    from .grid import CALIB_AXES, calibration_steps, expand
+    from .plan import CALIB_AXES, calibration_steps, expand
     cells = expand(spec)
     model_steps, seconds, models = 0, 0.0, 0
     for c in cells:

@@ -41,10 +41,10 @@ def train_status(run_dir: Path) -> list[str]:
 
 
 def print_status(run_dir) -> None:
-    """A train run's lines, a grid run's table (grid.print_status)."""
+    """A train run's lines, a grid run's table (rundir.print_status)."""
     run_dir = Path(run_dir)
     if run_dir.is_dir() and not store.holds_grid_run(run_dir) and store.holds_train_run(run_dir):
         print("\n".join(train_status(run_dir)))
         return
-    from .grid import print_status as grid_status
+    from .rundir import print_status as grid_status
     grid_status(run_dir)

@@ -36,7 +36,7 @@ import fastgrok.kernels as K
 from . import store
 from .config import PER_MODEL, ConfigError, TrainConfig, default_lr, without_defaults
 from .data import make_task
-from .memory import bytes_per_model, check_fits, device_memory, estimate_bytes  # noqa: F401 (grid, cli)
+from .memory import bytes_per_model, check_fits, device_memory, estimate_bytes  # noqa: F401 (plan, cli)
 from .models import build_model
 from .step import QUICK_STEPS, EVAL_METRICS, Batch, build_step_fns, strict_float32, use_compile  # noqa: F401
 

@@ -15,12 +15,13 @@ import tomllib
 import numpy as np
 import pytest
 
-from fastgrok import grid
+from fastgrok import grid, rundir, store
 from fastgrok.cli import main
 from fastgrok.config import ConfigError
 from fastgrok.executors import run_experiment
-from fastgrok.experiments import (EXPERIMENTS, Budget, ExperimentSpec, apply_overrides, list_experiments,
-                                  load_experiment, load_spec, to_toml)
+from fastgrok.experiments import (EXPERIMENTS, SHAPE_AXES, Budget, ExperimentSpec, apply_overrides,
+                                  list_experiments, load_experiment, load_spec, to_toml)
+from fastgrok.plan import CALIB_AXES, expand, make_plan, shape_of
 
 BUILT_IN = ("mediation", "collapse", "dose", "mse", "float64", "samestate", "alloc", "transformer")
 SWEEP = (1.0, 1.15, 1.3, 1.5, 1.7)          # the mediation tau sweep of the paper notes
@@ -28,7 +29,7 @@ SWEEP = (1.0, 1.15, 1.3, 1.5, 1.7)          # the mediation tau sweep of the pap
 
 def _cells(name_or_spec):
     spec = load_experiment(name_or_spec)
-    return spec, grid.expand(spec)
+    return spec, expand(spec)
 
 
 def _key(c, *axes):
@@ -49,18 +50,18 @@ def test_experiments_command_lists_the_built_ins(capsys):
 def test_builtin_spec_loads_expands_and_plans(name):
     spec, cells = _cells(name)
     assert spec.name == name and spec.seeds == 12
-    plan = grid.make_plan(spec, "cpu")
+    plan = make_plan(spec, "cpu")
     assert [c["cell"] for c in cells] == list(range(len(cells)))
     assert [c["model0"] for c in cells] == [12 * i for i in range(len(cells))]
     assert sorted(i for b in plan["batches"] for i in b["cells"]) == list(range(len(cells)))
     for b in plan["batches"]:                  # a batch holds one shape only
-        assert len({grid.shape_of(cells[i]) for i in b["cells"]}) == 1
+        assert len({shape_of(cells[i]) for i in b["cells"]}) == 1
     for c in cells:
-        cfg = spec.base_config(**{a: c[a] for a in grid.SHAPE_AXES})
+        cfg = spec.base_config(**{a: c[a] for a in SHAPE_AXES})
         assert cfg.p == c["p"] and cfg.model == c["model"]
         assert c["budget"] == spec.budget.at(c["rho"]) or c["arm"] is not None
     calib = {tuple(sorted(k["shape"].items())) for k in plan["calibrations"]}
-    settings = {tuple(sorted((a, c[a]) for a in grid.CALIB_AXES)) for c in cells if c["rho"] is not None}
+    settings = {tuple(sorted((a, c[a]) for a in CALIB_AXES)) for c in cells if c["rho"] is not None}
     assert calib == settings                   # one free control per clamped setting, dtype aside
 
 
@@ -81,18 +82,18 @@ def test_builtin_cells_are_the_studys():
     spec, c = _cells("mse")
     assert {x["loss"] for x in c} == {"mse"}
     assert sorted(_key(x, "rho", "tau") for x in c) == sorted([(1.0, 1.0)] + [(1.15, t) for t in SWEEP])
-    assert spec.base_config(**{a: c[0][a] for a in grid.SHAPE_AXES}).t_clamp == 50
+    assert spec.base_config(**{a: c[0][a] for a in SHAPE_AXES}).t_clamp == 50
 
     spec, c = _cells("float64")
     assert sorted(_key(x, "dtype", "rho") for x in c) == sorted(itertools.product(("float32", "float64"), (1.0, 1.15)))
-    assert len(grid.make_plan(spec, "cpu")["calibrations"]) == 1      # w_c measured once, in float32
+    assert len(make_plan(spec, "cpu")["calibrations"]) == 1      # w_c measured once, in float32
 
     spec, c = _cells("samestate")
     assert [x["arm"] for x in c] == ["same", "raised", "lowered", "free"]
     assert {x["fork_step"] for x in c} == {800} and {x["rho"] for x in c} == {None}
     assert [x["factor"] for x in c] == [1.0, 1.15, pytest.approx(1 / 1.15), None]
-    assert grid.make_plan(spec, "cpu")["calibrations"] == []            # the parent is free
-    assert len(grid.make_plan(spec, "cpu")["batches"]) == 1             # a parent travels with its arms
+    assert make_plan(spec, "cpu")["calibrations"] == []            # the parent is free
+    assert len(make_plan(spec, "cpu")["batches"]) == 1             # a parent travels with its arms
 
     spec, c = _cells("alloc")
     assert spec.train["clamp_mode"] == "layer" and len(c) == 5 and {x["rho"] for x in c} == {1.0}
@@ -102,7 +103,7 @@ def test_builtin_cells_are_the_studys():
     assert np.all(np.diff(fr[:, 0]) < 0) and np.all(np.diff(fr[:, 2]) > 0)
 
     spec, c = _cells("transformer")
-    cfg = spec.base_config(**{a: c[0][a] for a in grid.SHAPE_AXES})
+    cfg = spec.base_config(**{a: c[0][a] for a in SHAPE_AXES})
     assert (cfg.model, cfg.lr, cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.t_clamp) == ("transformer", 5e-4, 128, 4, 512, 600)
     assert sorted(_key(x, "rho", "tau") for x in c) == sorted([(1.0, 1.0)] + [(1.15, t) for t in SWEEP])
 
@@ -117,10 +118,10 @@ def test_lr_defaults_to_the_studys_for_each_model():
     assert TrainConfig(model="transformer", lr=2e-3).learning_rate == 2e-3
     assert TrainConfig(model="transformer").to_dict()["lr"] == 5e-4                      # saved resolved
     spec = ExperimentSpec.from_dict({"name": "lrs", "p": [11], "model": ["mlp", "transformer"]})
-    cells = grid.expand(spec)
+    cells = expand(spec)
     assert {(c["model"], c["lr"]) for c in cells} == {("mlp", 1e-3), ("transformer", 5e-4)}
     spec = ExperimentSpec.from_dict({"name": "lrs", "p": [11], "model": ["transformer"], "lr": [1e-2]})
-    assert {c["lr"] for c in grid.expand(spec)} == {1e-2}
+    assert {c["lr"] for c in expand(spec)} == {1e-2}
 
 
 # ------------------------------------------------------------------------------------------ budgets
@@ -148,7 +149,7 @@ def test_budgets_grow_with_rho_as_documented():
 
 def test_overrides():
     spec = apply_overrides(load_experiment("mediation"), p=31, seeds=2, max_steps=1500)
-    cells = grid.expand(spec)
+    cells = expand(spec)
     assert len(cells) == 6 and {c["p"] for c in cells} == {31} and {c["seeds"] for c in cells} == {2}
     assert {c["budget"] for c in cells} == {1500}
     assert apply_overrides(spec, max_steps=5000).budget.max_steps == 1500        # a cap never rises
@@ -189,13 +190,13 @@ def test_to_toml_round_trip(source, tmp_path):
     assert again == spec
     assert again.to_dict() == spec.to_dict()
     assert to_toml(again.to_dict()) == text
-    assert grid.expand(again) == grid.expand(spec)
+    assert expand(again) == expand(spec)
 
 
 def test_user_spec_values():
     spec = ExperimentSpec.from_dict(tomllib.loads(USER_SPECS[0]))
     assert spec.description == 'quote " backslash \\ newline \n tab \t é'
-    cells = grid.expand(spec)
+    cells = expand(spec)
     # block 0: p x lr x rho(1.0, free) with tau 1, 3 seeds; block 1: p x lr x tau(0.5, 2) at 12.5, 1 seed
     assert len(cells) == 2 * 2 * 2 + 2 * 2 * 2
     assert {(c["rho"], c["norm_target"], c["seeds"]) for c in cells} == {(1.0, None, 3), (None, None, 3),
@@ -277,12 +278,12 @@ def test_bad_spec_fails_before_any_training(tmp_path, monkeypatch):
 
 def test_rerun_with_another_spec_is_refused(tmp_path):
     spec = apply_overrides(load_experiment("mediation"), p=11, seeds=1, max_steps=10)
-    grid.init_run_dir(spec, tmp_path, "cpu")
+    rundir.init_run_dir(spec, tmp_path, "cpu")
     plan = (tmp_path / "plan.json").read_text()
-    assert grid.init_run_dir(spec, tmp_path, "cpu") == grid.store.read_json(tmp_path / "plan.json")
+    assert rundir.init_run_dir(spec, tmp_path, "cpu") == store.read_json(tmp_path / "plan.json")
     other = dataclasses.replace(spec, seeds=2)
     with pytest.raises(ConfigError, match=r"^out: .*differs in seeds"):
-        grid.init_run_dir(other, tmp_path, "cpu")
+        rundir.init_run_dir(other, tmp_path, "cpu")
     assert (tmp_path / "plan.json").read_text() == plan
 
 

@@ -1,4 +1,4 @@
-"""The grid engine end to end on the CPU (fastgrok/grid.py, fastgrok/executors.py), on tiny grids that
+"""The grid engine end to end on the CPU (fastgrok/plan.py, grid.py, rundir.py, executors.py), on tiny grids that
 grok in a few hundred steps (p = 17, train fraction 0.8, widths 16/32, eager):
 
 - a small mediation experiment (calibration + clamped tau sweep) gives the same per-model results packed
@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fastgrok import grid, store
+from fastgrok import grid, rundir, store
 from fastgrok.cli import main
 from fastgrok.config import ConfigError, TrainConfig
 from fastgrok.executors import run_experiment
@@ -90,10 +90,10 @@ def packed(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------ mediation
 def test_mediation_packed_equals_cells_run_separately(packed, tmp_path, capsys, monkeypatch):
-    plan = store.read_json(packed / grid.PLAN)
+    plan = store.read_json(packed / rundir.PLAN)
     assert [b["cells"] for b in plan["batches"]] == [[0, 1, 2, 3]]            # one batch of 12 models
     sep = run_experiment(spec_of(MEDIATION, max_models=3), out=tmp_path / "sep", progress=False)
-    assert [b["cells"] for b in store.read_json(sep / grid.PLAN)["batches"]] == [[0], [1], [2], [3]]
+    assert [b["cells"] for b in store.read_json(sep / rundir.PLAN)["batches"]] == [[0], [1], [2], [3]]
     assert_same_results(packed, sep)
     assert_no_duplicates(packed)
 
@@ -108,9 +108,9 @@ def test_mediation_packed_equals_cells_run_separately(packed, tmp_path, capsys, 
     assert rm["t_grok"].notna().all()
     end = int(rm["t_grok"].max())
     w_c = float(np.median([wn[(m, end)] for m in rm["model"]]))
-    (cal,) = grid.read_calibration(packed).values()
+    (cal,) = rundir.read_calibration(packed).values()
     assert cal == {"w_c": w_c, "source": "last grok", "step": end, "n_grokked": 3, "seeds": 3}
-    (key,) = grid.read_calibration(packed)
+    (key,) = rundir.read_calibration(packed)
     assert f"w_c[{key}] = {w_c:.4g} (3/3 grokked" in _status(packed, capsys, monkeypatch)   # key not eaten as markup
     np.testing.assert_array_equal(models["norm_target"], models["rho"] * w_c)
     np.testing.assert_allclose(models["weight_norm"], models["norm_target"], rtol=1e-5)   # the clamp held
@@ -259,7 +259,7 @@ def test_kill_9_mid_grid_then_resume(tmp_path, capsys, monkeypatch):
     stamp = (part0.stat().st_mtime_ns, part0.read_bytes())
 
     # the partial directory: cell 0 done, cell 1 running from its checkpoint, cell 2 pending
-    st = grid.status_table(out)
+    st = rundir.status_table(out)
     assert list(st["done"]) == ["2/2", "0/2", "0/2"]
     assert st["state"][0] == "done" and st["state"][1].startswith("step ") and st["state"][2] == "pending"
     text = _status(out, capsys, monkeypatch)
@@ -285,7 +285,7 @@ def test_kill_9_mid_grid_then_resume(tmp_path, capsys, monkeypatch):
     models, _ = tables(out)
     assert len(models) == 6 and (models["steps"] == 600).all()
 
-    st = grid.status_table(out)
+    st = rundir.status_table(out)
     assert list(st["done"]) == ["2/2"] * 3 and list(st["state"]) == ["done"] * 3
     assert list(st["grokked"]) == [f"{n}/2" for n in models.groupby("cell")["t_grok"].count()]
     text = _status(out, capsys, monkeypatch)
@@ -319,9 +319,9 @@ def test_forks_start_from_the_parent_state(tmp_path, monkeypatch, capsys):
         return tr
     monkeypatch.setattr(grid, "_fork_trainer", capture)
     a = run_experiment(spec_of(FORKS), out=tmp_path / "a", progress=False)
-    assert len(store.read_json(a / grid.PLAN)["batches"]) == 1 and len(starts) == 1
+    assert len(store.read_json(a / rundir.PLAN)["batches"]) == 1 and len(starts) == 1
     b = run_experiment(spec_of(FORKS, max_models=8), out=tmp_path / "b", progress=False)
-    assert len(store.read_json(b / grid.PLAN)["batches"]) == 2 and len(starts) == 3
+    assert len(store.read_json(b / rundir.PLAN)["batches"]) == 2 and len(starts) == 3
     assert_same_results(a, b)                   # reproducible, whatever the packing
     assert_no_duplicates(a)
 
@@ -376,15 +376,15 @@ def test_forks_start_from_the_parent_state(tmp_path, monkeypatch, capsys):
 
 def test_status_of_a_running_fork_batch(tmp_path, capsys, monkeypatch):
     """The state of a fork batch while its parents train (parent/), then its arms (no training here)."""
-    grid.init_run_dir(spec_of(FORKS), tmp_path, "cpu")
+    rundir.init_run_dir(spec_of(FORKS), tmp_path, "cpu")
     bdir = tmp_path / "batches" / "b000"
-    assert set(grid.status_table(tmp_path)["state"]) == {"pending"}
+    assert set(rundir.status_table(tmp_path)["state"]) == {"pending"}
     store.write_json(bdir / "parent" / store.PROGRESS, {"step": 40, "done": False, "steps": FORK_STEP})
-    assert set(grid.status_table(tmp_path)["state"]) == {f"fork parent, step 40/{FORK_STEP}"}
+    assert set(rundir.status_table(tmp_path)["state"]) == {f"fork parent, step 40/{FORK_STEP}"}
     (bdir / store.CHECKPOINT).write_bytes(b"")                  # the arms' first checkpoint, being written
-    assert set(grid.status_table(tmp_path)["state"]) == {"running"}
+    assert set(rundir.status_table(tmp_path)["state"]) == {"running"}
     store.write_json(bdir / store.PROGRESS, {"step": 150, "done": False, "steps": 800})
-    st = grid.status_table(tmp_path)
+    st = rundir.status_table(tmp_path)
     assert set(st["state"]) == {"step 150/800"} and list(st["arm"]) == ["same", "raised", "lowered", "free"] * 2
     assert "fork_tiny: 0/8 cells done" in _status(tmp_path, capsys, monkeypatch)
 
@@ -393,7 +393,7 @@ def test_status_counts_the_cells_that_finished_inside_a_running_batch(tmp_path, 
     """A batch of 4 cells (2 seeds each) at step 2000, from its saved results: cell 0 stopped at its
     budget (1500), cell 1 grokked and stopped, cells 2 and 3 still running: done 2/2, 2/2, 0/2, 0/2."""
     spec = spec_of({**MEDIATION, "seeds": 2, "calibration": {"w_c": 20.0}})
-    plan = grid.init_run_dir(spec, tmp_path, "cpu")
+    plan = rundir.init_run_dir(spec, tmp_path, "cpu")
     assert [b["cells"] for b in plan["batches"]] == [[0, 1, 2, 3]]
     assert [c["budget"] for c in plan["cells"]] == [1500, 3000, 3000, 3000]
     bdir = tmp_path / "batches" / "b000"
@@ -402,10 +402,10 @@ def test_status_counts_the_cells_that_finished_inside_a_running_batch(tmp_path, 
             (2, 5, None, 2000), (3, 6, None, 2000), (3, 7, None, 2000)]
     models = pd.DataFrame(rows, columns=["cell", "model", "t_grok", "steps"]).astype({"t_grok": "Int64"})
     store.write_parquet(bdir / store.MODELS, models.assign(diverged=False))
-    st = grid.status_table(tmp_path)
+    st = rundir.status_table(tmp_path)
     assert list(st["done"]) == ["2/2", "2/2", "0/2", "0/2"]
     assert list(st["grokked"]) == ["0/2", "2/2", "1/2", "0/2"]
-    grid.print_status(tmp_path)                        # the title counts as the rows do: 2 of 4 cells done
+    rundir.print_status(tmp_path)                        # the title counts as the rows do: 2 of 4 cells done
     assert "2/4 cells done" in capsys.readouterr().out
 
 
@@ -414,8 +414,8 @@ def test_status_shows_a_started_batch_before_its_first_checkpoint(tmp_path, monk
     reads as at its step, not "pending"."""
     from fastgrok.trainer import Trainer
     spec = spec_of({**MEDIATION, "seeds": 2, "calibration": {"w_c": 20.0}})
-    plan = grid.init_run_dir(spec, tmp_path, "cpu")
-    assert set(grid.status_table(tmp_path)["state"]) == {"pending"}
+    plan = rundir.init_run_dir(spec, tmp_path, "cpu")
+    assert set(rundir.status_table(tmp_path)["state"]) == {"pending"}
 
     def stop_here(self):
         raise RuntimeError("stopped at the first evaluation")
@@ -426,7 +426,7 @@ def test_status_shows_a_started_batch_before_its_first_checkpoint(tmp_path, monk
     with pytest.raises(RuntimeError, match="first evaluation"):
         tr.run()
     assert not (bdir / "checkpoint.pt").exists()
-    assert set(grid.status_table(tmp_path)["state"]) == {"step 0/300"}
+    assert set(rundir.status_table(tmp_path)["state"]) == {"step 0/300"}
 
 
 def test_calibrate_from_reads_every_norm_where_the_last_seed_grokked():
@@ -437,13 +437,13 @@ def test_calibrate_from_reads_every_norm_where_the_last_seed_grokked():
                            for m in range(4) for s in steps])
     models = pd.DataFrame({"model": range(4), "t_grok": pd.array([100, 300, 100, 100], "Int64"),
                            "steps": 300})
-    cal = grid.calibrate_from(models, curves)
+    cal = rundir.calibrate_from(models, curves)
     # at 300: 43, 44, 45, 46 -> 44.5; at each own T_grok: 41, 44, 43, 44 -> 43.5 (the old rule)
     assert cal == {"w_c": 44.5, "source": "last grok", "step": 300, "n_grokked": 4, "seeds": 4}
     # a seed that never grokked: the control ran to its budget (500): 45, 46, 47, 48 -> 46.5
     models["t_grok"] = pd.array([100, None, 100, 100], "Int64")
     models["steps"] = 500
-    assert grid.calibrate_from(models, curves) == {"w_c": 46.5, "source": "budget", "step": 500,
+    assert rundir.calibrate_from(models, curves) == {"w_c": 46.5, "source": "budget", "step": 500,
                                                    "n_grokked": 3, "seeds": 4}
 
 

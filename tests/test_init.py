@@ -15,6 +15,7 @@ from fastgrok import grid
 from fastgrok.config import ConfigError, TrainConfig
 from fastgrok.experiments import load_experiment
 from fastgrok.models import MLP
+from fastgrok.plan import make_plan
 from fastgrok.trainer import Trainer
 
 
@@ -83,7 +84,7 @@ def test_per_model_draw_depends_on_the_seed_alone_with_the_study_scales(tmp_path
 def test_grid_jobs_carry_the_cell_draw():
     spec = load_experiment("mediation")
     assert spec.train.get("init") == "study"           # the built-in specs that reproduce the study
-    plan = grid.make_plan(spec, "cpu")
+    plan = make_plan(spec, "cpu")
     job = grid.batch_job(spec, plan, plan["batches"][0], {c["key"]: 50.0 for c in plan["calibrations"]},
                          "/tmp/x", "cpu", "off")
     assert {(r["cell_seed0"], r["cell_seeds"]) for r in job["rows"]} == {(0, 12)}

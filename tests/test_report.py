@@ -275,12 +275,12 @@ def test_skipped_mediation_names_the_setting(tmp_path):
 
 def _write_calibration(d, key, t_grok):
     """calibration.json through the grid's own writer: 3 seeds, ‖W‖ = 40, 41, 42 at every step."""
-    from fastgrok import grid
+    from fastgrok import rundir
     models = pd.DataFrame({"model": [0, 1, 2], "t_grok": t_grok, "weight_norm": [40.0, 41.0, 42.0],
                            "steps": 300})
     curves = pd.DataFrame([dict(model=m, step=s, metric="weight_norm", value=40.0 + m)
                            for m in range(3) for s in (0, 100, 200, 300)])
-    return grid.record_calibration(d, key, models, curves)
+    return rundir.record_calibration(d, key, models, curves)
 
 
 @pytest.mark.parametrize("t_grok, grokked", [([100, 300, None], 2), ([None, None, None], 0)])
