@@ -1,7 +1,8 @@
 """The study's experiments as specs: `kw_only` dataclasses validated on construction, stored as TOML.
 
 A spec is a union of products. Its top-level axes (p, op, model, loss, dtype, lr, wd, train_frac,
-init_scale, rho, norm_target, tau, layer_fracs, seeds) are defaults; each `[[grid]]` block overrides some of them, and
+init_scale, orthograd, grokfast_alpha, grokfast_lambda, rho, norm_target, tau, layer_fracs, seeds) are
+defaults; each `[[grid]]` block overrides some of them, and
 the spec's cells are the union (in order, duplicates dropped) of every block's product. With no block
 the top-level axes form one product. A cell is clamped to `rho * w_c` (rho "free" = no clamp; w_c from
 a free calibration run, see rundir.calibrate_from) or to an absolute `norm_target`.
@@ -44,15 +45,15 @@ SPEC_DIR = Path(__file__).parent / "specs"
 FREE = "free"
 SHAPE_AXES = ("p", "model", "loss", "dtype")
 """Axes that change the batch's tensor shapes or its step: cells differing in one never share a batch."""
-PACKED_AXES = ("op", "lr", "wd", "train_frac", "init_scale")
+PACKED_AXES = ("op", "lr", "wd", "train_frac", "init_scale", "orthograd", "grokfast_alpha", "grokfast_lambda")
 """Settings of the task and optimizer held per model (config.PER_MODEL): cells differing in them pack
 into one batch (before 2026-12-02 all but init_scale were shape axes)."""
 CONFIG_AXES = SHAPE_AXES + PACKED_AXES
 """The axes that are TrainConfig fields: a cell's config is the spec's [train] with these."""
 CELL_AXES = PACKED_AXES + ("rho", "norm_target", "tau", "layer_fracs")
 """Per-model axes: cells differing only in these pack into one batch of M models."""
-AXES = ("p", "op", "model", "loss", "dtype", "lr", "wd", "train_frac", "init_scale", "rho", "norm_target", "tau",
-        "layer_fracs")
+AXES = ("p", "op", "model", "loss", "dtype", "lr", "wd", "train_frac", "init_scale", "orthograd", "grokfast_alpha",
+        "grokfast_lambda", "rho", "norm_target", "tau", "layer_fracs")
 """Every axis, in the order a block's product runs (the last fastest)."""
 ARMS = {"same": lambda f: 1.0, "raised": lambda f: f, "lowered": lambda f: 1.0 / f, "free": lambda f: None}
 """Fork arms: the clamp target as a multiple of the norm at the fork (None = no clamp)."""
@@ -109,6 +110,12 @@ def _float(x) -> float:
     return float(x)
 
 
+def _bool(x) -> bool:
+    if not isinstance(x, bool):
+        raise ValueError("expected true or false")
+    return x
+
+
 def _choice(allowed):
     def conv(x):
         if x not in allowed:
@@ -162,6 +169,7 @@ def _train_type_error(name: str, v) -> str | None:
 
 _CONV = {"p": _int, "op": _choice(OPS), "model": _choice(MODELS), "loss": _choice(LOSSES),
          "dtype": _choice(DTYPES), "lr": _positive, "wd": _float, "train_frac": _float, "init_scale": _positive,
+         "orthograd": _bool, "grokfast_alpha": _float, "grokfast_lambda": _float,
          "rho": _rho,
          "norm_target": _positive, "tau": _positive, "layer_fracs": _fracs}
 
@@ -181,6 +189,11 @@ class Axes:
     train_frac: tuple[float, ...] | None = None
     init_scale: tuple[float, ...] | None = None
     """Initialisation scales alpha (every initial matrix times alpha)."""
+    orthograd: tuple[bool, ...] | None = None
+    """⊥Grad before AdamW (true/false)."""
+    grokfast_alpha: tuple[float, ...] | None = None
+    grokfast_lambda: tuple[float, ...] | None = None
+    """Grokfast-EMA's decay and gain (gain 0: off)."""
     rho: tuple[float | None, ...] | None = None
     """Clamp doses, target = rho * w_c; None ("free" in TOML) is an unclamped cell."""
     norm_target: tuple[float, ...] | None = None

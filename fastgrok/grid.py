@@ -13,32 +13,31 @@ import pandas as pd
 import torch
 
 from . import store
-from .experiments import SHAPE_AXES, ExperimentSpec
-from .plan import calib_key, calibration_steps
+from .experiments import CONFIG_AXES, PACKED_AXES, ExperimentSpec
+from .plan import batch_config, calib_key, calibration_steps
 from .trainer import Records, Trainer
 
 
 # ---------------------------------------------------------------------------------------------
 # Jobs: what one batch (or one calibration) needs, as plain data (picklable for Ray)
 # ---------------------------------------------------------------------------------------------
-def _cfg(spec: ExperimentSpec, shape: dict, device: str, compile_mode: str, steps: int) -> dict:
-    cfg = spec.base_config(**shape, device=device, compile=compile_mode, steps=steps)
-    return cfg.to_dict()
-
-
 def batch_job(spec: ExperimentSpec, plan: dict, batch: dict, w_c: dict, run_dir: Path, device: str,
               compile_mode: str) -> dict:
     cells = [plan["cells"][i] for i in batch["cells"]]
-    shape = {a: cells[0][a] for a in SHAPE_AXES}
-    cfg = spec.base_config(**shape)
+    cfg = batch_config(spec, cells)
     seed0 = cfg.seed0
     job = {"kind": "batch", "id": batch["id"], "dir": str(Path(run_dir) / "batches" / batch["id"]),
-           "cfg": _cfg(spec, shape, device, compile_mode, max(c["budget"] for c in cells)),
+           "cfg": batch_config(spec, cells, device=device, compile=compile_mode,
+                               steps=max(c["budget"] for c in cells)).to_dict(),
            "compact_frac": spec.engine.compact_frac, "columns": {}, "fork": None}
     for c in cells:
-        job["columns"][c["cell"]] = {"experiment": spec.name, **{a: c[a] for a in SHAPE_AXES if a != "model"},
+        job["columns"][c["cell"]] = {"experiment": spec.name, **{a: c[a] for a in CONFIG_AXES
+                                                                 if a != "model" and a in c},
                                      "arch": c["model"], "arm": c["arm"], "fork_step": c["fork_step"],
                                      "budget": c["budget"], "layer_fracs": _fracs_str(c["layer_fracs"])}
+
+    def packed(c) -> dict:                  # the cell's per-model settings, carried by each of its rows
+        return {a: c[a] for a in PACKED_AXES if c.get(a) is not None}
 
     def target(c):
         if c["rho"] is not None:
@@ -48,7 +47,7 @@ def batch_job(spec: ExperimentSpec, plan: dict, batch: dict, w_c: dict, run_dir:
     if spec.fork is None:
         job["rows"] = [{"model": c["model0"] + s, "cell": c["cell"], "seed": seed0 + s, "tau": c["tau"],
                         "norm_target": target(c), "rho": c["rho"], "budget": c["budget"], "t_clamp": cfg.t_clamp,
-                        "layer_fracs": c["layer_fracs"], "cell_seed0": seed0, "cell_seeds": c["seeds"]}
+                        "layer_fracs": c["layer_fracs"], "cell_seed0": seed0, "cell_seeds": c["seeds"], **packed(c)}
                        for c in cells for s in range(c["seeds"])]
         return job
     # forks: parents (one per parent id, in order) train to the fork step; arms copy their rows
@@ -58,13 +57,13 @@ def batch_job(spec: ExperimentSpec, plan: dict, batch: dict, w_c: dict, run_dir:
             parents[c["parent"]] = len(parent_rows)
             parent_rows += [{"model": len(parent_rows) + s, "cell": c["parent"], "seed": seed0 + s, "tau": c["tau"],
                              "norm_target": target(c), "rho": c["rho"], "budget": c["fork_step"],
-                             "t_clamp": cfg.t_clamp, "cell_seed0": seed0, "cell_seeds": c["seeds"]}
+                             "t_clamp": cfg.t_clamp, "cell_seed0": seed0, "cell_seeds": c["seeds"], **packed(c)}
                             for s in range(c["seeds"])]
         for s in range(c["seeds"]):
             arm_rows.append({"model": c["model0"] + s, "cell": c["cell"], "seed": seed0 + s, "tau": c["tau"],
                              "norm_target": None, "rho": None, "budget": c["budget"], "t_clamp": c["fork_step"],
                              "parent_row": parents[c["parent"]] + s, "factor": c["factor"],
-                             "cell_seed0": seed0, "cell_seeds": c["seeds"]})
+                             "cell_seed0": seed0, "cell_seeds": c["seeds"], **packed(c)})
     job["rows"] = arm_rows
     job["fork"] = {"step": spec.fork.step, "parents": parent_rows}
     return job
@@ -75,7 +74,8 @@ def calibration_job(spec: ExperimentSpec, cal: dict, run_dir: Path, device: str,
     steps = calibration_steps(spec)
     cfg = spec.base_config(**cal["shape"], dtype="float32")
     return {"kind": "calibration", "id": cal["key"], "dir": str(Path(run_dir) / "calibration" / cal["key"]),
-            "cfg": _cfg(spec, {**cal["shape"], "dtype": "float32"}, device, compile_mode, steps),
+            "cfg": spec.base_config(**cal["shape"], dtype="float32", device=device, compile=compile_mode,
+                                    steps=steps).to_dict(),
             "rows": [{"model": s, "cell": 0, "seed": cfg.seed0 + s, "tau": 1.0, "norm_target": None, "rho": None,
                       "budget": steps, "cell_seed0": cfg.seed0, "cell_seeds": n} for s in range(n)],
             "compact_frac": 0.0, "columns": None, "fork": None}
@@ -128,8 +128,9 @@ def _fork_trainer(job: dict, cfg, d: Path, progress: bool) -> Trainer:
         tr.restore(ck)
         return tr
     idx = torch.as_tensor(idx_np, device=tr.device)
-    for k in ("flat", "m", "v", "t", "alive"):
-        tr.state[k] = ps[k].index_select(0, idx).clone()
+    for k in ("flat", "m", "v", "t", "alive", "ema"):     # ema: Grokfast's filter, where a model uses it
+        if k in ps and k in tr.state:
+            tr.state[k] = ps[k].index_select(0, idx).clone()
     pr = parent.records
     tr.records = Records(list(pr.steps), [e[idx_np] for e in pr.evals], pr.t_mem[idx_np].copy(),
                          pr.t_grok[idx_np].copy(), pr.diverged[idx_np].copy(), np.full(len(rows), -1))
@@ -141,6 +142,7 @@ def _fork_trainer(job: dict, cfg, d: Path, progress: bool) -> Trainer:
 def attach_columns(models: pd.DataFrame, columns: dict) -> pd.DataFrame:
     """The trainer's columns plus each cell's parameters (experiment, p, op, arch, ..., arm, fork_step)."""
     cols = pd.DataFrame([{"cell": int(k), **v} for k, v in columns.items()])
+    cols = cols.drop(columns=[c for c in cols.columns if c != "cell" and c in models.columns])  # the trainer's own
     out = models.merge(cols, on="cell", how="left")
     for c in ("fork_step", "budget", "p"):
         out[c] = out[c].astype("Int64")

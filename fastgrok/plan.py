@@ -4,21 +4,38 @@ A cell is one point of the spec's grid (its shape, rho/norm_target/tau/layer_fra
 forks give one cell per arm. `make_plan` expands the spec into cells, packs them into batches, and lists
 the calibrations (one free control per setting) that the clamped cells need.
 
-Packing: cells that share a shape (p, op, model, loss, dtype, lr, wd, train_frac; the widths come from
-the spec's [train]) go into one batch of M = sum of their seeds models, each with its own tau, clamp
-target, seed, split and step budget, split into several batches when over the memory budget. A cell
+Packing: cells that share a shape (p, model, loss, dtype; the widths come from the spec's [train]) go
+into one batch of M = sum of their seeds models, each with its own op, lr, wd, train fraction, init
+scale, gradient transforms, tau, clamp target, seed, split and step budget (experiments.PACKED_AXES; until
+2026-12-02 op, lr, wd and train_frac split batches), split into several batches when over the memory
+budget. A cell
 is never split, and a fork's parent travels with all its arms. Every model's results are independent
 of its batch (the trainer stops a model by its own cell), so packing, compaction and the executor never
 change a result.
 """
 from __future__ import annotations
 
-from .experiments import ARMS, SHAPE_AXES, ExperimentSpec
+from .config import ADDED_DEFAULTS, TrainConfig
+from .experiments import ARMS, CONFIG_AXES, PACKED_AXES, SHAPE_AXES, ExperimentSpec
 from .trainer import DTYPES, QUICK_STEPS, check_fits, device_memory, resolve_device
 from .trainer import bytes_per_model as trainer_bytes_per_model
 
-CALIB_AXES = tuple(a for a in SHAPE_AXES if a != "dtype")
+CALIB_AXES = ("p", "op", "model", "loss", "lr", "wd", "train_frac", *ADDED_DEFAULTS)
 """w_c is measured per setting in float32 (the study's precision); a float64 cell uses its float32 w_c."""
+
+
+def cell_config(spec: ExperimentSpec, cell: dict, **kw) -> TrainConfig:
+    """The TrainConfig of one cell: the spec's [train] with the cell's config axes (a plan written before
+    an axis existed lacks it: the default)."""
+    return spec.base_config(**{a: cell[a] for a in CONFIG_AXES if cell.get(a) is not None}, **kw)
+
+
+def batch_config(spec: ExperimentSpec, cells: list[dict], **kw) -> TrainConfig:
+    """The TrainConfig of a batch of cells of one shape: each packed axis holds the values its cells use
+    (one value: a scalar, as a batch of one setting always had)."""
+    shape = {a: cells[0][a] for a in SHAPE_AXES}
+    packed = {a: tuple(dict.fromkeys(c[a] for c in cells)) for a in PACKED_AXES if cells[0].get(a) is not None}
+    return spec.base_config(**shape, **packed, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,12 +74,20 @@ def shape_of(cell: dict) -> tuple:
 
 
 def calib_key(cell: dict) -> str:
-    return "-".join(f"{a}={cell[a]}" for a in CALIB_AXES)
+    """The setting's name (a directory name): an axis added since is named only off its default, so the
+    keys of earlier runs stay valid."""
+    return "-".join(f"{a}={cell[a]}" for a in CALIB_AXES
+                    if not (a in ADDED_DEFAULTS and cell.get(a, ADDED_DEFAULTS[a]) == ADDED_DEFAULTS[a]))
+
+
+def calib_shape(cell: dict) -> dict:
+    """The axes a cell's calibration control is trained with."""
+    return {a: cell[a] for a in CALIB_AXES if cell.get(a) is not None}
 
 
 def bytes_per_model(spec: ExperimentSpec, cell: dict) -> int:
     """Rough device bytes one model of the cell's shape costs (`trainer.bytes_per_model`)."""
-    return trainer_bytes_per_model(spec.base_config(**{a: cell[a] for a in SHAPE_AXES}))
+    return trainer_bytes_per_model(cell_config(spec, cell))
 
 
 def memory_budget(spec: ExperimentSpec, device: str) -> float:
@@ -87,7 +112,8 @@ def pack(spec: ExperimentSpec, cells: list[dict], budget_bytes: float) -> list[d
             groups.append([c])
     batches = []
     for groups in units.values():
-        per_model = bytes_per_model(spec, groups[0][0])
+        # a batch pads every model to its most train rows: the costliest cell's bytes for each
+        per_model = max(bytes_per_model(spec, c) for u in groups for c in u)
         cur, m = [], 0
         for u in groups:
             n = sum(c["seeds"] for c in u)
@@ -107,7 +133,7 @@ def make_plan(spec: ExperimentSpec, device: str) -> dict:
     if spec.calibration.w_c is None:
         for c in cells:
             if c["rho"] is not None:
-                need.setdefault(calib_key(c), {a: c[a] for a in CALIB_AXES})
+                need.setdefault(calib_key(c), calib_shape(c))
     return {"cells": cells, "batches": pack(spec, cells, memory_budget(spec, device)),
             "calibrations": [{"key": k, "shape": s} for k, s in need.items()]}
 
@@ -119,8 +145,7 @@ def preflight(spec: ExperimentSpec, plan: dict, device: str) -> None:
     dev = resolve_device(device)
     cells = {c["cell"]: c for c in plan["cells"]}
     for b in plan["batches"]:
-        first = cells[b["cells"][0]]
-        cfg = spec.base_config(**{a: first[a] for a in SHAPE_AXES}, device=device)
+        cfg = batch_config(spec, [cells[c] for c in b["cells"]], device=device)
         K.resolve_backend(cfg.kernels, dev, DTYPES[cfg.dtype])
         check_fits(cfg, sum(cells[c]["seeds"] for c in b["cells"]), dev)
 
@@ -145,7 +170,7 @@ def clamp_never_starts(spec: ExperimentSpec, plan: dict) -> list[tuple[int, int,
     out = []
     for c in plan["cells"]:
         if c["arm"] is None and (c["rho"] is not None or c.get("norm_target") is not None):
-            t_clamp = spec.base_config(**{a: c[a] for a in SHAPE_AXES}).t_clamp
+            t_clamp = cell_config(spec, c).t_clamp
             if c["budget"] <= t_clamp:
                 out.append((c["cell"], c["budget"], t_clamp))
     return out

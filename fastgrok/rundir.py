@@ -92,11 +92,15 @@ def init_run_dir(spec: ExperimentSpec, run_dir: Path, device: str, *, check: boo
     store.write_json(run_dir / PLAN, plan)
     store.atomic_write(run_dir / SPEC_TOML, lambda tmp: Path(tmp).write_text(to_toml(d)))
     first = plan["cells"][0]
+
+    def values(a):                          # one value as itself, several (a packed axis swept) as a list
+        v = sorted({c[a] for c in plan["cells"]})
+        return v[0] if len(v) == 1 else v
     store.write_json(run_dir / store.CONFIG, {
-        "experiment": spec.name, "p": sorted({c["p"] for c in plan["cells"]}), "op": first["op"],
+        "experiment": spec.name, "p": sorted({c["p"] for c in plan["cells"]}), "op": values("op"),
         "model": first["model"], "loss": sorted({c["loss"] for c in plan["cells"]}),
-        "taus": sorted({c["tau"] for c in plan["cells"]}), "seeds": spec.seeds, "lr": first["lr"],
-        "wd": first["wd"], "train_frac": first["train_frac"], "dtype": sorted({c["dtype"] for c in plan["cells"]})})
+        "taus": sorted({c["tau"] for c in plan["cells"]}), "seeds": spec.seeds, "lr": values("lr"),
+        "wd": values("wd"), "train_frac": values("train_frac"), "dtype": sorted({c["dtype"] for c in plan["cells"]})})
     store.write_json(run_dir / SPEC_JSON, d)                 # last: its presence marks an initialised dir
     return plan
 

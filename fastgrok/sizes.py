@@ -7,7 +7,7 @@ pair passes through (x 3 tokens for the transformer). A GPU runs the same grid m
 from __future__ import annotations
 
 from .config import TrainConfig
-from .experiments import SHAPE_AXES, ExperimentSpec
+from .experiments import ExperimentSpec
 
 REF_RATE = 406.0
 """Model-steps per second of the reference: the study's MLP, p = 59, 2 CPU threads, compiled."""
@@ -29,11 +29,11 @@ _REF_WORK = _work(TrainConfig())
 def experiment_size(spec: ExperimentSpec) -> dict:
     """cells, models (calibration controls included), the smallest and largest step budget, model-steps
     (every model to its budget) and the CPU seconds they would take at the reference rate."""
-    from .plan import CALIB_AXES, calibration_steps, expand
+    from .plan import calib_key, calibration_steps, cell_config, expand
     cells = expand(spec)
     model_steps, seconds, models = 0, 0.0, 0
     for c in cells:
-        cfg = spec.base_config(**{a: c[a] for a in SHAPE_AXES})
+        cfg = cell_config(spec, c)
         n = c["seeds"] * c["budget"]
         model_steps += n
         seconds += n * _work(cfg) / _REF_WORK / REF_RATE
@@ -41,12 +41,12 @@ def experiment_size(spec: ExperimentSpec) -> dict:
     if spec.calibration.w_c is None:                  # the free controls that set w_c, one per setting
         seen = set()
         for c in cells:
-            key = tuple(c[a] for a in CALIB_AXES)
+            key = calib_key(c)
             if c["rho"] is None or key in seen:
                 continue
             seen.add(key)
             n_cal = spec.calibration.seeds or spec.seeds
-            cfg = spec.base_config(**{a: c[a] for a in SHAPE_AXES})
+            cfg = cell_config(spec, c)
             n = n_cal * calibration_steps(spec)
             model_steps += n
             seconds += n * _work(cfg) / _REF_WORK / REF_RATE

@@ -476,3 +476,34 @@ def test_a_grid_extended_with_a_larger_max_steps_equals_the_longer_run(tmp_path,
     assert store.read_json(out / "spec.json") == store.read_json(ref / "spec.json")
     with pytest.raises(ConfigError, match="differs in budget.max_steps"):     # shortening is still refused
         run_experiment(spec, overrides={"max_steps": 1000}, out=out, progress=False)
+
+
+# ----------------------------------------------------------------------------- packed per-model axes
+PHASE = {"name": "knobs_tiny", "seeds": 1, "p": [17], "train": TRAIN, "budget": {"steps": 400},
+         "engine": {"compact_frac": 0.0},
+         "grid": [{"lr": [0.01, 0.02], "wd": [0.5, 2.0], "train_frac": [0.8]},
+                  {"lr": [0.02], "wd": [2.0], "train_frac": [0.6], "op": ["div"], "init_scale": [1.3]}]}
+
+
+def test_lr_wd_fraction_op_and_init_scale_cells_pack_into_one_batch_with_solo_results(tmp_path):
+    """Cells differing in lr, wd, train fraction, op and init scale are ONE batch; each cell's models equal
+    the same cell run as its own spec (T_mem, T_grok, steps, accuracies exactly; losses to rounding)."""
+    from fastgrok.plan import make_plan
+    spec = spec_of(PHASE)
+    plan = make_plan(spec, "cpu")
+    assert len(plan["cells"]) == 5 and len(plan["batches"]) == 1
+    run_experiment(spec, out=tmp_path / "packed", device="cpu", progress=False)
+    packed = pd.read_parquet(tmp_path / "packed" / "models.parquet")
+    assert packed.t_grok.notna().any() and packed.t_mem.notna().all()
+    for c in plan["cells"]:
+        one = {**PHASE, "name": f"cell{c['cell']}", "grid": [{k: [c[k]] for k in
+                                                             ("lr", "wd", "train_frac", "op", "init_scale")}]}
+        run_experiment(spec_of(one), out=tmp_path / f"c{c['cell']}", device="cpu", progress=False)
+        alone = pd.read_parquet(tmp_path / f"c{c['cell']}" / "models.parquet").iloc[0]
+        mine = packed[packed.cell == c["cell"]].iloc[0]
+        for k in ("lr", "wd", "train_frac", "op", "init_scale"):
+            assert mine[k] == alone[k] == c[k]
+        for k in ("t_mem", "t_grok", "steps", "train_acc", "test_acc", "diverged"):
+            assert (pd.isna(mine[k]) and pd.isna(alone[k])) or mine[k] == alone[k], (c, k, mine[k], alone[k])
+        for k in ("train_loss", "test_loss", "weight_norm"):
+            assert mine[k] == pytest.approx(alone[k], rel=1e-5), (c, k)
