@@ -111,7 +111,7 @@ def check_ce(M, N, V, dtype, scale, mask_kind, labels_2d=False, seed=0) -> str:
     z, y, tau = z.cuda(), y.cuda(), tau.cuda()
     mask = None if mask is None else mask.cuda()
     z0 = z.clone()
-    loss, grad, correct, collapsed, norm = tempered_ce_triton(z, y, tau, mask)
+    loss, grad, correct, collapsed, norm, _ = tempered_ce_triton(z, y, tau, mask)
     torch.cuda.synchronize()
     ref = _ce_ref64(z, y, tau, mask)
     errs = []
