@@ -3,8 +3,8 @@
     python benchmarks/gpu_check.py [--out benchmarks/gpu_check.md] [--no-compile]
 
 1. Correctness on CUDA against a float64 reference (s = fl32(z/τ), everything after in float64; the
-   tolerances of tests/test_kernels_triton.py): the CE kernel at a few shapes/dtypes/masks, the clamp
-   kernel on several segment layouts.
+   tolerances of tests/test_kernels_triton.py): the CE kernel at a few shapes/dtypes/masks, per-model loss
+   kinds (softmax CE, StableMax CE, MSE) mixed in one launch, the clamp kernel on several segment layouts.
 2. CUDA-graph capture: both launchers captured after a warm-up, replayed, compared with eager.
 3. Timings with triton.testing.do_bench (warm-up excluded, L2 flushed between calls; p20/p50/p80 ms):
    the CE kernel vs the eager reference vs torch.compile of the reference, at the study's shapes
@@ -111,7 +111,7 @@ def check_ce(M, N, V, dtype, scale, mask_kind, labels_2d=False, seed=0) -> str:
     z, y, tau = z.cuda(), y.cuda(), tau.cuda()
     mask = None if mask is None else mask.cuda()
     z0 = z.clone()
-    loss, grad, correct, collapsed, norm = tempered_ce_triton(z, y, tau, mask)
+    loss, grad, correct, collapsed, norm, _ = tempered_ce_triton(z, y, tau, mask)
     torch.cuda.synchronize()
     ref = _ce_ref64(z, y, tau, mask)
     errs = []
@@ -133,6 +133,43 @@ def check_ce(M, N, V, dtype, scale, mask_kind, labels_2d=False, seed=0) -> str:
         errs.append(f"collapsed differs on {int((collapsed[clear] != ref['collapsed'][clear]).sum())} rows")
     if not torch.allclose(norm.double(), ref["norm"], rtol=1e-5, atol=0):
         errs.append("logit_norm off")
+    return "; ".join(errs)
+
+
+def check_kinds(M, N, V, kinds, dtype, scale, seed=0) -> str:
+    """Per-model loss kinds (0 softmax CE, 1 StableMax CE, 2 MSE) in one launch against the float64 twin run
+    on s = fl32(z/τ) itself; the tolerances of tests/test_kernels_triton.py (_check_kinds_once)."""
+    from fastgrok.kernels.cross_entropy import tempered_ce_triton
+    from fastgrok.kernels.reference import tempered_ce_reference
+    z, y, tau, mask = _ce_inputs(M, N, V, dtype, scale, "empty_model", seed)
+    kind = torch.tensor(kinds)
+    z, y, tau, mask, kind = (t.cuda() for t in (z, y, tau, mask, kind))
+    loss, grad, correct, collapsed, norm, row = tempered_ce_triton(z, y, tau, mask, kind)
+    torch.cuda.synchronize()
+    s = (z.float() / tau[:, None, None]).double()
+    r_loss, dlds_w, r_correct, _, r_norm, r_row = tempered_ce_reference(s, y, torch.ones_like(tau).double(), mask, kind)
+    w = mask.double() / mask.double().sum(1, keepdim=True).clamp_min(1.0)
+    coef = w / tau.double()[:, None]
+    dlds = (dlds_w / torch.where(w > 0, w, 1.0)[..., None]).abs()
+    scale_k = torch.where(kind == 0, s.abs().amax((1, 2)).clamp_min(1.0), 1.0)
+    low = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    errs = []
+    if not bool(((loss.double() - r_loss).abs() <= 1e-5 * (r_loss.abs() + scale_k)).all()):
+        errs.append(f"loss max err {float((loss.double() - r_loss).abs().max()):.3g}")
+    if not bool(((row.double() - r_row).abs() <= 1e-5 * (r_row.abs() + scale_k[:, None])).all()):
+        errs.append(f"row_loss max err {float((row.double() - r_row).abs().max()):.3g}")
+    r_grad = dlds_w / tau.double()[:, None, None]
+    tol = 1e-5 * coef[..., None] * dlds.clamp_min(1.0) + low * r_grad.abs() + (2.0 ** -24 if dtype == torch.float16 else 0)
+    nbad = int(((grad.double() - r_grad).abs() > tol).sum())
+    if nbad or not bool(torch.isfinite(grad).all()):
+        errs.append(f"{nbad} grad elements off")
+    if not torch.equal(correct, r_correct):
+        errs.append(f"correct differs on {int((correct != r_correct).sum())} rows")
+    if not torch.allclose(norm.double(), r_norm, rtol=1e-5, atol=0):
+        errs.append("logit_norm off")
+    none, zero = tempered_ce_triton(z, y, tau, mask), tempered_ce_triton(z, y, tau, mask, torch.zeros_like(kind))
+    if not all(torch.equal(a, b) for a, b in zip(none, zero)):
+        errs.append("kind=None differs from kind = all 0")
     return "; ".join(errs)
 
 
@@ -367,6 +404,10 @@ def main(argv=None) -> int:
               ("CE 3x257x1000 f32 |z|<=1e4", lambda: check_ce(3, 257, 1000, torch.float32, 1e4, "empty_model", True)),
               ("CE 5x129x4099 f32", lambda: check_ce(5, 129, 4099, torch.float32, 100.0, "random")),
               ("CE 2x65x10007 bf16 (looped V)", lambda: check_ce(2, 65, 10007, torch.bfloat16, 1e4, "random")),
+              ("kinds 0,1,2,1 12x3481x59 f32", lambda: check_kinds(12, 3481, 59, [0, 1, 2, 1] * 3, torch.float32, 30.0)),
+              ("kinds 1,2,0,1,2 5x300x97 f32 |z|<=1e4, all taus", lambda: check_kinds(5, 300, 97, [1, 2, 0, 1, 2], torch.float32, 1e4)),
+              ("kinds 2,1,0 3x333x113 bf16", lambda: check_kinds(3, 333, 113, [2, 1, 0], torch.bfloat16, 30.0)),
+              ("kinds 1,2,0,1 4x65x10007 f32 (looped V)", lambda: check_kinds(4, 65, 10007, [1, 2, 0, 1], torch.float32, 100.0)),
               ("clamp total 3x3000", lambda: check_clamp(3, 3000, [0, 3000], torch.float32)),
               ("clamp layers 4x13000 (empty segment, offsets)", lambda: check_clamp(4, 13000, [10, 3000, 3000, 3010, 12000], torch.float32)),
               ("clamp MLP 12x88507", lambda: check_clamp(12, 88507, [0, 7552, 73088, 88192], torch.float32)),

@@ -66,19 +66,26 @@ def main() -> int:
         return _usage(triton.compile(src, target=target, options={"num_warps": num_warps}).asm["cubin"], tools)
 
     rows = []
-    for dt, V, N, mask, grad in [("fp32", 59, 3481, True, True), ("fp32", 97, 3481, True, True),
-                                 ("fp32", 113, 3481, True, True), ("fp32", 59, 1392, False, True),
-                                 ("fp32", 59, 3481, True, False), ("bf16", 113, 3481, True, True),
-                                 ("fp32", 4099, 4096, True, True), ("fp32", 8192, 1024, True, True),
-                                 ("fp32", 32768, 8192, True, True), ("fp32", 10007, 65, True, False)]:
+    for dt, V, N, mask, grad, kind in [
+            ("fp32", 59, 3481, True, True, False), ("fp32", 97, 3481, True, True, False),
+            ("fp32", 113, 3481, True, True, False), ("fp32", 59, 1392, False, True, False),
+            ("fp32", 59, 3481, True, False, False), ("bf16", 113, 3481, True, True, False),
+            ("fp32", 4099, 4096, True, True, False), ("fp32", 8192, 1024, True, True, False),
+            ("fp32", 32768, 8192, True, True, False), ("fp32", 10007, 65, True, False, False),
+            # per-model loss kinds (softmax CE, StableMax CE, MSE in one launch)
+            ("fp32", 59, 3481, True, True, True), ("fp32", 113, 3481, True, True, True),
+            ("fp32", 59, 3481, True, False, True), ("bf16", 113, 3481, True, True, True),
+            ("fp32", 8192, 1024, True, True, True), ("fp32", 32768, 8192, True, True, True)]:
         bn, bv, nw = ce.ce_config(N, V, cuda)
         sig = {"z_ptr": f"*{dt}", "y_ptr": "*i64", "tau_ptr": "*fp32", "mask_ptr": "*i1" if mask else "*fp32",
-               "inv_count_ptr": "*fp32", "grad_ptr": f"*{dt}", "row_loss_ptr": "*fp32", "correct_ptr": "*i1",
-               "collapsed_ptr": "*i1", "norm_ptr": "*fp32", "N": "i32", "V": "i32", "stride_ym": "i32",
-               "n_blocks": "i32", "HAS_MASK": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
+               "inv_count_ptr": "*fp32", "kind_ptr": "*i32" if kind else "*fp32", "grad_ptr": f"*{dt}",
+               "row_loss_ptr": "*fp32", "w_loss_ptr": "*fp32", "correct_ptr": "*i1", "collapsed_ptr": "*i1",
+               "norm_ptr": "*fp32", "N": "i32", "V": "i32", "stride_ym": "i32", "n_blocks": "i32",
+               "HAS_MASK": "constexpr", "HAS_KIND": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
                "SINGLE": "constexpr", "WRITE_GRAD": "constexpr"}
-        consts = {"HAS_MASK": mask, "BLOCK_N": bn, "BLOCK_V": bv, "SINGLE": bv >= V, "WRITE_GRAD": grad}
-        rows.append((f"tempered_ce {dt} V={V} N={N} mask={mask} grad={grad} ({bn}x{bv}, {nw} warps)",
+        consts = {"HAS_MASK": mask, "HAS_KIND": kind, "BLOCK_N": bn, "BLOCK_V": bv, "SINGLE": bv >= V,
+                  "WRITE_GRAD": grad}
+        rows.append((f"tempered_ce {dt} V={V} N={N} mask={mask} grad={grad} kind={kind} ({bn}x{bv}, {nw} warps)",
                      build(ce._tempered_ce_kernel, sig, consts, nw)))
     for dt, S in [("fp32", 1), ("fp32", 3), ("fp32", 9), ("fp32", 27), ("bf16", 3)]:
         blk, nw = nc.clamp_config(88192, S, cuda)

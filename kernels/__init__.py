@@ -6,6 +6,11 @@ Dispatch rule (`backend`):
   "torch"  -> the PyTorch reference twin (kernels/reference.py); the only path for float64.
 The trainer never checks the device itself: it passes its `kernels` setting here.
 
+Loss kinds: `loss="ce"|"mse"` sets one loss for every model; a `kind` tensor (M,) of codes (LOSS_KINDS:
+0 softmax CE, 1 StableMax CE, 2 MSE, all on s = z/tau) sets each model's own, mixed in one launch. With
+neither, every model is softmax CE by the code path that predates kinds, bit for bit. `loss="mse"` runs
+on the Triton kernel too (every model kind 2). The readouts are the same for every kind (softmax(z/tau)).
+
 The Triton paths are `torch.library` custom operators with fake implementations (and, for the loss,
 autograd), so `torch.compile(fullgraph=True)` traces a step that calls them without a graph break. The
 reference path is plain torch code that the compiler sees and fuses.
@@ -18,8 +23,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .reference import (check_ce_inputs, clamp_flat_reference_, clamp_list_reference_, tempered_ce_reference,
-                        tempered_mse_reference, working_dtype)
+from .reference import (LOSS_KINDS, check_ce_inputs, clamp_flat_reference_, clamp_list_reference_,
+                        tempered_ce_reference, tempered_mse_reference, working_dtype)
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -28,10 +33,16 @@ class BackendError(ValueError):
     """The requested kernel backend cannot run here (the message says why)."""
 
 
+LOSSES = ("ce", "mse")
+
+
 class CEStats(NamedTuple):
+    """Per-row readouts, the same for every loss kind (collapse is softmax's, kept comparable across losses)."""
     correct: torch.Tensor     # (M, N) bool: argmax(z/tau) == label
     collapsed: torch.Tensor   # (M, N) bool: softmax(z/tau)_label == 1.0 exactly
     logit_norm: torch.Tensor  # (M, N) float: ||z/tau||_2
+    row_loss: torch.Tensor    # (M, N) float: the row's own loss (its model's kind), unweighted, every row
+                              #   (masked-out ones too): loss over any row subset from one pass
 
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -71,32 +82,32 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
 # --------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fastgrok::tempered_ce", mutates_args=())
-def _tempered_ce_op(logits: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor,
-                    mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+def _tempered_ce_op(logits: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor, mask: Optional[torch.Tensor],
+                    kind: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                            torch.Tensor, torch.Tensor]:
     from .cross_entropy import tempered_ce_triton
-    return tempered_ce_triton(logits, labels, tau, mask)
+    return tempered_ce_triton(logits, labels, tau, mask, kind)
 
 
 @_tempered_ce_op.register_fake
-def _(logits, labels, tau, mask):
+def _(logits, labels, tau, mask, kind):
     M, N, V = logits.shape
     wdt = working_dtype(logits.dtype)
     return (logits.new_empty((M,), dtype=wdt), logits.new_empty((M, N, V)),  # contiguous, as the kernel's
             logits.new_empty((M, N), dtype=torch.bool), logits.new_empty((M, N), dtype=torch.bool),
-            logits.new_empty((M, N), dtype=wdt))
+            logits.new_empty((M, N), dtype=wdt), logits.new_empty((M, N), dtype=wdt))
 
 
 def _ce_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1], output[4])   # only the loss carries a gradient (as _TorchCE)
+    ctx.mark_non_differentiable(output[1], output[4], output[5])   # only the loss carries a gradient (as _TorchCE)
 
 
-def _ce_backward(ctx, g_loss, g_grad, g_correct, g_collapsed, g_norm):
+def _ce_backward(ctx, g_loss, g_grad, g_correct, g_collapsed, g_norm, g_row):
     (grad,) = ctx.saved_tensors                       # (M, N, V), owned by this op, never mutated
     if g_loss is None:
-        return None, None, None, None
-    return grad * g_loss.to(grad.dtype)[:, None, None], None, None, None
+        return None, None, None, None, None
+    return grad * g_loss.to(grad.dtype)[:, None, None], None, None, None, None
 
 
 _tempered_ce_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
@@ -104,19 +115,20 @@ _tempered_ce_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
 @torch.library.custom_op("fastgrok::tempered_ce_readouts", mutates_args=())
 def _tempered_ce_readouts_op(logits: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor,
-                             mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                    torch.Tensor]:
+                             mask: Optional[torch.Tensor], kind: Optional[torch.Tensor]
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from .cross_entropy import tempered_ce_triton
-    loss, _, correct, collapsed, norm = tempered_ce_triton(logits, labels, tau, mask, write_grad=False)
-    return loss, correct, collapsed, norm
+    loss, _, correct, collapsed, norm, row = tempered_ce_triton(logits, labels, tau, mask, kind, write_grad=False)
+    return loss, correct, collapsed, norm, row
 
 
 @_tempered_ce_readouts_op.register_fake
-def _(logits, labels, tau, mask):
+def _(logits, labels, tau, mask, kind):
     M, N, V = logits.shape
     wdt = working_dtype(logits.dtype)
     return (logits.new_empty((M,), dtype=wdt), logits.new_empty((M, N), dtype=torch.bool),
-            logits.new_empty((M, N), dtype=torch.bool), logits.new_empty((M, N), dtype=wdt))
+            logits.new_empty((M, N), dtype=torch.bool), logits.new_empty((M, N), dtype=wdt),
+            logits.new_empty((M, N), dtype=wdt))
 
 
 @torch.library.custom_op("fastgrok::clamp_flat_", mutates_args=("flat",))
@@ -139,55 +151,82 @@ class _TorchCE(torch.autograd.Function):
     """Autograd wrapper of the reference: the gradient buffer is its own (computed in forward)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, tau, mask):
-        loss, grad, correct, collapsed, norm = tempered_ce_reference(logits, labels, tau, mask)
+    def forward(ctx, logits, labels, tau, mask, kind):
+        loss, grad, correct, collapsed, norm, row = tempered_ce_reference(logits, labels, tau, mask, kind)
         ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(correct, collapsed, norm)
-        return loss, correct, collapsed, norm
+        ctx.mark_non_differentiable(correct, collapsed, norm, row)
+        return loss, correct, collapsed, norm, row
 
     @staticmethod
     def backward(ctx, g_loss, *_):
         (grad,) = ctx.saved_tensors
-        return grad * g_loss.to(grad.dtype)[:, None, None], None, None, None
+        return grad * g_loss.to(grad.dtype)[:, None, None], None, None, None, None
 
 
-def tempered_cross_entropy(logits, labels, tau, mask=None, backend: str = "auto"):
-    """Per-model mean of CE(z/tau) over masked rows, differentiable in `logits`, with fused readouts.
+def _check_loss(loss: str, kind) -> None:
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}; got {loss!r}")
+    if kind is not None and loss != "ce":
+        raise ValueError(f"pass loss={loss!r} or a per-model kind tensor, not both (kind codes: {LOSS_KINDS})")
 
-    Returns (loss (M,), CEStats(correct, collapsed, logit_norm)); see kernels/reference.py for the math.
+
+def _triton_kind(loss: str, kind, logits):
+    """The kind tensor the Triton kernel gets: every model 2 for loss="mse", else `kind` (None: softmax only)."""
+    if loss == "mse":
+        return torch.full((logits.shape[0],), LOSS_KINDS["mse"], dtype=torch.int32, device=logits.device)
+    return kind
+
+
+def _reference(logits, labels, tau, mask, loss: str, kind):
+    if loss == "mse":
+        return tempered_mse_reference(logits, labels, tau, mask)
+    return tempered_ce_reference(logits, labels, tau, mask, kind)
+
+
+def tempered_cross_entropy(logits, labels, tau, mask=None, backend: str = "auto", kind=None):
+    """Per-model mean of the loss of z/tau over masked rows, differentiable in `logits`, with fused readouts.
+
+    kind (M,) int32/int64 or None: each model's loss code (LOSS_KINDS: 0 softmax CE, 1 StableMax CE,
+    2 MSE); None = every model softmax CE. Returns (loss (M,), CEStats(correct, collapsed, logit_norm,
+    row_loss)); only the loss carries a gradient. See kernels/reference.py for the math.
     """
-    check_ce_inputs(logits, labels, tau, mask)
+    check_ce_inputs(logits, labels, tau, mask, kind)
     impl = resolve_backend(backend, logits.device, logits.dtype)
     if impl == "triton":
-        loss, _, correct, collapsed, norm = _tempered_ce_op(logits, labels, tau, mask)
+        loss, _, correct, collapsed, norm, row = _tempered_ce_op(logits, labels, tau, mask, kind)
     else:
-        loss, correct, collapsed, norm = _TorchCE.apply(logits, labels, tau, mask)
-    return loss, CEStats(correct, collapsed, norm)
+        loss, correct, collapsed, norm, row = _TorchCE.apply(logits, labels, tau, mask, kind)
+    return loss, CEStats(correct, collapsed, norm, row)
 
 
-def loss_and_grad(logits, labels, tau, mask=None, backend: str = "auto", loss: str = "ce"):
+def loss_and_grad(logits, labels, tau, mask=None, backend: str = "auto", loss: str = "ce", kind=None):
     """Forward and backward in one call, no autograd: (loss (M,), dlogits (M, N, V), CEStats).
 
-    The trainer's hand-written backward starts from `dlogits`. `loss="mse"` uses the reference always.
+    The trainer's hand-written backward starts from `dlogits`. loss: "ce" or "mse" for every model, or
+    kind (M,) int32/int64 for each model its own (LOSS_KINDS: 0 softmax CE, 1 StableMax CE, 2 MSE; with
+    loss="ce" only). Both run in one Triton launch; kind=None with loss="ce" is the softmax-only code.
     """
-    if loss == "mse":
-        out = tempered_mse_reference(logits, labels, tau, mask)
-    elif resolve_backend(backend, logits.device, logits.dtype) == "triton":
-        out = _tempered_ce_op(logits, labels, tau, mask)
+    check_ce_inputs(logits, labels, tau, mask, kind)
+    _check_loss(loss, kind)
+    if resolve_backend(backend, logits.device, logits.dtype) == "triton":
+        out = _tempered_ce_op(logits, labels, tau, mask, _triton_kind(loss, kind, logits))
     else:
-        out = tempered_ce_reference(logits, labels, tau, mask)
+        out = _reference(logits, labels, tau, mask, loss, kind)
     return out[0], out[1], CEStats(*out[2:])
 
 
-def loss_and_stats(logits, labels, tau, mask=None, backend: str = "auto", loss: str = "ce"):
+def loss_and_stats(logits, labels, tau, mask=None, backend: str = "auto", loss: str = "ce", kind=None):
     """`loss_and_grad` without the gradient, for evaluations: (loss (M,), CEStats). The Triton kernel then
     skips its gradient pass (no (M, N, V) buffer written); the reference computes and drops it (a compiled
-    evaluation never materialises it)."""
-    if loss != "mse" and resolve_backend(backend, logits.device, logits.dtype) == "triton":
-        out = _tempered_ce_readouts_op(logits, labels, tau, mask)
+    evaluation never materialises it). CEStats.row_loss gives the loss over any other rows (a test split)
+    from the same pass: (row_loss * rows).sum(1) / rows.sum(1)."""
+    check_ce_inputs(logits, labels, tau, mask, kind)
+    _check_loss(loss, kind)
+    if resolve_backend(backend, logits.device, logits.dtype) == "triton":
+        out = _tempered_ce_readouts_op(logits, labels, tau, mask, _triton_kind(loss, kind, logits))
         return out[0], CEStats(*out[1:])
-    out = loss_and_grad(logits, labels, tau, mask, backend=backend, loss=loss)
-    return out[0], out[2]
+    out = _reference(logits, labels, tau, mask, loss, kind)
+    return out[0], CEStats(*out[2:])
 
 
 def clamp_flat_(flat, bounds, target, active, backend: str = "auto"):
@@ -225,4 +264,4 @@ def clamp_norm_(params, target, backend: str = "auto"):
 
 
 __all__ = ["tempered_cross_entropy", "loss_and_grad", "loss_and_stats", "clamp_norm_", "clamp_flat_", "CEStats",
-           "resolve_backend", "BackendError", "BACKENDS"]
+           "resolve_backend", "BackendError", "BACKENDS", "LOSSES", "LOSS_KINDS"]

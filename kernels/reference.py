@@ -1,13 +1,25 @@
 """PyTorch reference twins of the Triton kernels (same signatures, written plainly, torch only).
 
-tempered_ce_reference(logits, labels, tau, mask) -> (loss, grad, correct, collapsed, logit_norm)
-    logits (M, N, V) float; labels (N,) or (M, N) int; tau (M,); mask (M, N) bool or None.
-    s = z / tau (working precision: float32, float64 for float64 input)
-    loss_m   = mean over masked rows of  lse(s) - s_y           (0 for a model with no masked row)
-    grad     = (softmax(s) - onehot(y)) / tau / count_m on masked rows, 0 elsewhere; logits' dtype
+tempered_ce_reference(logits, labels, tau, mask, kind) -> (loss, grad, correct, collapsed, logit_norm, row_loss)
+    logits (M, N, V) float; labels (N,) or (M, N) int; tau (M,); mask (M, N) bool or None;
+    kind (M,) int32/int64 or None: each model's loss (None: every model 0, the softmax-only code).
+    s = z / tau (working precision: float32, float64 for float64 input); per row, by the model's kind:
+      0 softmax CE    row = lse(s) - s_y                          dL/ds = softmax(s) - onehot(y)
+      1 StableMax CE  S(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0)  (Prieto et al. 2025)
+                      p = S(s) / sum_v S(s_v), row = -log p_y
+                      dL/ds_j = S'(s_j) / sum_v S(s_v) - [j == y] S'(s_y) / S(s_y),
+                      S'(x) = 1 (x >= 0), 1 / (1 - x)^2 (x < 0)
+      2 MSE           row = sum_v (s_v - onehot_v)^2              dL/ds = 2 (s - onehot)
+      any other code: row and dL/ds NaN (the public functions reject such codes before they get here)
+    row_loss = row, unweighted, for every row (masked-out rows too); working precision
+    loss_m   = mean over masked rows of row                 (0 for a model with no masked row)
+    grad     = dL/ds / tau / count_m on masked rows, 0 elsewhere; logits' dtype
+    readouts, the same for every kind (the study's softmax-collapse measure, comparable across losses):
     correct  = argmax(s) == y            (first maximum wins, as torch.argmax)
     collapsed= softmax(s)_y == 1.0 exactly in the working precision
     logit_norm = ||s||_2 per row (float32, float64 for float64 input)
+
+tempered_mse_reference: the same for every model of kind 2, without the other kinds' work (loss="mse").
 
 clamp_flat_reference_(flat, bounds, target, active) -> norms
     flat (M, P); bounds: S + 1 increasing offsets, segment k is flat[:, bounds[k]:bounds[k+1]];
@@ -35,7 +47,7 @@ def _row_weights(mask: torch.Tensor | None, M: int, N: int, wdt, device) -> torc
     return m / m.sum(1, keepdim=True).clamp_min(1.0)
 
 
-def tempered_ce_reference(logits, labels, tau, mask=None):
+def tempered_ce_reference(logits, labels, tau, mask=None, kind=None):
     M, N, V = logits.shape
     wdt = working_dtype(logits.dtype)
     y = _labels_2d(labels, M, N).long()
@@ -44,14 +56,43 @@ def tempered_ce_reference(logits, labels, tau, mask=None):
     lse = torch.logsumexp(s, -1)                                    # (M, N)
     s_y = s.gather(-1, y[..., None])[..., 0]                        # (M, N)
     w = _row_weights(mask, M, N, wdt, logits.device)                # (M, N)
-    loss = ((lse - s_y) * w).sum(1)                                 # (M,)
     prob = torch.softmax(s, -1)                                     # (M, N, V)
     onehot = torch.nn.functional.one_hot(y, V).to(wdt)
-    grad = ((prob - onehot) * (w[..., None] / t)).to(logits.dtype)  # (M, N, V)
+    if kind is None:                                                # every model softmax CE
+        row = lse - s_y                                             # (M, N)
+        dlds = prob - onehot                                        # (M, N, V)
+    else:
+        row, dlds = _rows_by_kind(s, y, onehot, lse - s_y, prob - onehot, kind)
+    loss = (row * w).sum(1)                                         # (M,)
+    grad = (dlds * (w[..., None] / t)).to(logits.dtype)             # (M, N, V)
     correct = s.argmax(-1) == y
     collapsed = prob.gather(-1, y[..., None])[..., 0] == 1.0
     logit_norm = torch.linalg.vector_norm(s, dim=-1)
-    return loss, grad, correct, collapsed, logit_norm
+    return loss, grad, correct, collapsed, logit_norm, row
+
+
+def _rows_by_kind(s, y, onehot, ce_row, ce_dlds, kind):
+    """(row (M, N), dL/ds (M, N, V)) of each model's kind: every kind computed, each model's selected."""
+    # kind 1, StableMax CE: S has no shift invariance, so it runs on s itself (S > 0, finite for finite s)
+    neg = s.clamp(max=0.0)                                          # keeps 1/(1 - x) finite where x >= 0
+    S = torch.where(s >= 0, s + 1.0, 1.0 / (1.0 - neg))             # (M, N, V)
+    dS = torch.where(s >= 0, torch.ones_like(s), 1.0 / (1.0 - neg) ** 2)
+    sum_S = S.sum(-1)                                               # (M, N)
+    p_y = (S / sum_S[..., None]).gather(-1, y[..., None])[..., 0]
+    sm_row = -torch.log(p_y)
+    S_y = S.gather(-1, y[..., None])[..., 0]
+    dS_y = dS.gather(-1, y[..., None])[..., 0]
+    sm_dlds = dS / sum_S[..., None] - onehot * (dS_y / S_y)[..., None]
+    # kind 2, MSE (the same expressions as tempered_mse_reference)
+    diff = s - onehot
+    mse_row = (diff * diff).sum(-1)
+    mse_dlds = 2.0 * diff
+    k = kind.to(s.device)[:, None]                                  # (M, 1)
+    nan = torch.full_like(ce_row, float("nan"))
+    row = torch.where(k == 0, ce_row, torch.where(k == 1, sm_row, torch.where(k == 2, mse_row, nan)))
+    k = k[..., None]                                                # (M, 1, 1)
+    dlds = torch.where(k == 0, ce_dlds, torch.where(k == 1, sm_dlds, torch.where(k == 2, mse_dlds, nan[..., None])))
+    return row, dlds
 
 
 def tempered_mse_reference(logits, labels, tau, mask=None):
@@ -65,13 +106,14 @@ def tempered_mse_reference(logits, labels, tau, mask=None):
     onehot = torch.nn.functional.one_hot(y, V).to(wdt)
     diff = s - onehot
     w = _row_weights(mask, M, N, wdt, logits.device)
-    loss = ((diff * diff).sum(-1) * w).sum(1)
+    row = (diff * diff).sum(-1)
+    loss = (row * w).sum(1)
     grad = (2.0 * diff * (w[..., None] / t)).to(logits.dtype)
     prob = torch.softmax(s, -1)
     correct = s.argmax(-1) == y
     collapsed = prob.gather(-1, y[..., None])[..., 0] == 1.0
     logit_norm = torch.linalg.vector_norm(s, dim=-1)
-    return loss, grad, correct, collapsed, logit_norm
+    return loss, grad, correct, collapsed, logit_norm, row
 
 
 def clamp_flat_reference_(flat, bounds, target, active):
@@ -96,8 +138,17 @@ def clamp_list_reference_(params, target):
     return norms
 
 
-def check_ce_inputs(logits, labels, tau, mask) -> None:
-    """Shapes and dtypes of the CE inputs, shared by both backends; raises ValueError."""
+LOSS_KINDS = {"ce": 0, "stablemax": 1, "mse": 2}
+"""The loss codes of a `kind` tensor: 0 softmax CE, 1 StableMax CE, 2 MSE (all on s = z / tau)."""
+
+
+def check_ce_inputs(logits, labels, tau, mask, kind=None, *, kind_values: bool = True) -> None:
+    """Shapes and dtypes of the CE inputs, shared by both backends; raises ValueError.
+
+    kind_values: also check that every code of `kind` is a known one. That reads the tensor on the host
+    (a synchronisation on a GPU), so it is skipped while torch.compile traces and while a CUDA graph is
+    captured; the launcher never does it (as for labels: an unknown code gives that model NaN).
+    """
     if logits.dim() != 3:
         raise ValueError(f"logits must be (M, N, V), got shape {tuple(logits.shape)}")
     M, N, V = logits.shape
@@ -109,3 +160,17 @@ def check_ce_inputs(logits, labels, tau, mask) -> None:
         raise ValueError(f"tau must be (M,) = ({M},), got {tuple(tau.shape)}")
     if mask is not None and (tuple(mask.shape) != (M, N) or mask.dtype != torch.bool):
         raise ValueError(f"mask must be bool (M, N) = ({M}, {N}), got {mask.dtype} {tuple(mask.shape)}")
+    if kind is None:
+        return
+    if kind.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"kind must be int32/int64 (0 softmax CE, 1 StableMax CE, 2 MSE), got {kind.dtype}")
+    if tuple(kind.shape) != (M,):
+        raise ValueError(f"kind must be (M,) = ({M},), got {tuple(kind.shape)}")
+    if not kind_values or torch.compiler.is_compiling():
+        return
+    if kind.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    bad = (kind < 0) | (kind > 2)
+    if bool(bad.any()):                                             # the one host read
+        raise ValueError(f"kind codes must be 0 (softmax CE), 1 (StableMax CE) or 2 (MSE); got "
+                         f"{sorted(set(kind[bad].tolist()))} at models {bad.nonzero()[:, 0].tolist()}")

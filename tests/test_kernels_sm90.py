@@ -18,4 +18,4 @@ def test_kernels_compile_for_sm90_without_spills():
     if r.returncode == 3:
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("REG") == 20 and "SPILLS" not in r.stdout
+    assert r.stdout.count("REG") == 26 and "SPILLS" not in r.stdout

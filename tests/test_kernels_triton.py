@@ -20,6 +20,11 @@ Readouts are exact: `correct` on every row (argmax of the same float32 s); `coll
 whose r = Σ_{v≠y} exp(s_v − s_y) is outside [2^-27, 2^-20], where any float32 summation order gives the
 same answer (r < 2^-27: the sum rounds to 1, p_y == 1; r > 2^-20: p_y < 1). Planted rows (z_y well
 above the rest) give clear collapsed cases; few random rows fall in the band (asserted).
+row_loss (every row, masked-out ones too) has the loss's tolerance, row by row.
+Per-model loss kinds (0 softmax CE, 1 StableMax CE, 2 MSE mixed in one launch): against the float64 twin
+run on s32 itself (tau = 1, then dz = dL/ds · w/τ), with the same tolerances but for two: the loss of
+kinds 1 and 2 within 1e-5 · (|ref| + 1) (no lse, so no ulp(max s) term), the gradient's scaled by
+max(1, |dL/ds|) (MSE's dL/ds = 2(s − onehot) grows with s). kind=None is bit for bit kind = all 0.
 Clamp: norms rtol 1e-6 vs float64; after the clamp each active segment's float64 norm equals its target
 within 1e-6 relative (bf16: 2^-8); inactive models and columns outside the segments bit-for-bit equal.
 """
@@ -168,7 +173,8 @@ def _ce_reference64(z, y, tau, mask):
         w = mk / mk.sum(1, keepdim=True).clamp_min(1.0)
     lse = torch.logsumexp(s, -1)
     s_y = s.gather(-1, y2[..., None])[..., 0]
-    loss = ((lse - s_y) * w).sum(1)
+    row = lse - s_y
+    loss = (row * w).sum(1)
     onehot = torch.nn.functional.one_hot(y2, V).double()
     coef = w / t32.double()[:, None]                                            # (M, N)
     grad = (torch.softmax(s, -1) - onehot) * coef[..., None]
@@ -178,7 +184,7 @@ def _ce_reference64(z, y, tau, mask):
     ambiguous = (r >= 2.0 ** -27) & (r <= 2.0 ** -20)
     norm = s.norm(dim=-1)
     scale = s.abs().amax((1, 2)).clamp_min(1.0)                                 # (M,)
-    return loss, grad, correct, collapsed, norm, ambiguous, scale, coef
+    return loss, grad, correct, collapsed, norm, ambiguous, scale, coef, row
 
 
 def _check_once(M, N, V, *, scale=30.0, dtype=torch.float32, labels_2d=False, mask_kind="random",
@@ -189,22 +195,26 @@ def _check_once(M, N, V, *, scale=30.0, dtype=torch.float32, labels_2d=False, ma
     z, y, tau = z.to(DEV), y.to(DEV), tau.to(DEV)
     mask = None if mask is None else mask.to(DEV)
     z_before = z.clone()
-    loss, grad, correct, collapsed, norm = ce_mod.tempered_ce_triton(z, y, tau, mask, block_n=block_n,
-                                                                     block_v=block_v)
+    loss, grad, correct, collapsed, norm, row = ce_mod.tempered_ce_triton(z, y, tau, mask, block_n=block_n,
+                                                                          block_v=block_v)
     assert torch.equal(z, z_before), "the kernel wrote into the logits"
     assert grad.data_ptr() != z.data_ptr()
     assert loss.shape == (M,) and loss.dtype == torch.float32
+    assert row.shape == (M, N) and row.dtype == torch.float32
     assert grad.shape == (M, N, V) and grad.dtype == dtype and grad.is_contiguous()
     _assert_bool_written(correct, "correct")
     _assert_bool_written(collapsed, "collapsed")
-    loss, grad, correct, collapsed, norm = (t.cpu() for t in (loss, grad, correct, collapsed, norm))
-    r_loss, r_grad, r_correct, r_coll, r_norm, ambiguous, s_scale, coef = _ce_reference64(
+    loss, grad, correct, collapsed, norm, row = (t.cpu() for t in (loss, grad, correct, collapsed, norm, row))
+    r_loss, r_grad, r_correct, r_coll, r_norm, ambiguous, s_scale, coef, r_row = _ce_reference64(
         z.cpu(), y.cpu(), tau.cpu(), None if mask is None else mask.cpu())
 
     # loss: float32 tolerance relative to the scale of s
     err = (loss.double() - r_loss).abs()
     tol = RTOL * (r_loss.abs() + s_scale)
     assert bool((err <= tol).all()), f"loss err {err.tolist()} > tol {tol.tolist()}"
+    # row_loss: every row (masked-out ones too), the same tolerance row by row
+    err = (row.double() - r_row).abs()
+    assert bool((err <= RTOL * (r_row.abs() + s_scale[:, None])).all()), f"row_loss err up to {float(err.max()):.3g}"
     if mask is not None:
         empty = ~mask.cpu().any(1)
         assert bool((loss[empty] == 0).all()), "a model with no masked row must have loss 0"
@@ -282,12 +292,13 @@ def test_autograd_gradient_and_logits_untouched():
     total = (loss * c).sum() + (zz * 2).sum()             # a second consumer of the logits
     total.backward()
     assert torch.equal(zz.detach(), z0), "logits changed by forward + backward"
-    r_loss, r_grad, r_correct, *_ = _ce_reference64(z.cpu(), y.cpu(), tau.cpu(), mask.cpu())
+    r_loss, r_grad, r_correct, *_, r_row = _ce_reference64(z.cpu(), y.cpu(), tau.cpu(), mask.cpu())
     torch.testing.assert_close(loss.detach().cpu().double(), r_loss, rtol=RTOL, atol=RTOL)
     expected = r_grad * c.cpu().double()[:, None, None] + 2.0
     torch.testing.assert_close(zz.grad.cpu().double(), expected, rtol=RTOL, atol=RTOL)
     assert torch.equal(st.correct.cpu(), r_correct)
-    assert not st.logit_norm.requires_grad
+    torch.testing.assert_close(st.row_loss.cpu().double(), r_row, rtol=RTOL, atol=RTOL * 1e3)
+    assert not st.logit_norm.requires_grad and not st.row_loss.requires_grad
 
 
 def test_loss_and_grad_dispatch_matches_reference_twin():
@@ -309,13 +320,151 @@ def test_readouts_only_equal_the_full_kernel(V, kw):
     full = ce_mod.tempered_ce_triton(z, y, tau, mask, **kw)
     part = ce_mod.tempered_ce_triton(z, y, tau, mask, write_grad=False, **kw)
     assert tuple(part[1].shape) == (3, 0, V)
-    for i in (0, 2, 3, 4):
+    for i in (0, 2, 3, 4, 5):
         assert torch.equal(full[i], part[i]), i
     loss, st = K.loss_and_stats(z, y, tau, mask, backend="triton")
     r_loss, _, r_st = K.loss_and_grad(z, y, tau, mask, backend="torch")
     torch.testing.assert_close(loss, r_loss, rtol=RTOL, atol=RTOL)
     assert torch.equal(st.correct, r_st.correct) and torch.equal(st.collapsed, r_st.collapsed)
     torch.testing.assert_close(st.logit_norm, r_st.logit_norm, rtol=RTOL, atol=0)
+    torch.testing.assert_close(st.row_loss, r_st.row_loss, rtol=RTOL, atol=RTOL * 1e3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-model loss kinds
+# --------------------------------------------------------------------------------------------------
+
+def _kinds_reference64(z, y, tau, mask, kind):
+    """The float64 twin on s32 = fl32(z / τ) itself: (loss, dz, row_loss, dL/ds · w) with dz = that / τ."""
+    from fastgrok.kernels.reference import tempered_ce_reference
+    s32 = (z.float() / tau.float()[:, None, None]).double()
+    loss, dlds_w, *_, row = tempered_ce_reference(s32, y, torch.ones_like(tau, dtype=torch.float64), mask, kind)
+    return loss, dlds_w / tau.float().double()[:, None, None], row, dlds_w
+
+
+def _check_kinds_once(M, N, V, kinds, *, scale=30.0, dtype=torch.float32, labels_2d=False, mask_kind="random",
+                      block_n=None, block_v=None, seed=0, tau_shift=0, write_grad=True):
+    z, y, tau, mask = _make_ce_inputs(M, N, V, scale, dtype, labels_2d, mask_kind, seed, tau_shift)
+    kind = torch.tensor(kinds, dtype=torch.int32 if seed % 2 else torch.int64)
+    dz, yd, td, kd = z.to(DEV), y.to(DEV), tau.to(DEV), kind.to(DEV)
+    md = None if mask is None else mask.to(DEV)
+    out = ce_mod.tempered_ce_triton(dz, yd, td, md, kd, block_n=block_n, block_v=block_v, write_grad=write_grad)
+    _assert_bool_written(out[2], "correct")
+    _assert_bool_written(out[3], "collapsed")
+    loss, grad, correct, collapsed, norm, row = (t.cpu() for t in out)
+    r_loss, r_grad, r_row, r_dlds_w = _kinds_reference64(z, y, tau, mask, kind)
+    _, _, r_correct, r_coll, r_norm, ambiguous, s_scale, coef, _ = _ce_reference64(z, y, tau, mask)
+    # loss and row_loss: float32 tolerance relative to the row and, for softmax CE, to the scale of s (its
+    # lse is exact to ulp(max s)); StableMax's log Σ − log S(s_y) and MSE's sum are exact relative to the row
+    s_scale = torch.where(kind == 0, s_scale, 1.0)
+    err = (loss.double() - r_loss).abs()
+    tol = RTOL * (r_loss.abs() + s_scale)
+    assert bool((err <= tol).all()), f"loss err {err.tolist()} > tol {tol.tolist()}"
+    err = (row.double() - r_row).abs()
+    bad = err > RTOL * (r_row.abs() + s_scale[:, None])
+    assert not bool(bad.any()), f"row_loss off on {int(bad.sum())} rows (models {bad.any(1).nonzero()[:, 0].tolist()})"
+    if mask is not None:
+        assert bool((loss[~mask.any(1)] == 0).all()), "a model with no masked row must have loss 0"
+    if write_grad:
+        g = grad.double()
+        assert bool(torch.isfinite(g).all()), "gradient has NaN/inf (unwritten or overflow)"
+        dlds = (r_dlds_w / torch.where(coef > 0, coef * tau.double()[:, None], 1.0)[..., None]).abs()
+        tol = RTOL * coef[..., None] * dlds.clamp_min(1.0) + LOW_PRECISION_RTOL[dtype] * r_grad.abs()
+        if dtype == torch.float16:
+            tol = tol + 2.0 ** -24
+        err = (g - r_grad).abs()
+        bad = err > tol
+        assert not bool(bad.any()), \
+            f"{int(bad.sum())} grad elements off (models {bad.flatten(1).any(1).nonzero()[:, 0].tolist()})"
+    else:
+        assert tuple(grad.shape) == (M, 0, V)
+    # readouts: softmax's, whatever the kind
+    assert torch.equal(correct, r_correct)
+    assert torch.equal(collapsed[~ambiguous], r_coll[~ambiguous])
+    torch.testing.assert_close(norm.double(), r_norm, rtol=RTOL, atol=0)
+
+
+KIND_CASES = [
+    pytest.param(4, 13, 59, [0, 1, 2, 1], dict(labels_2d=True), id="V59-0121-y2d"),
+    pytest.param(5, 11, 97, [1, 2, 0, 1, 2], dict(scale=1e4, block_n=4, block_v=32, seed=1),
+                 id="V97-looped-1e4-all-taus"),
+    pytest.param(4, 9, 113, [2, 1, 1, 0], dict(mask_kind="empty_model", tau_shift=1, seed=2), id="V113-emptymodel"),
+    pytest.param(3, 10, 113, [1, 2, 0], dict(dtype=torch.bfloat16, tau_shift=1, seed=3), id="V113-bf16"),
+    pytest.param(3, 7, 59, [2, 0, 1], dict(dtype=torch.float16, scale=20.0, mask_kind=None, tau_shift=2, seed=4),
+                 id="V59-fp16-nomask"),
+    pytest.param(4, 9, 59, [1, 0, 2, 1], dict(scale=1e4, write_grad=False, seed=5), id="V59-readouts-only"),
+    pytest.param(3, 9, 97, [1, 2, 1], dict(scale=3.0, block_n=2, block_v=16, labels_2d=True, tau_shift=2, seed=6),
+                 id="V97-looped-small-logits"),
+]
+
+
+@pytest.mark.parametrize("M, N, V, kinds, kw", KIND_CASES)
+def test_kinds_match_the_float64_twin(M, N, V, kinds, kw):
+    _check_kinds_once(M, N, V, kinds, **kw)
+
+
+@pytest.mark.parametrize("V, kw", [(59, {}), (97, dict(block_n=4, block_v=32))], ids=["single", "looped"])
+def test_kind_none_is_kind_zero_bitwise_and_mse_dispatch(V, kw):
+    """kind=None (the softmax-only compile) equals kind = all 0 bit for bit, every output; loss="mse" runs
+    the kernel with every model kind 2; one launch of mixed kinds gives each model what a launch of its
+    kind alone gives it (models are independent)."""
+    z, y, tau, mask = _make_ce_inputs(3, 17, V, 1e3, torch.float32, True, "random", seed=13)
+    z, y, tau, mask = z.to(DEV), y.to(DEV), tau.to(DEV), mask.to(DEV)
+    none = ce_mod.tempered_ce_triton(z, y, tau, mask, **kw)
+    for kdt in (torch.int32, torch.int64):
+        zero = ce_mod.tempered_ce_triton(z, y, tau, mask, torch.zeros(3, dtype=kdt, device=DEV), **kw)
+        for i, (a, b) in enumerate(zip(none, zero)):
+            assert torch.equal(a, b), i
+    mixed_kind = torch.tensor([2, 0, 1], device=DEV)
+    mixed = ce_mod.tempered_ce_triton(z, y, tau, mask, mixed_kind, **kw)
+    for code in (0, 1, 2):
+        alone = ce_mod.tempered_ce_triton(z, y, tau, mask, torch.full((3,), code, device=DEV), **kw)
+        m = int((mixed_kind == code).nonzero()[0, 0])
+        for i, (a, b) in enumerate(zip(mixed, alone)):
+            assert torch.equal(a[m], b[m]), (code, i)
+    loss, dz, st = K.loss_and_grad(z, y, tau, mask, backend="triton", loss="mse")
+    all2 = ce_mod.tempered_ce_triton(z, y, tau, mask, torch.full((3,), 2, device=DEV), **kw)
+    if not kw:                                  # the dispatch uses the default tiles
+        assert torch.equal(loss, all2[0]) and torch.equal(dz, all2[1]) and torch.equal(st.row_loss, all2[5])
+    r_loss, r_dz, r_st = K.loss_and_grad(z, y, tau, mask, backend="torch", loss="mse")
+    torch.testing.assert_close(loss, r_loss, rtol=RTOL, atol=0)
+    torch.testing.assert_close(st.row_loss, r_st.row_loss, rtol=RTOL, atol=0)
+    torch.testing.assert_close(dz, r_dz, rtol=RTOL, atol=RTOL * float(r_dz.abs().max()))
+    assert torch.equal(st.correct, r_st.correct)
+
+
+def test_kinds_dispatch_and_autograd():
+    """loss_and_grad / loss_and_stats / tempered_cross_entropy with a kind tensor on backend="triton"
+    against the twin; bad codes raise before the launch."""
+    z, y, tau, mask = _make_ce_inputs(4, 15, 59, 10.0, torch.float32, False, "random", seed=14)
+    z, y, tau, mask = z.to(DEV), y.to(DEV), tau.to(DEV), mask.to(DEV)
+    kind = torch.tensor([1, 0, 2, 1], dtype=torch.int32, device=DEV)
+    loss, dz, st = K.loss_and_grad(z, y, tau, mask, backend="triton", kind=kind)
+    r_loss, r_dz, r_st = K.loss_and_grad(z, y, tau, mask, backend="torch", kind=kind)
+    torch.testing.assert_close(loss, r_loss, rtol=RTOL, atol=RTOL)
+    torch.testing.assert_close(dz, r_dz, rtol=RTOL, atol=RTOL * float(r_dz.abs().max()))
+    torch.testing.assert_close(st.row_loss, r_st.row_loss, rtol=RTOL, atol=RTOL)
+    ev_loss, ev = K.loss_and_stats(z, y, tau, mask, backend="triton", kind=kind)
+    assert torch.equal(ev_loss, loss) and torch.equal(ev.row_loss, st.row_loss)
+    assert torch.equal(ev.collapsed, st.collapsed) and torch.equal(ev.correct, st.correct)
+    c = _model_weights(4, 15).to(DEV)
+    zz = z.clone().requires_grad_(True)
+    loss2, st2 = K.tempered_cross_entropy(zz, y, tau, mask, backend="triton", kind=kind)
+    (loss2 * c).sum().backward()
+    assert torch.equal(loss2.detach(), loss) and not st2.row_loss.requires_grad
+    torch.testing.assert_close(zz.grad, dz * c[:, None, None], rtol=1e-6, atol=0)
+    for bad in (torch.tensor([0, 1, 3, 0], device=DEV), torch.tensor([0.0, 1, 2, 0], device=DEV)):
+        with pytest.raises(ValueError, match="kind"):
+            K.loss_and_grad(z, y, tau, mask, backend="triton", kind=bad)
+
+
+def test_unknown_kind_code_gives_that_model_nan():
+    """The launcher does not read kind on the host (no sync): a code outside {0, 1, 2} poisons its model only."""
+    z, y, tau, mask = _make_ce_inputs(3, 9, 59, 10.0, torch.float32, False, "random", seed=15)
+    z, y, tau, mask = z.to(DEV), y.to(DEV), tau.to(DEV), mask.to(DEV)
+    loss, grad, *_, row = ce_mod.tempered_ce_triton(z, y, tau, mask, torch.tensor([0, 7, 1], device=DEV))
+    assert bool(loss[1].isnan()) and bool(row[1].isnan().all()) and bool(grad[1].isnan().all())
+    assert bool(torch.isfinite(loss[[0, 2]]).all()) and bool(torch.isfinite(grad[[0, 2]]).all())
 
 
 def test_launcher_validates_inputs():
@@ -330,6 +479,13 @@ def test_launcher_validates_inputs():
         ce_mod.tempered_ce_triton(z, y, tau[:1], None)
     with pytest.raises(ValueError, match="mask must be"):
         ce_mod.tempered_ce_triton(z, y, tau, torch.ones(2, 3, device=DEV))
+    with pytest.raises(ValueError, match="kind must be \\(M,\\)"):
+        ce_mod.tempered_ce_triton(z, y, tau, None, torch.zeros(3, dtype=torch.int64, device=DEV))
+    with pytest.raises(ValueError, match="kind must be int32/int64"):
+        ce_mod.tempered_ce_triton(z, y, tau, None, torch.zeros(2, device=DEV))
+    if DEV == "cuda":
+        with pytest.raises(ValueError, match="kind is on cpu"):
+            ce_mod.tempered_ce_triton(z, y, tau, None, torch.zeros(2, dtype=torch.int64))
     flat = torch.randn(2, 10, device=DEV)
     act = torch.ones(2, dtype=torch.bool, device=DEV)
     with pytest.raises(ValueError, match="bounds must be"):
@@ -422,12 +578,14 @@ def test_compile_fullgraph_matches_eager():
     active = torch.tensor([True, False])
     args = [t.to(DEV) for t in (z, y, tau, mask, flat, target, active)]
 
+    kind = torch.tensor([1, 2], device=DEV)
+
     def step(z, y, tau, mask, flat, target, active):
         loss, dz, st = K.loss_and_grad(z * 1.5, y, tau, mask, backend="triton")
-        ev_loss, ev = K.loss_and_stats(z, y, tau, None, backend="triton")     # an evaluation's call
+        ev_loss, ev = K.loss_and_stats(z, y, tau, None, backend="triton", kind=kind)   # an evaluation's call
         norms = K.clamp_flat_(flat, bounds, target, active, backend="triton")
         return (loss.sum() * 2, dz.sum(-1), st.correct, st.logit_norm, norms + 1, flat * 3, ev_loss + 1,
-                ev.collapsed, ev.logit_norm * 2)
+                ev.collapsed, ev.logit_norm * 2, ev.row_loss * 2)
 
     eager_args = [a.clone() for a in args]
     compiled_args = [a.clone() for a in args]
