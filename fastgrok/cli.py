@@ -39,7 +39,8 @@ _TRAIN_FLAGS = {
     "--p": ("p", dict(type=int, help="modulus")),
     "--op": ("op", dict(choices=OPS, nargs="+", metavar="OP", help="task(s): " + "; ".join(f"{k}: {v}" for k, v in OP_HELP.items()) + "; several make cells (per model, one batch)")),
     "--model": ("model", dict(choices=MODELS)),
-    "--loss": ("loss", dict(choices=LOSSES)),
+    "--loss": ("loss", dict(choices=LOSSES, nargs="+", help="loss(es): ce, mse (the study's control), stablemax "
+                                                           "(Prieto et al. 2025); several make cells")),
     "--seeds": ("seeds", dict(type=int, help="models per cell")),
     "--seed0": ("seed0", dict(type=int)),
     "--tau": ("taus", dict(type=float, nargs="+", help="temperature(s); several make cells")),
@@ -221,7 +222,7 @@ def cmd_train(args) -> int:
     with writer_lock(run_dir):          # a second writer is refused before the banner
         print(f"fastgrok: {cfg.n_models} models ({len(cfg.cells)} cells x {cfg.seeds} seeds), p={cfg.p} "
               f"{'/'.join(cfg.values('op'))} "
-              f"{cfg.model} {cfg.loss} {cfg.dtype} -> {run_dir}", file=sys.stderr)
+              f"{cfg.model} {'/'.join(cfg.values('loss'))} {cfg.dtype} -> {run_dir}", file=sys.stderr)
         for warning in _ignored_options(args, cfg):
             print(f"fastgrok: warning: {warning}", file=sys.stderr)
         n_test, frac = min((n_pairs_of(cfg.p, o) - n_train_of(cfg.p, o, f), f)

@@ -19,7 +19,7 @@ OP_HELP = {"add": "a + b mod p", "sub": "a - b mod p", "mul": "a * b mod p", "di
            "quad": "a^2 + ab + b^2 mod p", "cubic": "a^3 + ab mod p", "perm": "composition in S_n, p = n! (S5: 120)",
            "random": "a fixed random table (control)"}
 MODELS = ("mlp", "transformer")
-LOSSES = ("ce", "mse")
+LOSSES = ("ce", "mse", "stablemax")
 DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 KERNELS = ("auto", "triton", "torch")
@@ -38,7 +38,7 @@ in int64 columns. A model's split generator is seeded 1000 + seed (data.py), so 
 must not exceed it."""
 SPLIT_SEED_OFFSET = 1000
 
-PER_MODEL = ("op", "train_frac", "lr", "wd", "init_scale", "orthograd", "grokfast_alpha", "grokfast_lambda")
+PER_MODEL = ("op", "train_frac", "lr", "wd", "init_scale", "orthograd", "grokfast_alpha", "grokfast_lambda", "loss")
 """Fields that may hold several values (a tuple): each model of the batch takes one, and the cells are
 their product with taus and norm_targets. One value is stored as a scalar (as configs have always been)."""
 ADDED_DEFAULTS = {"init_scale": 1.0, "orthograd": False, "grokfast_alpha": 0.98, "grokfast_lambda": 0.0}
@@ -146,8 +146,9 @@ class TrainConfig:
     the clamp's first step."""
 
     # --- optimisation ---
-    loss: str = "ce"
-    """`ce` (cross-entropy on z/tau) or `mse` (sum over classes of (z/tau - onehot)^2)."""
+    loss: str | tuple[str, ...] = "ce"
+    """`ce` (cross-entropy on z/tau), `mse` (sum over classes of (z/tau - onehot)^2) or `stablemax`
+    (Prieto et al. 2025's StableMax cross-entropy on z/tau); several make cells (one kernel launch)."""
     steps: int = 20000
     """Budget of optimizer steps."""
     lr: float | tuple[float, ...] | None = None
@@ -195,7 +196,8 @@ class TrainConfig:
         for op in self.values("op"):
             _choice("op", op, OPS)
         _choice("model", self.model, MODELS)
-        _choice("loss", self.loss, LOSSES)
+        for loss in self.values("loss"):
+            _choice("loss", loss, LOSSES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
         _choice("kernels", self.kernels, KERNELS)
@@ -303,9 +305,14 @@ class TrainConfig:
         v = self.values("lr")
         return v[0] if len(v) == 1 else v
 
+    def t_clamp_of(self, loss: str) -> int:
+        """The clamp's first step for a model of this loss: clamp_from, else the study's default."""
+        return _default_clamp_from(loss, self.model) if self.clamp_from is None else self.clamp_from
+
     @property
     def t_clamp(self) -> int:
-        return _default_clamp_from(self.loss, self.model) if self.clamp_from is None else self.clamp_from
+        """The clamp's first step (several losses: the earliest of theirs)."""
+        return min(self.t_clamp_of(loss) for loss in self.values("loss"))
 
     @property
     def cells(self) -> list[dict]:

@@ -43,11 +43,12 @@ except ImportError:                                 # Python 3.10
 
 SPEC_DIR = Path(__file__).parent / "specs"
 FREE = "free"
-SHAPE_AXES = ("p", "model", "loss", "dtype")
+SHAPE_AXES = ("p", "model", "dtype")
 """Axes that change the batch's tensor shapes or its step: cells differing in one never share a batch."""
-PACKED_AXES = ("op", "lr", "wd", "train_frac", "init_scale", "orthograd", "grokfast_alpha", "grokfast_lambda")
+PACKED_AXES = ("op", "loss", "lr", "wd", "train_frac", "init_scale", "orthograd", "grokfast_alpha",
+               "grokfast_lambda")
 """Settings of the task and optimizer held per model (config.PER_MODEL): cells differing in them pack
-into one batch (before 2026-12-02 all but init_scale were shape axes)."""
+into one batch (before 2026-12-02 op, loss, lr, wd and train_frac were shape axes)."""
 CONFIG_AXES = SHAPE_AXES + PACKED_AXES
 """The axes that are TrainConfig fields: a cell's config is the spec's [train] with these."""
 CELL_AXES = PACKED_AXES + ("rho", "norm_target", "tau", "layer_fracs")
@@ -592,7 +593,7 @@ def load_experiment(experiment) -> ExperimentSpec:
     raise ConfigError(f"experiment: unknown name {s!r} (built-in: {names}; or give a path to a SPEC.toml)")
 
 
-EXPERIMENTS = ("mediation", "collapse", "dose", "mse", "float64", "samestate", "alloc", "transformer")
+EXPERIMENTS = ("mediation", "collapse", "dose", "mse", "float64", "samestate", "alloc", "transformer", "interventions")
 
 
 def list_experiments() -> list[tuple[str, str]]:

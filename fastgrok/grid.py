@@ -39,6 +39,9 @@ def batch_job(spec: ExperimentSpec, plan: dict, batch: dict, w_c: dict, run_dir:
     def packed(c) -> dict:                  # the cell's per-model settings, carried by each of its rows
         return {a: c[a] for a in PACKED_AXES if c.get(a) is not None}
 
+    def t_clamp(c) -> int:                  # by the cell's loss
+        return cfg.t_clamp_of(c["loss"])
+
     def target(c):
         if c["rho"] is not None:
             return c["rho"] * (spec.calibration.w_c or w_c[calib_key(c)])
@@ -46,7 +49,7 @@ def batch_job(spec: ExperimentSpec, plan: dict, batch: dict, w_c: dict, run_dir:
 
     if spec.fork is None:
         job["rows"] = [{"model": c["model0"] + s, "cell": c["cell"], "seed": seed0 + s, "tau": c["tau"],
-                        "norm_target": target(c), "rho": c["rho"], "budget": c["budget"], "t_clamp": cfg.t_clamp,
+                        "norm_target": target(c), "rho": c["rho"], "budget": c["budget"], "t_clamp": t_clamp(c),
                         "layer_fracs": c["layer_fracs"], "cell_seed0": seed0, "cell_seeds": c["seeds"], **packed(c)}
                        for c in cells for s in range(c["seeds"])]
         return job
@@ -57,7 +60,7 @@ def batch_job(spec: ExperimentSpec, plan: dict, batch: dict, w_c: dict, run_dir:
             parents[c["parent"]] = len(parent_rows)
             parent_rows += [{"model": len(parent_rows) + s, "cell": c["parent"], "seed": seed0 + s, "tau": c["tau"],
                              "norm_target": target(c), "rho": c["rho"], "budget": c["fork_step"],
-                             "t_clamp": cfg.t_clamp, "cell_seed0": seed0, "cell_seeds": c["seeds"], **packed(c)}
+                             "t_clamp": t_clamp(c), "cell_seed0": seed0, "cell_seeds": c["seeds"], **packed(c)}
                             for s in range(c["seeds"])]
         for s in range(c["seeds"]):
             arm_rows.append({"model": c["model0"] + s, "cell": c["cell"], "seed": seed0 + s, "tau": c["tau"],

@@ -47,6 +47,7 @@ class Batch:
     lr_wd: torch.Tensor | None  # (M, 1) lr * wd (formed in float64); None when no model decays
     clamp_on: torch.Tensor  # (M,) bool
     t_clamp: torch.Tensor   # (M,) int64
+    kind: torch.Tensor | None = None          # (M,) each model's loss code (kernels.LOSS_KINDS); None = cfg.loss
     orthograd: torch.Tensor | None = None     # (M,) bool: ⊥Grad on; None = no model uses it
     gf_alpha: torch.Tensor | None = None      # (M, 1) Grokfast-EMA decay; None = no model uses Grokfast
     gf_lambda: torch.Tensor | None = None     # (M, 1) Grokfast-EMA gain (0 = off)
@@ -63,9 +64,12 @@ def strict_float32() -> None:
         torch.set_float32_matmul_precision("highest")
 
 
-def make_lossfn(loss: str, backend: str, tau: torch.Tensor, mask=None):
+def make_lossfn(loss: str, backend: str, tau: torch.Tensor, mask=None, kind=None):
+    """The fused loss for the models' logits: one loss for all (kind None), else each model's kind."""
+    loss = loss if kind is None else "ce"
+
     def lossfn(z, y):
-        return K.loss_and_grad(z, y, tau, mask, backend=backend, loss=loss)
+        return K.loss_and_grad(z, y, tau, mask, backend=backend, loss=loss, kind=kind, check_kind=False)
     return lossfn
 
 
@@ -73,7 +77,7 @@ def train_step(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch)
     """One optimizer step for all M models, in place on `state`. Returns the train loss (M,)."""
     flat, m, v, t, alive = state["flat"], state["m"], state["v"], state["t"], state["alive"]
     # forward, fused loss with readouts, backward (hand-written for the MLP, autograd otherwise)
-    lossfn = make_lossfn(cfg.loss, backend, batch.tau, batch.train_weight)
+    lossfn = make_lossfn(cfg.loss, backend, batch.tau, batch.train_weight, batch.kind)
     kw = {} if batch.plan is None else {"plan": batch.plan}
     loss, grad, _ = model.loss_and_grads(flat, batch.train_a, batch.train_b, batch.train_y, lossfn, **kw)
     # gradient transforms, per model: ⊥Grad, then Grokfast-EMA (its filter h is state, checkpointed)
@@ -107,10 +111,13 @@ def evaluate(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch) -
     flat = state["flat"]
     z = model.logits(flat, batch.a, batch.b)                            # (M, N, V)
     mask = batch.train_mask
-    loss, st = K.loss_and_stats(z, batch.y, batch.tau, mask, backend=backend, loss=cfg.loss)
-    # the test loss: the same loss over each model's test rows (a second readouts pass over z)
-    test_loss, _ = K.loss_and_stats(z, batch.y, batch.tau, batch.test_mask, backend=backend, loss=cfg.loss)
-    wdt, f64 = st.logit_norm.dtype, torch.float64
+    loss, st = K.loss_and_stats(z, batch.y, batch.tau, mask, backend=backend,
+                                loss=cfg.loss if batch.kind is None else "ce", kind=batch.kind, check_kind=False)
+    # the test loss: the mean of the same pass's per-row losses over each model's test rows
+    wdt = st.row_loss.dtype
+    test_w = batch.test_mask.to(wdt)
+    test_loss = (st.row_loss * test_w).sum(1) / test_w.sum(1).clamp_min(1.0)
+    f64 = torch.float64
     # the rates in float64: counts over counts, so an accuracy of exactly 0.9 (999 / 1110 at p = 43) is
     # 0.9 and passes the 0.90 threshold (in float32 it is 0.89999998 and would not)
     train = mask.to(f64)

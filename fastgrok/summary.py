@@ -21,7 +21,7 @@ def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
 def print_summary(cfg: TrainConfig, df: pd.DataFrame, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
-    t = Table(title=f"fastgrok train: p={cfg.p} {'/'.join(cfg.values('op'))} {cfg.model} {cfg.loss}, {len(df)} models, {seconds:.1f} s")
+    t = Table(title=f"fastgrok train: p={cfg.p} {'/'.join(cfg.values('op'))} {cfg.model} {'/'.join(cfg.values('loss'))}, {len(df)} models, {seconds:.1f} s")
     varying = [k for k in PER_MODEL if len(cfg.values(k)) > 1]       # the per-model fields given several values
     for col in ("cell", *varying, "tau", "norm target", "grokked", "diverged", "median T_mem", "median T_grok",
                 "mean test acc"):

@@ -163,7 +163,12 @@ class Trainer:
             gf_alpha=_column(per["grokfast_alpha"], self.dtype, dev) if any(per["grokfast_lambda"]) else None,
             gf_lambda=_column(per["grokfast_lambda"], self.dtype, dev) if any(per["grokfast_lambda"]) else None,
             clamp_on=torch.tensor([r["norm_target"] is not None for r in self.table], device=dev),
-            t_clamp=torch.tensor([r.get("t_clamp", cfg.t_clamp) for r in self.table], dtype=torch.int64, device=dev))
+            t_clamp=torch.tensor([r.get("t_clamp", cfg.t_clamp_of(loss)) for r, loss in zip(self.table, per["loss"])],
+                                 dtype=torch.int64, device=dev),
+            # each model's loss: None when all share the config's ce or mse (the code paths that predate
+            # kinds, bit for bit), else a kernel code per model (kernels.LOSS_KINDS)
+            kind=None if set(per["loss"]) <= {cfg.loss} and cfg.loss in ("ce", "mse") else
+            torch.tensor([K.LOSS_KINDS[loss] for loss in per["loss"]], dtype=torch.int64, device=dev))
         cells = None
         if cfg.init == "study":     # each model's cell: its first seed and seed count (train: seed0, seeds)
             cells = [(r.get("cell_seed0", cfg.seed0), r.get("cell_seeds", cfg.seeds)) for r in self.table]

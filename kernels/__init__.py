@@ -199,14 +199,17 @@ def tempered_cross_entropy(logits, labels, tau, mask=None, backend: str = "auto"
     return loss, CEStats(correct, collapsed, norm, row)
 
 
-def loss_and_grad(logits, labels, tau, mask=None, backend: str = "auto", loss: str = "ce", kind=None):
+def loss_and_grad(logits, labels, tau, mask=None, backend: str = "auto", loss: str = "ce", kind=None,
+                  check_kind: bool = True):
     """Forward and backward in one call, no autograd: (loss (M,), dlogits (M, N, V), CEStats).
 
     The trainer's hand-written backward starts from `dlogits`. loss: "ce" or "mse" for every model, or
     kind (M,) int32/int64 for each model its own (LOSS_KINDS: 0 softmax CE, 1 StableMax CE, 2 MSE; with
     loss="ce" only). Both run in one Triton launch; kind=None with loss="ce" is the softmax-only code.
+    check_kind=False skips reading kind's codes on the host (a caller that built them, such as the
+    trainer's step, which must not synchronise).
     """
-    check_ce_inputs(logits, labels, tau, mask, kind)
+    check_ce_inputs(logits, labels, tau, mask, kind, kind_values=check_kind)
     _check_loss(loss, kind)
     if resolve_backend(backend, logits.device, logits.dtype) == "triton":
         out = _tempered_ce_op(logits, labels, tau, mask, _triton_kind(loss, kind, logits))
@@ -215,12 +218,13 @@ def loss_and_grad(logits, labels, tau, mask=None, backend: str = "auto", loss: s
     return out[0], out[1], CEStats(*out[2:])
 
 
-def loss_and_stats(logits, labels, tau, mask=None, backend: str = "auto", loss: str = "ce", kind=None):
+def loss_and_stats(logits, labels, tau, mask=None, backend: str = "auto", loss: str = "ce", kind=None,
+                   check_kind: bool = True):
     """`loss_and_grad` without the gradient, for evaluations: (loss (M,), CEStats). The Triton kernel then
     skips its gradient pass (no (M, N, V) buffer written); the reference computes and drops it (a compiled
     evaluation never materialises it). CEStats.row_loss gives the loss over any other rows (a test split)
     from the same pass: (row_loss * rows).sum(1) / rows.sum(1)."""
-    check_ce_inputs(logits, labels, tau, mask, kind)
+    check_ce_inputs(logits, labels, tau, mask, kind, kind_values=check_kind)
     _check_loss(loss, kind)
     if resolve_backend(backend, logits.device, logits.dtype) == "triton":
         out = _tempered_ce_readouts_op(logits, labels, tau, mask, _triton_kind(loss, kind, logits))

@@ -19,9 +19,9 @@ from fastgrok import grid, rundir, store
 from fastgrok.cli import main
 from fastgrok.config import ConfigError
 from fastgrok.executors import run_experiment
-from fastgrok.experiments import (EXPERIMENTS, SHAPE_AXES, Budget, ExperimentSpec, apply_overrides,
+from fastgrok.experiments import (EXPERIMENTS, Budget, ExperimentSpec, apply_overrides,
                                   list_experiments, load_experiment, load_spec, to_toml)
-from fastgrok.plan import CALIB_AXES, expand, make_plan, shape_of
+from fastgrok.plan import CALIB_AXES, cell_config, expand, make_plan, shape_of
 
 BUILT_IN = ("mediation", "collapse", "dose", "mse", "float64", "samestate", "alloc", "transformer")
 SWEEP = (1.0, 1.15, 1.3, 1.5, 1.7)          # the mediation tau sweep of the paper notes
@@ -57,7 +57,7 @@ def test_builtin_spec_loads_expands_and_plans(name):
     for b in plan["batches"]:                  # a batch holds one shape only
         assert len({shape_of(cells[i]) for i in b["cells"]}) == 1
     for c in cells:
-        cfg = spec.base_config(**{a: c[a] for a in SHAPE_AXES})
+        cfg = cell_config(spec, c)
         assert cfg.p == c["p"] and cfg.model == c["model"]
         assert c["budget"] == spec.budget.at(c["rho"]) or c["arm"] is not None
     calib = {tuple(sorted(k["shape"].items())) for k in plan["calibrations"]}
@@ -82,7 +82,7 @@ def test_builtin_cells_are_the_studys():
     spec, c = _cells("mse")
     assert {x["loss"] for x in c} == {"mse"}
     assert sorted(_key(x, "rho", "tau") for x in c) == sorted([(1.0, 1.0)] + [(1.15, t) for t in SWEEP])
-    assert spec.base_config(**{a: c[0][a] for a in SHAPE_AXES}).t_clamp == 50
+    assert cell_config(spec, c[0]).t_clamp == 50
 
     spec, c = _cells("float64")
     assert sorted(_key(x, "dtype", "rho") for x in c) == sorted(itertools.product(("float32", "float64"), (1.0, 1.15)))
@@ -103,7 +103,7 @@ def test_builtin_cells_are_the_studys():
     assert np.all(np.diff(fr[:, 0]) < 0) and np.all(np.diff(fr[:, 2]) > 0)
 
     spec, c = _cells("transformer")
-    cfg = spec.base_config(**{a: c[0][a] for a in SHAPE_AXES})
+    cfg = cell_config(spec, c[0])
     assert (cfg.model, cfg.lr, cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.t_clamp) == ("transformer", 5e-4, 128, 4, 512, 600)
     assert sorted(_key(x, "rho", "tau") for x in c) == sorted([(1.0, 1.0)] + [(1.15, t) for t in SWEEP])
 
