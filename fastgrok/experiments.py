@@ -568,7 +568,7 @@ def load_experiment(experiment) -> ExperimentSpec:
     raise ConfigError(f"experiment: unknown name {s!r} (built-in: {names}; or give a path to a SPEC.toml)")
 
 
-EXPERIMENTS = ("mediation", "collapse", "dose", "mse", "float64", "samestate", "alloc", "transformer")
+EXPERIMENTS = ("mediation", "collapse", "dose", "mse", "float64", "samestate", "alloc", "transformer", "phase")
 
 
 def list_experiments() -> list[tuple[str, str]]:
