@@ -593,7 +593,8 @@ def load_experiment(experiment) -> ExperimentSpec:
     raise ConfigError(f"experiment: unknown name {s!r} (built-in: {names}; or give a path to a SPEC.toml)")
 
 
-EXPERIMENTS = ("mediation", "collapse", "dose", "mse", "float64", "samestate", "alloc", "transformer", "interventions")
+EXPERIMENTS = ("mediation", "collapse", "dose", "mse", "float64", "samestate", "alloc", "transformer", "phase",
+               "interventions")
 
 
 def list_experiments() -> list[tuple[str, str]]:

@@ -27,7 +27,9 @@ from fastgrok import store  # noqa: E402
 TABLES = (("calibration", "Clamp calibration: w_c per setting"), ("cells", "Cells"),
           ("mediation", "Mediation: τ sweep at ρ_high"),
           ("collapse", "Collapse grid: ln T_grok on L and ρ"), ("dose_law", "Dose law: ln T = c + α‖W‖"),
-          ("memorization", "Memorization control"), ("forks", "Same-state forks"))
+          ("memorization", "Memorization control"),
+          ("phase", "Phase diagrams: comprehension, grokking, memorization, confusion"),
+          ("forks", "Same-state forks"))
 """Result keys that hold tables, in report order, with their section titles."""
 LABEL_COLS = ("experiment", "p", "loss", "arch", "dtype", "arm", "rho", "tau", "norm_target",
               "layer_fracs")
@@ -147,7 +149,49 @@ def analyze_dir(run_dir, *, rho_high: float | None = None, baseline=(1.0, 1.0),
     if "arm" in models.columns and models["arm"].notna().any():
         out["forks"] = A.fork_table(models, n_boot=n_boot)
         out["notes"] += fork_caution_notes(out["forks"])
+    add_phases(out, models)
     return out
+
+
+def run_thresholds(run_dir, config: dict) -> dict:
+    """The mem_threshold and grok_threshold a run's T_mem and T_grok were recorded at: a grid's spec
+    (spec.json's [train]), else a train run's config.json, else TrainConfig's defaults."""
+    from fastgrok.config import TrainConfig
+
+    spec = Path(run_dir) / store.SPEC_JSON
+    train = store.read_json(spec).get("train", {}) if spec.exists() else config
+    train = train if isinstance(train, dict) else {}
+    return {k: float(train.get(k, getattr(TrainConfig, k))) for k in ("mem_threshold", "grok_threshold")}
+
+
+def phase_rule(mem_threshold: float, grok_threshold: float, ratio: float = A.COMPREHENSION_RATIO) -> str:
+    """The phase classification (`A.seed_phases`, `A.majority_phase`) in words, with the run's thresholds."""
+    f = format_value
+    return (f"Each seed's phase, after Liu et al. (2022), from its T_mem (train accuracy >= {f(mem_threshold)}), "
+            f"its T_grok (test accuracy >= {f(grok_threshold)}), both the run's own thresholds, and its final "
+            f"train accuracy: **comprehension** when it grokked with T_grok <= {f(ratio)} × T_mem (a delay "
+            "no longer than the time it took to memorize) or before it memorized; **grokking** when it "
+            "grokked later than that; **memorization** when it never grokked but ends with train accuracy "
+            f">= {f(mem_threshold)}; **confusion** when it never grokked and ends below that (or diverged). "
+            "A cell takes the phase of most of its seeds; a tie goes to the first tied phase of grokking, "
+            "memorization, comprehension, confusion. In the figure: the colour is the cell's median T_grok "
+            "over the seeds that grokked (hatched grey: fewer than half of its seeds grokked), the letter its "
+            "phase (C comprehension, G grokking, M memorization, X confusion), and black lines separate cells "
+            "of different phase. delay: the median over the seeds with both of T_grok − T_mem.")
+
+
+def add_phases(out: dict, models: pd.DataFrame) -> None:
+    """The per-cell phase table (key "phase") and the rule in words (out["texts"]["phase"]) when the
+    run's cells span a phase diagram (`A.phase_diagrams`: lr x wd or train_frac x wd)."""
+    th = run_thresholds(out["dir"], out["config"])
+    table = A.phase_table(models, **th)
+    diagrams = A.phase_diagrams(table)
+    if not diagrams:
+        return
+    out["phase"] = table
+    out["phase_diagrams"] = diagrams
+    counts = ", ".join(f"{(table['phase'] == p).sum()} {p}" for p in A.PHASES)
+    out.setdefault("texts", {})["phase"] = f"{phase_rule(**th)}\n\nCells: {counts}."
 
 
 def fork_caution_notes(forks: pd.DataFrame) -> list[str]:
@@ -488,6 +532,59 @@ def fig_forks(forks: pd.DataFrame, curves_c: pd.DataFrame, stem: Path) -> list[P
     return _save(fig, stem)
 
 
+PHASE_LETTERS = {"comprehension": "C", "grokking": "G", "memorization": "M", "confusion": "X"}
+AXIS_NAMES = {"lr": "learning rate lr", "wd": "weight decay wd", "train_frac": "train fraction"}
+
+
+def fig_phase(diagrams: list[dict], stem: Path) -> list[Path]:
+    """One panel per phase diagram (`A.phase_diagrams`): cells on categorical axes (the values in
+    ascending order, log-spaced in the built-in spec), coloured by median T_grok on a log scale, hatched
+    grey where fewer than half the seeds grokked (the study's rule for a cell to count), a letter per cell
+    for its phase, black lines between cells of different phase."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+    from matplotlib.patheffects import withStroke
+
+    fig, axes = _panels(len(diagrams), w=5.2, h=4.6)
+    for ax, dg in zip(axes, diagrams):
+        c, y, x = dg["cells"], dg["y"], dg["x"]
+        ys, xs = sorted(c[y].unique()), sorted(c[x].unique())
+        T = np.full((len(ys), len(xs)), np.nan)                        # (Y, X) median T_grok
+        phase = np.full((len(ys), len(xs)), None, dtype=object)       # (Y, X) the cell's phase
+        for _, r in c.iterrows():
+            i, j = ys.index(r[y]), xs.index(r[x])
+            counts = 2 * r["n_grok"] >= r["n"]                         # the study's rule for a cell's T_grok
+            T[i, j], phase[i, j] = r["T_grok"] if counts else np.nan, r["phase"]
+        ok = np.isfinite(T) & (T > 0)
+        if ok.any():
+            im = ax.imshow(np.where(ok, T, np.nan), origin="lower", aspect="auto", cmap="viridis",
+                           norm=LogNorm(vmin=T[ok].min(), vmax=max(T[ok].max(), T[ok].min() * 1.01)))
+            fig.colorbar(im, ax=ax, label="median T_grok")
+        else:
+            ax.imshow(np.full(T.shape, np.nan), origin="lower", aspect="auto")
+        for i in range(len(ys)):
+            for j in range(len(xs)):
+                if phase[i, j] is None:
+                    continue
+                if not ok[i, j]:
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.85", hatch="//",
+                                           edgecolor="0.6", lw=0))
+                ax.text(j, i, PHASE_LETTERS[phase[i, j]], ha="center", va="center", fontsize=9,
+                        fontweight="bold", path_effects=[withStroke(linewidth=2.5, foreground="white")])
+                # boundaries: to the right and above, where the neighbouring cell's phase differs
+                if j + 1 < len(xs) and phase[i, j + 1] is not None and phase[i, j + 1] != phase[i, j]:
+                    ax.plot([j + 0.5, j + 0.5], [i - 0.5, i + 0.5], color="black", lw=2)
+                if i + 1 < len(ys) and phase[i + 1, j] is not None and phase[i + 1, j] != phase[i, j]:
+                    ax.plot([j - 0.5, j + 0.5], [i + 0.5, i + 0.5], color="black", lw=2)
+        ax.set_xticks(range(len(xs)), [format_value(v) for v in xs])
+        ax.set_yticks(range(len(ys)), [format_value(v) for v in ys])
+        ax.set(xlim=(-0.5, len(xs) - 0.5), ylim=(-0.5, len(ys) - 0.5), xlabel=AXIS_NAMES.get(x, x),
+               ylabel=AXIS_NAMES.get(y, y))
+        fixed, v = dg["fixed"]
+        ax.set_title(f"{_title(dg['keys'])}\n{y} × {x} at {fixed}={format_value(v)}")
+    return _save(fig, stem)
+
+
 # ---------------------------------------------------------------------------------------------
 # Report and terminal
 # ---------------------------------------------------------------------------------------------
@@ -522,6 +619,8 @@ def write_report(run_dir, result: dict | None = None, out=None) -> Path:
         figs["collapse"] = fig_collapse(result["collapse"], cells, d / "figures" / "collapse")
     if "forks" in result:
         figs["forks"] = fig_forks(result["forks"], curves_c, d / "figures" / "forks")
+    if "phase_diagrams" in result:
+        figs["phase"] = fig_phase(result["phase_diagrams"], d / "figures" / "phase")
     if not curves_c.empty:
         plain = cells.loc[~A.is_fork(cells)]
         if len(plain):
@@ -537,7 +636,14 @@ def write_report(run_dir, result: dict | None = None, out=None) -> Path:
     for key, title in TABLES:
         if key not in result:
             continue
-        lines += ["", f"## {title}", "", f"<!-- table: {key} -->", markdown_table(result[key]), ""]
+        lines += ["", f"## {title}", ""]
+        if key in result.get("texts", {}):
+            lines += [result["texts"][key], ""]
+        if key == "phase" and key in figs:          # the diagrams first: the table is long
+            lines += [f"![{key}](figures/{figs[key][0].name}) ([PDF](figures/{figs[key][1].name}))", ""]
+        lines += [f"<!-- table: {key} -->", markdown_table(result[key]), ""]
+        if key == "phase":
+            continue
         if key in figs:
             lines += [f"![{key}](figures/{figs[key][0].name}) ([PDF](figures/{figs[key][1].name}))"]
     if "curves" in figs:
@@ -562,6 +668,8 @@ def render_terminal(result: dict, console=None) -> None:
         console.print(f"[yellow]note:[/yellow] {escape(n)}")
     for key, title in TABLES:
         if key in result:
+            if key in result.get("texts", {}):
+                console.print(escape(result["texts"][key].replace("**", "")))
             for table in terminal_tables(result[key], title, console.width):
                 console.print(table)
 

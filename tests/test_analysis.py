@@ -411,3 +411,107 @@ def test_load_run_roundtrip(tmp_path):
     m.iloc[:2].assign(model=0).to_parquet(tmp_path / "models.parquet")
     with pytest.raises(ValueError, match="unique"):
         A.load_run(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases (Liu et al. 2022)
+# ---------------------------------------------------------------------------------------------
+def _seeds(rows, **cols):
+    """Per-seed table from (cell, seed, t_mem, t_grok, train_acc, test_acc, diverged) tuples."""
+    df = pd.DataFrame(rows, columns=["cell", "seed", "t_mem", "t_grok", "train_acc", "test_acc", "diverged"])
+    df.insert(0, "model", np.arange(len(df)))
+    for c in ("t_mem", "t_grok"):
+        df[c] = df[c].astype("Int64")
+    for k, v in cols.items():
+        df[k] = v
+    return df
+
+
+def test_seed_phases_each_phase_by_hand():
+    m = _seeds([
+        (0, 0, 100, 200, 1.0, 0.95, False),    # T_grok = 2 T_mem exactly: comprehension
+        (0, 1, 100, 210, 1.0, 0.95, False),    # one evaluation later: grokking
+        (0, 2, NA, 150, 0.97, 0.92, False),    # generalized before it memorized: comprehension
+        (0, 3, 300, 250, 1.0, 0.93, False),    # T_mem after T_grok: comprehension
+        (0, 4, 100, NA, 1.0, 0.20, False),     # fits, never generalizes: memorization
+        (0, 5, NA, NA, 0.40, 0.01, False),     # never fits: confusion
+        (0, 6, 100, NA, 0.50, 0.02, False),    # memorized once, lost it by the end: confusion
+        (0, 7, 100, NA, np.nan, np.nan, True),  # diverged: confusion
+        (0, 8, 100, 1000, 1.0, 0.50, False),   # grokked, then forgot while its cell trained on: grokking
+    ])
+    assert list(A.seed_phases(m)) == ["comprehension", "grokking", "comprehension", "comprehension",
+                                      "memorization", "confusion", "confusion", "confusion", "grokking"]
+    # a wider comprehension window moves seed 1 (210 <= 2.5 x 100) and seed 8 stays (1000 > 250)
+    assert list(A.seed_phases(m, ratio=2.5))[:2] == ["comprehension", "comprehension"]
+    assert A.seed_phases(m, ratio=2.5)[8] == "grokking"
+
+
+def test_seed_phases_use_the_runs_mem_threshold():
+    m = _seeds([(0, 0, NA, NA, 0.95, 0.1, False), (0, 1, NA, NA, 0.995, 0.1, False)])
+    assert list(A.seed_phases(m)) == ["confusion", "memorization"]                  # 0.99
+    assert list(A.seed_phases(m, mem_threshold=0.9)) == ["memorization", "memorization"]
+    assert list(A.seed_phases(m, mem_threshold=1.0)) == ["confusion", "confusion"]
+
+
+@pytest.mark.parametrize("phases, expected", [
+    (["grokking", "grokking", "memorization"], "grokking"),
+    (["confusion", "confusion", "memorization"], "confusion"),            # a strict majority wins
+    (["comprehension", "grokking"], "grokking"),                           # ties: the order PHASE_TIES
+    (["comprehension", "memorization"], "memorization"),
+    (["grokking", "memorization"], "grokking"),
+    (["memorization", "confusion"], "memorization"),
+    (["comprehension", "confusion"], "comprehension"),
+    (["comprehension", "comprehension", "confusion", "confusion"], "comprehension"),
+    (["comprehension", "grokking", "memorization", "confusion"], "grokking"),
+])
+def test_majority_phase_and_its_ties(phases, expected):
+    assert A.majority_phase(np.array(phases)) == expected
+
+
+def test_phase_table_by_hand():
+    # cell 0 (lr 1e-2, wd 1): comprehension, grokking, grokking -> grokking; T_grok median of
+    #   (150, 400, 600) = 400, T_mem of (100, 100, 200) = 100, delay median of (50, 300, 400) = 300
+    # cell 1 (lr 1e-3, wd 1): memorization x2 (no T_grok, None and NA), confusion -> memorization
+    rows = [(0, 0, 100, 150, 1.0, 0.91, False), (0, 1, 100, 400, 1.0, 0.95, False),
+            (0, 2, 200, 600, 1.0, 0.97, False),
+            (1, 0, 300, None, 1.0, 0.1, False), (1, 1, 400, NA, 1.0, 0.2, False),
+            (1, 2, NA, NA, 0.6, 0.0, False)]
+    m = _seeds(rows, lr=[1e-2] * 3 + [1e-3] * 3, wd=1.0, train_frac=0.5, p=23)
+    t = A.phase_table(m, mem_threshold=0.99, grok_threshold=0.9).set_index("cell")
+    assert list(t["phase"]) == ["grokking", "memorization"]
+    r = t.loc[0]
+    assert (r["n"], r["n_mem"], r["n_grok"], r["T_mem"], r["T_grok"], r["delay"]) == (3, 3, 3, 100, 400, 300)
+    assert (r["n_comprehension"], r["n_grokking"], r["n_memorization"], r["n_confusion"]) == (1, 2, 0, 0)
+    assert r["train_acc"] == 1.0 and r["test_acc"] == 0.95
+    r = t.loc[1]
+    assert (r["n_mem"], r["n_grok"], r["T_mem"]) == (2, 0, 350) and np.isnan(r["T_grok"]) and np.isnan(r["delay"])
+    assert (r["n_memorization"], r["n_confusion"]) == (2, 1)
+    assert r["train_acc"] == 1.0 and r["test_acc"] == pytest.approx(0.1)
+    assert {"lr", "wd", "train_frac", "p"} <= set(t.columns)
+    assert (t["mem_threshold"] == 0.99).all() and (t["grok_threshold"] == 0.9).all()
+    # a lower mem_threshold (the run's) turns cell 1's third seed (final train accuracy 0.6) into memorization
+    t = A.phase_table(m, mem_threshold=0.5).set_index("cell")
+    assert t.loc[1, "n_memorization"] == 3 and t.loc[1, "mem_threshold"] == 0.5
+
+
+def test_phase_table_leaves_out_fork_arms():
+    m = _seeds([(0, 0, 100, 150, 1.0, 0.91, False), (1, 0, 100, NA, 1.0, 0.1, False)],
+               lr=1e-3, wd=1.0, train_frac=0.5, arm=[None, "same"])
+    assert list(A.phase_table(m)["cell"]) == [0]
+
+
+def test_phase_diagrams_found_only_where_two_axes_vary():
+    def table(cells):
+        rows = [(i, 0, 100, 300, 1.0, 0.95, False) for i in range(len(cells))]
+        lr, wd, tf = zip(*cells)
+        return A.phase_table(_seeds(rows, lr=list(lr), wd=list(wd), train_frac=list(tf), p=23))
+    # lr x wd at tf 0.5 (2 x 2) and tf x wd at lr 1e-2 (2 x 2), sharing the cell (1e-2, *, 0.5)
+    cells = [(lr, wd, 0.5) for lr in (1e-3, 1e-2) for wd in (0.5, 1.0)] + [(1e-2, wd, 0.8) for wd in (0.5, 1.0)]
+    d = A.phase_diagrams(table(cells))
+    assert [(x["y"], x["x"], x["fixed"]) for x in d] == [("lr", "wd", ("train_frac", 0.5)),
+                                                        ("train_frac", "wd", ("lr", 1e-2))]
+    assert [len(x["cells"]) for x in d] == [4, 4] and d[0]["keys"]["p"] == 23
+    assert A.phase_diagrams(table([(1e-3, 1.0, 0.5), (1e-2, 1.0, 0.5)])) == []      # one wd: a line, not a diagram
+    assert A.phase_diagrams(table([(1e-3, 1.0, 0.5)])) == []
+    no_axes = _seeds([(0, 0, 100, 300, 1.0, 0.95, False)])
+    assert A.phase_diagrams(A.phase_table(no_axes)) == []                               # a train run's table

@@ -23,7 +23,8 @@ from fastgrok.experiments import (EXPERIMENTS, Budget, ExperimentSpec, apply_ove
                                   list_experiments, load_experiment, load_spec, to_toml)
 from fastgrok.plan import CALIB_AXES, cell_config, expand, make_plan, shape_of
 
-BUILT_IN = ("mediation", "collapse", "dose", "mse", "float64", "samestate", "alloc", "transformer")
+BUILT_IN = ("mediation", "collapse", "dose", "mse", "float64", "samestate", "alloc", "transformer", "phase",
+            "interventions")
 SWEEP = (1.0, 1.15, 1.3, 1.5, 1.7)          # the mediation tau sweep of the paper notes
 
 
@@ -49,10 +50,10 @@ def test_experiments_command_lists_the_built_ins(capsys):
 @pytest.mark.parametrize("name", BUILT_IN)
 def test_builtin_spec_loads_expands_and_plans(name):
     spec, cells = _cells(name)
-    assert spec.name == name and spec.seeds == 12
+    assert spec.name == name and spec.seeds == {"phase": 3, "interventions": 4}.get(name, 12)   # CPU-sized ones
     plan = make_plan(spec, "cpu")
     assert [c["cell"] for c in cells] == list(range(len(cells)))
-    assert [c["model0"] for c in cells] == [12 * i for i in range(len(cells))]
+    assert [c["model0"] for c in cells] == [spec.seeds * i for i in range(len(cells))]
     assert sorted(i for b in plan["batches"] for i in b["cells"]) == list(range(len(cells)))
     for b in plan["batches"]:                  # a batch holds one shape only
         assert len({shape_of(cells[i]) for i in b["cells"]}) == 1
@@ -106,6 +107,36 @@ def test_builtin_cells_are_the_studys():
     cfg = cell_config(spec, c[0])
     assert (cfg.model, cfg.lr, cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.t_clamp) == ("transformer", 5e-4, 128, 4, 512, 600)
     assert sorted(_key(x, "rho", "tau") for x in c) == sorted([(1.0, 1.0)] + [(1.15, t) for t in SWEEP])
+
+
+def test_phase_spec_expands_to_its_two_diagrams():
+    """phase: lr x wd at train_frac 0.9 and train_frac x wd at lr 1e-2, log-spaced lr and wd, free cells (no
+    calibration), 3 seeds; the two grids share their lr 1e-2, train_frac 0.9 row once; --p moves every cell."""
+    spec, c = _cells("phase")
+    lrs, wds = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1), (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    fracs = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    want = set(itertools.product(lrs, wds, [0.9])) | set(itertools.product([1e-2], wds, fracs))
+    got = [_key(x, "lr", "wd", "train_frac") for x in c]
+    assert len(got) == len(set(got)) == len(want) == 36 + 42 - 6 and set(got) == want
+    assert all(np.allclose(np.diff(np.log10(v)), np.log10(v[1] / v[0]), atol=0.05) for v in (lrs, wds))
+    assert {x["rho"] for x in c} == {None} and {x["norm_target"] for x in c} == {None}
+    assert {x["tau"] for x in c} == {1.0} and {x["seeds"] for x in c} == {3} and {x["p"] for x in c} == {23}
+    assert {x["budget"] for x in c} == {spec.budget.steps}
+    plan = grid.make_plan(spec, "cpu")
+    assert plan["calibrations"] == []                       # unclamped: no free control to calibrate
+    cfg = spec.base_config(**{a: c[0][a] for a in grid.SHAPE_AXES})
+    assert (cfg.d_embed, cfg.hidden, cfg.compile, cfg.eval_every) == (32, 64, "off", 10)
+    assert {x["p"] for x in grid.expand(apply_overrides(spec, p=31))} == {31}
+
+
+def test_a_spec_without_rho_skips_calibration(tmp_path):
+    """Free cells only (no rho, no norm_target): no calibration planned, none written, none run."""
+    spec = ExperimentSpec.from_dict({"name": "free", "seeds": 1, "p": [7], "lr": [1e-2, 3e-2], "wd": [1.0],
+                                     "train": {"d_embed": 4, "hidden": 8, "compile": "off", "eval_every": 5},
+                                     "budget": {"steps": 10}})
+    assert grid.make_plan(spec, "cpu")["calibrations"] == []
+    run = run_experiment(spec, out=tmp_path / "run", progress=False)
+    assert not (run / "calibration.json").exists() and not (run / "calibration").exists()
 
 
 def test_lr_defaults_to_the_studys_for_each_model():

@@ -533,3 +533,88 @@ def test_analyzing_the_docs_run_rewrites_it_byte_for_byte(tmp_path):
     assert (run / "report.md").read_bytes() == (docs / "report.md").read_bytes()
     for f in ("figures/curves.pdf", "figures/mediation.pdf"):
         assert b"/CreationDate" not in (run / f).read_bytes(), f
+
+
+# ------------------------------------------------------------------------------------------ phases
+PHASE_SEEDS = {   # per cell: (t_mem, t_grok, final train_acc) of its 3 seeds
+    "C": [(100, 150, 1.0), (100, 180, 1.0), (120, 200, 1.0)],
+    "G": [(100, 900, 1.0), (100, 1200, 1.0), (120, 150, 1.0)],
+    "M": [(100, None, 1.0), (120, None, 1.0), (100, 2000, 1.0)],
+    "X": [(None, None, 0.3), (None, None, 0.5), (None, None, 0.96)],
+}
+PHASE_NAMES = {"C": "comprehension", "G": "grokking", "M": "memorization", "X": "confusion"}
+LR_WD = {(1e-3, 0.5): "M", (1e-3, 2.0): "G", (1e-2, 0.5): "G", (1e-2, 2.0): "C", (1e-1, 0.5): "X", (1e-1, 2.0): "X"}
+TF_WD = {(0.3, 0.5): "M", (0.3, 2.0): "M", (0.8, 0.5): "G", (0.8, 2.0): "C"}    # at lr 1e-2; tf 0.5 from LR_WD
+
+
+def _write_phase_run(d, train=None):
+    """A grid run's models.parquet with lr x wd cells at train_frac 0.5 and train_frac x wd cells at lr 1e-2,
+    each cell's seeds from PHASE_SEEDS; spec.json with [train] = train (the run's thresholds)."""
+    cells = [(lr, wd, 0.5, ph) for (lr, wd), ph in LR_WD.items()]
+    cells += [(1e-2, wd, tf, ph) for (tf, wd), ph in TF_WD.items()]
+    rows = []
+    for c, (lr, wd, tf, ph) in enumerate(cells):
+        for s, (tm, tg, train_acc) in enumerate(PHASE_SEEDS[ph]):
+            rows.append(dict(model=len(rows), cell=c, seed=s, tau=1.0, norm_target=None, rho=None, t_mem=tm,
+                             t_grok=tg, train_acc=train_acc, test_acc=0.95 if tg else 0.1, sc_rate=0.0,
+                             weight_norm=20.0, diverged=False, steps=3000, lr=lr, wd=wd, train_frac=tf,
+                             p=23, op="add", arch="mlp", loss="ce", dtype="float32", **GRID_COLS))
+    m = pd.DataFrame(rows)
+    for col in ("t_mem", "t_grok"):
+        m[col] = m[col].astype("Int64")
+    m["rho"] = m["rho"].astype("float64")
+    m["norm_target"] = m["norm_target"].astype("float64")
+    m.to_parquet(d / "models.parquet")
+    (d / "config.json").write_text(json.dumps({"experiment": "x", "p": [23]}))
+    (d / "spec.json").write_text(json.dumps({"name": "x", "train": train or {}}))
+    return cells
+
+
+def test_phase_run_report(tmp_path):
+    cells = _write_phase_run(tmp_path)
+    result = R.analyze_dir(tmp_path, n_boot=200)
+    t = result["phase"].set_index("cell")
+    # the cells of a confusion cell: 0.3, 0.5, 0.96 < 0.99 -> confusion by 3 seeds; M cell: 2 memorization and
+    # a seed that grokked late; G cell: 2 grokking (900 > 200, 1200 > 200) and a comprehension (150 <= 240)
+    assert list(t["phase"]) == [PHASE_NAMES[ph] for *_, ph in cells]
+    assert [len(d["cells"]) for d in result["phase_diagrams"]] == [6, 6]
+    text = R.write_report(tmp_path, result).read_text()
+    _check_tables(result, text)                        # every number shown is the table's
+    assert "## Phase diagrams" in text and "figures/phase.png" in text
+    assert "train accuracy >= 0.99" in text and "test accuracy >= 0.9" in text      # TrainConfig's defaults
+    assert "Cells: 2 comprehension, 3 grokking, 3 memorization, 2 confusion." in text
+    for ext in ("png", "pdf"):
+        assert (tmp_path / "figures" / f"phase.{ext}").stat().st_size > 0
+    pdf = (tmp_path / "figures" / "phase.pdf").read_bytes()
+    assert b"/CreationDate" not in pdf
+    R.write_report(tmp_path, result)
+    assert (tmp_path / "figures" / "phase.pdf").read_bytes() == pdf        # the same run, the same bytes
+    assert "Phase diagrams" in _terminal_text(result, width=250)
+
+
+def test_phase_thresholds_are_the_runs(tmp_path):
+    """A run whose spec set mem_threshold 0.95: the confusion cells' seed at final train accuracy 0.96 is a
+    memorizer there, and the report states the run's thresholds."""
+    _write_phase_run(tmp_path, train={"mem_threshold": 0.95, "grok_threshold": 0.8})
+    result = R.analyze_dir(tmp_path, n_boot=200)
+    t = result["phase"]
+    assert (t["mem_threshold"] == 0.95).all() and (t["grok_threshold"] == 0.8).all()
+    x = t.loc[(t["lr"] == 1e-1)]
+    assert (x["n_memorization"] == 1).all() and (x["phase"] == "confusion").all()
+    text = R.write_report(tmp_path, result).read_text()
+    assert "train accuracy >= 0.95" in text and "test accuracy >= 0.8" in text
+    # a train run keeps its thresholds in config.json
+    (tmp_path / "spec.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"p": 23, "mem_threshold": 0.5, "grok_threshold": 0.7}))
+    assert R.run_thresholds(tmp_path, json.loads((tmp_path / "config.json").read_text())) == \
+        {"mem_threshold": 0.5, "grok_threshold": 0.7}
+
+
+def test_no_phase_section_without_a_diagram(tmp_path):
+    """The mediation grid (one lr, wd and train_frac) has no phase section; nor has a single lr x wd line."""
+    _write_run(tmp_path, [dict(GRID_COLS, lr=1e-3, wd=1.0, train_frac=0.4, **c) for c in MEDIATION], n_seeds=4)
+    result = R.analyze_dir(tmp_path, n_boot=200)
+    assert "phase" not in result and "phase_diagrams" not in result
+    text = R.write_report(tmp_path, result).read_text()
+    assert "Phase diagram" not in text and not (tmp_path / "figures" / "phase.png").exists()
+    assert "Phase diagram" not in _terminal_text(result, width=250)
