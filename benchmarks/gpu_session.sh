@@ -10,7 +10,8 @@
 #    (the correctness that only a GPU can show comes first);
 # 2. benchmarks/gpu_trainer_check.py: the compiled Trainer step through the Triton kernels vs the eager twins;
 # 3. the kernel tests on CUDA (Triton kernels compiled, not interpreted);
-# 4. fastgrok bench: the training step at M = 768, 3072, then 12 (the GPU targets are at the best M;
+# 4. fastgrok bench: the training step at M = 768, 3072, then 12, and the 1,200-model phase diagram packed vs
+#    per cell (target >= 10x) (the GPU targets are at the best M;
 #    runs/GPU-hour, FLOP/s vs fp32 peak), then
 #    clamp and CE (the grid section, five compiling trainers, is left for a later run); JSON written after
 #    each M and section, so a cut-off run keeps what it measured.
@@ -63,7 +64,7 @@ $T "$(left 60)" $PY -m pytest -q -rfE -p no:cacheprovider tests/test_kernels_tri
 echo "pytest exit $?"; tail -6 "$OUT/pytest_gpu.txt"
 
 echo "== 4. fastgrok bench ($(left 600) s)"
-$T "$(left 600)" $PY -m fastgrok.cli bench --sections step,clamp,ce --models 768,3072,12 \
+$T "$(left 600)" $PY -m fastgrok.cli bench --sections step,phase,clamp,ce --models 768,3072,12 \
     --json "$OUT/bench_gpu.json" --plot "$OUT/bench_gpu.png" > "$OUT/bench_gpu.txt" 2>&1
 echo "bench exit $?"; tail -40 "$OUT/bench_gpu.txt"
 echo "gpu_session: done in ${SECONDS} s; files in $OUT"

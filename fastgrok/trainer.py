@@ -35,7 +35,7 @@ import fastgrok.kernels as K
 
 from . import store
 from .config import PER_MODEL, ConfigError, TrainConfig, default_lr, without_defaults
-from .data import make_task
+from .data import PAD_ROWS, make_task
 from .memory import bytes_per_model, check_fits, device_memory, estimate_bytes  # noqa: F401 (plan, cli)
 from .models import build_model
 from .step import QUICK_STEPS, EVAL_METRICS, Batch, build_step_fns, strict_float32, use_compile  # noqa: F401
@@ -513,6 +513,14 @@ def _select_batch(batch: Batch, idx: torch.Tensor) -> Batch:
             kw[f.name] = v.index_select(0, idx)
         else:
             kw[f.name] = None
+    w = kw["train_weight"]
+    if w is not None and w.shape[0]:
+        # padding no kept model needs: drop whole blocks of 16 past the most real rows left (bit for bit the
+        # same training, data.PAD_ROWS)
+        n = -(-int(w.sum(1).max()) // PAD_ROWS) * PAD_ROWS
+        if n < w.shape[1]:
+            for k in ("train_a", "train_b", "train_y", "train_weight"):
+                kw[k] = kw[k][:, :n]
     return Batch(**kw)
 
 

@@ -122,11 +122,12 @@ def test_phase_spec_expands_to_its_two_diagrams():
     assert {x["rho"] for x in c} == {None} and {x["norm_target"] for x in c} == {None}
     assert {x["tau"] for x in c} == {1.0} and {x["seeds"] for x in c} == {3} and {x["p"] for x in c} == {23}
     assert {x["budget"] for x in c} == {spec.budget.steps}
-    plan = grid.make_plan(spec, "cpu")
+    plan = make_plan(spec, "cpu")
     assert plan["calibrations"] == []                       # unclamped: no free control to calibrate
-    cfg = spec.base_config(**{a: c[0][a] for a in grid.SHAPE_AXES})
+    assert len(plan["batches"]) == 1                        # lr, wd and train_frac are per model: one batch
+    cfg = cell_config(spec, c[0])
     assert (cfg.d_embed, cfg.hidden, cfg.compile, cfg.eval_every) == (32, 64, "off", 10)
-    assert {x["p"] for x in grid.expand(apply_overrides(spec, p=31))} == {31}
+    assert {x["p"] for x in expand(apply_overrides(spec, p=31))} == {31}
 
 
 def test_a_spec_without_rho_skips_calibration(tmp_path):
@@ -134,7 +135,7 @@ def test_a_spec_without_rho_skips_calibration(tmp_path):
     spec = ExperimentSpec.from_dict({"name": "free", "seeds": 1, "p": [7], "lr": [1e-2, 3e-2], "wd": [1.0],
                                      "train": {"d_embed": 4, "hidden": 8, "compile": "off", "eval_every": 5},
                                      "budget": {"steps": 10}})
-    assert grid.make_plan(spec, "cpu")["calibrations"] == []
+    assert make_plan(spec, "cpu")["calibrations"] == []
     run = run_experiment(spec, out=tmp_path / "run", progress=False)
     assert not (run / "calibration.json").exists() and not (run / "calibration").exists()
 

@@ -485,11 +485,13 @@ PHASE = {"name": "knobs_tiny", "seeds": 1, "p": [17], "train": TRAIN, "budget": 
                   {"lr": [0.02], "wd": [2.0], "train_frac": [0.6], "op": ["div"], "init_scale": [1.3]}]}
 
 
-def test_lr_wd_fraction_op_and_init_scale_cells_pack_into_one_batch_with_solo_results(tmp_path):
+@pytest.mark.parametrize("compact", [0.0, 0.3])
+def test_lr_wd_fraction_op_and_init_scale_cells_pack_into_one_batch_with_solo_results(tmp_path, compact):
     """Cells differing in lr, wd, train fraction, op and init scale are ONE batch; each cell's models equal
-    the same cell run as its own spec (T_mem, T_grok, steps, accuracies exactly; losses to rounding)."""
+    the same cell run as its own spec (T_mem, T_grok, steps, accuracies exactly; losses to rounding),
+    also when finished models are dropped (compaction trims the padding no kept model needs)."""
     from fastgrok.plan import make_plan
-    spec = spec_of(PHASE)
+    spec = spec_of(PHASE, compact_frac=compact)
     plan = make_plan(spec, "cpu")
     assert len(plan["cells"]) == 5 and len(plan["batches"]) == 1
     run_experiment(spec, out=tmp_path / "packed", device="cpu", progress=False)
