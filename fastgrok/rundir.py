@@ -10,7 +10,7 @@ the parts of finished batches and their consolidation, and `fastgrok status` of 
     DIR/models.parquet, curves.parquet       every part so far, rewritten atomically after each batch
     DIR/snapshots/<id>/step_*.npz            a batch's weight snapshots ([train] snapshots; written by the
                                              batch's trainer, kept when batches/<id> goes);
-    DIR/snapshots/index.json                 every finished batch's, rewritten after each batch
+    DIR/snapshots/index.json                 all batches' so far, rewritten after each finished batch
 
 A batch is done when its part exists; a rerun skips done batches and resumes the running ones from their
 checkpoints, so nothing is lost and nothing runs twice.

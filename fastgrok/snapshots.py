@@ -154,8 +154,11 @@ def read_index_rows(directory: Path, prefix: str = "") -> list[dict]:
     """One row per (step, model) of the files in directory, from the files themselves."""
     rows = []
     for f in sorted(Path(directory).glob("step_*.npz")):
-        with np.load(f) as z:
-            models, reasons = z["models"], z["reason"]
+        try:
+            with np.load(f) as z:
+                models, reasons = z["models"], z["reason"]
+        except FileNotFoundError:           # a grid batch starting afresh (clear) in another process
+            continue
         step = int(f.stem.split("_")[1])
         rows += [{"step": step, "model": int(m), "reason": str(r), "file": prefix + f.name}
                  for m, r in zip(models, reasons)]
@@ -167,7 +170,8 @@ def write_index(directory: Path) -> None:
 
 
 def write_grid_index(root: Path) -> None:
-    """A grid's DIR/snapshots/index.json: every batch directory's snapshots (file: b000/step_...npz)."""
+    """A grid's DIR/snapshots/index.json: the snapshots of every batch directory so far (finished batches
+    and those running; file: b000/step_...npz), written by the driver after each finished batch."""
     root = Path(root)
     if not root.is_dir():
         return
