@@ -73,6 +73,10 @@ _TRAIN_FLAGS = {
     "--compile": ("compile", dict(choices=COMPILE, help="torch.compile the step (auto: where measured faster)")),
     "--no-compile": ("compile", dict(action="store_const", const="off", help="same as --compile off")),
     "--checkpoint-every": ("checkpoint_every", dict(type=int)),
+    "--snapshots": ("snapshots", dict(type=int, metavar="N", help="keep each model's weights at about N "
+                                      "log-spaced steps and at its T_mem and T_grok (DIR/snapshots/); 0 = off")),
+    "--snapshot-cap-gib": ("snapshot_cap_gib", dict(type=float, metavar="GIB", help="refuse snapshots that could "
+                                                    "take more: (N + 2) x models x params x bytes")),
     "--keep-going": ("stop_when_grokked", dict(action="store_const", const=False,
                                                help="train to --steps even after every model grokked")),
 }
@@ -209,6 +213,12 @@ def cmd_train(args) -> int:
     # before the run directory is created
     K.resolve_backend(cfg.kernels, resolve_device(cfg.device), DTYPES[cfg.dtype])
     check_fits(cfg, cfg.n_models, resolve_device(cfg.device))
+    snap = None
+    if cfg.snapshots:                           # its size bound, refused above the cap before anything is written
+        from . import snapshots
+        layout = snapshots.layout_of(cfg)
+        snap = snapshots.describe(cfg, cfg.n_models, layout)
+        snapshots.check_bound(cfg, snapshots.bound_bytes(cfg, cfg.n_models, layout), f"at most {snap}")
     if not resume and run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is a file; pick a directory for --out")
     above = next((d for d in run_dir.absolute().parents if d.exists()), None)
@@ -223,6 +233,8 @@ def cmd_train(args) -> int:
         print(f"fastgrok: {cfg.n_models} models ({len(cfg.cells)} cells x {cfg.seeds} seeds), p={cfg.p} "
               f"{'/'.join(cfg.values('op'))} "
               f"{cfg.model} {'/'.join(cfg.values('loss'))} {cfg.dtype} -> {run_dir}", file=sys.stderr)
+        if snap:
+            print(f"fastgrok: snapshots: at most {snap} -> {run_dir}/snapshots", file=sys.stderr)
         for warning in _ignored_options(args, cfg):
             print(f"fastgrok: warning: {warning}", file=sys.stderr)
         n_test, frac = min((n_pairs_of(cfg.p, o) - n_train_of(cfg.p, o, f), f)

@@ -41,7 +41,8 @@ SPLIT_SEED_OFFSET = 1000
 PER_MODEL = ("op", "train_frac", "lr", "wd", "init_scale", "orthograd", "grokfast_alpha", "grokfast_lambda", "loss")
 """Fields that may hold several values (a tuple): each model of the batch takes one, and the cells are
 their product with taus and norm_targets. One value is stored as a scalar (as configs have always been)."""
-ADDED_DEFAULTS = {"init_scale": 1.0, "orthograd": False, "grokfast_alpha": 0.98, "grokfast_lambda": 0.0}
+ADDED_DEFAULTS = {"init_scale": 1.0, "orthograd": False, "grokfast_alpha": 0.98, "grokfast_lambda": 0.0,
+                  "snapshots": 0, "snapshot_cap_gib": 2.0}
 """Fields added after runs were saved without them, and the value such a run had (`with_defaults`)."""
 
 
@@ -186,6 +187,11 @@ class TrainConfig:
     checkpoint_every: int = 1000
     """Write a resumable checkpoint every this many steps (at the first evaluation at or after each
     multiple), on a stop signal, and at the end."""
+    snapshots: int = 0
+    """Keep each model's parameters at about this many log-spaced steps and at its T_mem and T_grok
+    (DIR/snapshots/step_*.npz; the steps: snapshots.log_steps); 0 is off."""
+    snapshot_cap_gib: float = 2.0
+    """Refuse a run whose snapshots could take more than this (GiB): (snapshots + 2) x M x P x bytes."""
 
     def __post_init__(self) -> None:
         self.taus = tuple(float(t) for t in self.taus)
@@ -248,6 +254,11 @@ class TrainConfig:
                      "n_heads", "n_layers", "d_mlp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if isinstance(self.snapshots, bool) or not isinstance(self.snapshots, int) or self.snapshots < 0:
+            raise ConfigError(f"snapshots must be an integer >= 0 (0: off), got {self.snapshots!r}")
+        c = self.snapshot_cap_gib
+        if _not_number(c) or not math.isfinite(c) or c <= 0:
+            raise ConfigError(f"snapshot_cap_gib must be finite and > 0, got {c!r}")
         if self.logit_every % self.eval_every:
             raise ConfigError(f"logit_every ({self.logit_every}) must be a multiple of eval_every ({self.eval_every})")
         if self.d_model % self.n_heads:

@@ -26,7 +26,8 @@ import torch
 from . import extend, grid, rundir, store
 from .config import ConfigError
 from .experiments import apply_overrides, load_experiment
-from .plan import calibration_steps, clamp_never_starts, resolve_compile
+from .plan import calibration_steps, clamp_never_starts, resolve_compile, snapshot_bytes
+from .snapshots import human
 from .trainer import resolve_device
 from .workers import PoolMapper
 
@@ -71,6 +72,10 @@ def _run_locked(spec, run_dir, executor, device, progress, workers, n_dev, dev) 
     compile_mode = resolve_compile(spec, plan)
     pooled = executor == "ray" or workers > 1
     bar = GridProgress(plan, run_dir, enabled=progress, live=pooled)
+    snap = snapshot_bytes(spec, plan)
+    if snap:
+        bar.say(f"snapshots: at most {human(snap)} ((snapshots + 2) x models x (2 x params x bytes + headers)) -> "
+                f"{run_dir}/snapshots/<batch>/")
     late = clamp_never_starts(spec, plan)
     if late:
         bar.warn(f"{len(late)} clamped cell(s) end before their clamp starts (budget {min(b for _, b, _ in late)} "

@@ -58,6 +58,7 @@ def extend(spec: ExperimentSpec, run_dir: Path, say) -> None:
         for kind in ("models", "curves"):
             (run_dir / "parts" / f"{bid}.{kind}.parquet").unlink(missing_ok=True)
         shutil.rmtree(run_dir / "batches" / bid, ignore_errors=True)
+        shutil.rmtree(run_dir / "snapshots" / bid, ignore_errors=True)
     _drop_results(run_dir, plan, redo)
     for key in redo_cal:
         shutil.rmtree(run_dir / "calibration" / key, ignore_errors=True)

@@ -29,7 +29,8 @@ def batch_job(spec: ExperimentSpec, plan: dict, batch: dict, w_c: dict, run_dir:
     job = {"kind": "batch", "id": batch["id"], "dir": str(Path(run_dir) / "batches" / batch["id"]),
            "cfg": batch_config(spec, cells, device=device, compile=compile_mode,
                                steps=max(c["budget"] for c in cells)).to_dict(),
-           "compact_frac": spec.engine.compact_frac, "columns": {}, "fork": None}
+           "compact_frac": spec.engine.compact_frac, "columns": {}, "fork": None,
+           "snapshot_dir": str(Path(run_dir) / "snapshots" / batch["id"])}   # survives batches/<id>'s removal
     for c in cells:
         job["columns"][c["cell"]] = {"experiment": spec.name, **{a: c[a] for a in CONFIG_AXES
                                                                  if a != "model" and a in c},
@@ -78,7 +79,7 @@ def calibration_job(spec: ExperimentSpec, cal: dict, run_dir: Path, device: str,
     cfg = spec.base_config(**cal["shape"], dtype="float32")
     return {"kind": "calibration", "id": cal["key"], "dir": str(Path(run_dir) / "calibration" / cal["key"]),
             "cfg": spec.base_config(**cal["shape"], dtype="float32", device=device, compile=compile_mode,
-                                    steps=steps).to_dict(),
+                                    steps=steps, snapshots=0).to_dict(),             # the cells' models only
             "rows": [{"model": s, "cell": 0, "seed": cfg.seed0 + s, "tau": 1.0, "norm_target": None, "rho": None,
                       "budget": steps, "cell_seed0": cfg.seed0, "cell_seeds": n} for s in range(n)],
             "compact_frac": 0.0, "columns": None, "fork": None}
@@ -96,7 +97,8 @@ def run_job(job: dict, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFra
     if job["fork"] is not None:
         tr = _fork_trainer(job, cfg, d, progress)
     else:
-        tr = Trainer(cfg, d, table=job["rows"], compact_frac=job["compact_frac"], progress=progress)
+        tr = Trainer(cfg, d, table=job["rows"], compact_frac=job["compact_frac"], progress=progress,
+                     snapshot_dir=job.get("snapshot_dir"))
         ck = store.load_checkpoint(d)
         if ck is not None:
             tr.restore(ck)
@@ -111,8 +113,9 @@ def _fork_trainer(job: dict, cfg, d: Path, progress: bool) -> Trainer:
     """Parents trained to the fork step (stopping for nothing else), then one model per arm and seed
     starting from its parent's flat/m/v/t rows, clamped to factor * ||W|| at the fork from then on."""
     fork = job["fork"]
-    parent = Trainer(dataclasses.replace(cfg, stop_when_grokked=False), d / "parent", table=fork["parents"],
-                     progress=progress)
+    # the parents are no cell's models: no snapshots (the arms' start at the fork step)
+    parent = Trainer(dataclasses.replace(cfg, stop_when_grokked=False, snapshots=0), d / "parent",
+                     table=fork["parents"], progress=progress)
     ck = store.load_checkpoint(d / "parent")
     if ck is not None:
         parent.restore(ck)
@@ -125,7 +128,8 @@ def _fork_trainer(job: dict, cfg, d: Path, progress: bool) -> Trainer:
         f = r.pop("factor")
         r["norm_target"] = None if f is None else float(f * n0[r["parent_row"]])
     idx_np = np.array([r.pop("parent_row") for r in rows])
-    tr = Trainer(cfg, d, table=rows, compact_frac=job["compact_frac"], progress=progress)
+    tr = Trainer(cfg, d, table=rows, compact_frac=job["compact_frac"], progress=progress,
+                 snapshot_dir=job.get("snapshot_dir"))
     ck = store.load_checkpoint(d)
     if ck is not None:
         tr.restore(ck)

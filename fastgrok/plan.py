@@ -15,12 +15,13 @@ change a result.
 """
 from __future__ import annotations
 
+from . import snapshots
 from .config import ADDED_DEFAULTS, TrainConfig
 from .experiments import ARMS, CONFIG_AXES, PACKED_AXES, SHAPE_AXES, ExperimentSpec
 from .trainer import DTYPES, QUICK_STEPS, check_fits, device_memory, resolve_device
 from .trainer import bytes_per_model as trainer_bytes_per_model
 
-CALIB_AXES = ("p", "op", "model", "loss", "lr", "wd", "train_frac", *ADDED_DEFAULTS)
+CALIB_AXES = ("p", "op", "model", "loss", "lr", "wd", "train_frac", *(a for a in ADDED_DEFAULTS if a in PACKED_AXES))
 """w_c is measured per setting in float32 (the study's precision); a float64 cell uses its float32 w_c."""
 
 
@@ -148,6 +149,22 @@ def preflight(spec: ExperimentSpec, plan: dict, device: str) -> None:
         cfg = batch_config(spec, [cells[c] for c in b["cells"]], device=device)
         K.resolve_backend(cfg.kernels, dev, DTYPES[cfg.dtype])
         check_fits(cfg, sum(cells[c]["seeds"] for c in b["cells"]), dev)
+    total = snapshot_bytes(spec, plan)
+    if total:
+        snapshots.check_bound(spec.base_config(), total, f"the grid's at most {snapshots.human(total)} "
+                              "((snapshots + 2) x models x (2 x params x bytes + headers), over its batches)")
+
+
+def snapshot_bytes(spec: ExperimentSpec, plan: dict) -> int:
+    """The most bytes the grid's snapshots ([train] snapshots) take: snapshots.bound_bytes summed over
+    its batches (calibrations take none); 0 when off."""
+    cells = {c["cell"]: c for c in plan["cells"]}
+    total = 0
+    for b in plan["batches"]:
+        cfg = batch_config(spec, [cells[c] for c in b["cells"]])
+        if cfg.snapshots:
+            total += snapshots.bound_bytes(cfg, sum(cells[c]["seeds"] for c in b["cells"]), snapshots.layout_of(cfg))
+    return total
 
 
 def resolve_compile(spec: ExperimentSpec, plan: dict) -> str:

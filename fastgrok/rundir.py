@@ -8,6 +8,9 @@ the parts of finished batches and their consolidation, and `fastgrok status` of 
     DIR/batches/<id>/         the checkpoint of a running batch (removed once its part is written)
     DIR/parts/<id>.{models,curves}.parquet   one pair per finished batch, written once
     DIR/models.parquet, curves.parquet       every part so far, rewritten atomically after each batch
+    DIR/snapshots/<id>/step_*.npz            a batch's weight snapshots ([train] snapshots; written by the
+                                             batch's trainer, kept when batches/<id> goes);
+    DIR/snapshots/index.json                 all batches' so far, rewritten after each finished batch
 
 A batch is done when its part exists; a rerun skips done batches and resumes the running ones from their
 checkpoints, so nothing is lost and nothing runs twice.
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import store
+from . import snapshots, store
 from .config import ConfigError
 from .experiments import ExperimentSpec, to_toml
 from .plan import make_plan, preflight
@@ -201,6 +204,7 @@ def write_part(run_dir: Path, batch_id: str, models: pd.DataFrame, curves: pd.Da
     store.write_parquet(run_dir / "parts" / f"{batch_id}.curves.parquet", curves, fingerprint=fp)
     store.write_parquet(run_dir / "parts" / f"{batch_id}.models.parquet", models, fingerprint=fp)
     consolidate(run_dir)
+    snapshots.write_grid_index(run_dir / "snapshots")
     shutil.rmtree(run_dir / "batches" / batch_id, ignore_errors=True)
 
 

@@ -5,6 +5,7 @@
     DIR/models.parquet     one row per model
     DIR/curves.parquet     long format: model, step, metric, value
     DIR/progress.json      step reached, done flag
+    DIR/snapshots/         weight snapshots (`--snapshots N`; snapshots.py): step_*.npz, index.json
 
 A file is written to a temporary name in the same directory, flushed and fsynced, then renamed over
 the old one, so a kill at any instant leaves either the old or the new version, never a torn file.

@@ -15,6 +15,10 @@ cell, so its results do not depend on the batch it trained in. Stopped models ar
 `compact_frac`, once that fraction of the batch has stopped their rows are dropped from every tensor
 (index_select on the model axis) and the rest run alone. Records keep the full model axis (NaN for rows
 no longer in the batch); `self.rows` maps batch rows to table rows.
+
+With `cfg.snapshots`, the running models' parameters are saved at evaluations (their log-spaced steps,
+T_mem and T_grok; snapshots.py) into `snapshot_dir` (default DIR/snapshots; a grid batch's is
+DIR/snapshots/<id>).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ import torch
 
 import fastgrok.kernels as K
 
-from . import store
+from . import snapshots, store
 from .config import PER_MODEL, ConfigError, TrainConfig, default_lr, without_defaults
 from .data import PAD_ROWS, make_task
 from .memory import bytes_per_model, check_fits, device_memory, estimate_bytes  # noqa: F401 (plan, cli)
@@ -120,7 +124,7 @@ def rows_config(cfg: TrainConfig, table: list[dict]) -> TrainConfig:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path | str, *, progress: bool = True,
-                 table: list[dict] | None = None, compact_frac: float = 0.0):
+                 table: list[dict] | None = None, compact_frac: float = 0.0, snapshot_dir: Path | str | None = None):
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self.device = resolve_device(cfg.device)
         strict_float32()
@@ -144,6 +148,11 @@ class Trainer:
         self.task = make_task(cfg.p, per["op"], per["train_frac"], seeds, dev)
         self.model = build_model(cfg)
         lay = self.model.layout
+        self.snapshots = None                       # cfg.snapshots > 0: snapshots.py, under snapshot_dir
+        if cfg.snapshots:
+            snapshots.check_bound(cfg, snapshots.bound_bytes(cfg, M, lay), f"at most {snapshots.describe(cfg, M, lay)}")
+            self.snapshots = snapshots.Snapshots(cfg, snapshot_dir or self.run_dir / "snapshots", lay,
+                                                 [r["model"] for r in self.table], self.budget)
         tgt = torch.tensor([r["norm_target"] or 0.0 for r in self.table], dtype=torch.float64)
         S = lay.n_matrices if cfg.clamp_mode == "layer" else 1
         fracs = torch.tensor([(r.get("layer_fracs") or cfg.layer_fracs or [1.0 / S] * S) if S > 1 else [1.0]
@@ -205,7 +214,7 @@ class Trainer:
         """sha256 of what determines this batch's results: the config and the models' table, less what
         only says how or how long it runs (device, kernels, compile, checkpoint interval; the step
         budgets, which a run may extend)."""
-        how = ("steps", "device", "kernels", "compile", "checkpoint_every")
+        how = ("steps", "device", "kernels", "compile", "checkpoint_every", "snapshot_cap_gib")
         cfg = {k: v for k, v in without_defaults(self.cfg.to_dict()).items() if k not in how}
         # a row's per-model value equal to the config's one value is left out, as rows were written
         # before these fields were per model (a checkpoint of then still resumes)
@@ -321,6 +330,8 @@ class Trainer:
             grok = running & (r.t_grok < 0) & (out[:, I_TEST_ACC] >= cfg.grok_threshold) & ~r.diverged
         r.t_mem[mem] = s
         r.t_grok[grok] = s
+        if self.snapshots is not None:
+            self._snapshot(s, running)
         # who stops here: its own budget, its divergence, or every model of its group (its cell in a
         # grid, itself in `train`) grokked or diverged
         stop = running & ((s >= self.budget) | r.diverged)
@@ -333,6 +344,15 @@ class Trainer:
         if stop.any() and not self.done:           # freeze the stopped models (a sync-free mask update)
             pos = np.nonzero(stop[rows])[0]
             self.state["alive"][torch.as_tensor(pos, device=self.device)] = False
+
+    def _snapshot(self, s: int, running: np.ndarray) -> None:
+        """The running models' parameters at this evaluation, where their schedule or T_mem/T_grok says
+        (snapshots.py); copied to the host only then."""
+        due = self.snapshots.due(s, running, self.records.t_mem, self.records.t_grok)
+        if due:
+            where = {int(t): k for k, t in enumerate(self.rows)}         # table row -> batch row
+            pos = torch.as_tensor([where[i] for i, _ in due], device=self.device)
+            self.snapshots.save(s, due, self.state["flat"].index_select(0, pos).cpu().numpy())   # (K, P)
 
     def _eval_due(self, s: int) -> bool:
         if self.records.steps and self.records.steps[-1] == s:
@@ -367,6 +387,8 @@ class Trainer:
         last_checkpoint = self.step_idx
         if not (self.run_dir / store.PROGRESS).exists():   # `status` shows a started run from its first step
             self._write_progress()
+        if self.snapshots is not None and self._checkpoint_step is None:
+            self.snapshots.clear()                  # a start from scratch: an earlier start's files go
         try:
             with bar:
                 while not self.done:
