@@ -30,7 +30,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-SETTING_COLS = ("experiment", "p", "op", "arch", "loss", "lr", "wd", "train_frac", "dtype")
+SETTING_COLS = ("experiment", "p", "op", "arch", "loss", "lr", "wd", "train_frac", "init_scale", "orthograd",
+                "grokfast_alpha", "grokfast_lambda", "dtype")
 """Columns that define a setting; multi-cell analyses run once per distinct combination."""
 CELL_COLS = SETTING_COLS + ("arm", "fork_step", "rho", "tau", "norm_target", "layer_fracs")
 """Columns that describe a cell (layer_fracs: the per-matrix clamp shares, e.g. "0.4,0.5,0.1");
@@ -188,12 +189,14 @@ def cell_table(models: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.D
             T_mem=float(_nanmedian(tm)), T_grok=float(_nanmedian(tg)))
         row["delay"] = row["T_grok"] - row["T_mem"]
         row["sc_rate"] = float(_nanmean(_num(g["sc_rate"]))) if "sc_rate" in g and n else np.nan
+        if "test_loss" in g:                                    # runs from before it have none
+            row["test_loss"] = float(_nanmedian(_num(g["test_loss"])))
         row["W_final"] = float(_nanmedian(_num(g["weight_norm"]))) if "weight_norm" in g else np.nan
         rows.append(row)
     cells = pd.DataFrame(rows)
     cells["L_grok"], cells["W_grok"] = np.nan, np.nan
-    order = [c for c in cells.columns if c not in ("sc_rate", "W_final", "W_grok")]
-    order += ["sc_rate", "W_final", "W_grok"]
+    tail = ["sc_rate", *(["test_loss"] if "test_loss" in cells else []), "W_final", "W_grok"]
+    order = [c for c in cells.columns if c not in tail] + tail
     if curves is None or curves.empty:
         return cells[order]
 
@@ -647,3 +650,47 @@ def phase_diagrams(table: pd.DataFrame) -> list[dict]:
                 if d[y].nunique() >= 2 and d[x].nunique() >= 2:
                     out.append({"keys": dict(zip(keys, vals)), "y": y, "x": x, "fixed": (fixed, v), "cells": d})
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Interventions: the field's arms side by side
+# ---------------------------------------------------------------------------------------------
+INTERVENTION_COLS = ("loss", "wd", "lr", "rho", "orthograd", "grokfast_lambda")
+"""What tells the arms of an interventions run apart (the columns that vary are named in each arm)."""
+
+
+def has_interventions(models: pd.DataFrame) -> bool:
+    """Whether any model trained with StableMax, ⊥Grad or Grokfast (an interventions run)."""
+    return (("loss" in models and (models["loss"] == "stablemax").any())
+            or ("orthograd" in models and models["orthograd"].fillna(False).astype(bool).any())
+            or ("grokfast_lambda" in models and (_num(models["grokfast_lambda"]) > 0).any()))
+
+
+def arm_name(row: pd.Series, varying: list[str]) -> str:
+    """A cell's arm in words from the intervention columns that vary across the run."""
+    parts = []
+    for c in varying:
+        v = row.get(c)
+        if c == "loss":
+            parts.append({"ce": "CE", "mse": "MSE", "stablemax": "StableMax"}.get(v, str(v)))
+        elif c == "orthograd":
+            parts.append("⊥Grad" if bool(v) else "")
+        elif c == "grokfast_lambda":
+            parts.append(f"Grokfast λ={float(v):g}" if float(v) > 0 else "")
+        elif c == "rho":
+            parts.append("free" if pd.isna(v) else f"clamp ρ={float(v):g}")
+        else:
+            parts.append(f"{c}={float(v):g}")
+    return ", ".join(p for p in parts if p) or "baseline"
+
+
+def interventions_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """One row per (non-fork) cell, its arm named: seeds, grokked, T_mem, T_grok, delay, final SC rate
+    and test loss (medians over seeds; SC rate the mean), the arms in the run's cell order."""
+    c = cells.loc[~is_fork(cells)]
+    varying = [k for k in INTERVENTION_COLS if k in c and c[k].nunique(dropna=False) > 1]
+    out = pd.DataFrame({"cell": c["cell"], "arm": [arm_name(r, varying) for _, r in c.iterrows()]})
+    for k in ("n_seeds", "n_grokked", "T_mem", "T_grok", "delay", "sc_rate", "test_loss", "W_final"):
+        if k in c:
+            out[k] = c[k].to_numpy()
+    return out.reset_index(drop=True)

@@ -29,6 +29,7 @@ TABLES = (("calibration", "Clamp calibration: w_c per setting"), ("cells", "Cell
           ("collapse", "Collapse grid: ln T_grok on L and ρ"), ("dose_law", "Dose law: ln T = c + α‖W‖"),
           ("memorization", "Memorization control"),
           ("phase", "Phase diagrams: comprehension, grokking, memorization, confusion"),
+          ("interventions", "Interventions side by side"),
           ("forks", "Same-state forks"))
 """Result keys that hold tables, in report order, with their section titles."""
 LABEL_COLS = ("experiment", "p", "loss", "arch", "dtype", "arm", "rho", "tau", "norm_target",
@@ -150,7 +151,19 @@ def analyze_dir(run_dir, *, rho_high: float | None = None, baseline=(1.0, 1.0),
         out["forks"] = A.fork_table(models, n_boot=n_boot)
         out["notes"] += fork_caution_notes(out["forks"])
     add_phases(out, models)
+    if A.has_interventions(models):
+        out["interventions"] = A.interventions_table(cells)
+        out.setdefault("texts", {})["interventions"] = INTERVENTIONS_TEXT
     return out
+
+
+INTERVENTIONS_TEXT = (
+    "Each arm is a cell of the same seeds and splits, trained in one batch: T_mem and T_grok are medians "
+    "over the seeds that reached them, delay = T_grok − T_mem, sc_rate the mean over seeds of the final "
+    "fraction of train rows whose softmax(z/τ)_y is exactly 1 (the softmax readout for every loss: a "
+    "StableMax model with large logits reads as collapsed although its own probabilities are not), "
+    "test_loss the median final loss over the test rows. The figure: mean test accuracy and SC rate over "
+    "the seeds against the step, one line per arm.")
 
 
 def run_thresholds(run_dir, config: dict) -> dict:
@@ -585,6 +598,20 @@ def fig_phase(diagrams: list[dict], stem: Path) -> list[Path]:
     return _save(fig, stem)
 
 
+def fig_interventions(table: pd.DataFrame, models: pd.DataFrame, curves: pd.DataFrame, stem: Path) -> list[Path]:
+    """Mean test accuracy and SC rate over each arm's seeds against the step, one line per arm."""
+    c = A.cell_curves(models, curves, metrics=("test_acc", "sc_rate"))
+    fig, axes = _panels(2)
+    for ax, metric, label in zip(axes, ("test_acc", "sc_rate"), ("test accuracy", "SC rate (softmax readout)")):
+        for row in table.itertuples():
+            x = c[(c["cell"] == row.cell) & (c["metric"] == metric)].sort_values("step")
+            ax.plot(x["step"], x["value"], label=row.arm or f"cell {row.cell}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    return _save(fig, stem)
+
+
 # ---------------------------------------------------------------------------------------------
 # Report and terminal
 # ---------------------------------------------------------------------------------------------
@@ -621,6 +648,9 @@ def write_report(run_dir, result: dict | None = None, out=None) -> Path:
         figs["forks"] = fig_forks(result["forks"], curves_c, d / "figures" / "forks")
     if "phase_diagrams" in result:
         figs["phase"] = fig_phase(result["phase_diagrams"], d / "figures" / "phase")
+    if "interventions" in result and not curves.empty:
+        figs["interventions"] = fig_interventions(result["interventions"], models, curves,
+                                                  d / "figures" / "interventions")
     if not curves_c.empty:
         plain = cells.loc[~A.is_fork(cells)]
         if len(plain):

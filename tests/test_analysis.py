@@ -515,3 +515,26 @@ def test_phase_diagrams_found_only_where_two_axes_vary():
     assert A.phase_diagrams(table([(1e-3, 1.0, 0.5)])) == []
     no_axes = _seeds([(0, 0, 100, 300, 1.0, 0.95, False)])
     assert A.phase_diagrams(A.phase_table(no_axes)) == []                               # a train run's table
+
+
+def test_interventions_table_names_each_arm_and_reads_its_cell():
+    """The arms of an interventions run, named from the intervention columns that vary; the numbers are
+    the cell table's (medians over seeds, SC rate the mean)."""
+    rows = []
+    arms = [dict(loss="ce", wd=1.0, orthograd=False, grokfast_lambda=0.0),
+            dict(loss="stablemax", wd=0.0, orthograd=False, grokfast_lambda=0.0),
+            dict(loss="ce", wd=0.0, orthograd=True, grokfast_lambda=0.0),
+            dict(loss="ce", wd=1.0, orthograd=False, grokfast_lambda=2.0)]
+    for cell, arm in enumerate(arms):
+        for seed, (tm, tg) in enumerate([(100, 400 + 100 * cell), (150, None), (120, 600 + 100 * cell)]):
+            rows.append({"model": 3 * cell + seed, "cell": cell, "seed": seed, "t_mem": tm, "t_grok": tg,
+                         "sc_rate": 0.1 * cell, "test_loss": 1.0 + cell, "weight_norm": 30.0, "diverged": False,
+                         "lr": 1e-3, **arm})
+    models = pd.DataFrame(rows).astype({"t_grok": "Int64"})
+    assert A.has_interventions(models) and not A.has_interventions(models[models.cell == 0])
+    table = A.interventions_table(A.cell_table(models))
+    assert list(table.arm) == ["CE, wd=1", "StableMax, wd=0", "CE, wd=0, ⊥Grad", "CE, wd=1, Grokfast λ=2"]
+    assert list(table.n_grokked) == [2] * 4
+    assert list(table.T_grok) == [500.0, 600.0, 700.0, 800.0]           # median of the two that grokked
+    assert list(table.T_mem) == [120.0] * 4 and list(table.delay) == [380.0, 480.0, 580.0, 680.0]
+    assert list(table.test_loss) == [1.0, 2.0, 3.0, 4.0] and table.sc_rate.tolist() == pytest.approx([0, .1, .2, .3])
