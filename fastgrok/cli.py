@@ -72,6 +72,9 @@ _TRAIN_FLAGS = {
     "--compile": ("compile", dict(choices=COMPILE, help="torch.compile the step (auto: where measured faster)")),
     "--no-compile": ("compile", dict(action="store_const", const="off", help="same as --compile off")),
     "--checkpoint-every": ("checkpoint_every", dict(type=int)),
+    "--restricted-loss": ("restricted_loss", dict(action="store_const", const=True,
+                                                  help="record Nanda et al.'s restricted and excluded losses "
+                                                       "(MLP on add) at every evaluation")),
     "--keep-going": ("stop_when_grokked", dict(action="store_const", const=False,
                                                help="train to --steps even after every model grokked")),
 }

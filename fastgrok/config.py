@@ -41,7 +41,8 @@ SPLIT_SEED_OFFSET = 1000
 PER_MODEL = ("op", "train_frac", "lr", "wd", "init_scale", "orthograd", "grokfast_alpha", "grokfast_lambda")
 """Fields that may hold several values (a tuple): each model of the batch takes one, and the cells are
 their product with taus and norm_targets. One value is stored as a scalar (as configs have always been)."""
-ADDED_DEFAULTS = {"init_scale": 1.0, "orthograd": False, "grokfast_alpha": 0.98, "grokfast_lambda": 0.0}
+ADDED_DEFAULTS = {"init_scale": 1.0, "orthograd": False, "grokfast_alpha": 0.98, "grokfast_lambda": 0.0,
+                  "restricted_loss": False}
 """Fields added after runs were saved without them, and the value such a run had (`with_defaults`)."""
 
 
@@ -174,6 +175,10 @@ class TrainConfig:
     grok_threshold: float = 0.90
     stop_when_grokked: bool = True
     """Stop once every model has grokked (or diverged)."""
+    restricted_loss: bool = False
+    """Record Nanda et al. 2023's restricted and excluded losses on the embedding's key frequencies at every
+    evaluation (the MLP on add; NaN otherwise; see progress.py). Off by default: it adds a third loss pass
+    over the evaluation's logits."""
 
     # --- execution ---
     dtype: str = "float32"
@@ -258,6 +263,8 @@ class TrainConfig:
         for wd in self.values("wd"):
             if _not_number(wd) or not math.isfinite(wd) or wd < 0:
                 raise ConfigError(f"wd must be finite and >= 0, got {wd!r}")
+        if not isinstance(self.restricted_loss, bool):
+            raise ConfigError(f"restricted_loss must be true or false, got {self.restricted_loss!r}")
         for v in self.values("orthograd"):
             if not isinstance(v, bool):
                 raise ConfigError(f"orthograd must be true or false, got {v!r}")
