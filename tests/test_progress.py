@@ -115,7 +115,7 @@ def test_evaluation_reads_the_embeddings_fourier_stats_and_every_matrix_norm(tmp
 
 
 # ------------------------------------------------------------------------------------------ restricted loss
-def _direct_logits(P: dict, a, b, d: int) -> torch.Tensor:
+def _direct_logits(P: dict, a, b) -> torch.Tensor:
     """(M, N, V) the MLP's logits in the direct (non-table) form, float64."""
     x = torch.cat([P["E"][:, a], P["E"][:, b]], -1)                   # (M, N, 2d)
     h = F.gelu(x @ P["W1"] + P["b1"][:, None])
@@ -156,7 +156,7 @@ def test_restricted_and_excluded_loss_against_an_explicit_projection(tmp_path, d
     got = _cols(tr, tr.eval_fn(tr.state, tr.batch))
     P = {k: v.double() for k, v in tr.model.layout.views(tr.state["flat"]).items()}
     task, p = tr.task, cfg.p
-    z = _direct_logits(P, task.a, task.b, cfg.d_embed)
+    z = _direct_logits(P, task.a, task.b)
     for m, row in enumerate(tr.table):
         tau = row["tau"]
         _, keys = _ref_fourier(P["E"][m].numpy())
