@@ -249,3 +249,13 @@ def test_curves_parquet_holds_the_progress_measures(tmp_path, flag):
     assert all(s == [0, 25, 50] for s in per_eval)                    # recorded at every evaluation
     models = pd.read_parquet(out / "models.parquet")
     assert "fourier_sparsity" not in models.columns                     # models.parquet keeps its columns
+
+
+def test_a_specs_train_table_turns_it_on_without_a_calibration_of_its_own():
+    from fastgrok.experiments import ExperimentSpec
+    from fastgrok.plan import calib_key, cell_config, expand
+    d = {"name": "x", "p": [11], "rho": [1.0, 1.1], "tau": [1.0]}
+    spec = ExperimentSpec.from_dict({**d, "train": {"restricted_loss": True}})
+    cells = expand(spec)
+    assert len(cells) == 2 and all(cell_config(spec, c).restricted_loss for c in cells)
+    assert [calib_key(c) for c in cells] == [calib_key(c) for c in expand(ExperimentSpec.from_dict(d))]
