@@ -77,6 +77,9 @@ _TRAIN_FLAGS = {
                                       "log-spaced steps and at its T_mem and T_grok (DIR/snapshots/); 0 = off")),
     "--snapshot-cap-gib": ("snapshot_cap_gib", dict(type=float, metavar="GIB", help="refuse snapshots that could "
                                                     "take more: (N + 2) x models x params x bytes")),
+    "--restricted-loss": ("restricted_loss", dict(action="store_const", const=True,
+                                                  help="record Nanda et al.'s restricted and excluded losses "
+                                                       "(MLP on add) at every evaluation")),
     "--keep-going": ("stop_when_grokked", dict(action="store_const", const=False,
                                                help="train to --steps even after every model grokked")),
 }

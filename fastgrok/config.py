@@ -41,9 +41,13 @@ SPLIT_SEED_OFFSET = 1000
 PER_MODEL = ("op", "train_frac", "lr", "wd", "init_scale", "orthograd", "grokfast_alpha", "grokfast_lambda", "loss")
 """Fields that may hold several values (a tuple): each model of the batch takes one, and the cells are
 their product with taus and norm_targets. One value is stored as a scalar (as configs have always been)."""
-ADDED_DEFAULTS = {"init_scale": 1.0, "orthograd": False, "grokfast_alpha": 0.98, "grokfast_lambda": 0.0,
-                  "snapshots": 0, "snapshot_cap_gib": 2.0}
-"""Fields added after runs were saved without them, and the value such a run had (`with_defaults`)."""
+ADDED_DEFAULTS = {"init_scale": 1.0, "orthograd": False, "grokfast_alpha": 0.98, "grokfast_lambda": 0.0}
+"""Fields added after runs were saved without them, and the value such a run had (`with_defaults`). These
+are grid axes (plan.CALIB_AXES measures w_c per setting of each); ADDED_READOUTS holds the others."""
+ADDED_READOUTS = {"restricted_loss": False, "snapshots": 0, "snapshot_cap_gib": 2.0}
+"""Fields added since that change what is recorded, not how a model trains (not axes, no calibration of
+their own), and the value a run saved before them had; `with_defaults` and `without_defaults` treat them
+as ADDED_DEFAULTS."""
 
 
 def n_pairs_of(p: int, op: str) -> int:
@@ -58,12 +62,13 @@ def n_train_of(p: int, op: str, train_frac: float) -> int:
 
 def with_defaults(d: dict) -> dict:
     """A saved config dict with the fields added since filled in (so an old run compares equal)."""
-    return {**ADDED_DEFAULTS, **d}
+    return {**ADDED_DEFAULTS, **ADDED_READOUTS, **d}
 
 
 def without_defaults(d: dict) -> dict:
     """A config dict less the added fields at their old value (fingerprints of old runs stay valid)."""
-    return {k: v for k, v in d.items() if not (k in ADDED_DEFAULTS and v == ADDED_DEFAULTS[k])}
+    added = {**ADDED_DEFAULTS, **ADDED_READOUTS}
+    return {k: v for k, v in d.items() if not (k in added and v == added[k])}
 
 
 def is_prime(n: int) -> bool:
@@ -176,6 +181,10 @@ class TrainConfig:
     grok_threshold: float = 0.90
     stop_when_grokked: bool = True
     """Stop once every model has grokked (or diverged)."""
+    restricted_loss: bool = False
+    """Record Nanda et al. 2023's restricted and excluded losses on the embedding's key frequencies at every
+    evaluation (the MLP on add; NaN otherwise; see progress.py). Off by default: it adds a third loss pass
+    over the evaluation's logits."""
 
     # --- execution ---
     dtype: str = "float32"
@@ -271,6 +280,8 @@ class TrainConfig:
         for wd in self.values("wd"):
             if _not_number(wd) or not math.isfinite(wd) or wd < 0:
                 raise ConfigError(f"wd must be finite and >= 0, got {wd!r}")
+        if not isinstance(self.restricted_loss, bool):
+            raise ConfigError(f"restricted_loss must be true or false, got {self.restricted_loss!r}")
         for v in self.values("orthograd"):
             if not isinstance(v, bool):
                 raise ConfigError(f"orthograd must be true or false, got {v!r}")

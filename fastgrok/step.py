@@ -24,11 +24,20 @@ import fastgrok.kernels as K
 
 from .config import TrainConfig
 from .optim import adamw, grokfast_ema, orthograd
+from .progress import embedding, fourier_stats, matrix_norms, metric_names, restricted_excluded
 
 EVAL_METRICS = ("train_loss", "train_acc", "test_acc", "sc_rate", "logit_scale", "weight_norm", "test_loss")
-"""What an evaluation reads per model (columns of its (M, N_EVAL) result; test_loss last, so the
-others keep their places in checkpoints written before it)."""
+"""The base metrics every evaluation reads per model (the first columns of its result; test_loss last, so
+the others keep their places in checkpoints written before it). `eval_metrics` adds the progress measures."""
 N_EVAL = len(EVAL_METRICS)
+
+
+def eval_metrics(model, cfg: TrainConfig) -> tuple[str, ...]:
+    """The columns of `evaluate`'s result: EVAL_METRICS, then the progress measures (progress.py): Fourier
+    sparsity and key_freq_1..5 of the embedding, norm_<X> for each matrix of the model's layout, and with
+    cfg.restricted_loss the restricted and excluded losses. Appended at the end, so a checkpoint written
+    before them restores with NaN there."""
+    return EVAL_METRICS + metric_names(model, cfg.restricted_loss)
 
 
 @dataclass
@@ -107,7 +116,7 @@ def train_step(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch)
 
 
 def evaluate(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch) -> torch.Tensor:
-    """All pairs through every model: (M, N_EVAL) float64 of EVAL_METRICS. The caller syncs once to read it."""
+    """All pairs through every model: (M, n) float64 of `eval_metrics(model, cfg)`. The caller syncs once to read it."""
     flat = state["flat"]
     z = model.logits(flat, batch.a, batch.b)                            # (M, N, V)
     mask = batch.train_mask
@@ -131,7 +140,18 @@ def evaluate(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch) -
     else:
         v = batch.valid.to(wdt)
         logit_scale = (st.logit_norm * v).sum(1) / v.sum(1)
-    return torch.stack([
+    # progress measures (progress.py): the embedding's Fourier sparsity and key frequencies, matrix norms,
+    # and (opt-in) the restricted and excluded losses of the MLP on a + b
+    fourier, key_freqs = fourier_stats(embedding(model, model.layout.views(flat)))
+    cols = [fourier, matrix_norms(model, flat)]
+    if cfg.restricted_loss:
+        if cfg.model == "mlp":
+            r = restricted_excluded(z, batch.a, batch.b, batch.y, key_freqs, batch.tau, mask, batch.valid,
+                                    backend=backend, loss=cfg.loss if batch.kind is None else "ce", kind=batch.kind)
+            cols.append(torch.stack(r, 1))
+        else:
+            cols.append(torch.full((flat.shape[0], 2), float("nan"), dtype=f64, device=flat.device))
+    return torch.cat([torch.stack([
         loss.to(f64),
         (st.correct.to(f64) * train).sum(1) / n_train,
         (st.correct.to(f64) * test).sum(1) / n_test,
@@ -139,7 +159,7 @@ def evaluate(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch) -
         logit_scale.to(f64),
         wn.to(f64),
         test_loss.to(f64),
-    ], 1)
+    ], 1)] + cols, 1)
 
 
 def ensure_plan(model, batch: Batch) -> Batch:

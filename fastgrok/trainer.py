@@ -38,11 +38,11 @@ import torch
 import fastgrok.kernels as K
 
 from . import snapshots, store
-from .config import PER_MODEL, ConfigError, TrainConfig, default_lr, without_defaults
+from .config import PER_MODEL, ConfigError, TrainConfig, default_lr, with_defaults, without_defaults
 from .data import PAD_ROWS, make_task
 from .memory import bytes_per_model, check_fits, device_memory, estimate_bytes  # noqa: F401 (plan, cli)
 from .models import build_model
-from .step import QUICK_STEPS, EVAL_METRICS, Batch, build_step_fns, strict_float32, use_compile  # noqa: F401
+from .step import QUICK_STEPS, EVAL_METRICS, Batch, build_step_fns, eval_metrics, strict_float32, use_compile  # noqa: F401
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 I_TRAIN_ACC, I_TEST_ACC, I_LOGIT = EVAL_METRICS.index("train_acc"), EVAL_METRICS.index("test_acc"), \
@@ -147,6 +147,7 @@ class Trainer:
         dev = self.device
         self.task = make_task(cfg.p, per["op"], per["train_frac"], seeds, dev)
         self.model = build_model(cfg)
+        self.metrics = eval_metrics(self.model, cfg)          # evaluate's columns: EVAL_METRICS first
         lay = self.model.layout
         self.snapshots = None                       # cfg.snapshots > 0: snapshots.py, under snapshot_dir
         if cfg.snapshots:
@@ -252,9 +253,9 @@ class Trainer:
         self.capture_shares = ck["capture_shares"]
         if self.records.stop is None:               # a checkpoint from before per-model stopping
             self.records.stop = np.full(len(self.table), -1)
-        # a checkpoint from before test_loss (6 metrics): its evaluations read NaN there
-        self.records.evals = [e if e.shape[1] == len(EVAL_METRICS) else
-                              np.concatenate([e, np.full((e.shape[0], len(EVAL_METRICS) - e.shape[1]), np.nan)], 1)
+        # a checkpoint from before test_loss (6 metrics) or the progress measures: NaN there
+        n = len(self.metrics)
+        self.records.evals = [e if e.shape[1] == n else np.concatenate([e, np.full((e.shape[0], n - e.shape[1]), np.nan)], 1)
                               for e in self.records.evals]
         rows = ck.get("rows", np.arange(len(self.table)))
         if len(rows) < len(self.table):             # the state was saved compacted: compact the batch too
@@ -477,7 +478,7 @@ class Trainer:
         own = self._scheduled(np.asarray(r.steps))[:, :, None]        # (T, M, 1)
         keep = ((metric != I_LOGIT) | (steps % cfg.logit_every == 0)) & (steps <= self._ends()[None, :, None]) & own
         return pd.DataFrame({"model": model[keep], "step": steps[keep],
-                             "metric": np.asarray(EVAL_METRICS)[metric[keep]], "value": ev[keep]})
+                             "metric": np.asarray(self.metrics)[metric[keep]], "value": ev[keep]})
 
     def write_results(self) -> None:
         if not self.records.evals:
@@ -634,7 +635,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> pd.
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
     old_steps = None
     if saved.exists():
-        old, new = store.read_json(saved), json.loads(json.dumps(cfg.to_dict()))   # tuples as saved: lists
+        # tuples as saved: lists; fields added since the run was saved at the value it had
+        old, new = with_defaults(store.read_json(saved)), json.loads(json.dumps(cfg.to_dict()))
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff and diff != ["steps"]:
             raise ConfigError(f"{run_dir} holds a run of another config (differs in {', '.join(diff)}); resume it "

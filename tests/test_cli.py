@@ -26,7 +26,8 @@ import torch
 from fastgrok.config import TrainConfig
 from fastgrok.data import all_pairs
 from fastgrok.models import MLP
-from fastgrok.step import EVAL_METRICS
+from fastgrok.models import build_model
+from fastgrok.step import eval_metrics
 
 _SCRIPT = Path(sys.executable).with_name("fastgrok")
 FASTGROK = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "fastgrok.cli"]
@@ -271,7 +272,7 @@ def test_run_directory_contents(reference_run):
 
     curves = pd.read_parquet(reference_run / "curves.parquet")
     assert list(curves.columns) == ["model", "step", "metric", "value"]
-    assert set(curves.metric) == set(EVAL_METRICS)
+    assert set(curves.metric) == set(eval_metrics(build_model(EXPECTED), EXPECTED))   # EVAL_METRICS, progress
     assert not curves.duplicated(["model", "step", "metric"]).any()
     assert (curves.step % EXPECTED.eval_every == 0).all() and curves.step.max() == EXPECTED.steps
     assert (curves[curves.metric == "logit_scale"].step % EXPECTED.logit_every == 0).all()

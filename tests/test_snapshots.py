@@ -165,7 +165,7 @@ def test_grid_snapshots_survive_the_batch_cleanup(tmp_path):
 
 
 def test_snapshots_are_a_config_field_with_an_old_default():
-    from fastgrok.config import ADDED_DEFAULTS, without_defaults
-    assert ADDED_DEFAULTS["snapshots"] == 0
+    from fastgrok.config import ADDED_READOUTS, without_defaults
+    assert ADDED_READOUTS["snapshots"] == 0
     d = quick_cpu().to_dict()
     assert "snapshots" not in without_defaults(d) and "snapshot_cap_gib" not in without_defaults(d)

@@ -37,12 +37,7 @@ SMALL = dict(p=23, train_frac=0.7, lr=1e-2, d_embed=32, hidden=64, device="cpu",
 """Memorises by step ~75 and, unclamped or clamped at 26, groks within a few hundred steps."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")       # conftest.py
 
 
 def _run_with_snapshot(cfg: TrainConfig, run_dir, at: int):
