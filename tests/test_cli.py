@@ -75,12 +75,28 @@ BAD = {
     "negative lr in exponent form": (["--lr", "-1e-3"], "lr must be finite and > 0"),
     "negative wd in exponent form": (["--wd", "-1E-2"], "wd must be"),
     "tau minus infinity": (["--tau", "-inf"], "tau must be"),
+    # issues 16 and 17: per-model values, each checked
+    "one of several lrs zero": (["--lr", "1e-3", "0"], "lr must be finite and > 0"),
+    "one of several wds negative": (["--wd", "1", "-0.5"], "wd must be finite and >= 0"),
+    "init scale zero": (["--init-scale", "1", "0"], "init_scale must be finite and > 0"),
+    "a train fraction of 1": (["--train-frac", "0.4", "1"], "train_frac must be in (0, 1)"),
+    "a fraction leaving no train row": (["--p", "5", "--train-frac", "0.01"], "leaves an empty train or test set"),
+    "div among ops with p not prime": (["--p", "8", "--op", "add", "div"], "op 'div' needs a prime p"),
+    "perm with p not n!": (["--p", "7", "--op", "perm"], "op 'perm' needs p = n!"),
+    "an lr given twice": (["--lr", "1e-3", "1e-3"], "--lr lists 0.001 more than once"),
+    "grokfast alpha 1": (["--grokfast-alpha", "1"], "grokfast_alpha must be in [0, 1)"),
+    "orthograd maybe": (["--orthograd", "maybe"], "--orthograd"),
 }
 
 BAD_SPECS = {
     "grok threshold above 1": ("[train]\ngrok_threshold = 5.0\n", "train.grok_threshold: grok_threshold must be in (0, 1]"),
     "mem threshold nan": ("[train]\nmem_threshold = nan\n", "train.mem_threshold: mem_threshold must be in (0, 1]"),
     "mem threshold zero": ("[train]\nmem_threshold = 0.0\n", "train.mem_threshold"),
+    "an lr axis with a zero": ("lr = [1e-3, 0.0]\n", "spec.lr"),
+    "a negative wd axis": ("wd = [-1.0]\n", "wd must be finite and >= 0"),
+    "div at a p not prime": ('[[grid]]\np = [8]\nop = ["div"]\n', "op 'div' needs a prime p"),
+    "init scale zero": ("init_scale = [0.0]\n", "spec.init_scale"),
+    "lr in [train]": ("[train]\nlr = 1e-3\n", "train.lr"),
     "seed0 beyond 64 bits": ("[train]\nseed0 = 9223372036854775000\n", "train.seed0"),
     "a tau listed twice": ("tau = [1.0, 1.0]\n", "spec.tau: lists 1.0 more than once"),
     "a rho listed twice in a block": ('[[grid]]\nrho = ["free", 1.0, "free"]\n', "grid[0].rho: lists 'free'"),
