@@ -21,13 +21,24 @@ def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
 def print_summary(cfg: TrainConfig, df: pd.DataFrame, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
+    fmt = lambda v: "-" if pd.isna(v) else v if isinstance(v, str) else f"{v:g}"    # noqa: E731
     t = Table(title=f"fastgrok train: p={cfg.p} {'/'.join(cfg.values('op'))} {cfg.model} {'/'.join(cfg.values('loss'))}, {len(df)} models, {seconds:.1f} s")
     varying = [k for k in PER_MODEL if len(cfg.values(k)) > 1]       # the per-model fields given several values
-    for col in ("cell", *varying, "tau", "norm target", "grokked", "diverged", "median T_mem", "median T_grok",
-                "mean test acc"):
-        t.add_column(col, justify="right")
-    fmt = lambda v: "-" if pd.isna(v) else v if isinstance(v, str) else f"{v:g}"
-    for r in cell_summary(df).itertuples():
-        t.add_row(str(r.cell), *(fmt(getattr(r, k)) for k in varying), fmt(r.tau), fmt(r.norm_target),
-                  f"{r.grokked}/{r.seeds}", str(int(r.diverged)), fmt(r.t_mem), fmt(r.t_grok), f"{r.test_acc:.3f}")
+    cells = cell_summary(df)
+    # (header, value of a cell row); tau and norm target only when they vary or are set, diverged when any did
+    cols = [("cell", lambda r: str(r.cell))] + [(k.replace("_", " "), lambda r, k=k: fmt(getattr(r, k)))
+                                                for k in varying]
+    if len(cfg.taus) > 1 or cfg.taus != (1.0,):
+        cols.append(("tau", lambda r: fmt(r.tau)))
+    if cfg.norm_targets:
+        cols.append(("norm target", lambda r: fmt(r.norm_target)))
+    cols.append(("grokked", lambda r: f"{r.grokked}/{r.seeds}"))
+    if cells["diverged"].any():
+        cols.append(("diverged", lambda r: str(int(r.diverged))))
+    cols += [("median T_mem", lambda r: fmt(r.t_mem)), ("median T_grok", lambda r: fmt(r.t_grok)),
+             ("mean test acc", lambda r: f"{r.test_acc:.3f}")]
+    for name, _ in cols:
+        t.add_column(name, justify="right")
+    for r in cells.itertuples():
+        t.add_row(*(value(r) for _, value in cols))
     Console().print(t)
