@@ -73,9 +73,14 @@ def strict_float32() -> None:
         torch.set_float32_matmul_precision("highest")
 
 
+def loss_name(cfg: TrainConfig, batch: Batch) -> str:
+    """The kernels' `loss` argument: the config's one loss, or "ce" beside a per-model kind tensor."""
+    return cfg.loss if batch.kind is None else "ce"
+
+
 def make_lossfn(loss: str, backend: str, tau: torch.Tensor, mask=None, kind=None):
-    """The fused loss for the models' logits: one loss for all (kind None), else each model's kind."""
-    loss = loss if kind is None else "ce"
+    """The fused loss for the models' logits: one loss for all (kind None), else each model's kind
+    (with loss "ce": `loss_name`)."""
 
     def lossfn(z, y):
         return K.loss_and_grad(z, y, tau, mask, backend=backend, loss=loss, kind=kind, check_kind=False)
@@ -86,7 +91,7 @@ def train_step(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch)
     """One optimizer step for all M models, in place on `state`. Returns the train loss (M,)."""
     flat, m, v, t, alive = state["flat"], state["m"], state["v"], state["t"], state["alive"]
     # forward, fused loss with readouts, backward (hand-written for the MLP, autograd otherwise)
-    lossfn = make_lossfn(cfg.loss, backend, batch.tau, batch.train_weight, batch.kind)
+    lossfn = make_lossfn(loss_name(cfg, batch), backend, batch.tau, batch.train_weight, batch.kind)
     kw = {} if batch.plan is None else {"plan": batch.plan}
     loss, grad, _ = model.loss_and_grads(flat, batch.train_a, batch.train_b, batch.train_y, lossfn, **kw)
     # gradient transforms, per model: ⊥Grad, then Grokfast-EMA (its filter h is state, checkpointed)
@@ -121,7 +126,7 @@ def evaluate(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch) -
     z = model.logits(flat, batch.a, batch.b)                            # (M, N, V)
     mask = batch.train_mask
     loss, st = K.loss_and_stats(z, batch.y, batch.tau, mask, backend=backend,
-                                loss=cfg.loss if batch.kind is None else "ce", kind=batch.kind, check_kind=False)
+                                loss=loss_name(cfg, batch), kind=batch.kind, check_kind=False)
     # the test loss: the mean of the same pass's per-row losses over each model's test rows
     wdt = st.row_loss.dtype
     test_w = batch.test_mask.to(wdt)
@@ -147,7 +152,7 @@ def evaluate(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch) -
     if cfg.restricted_loss:
         if cfg.model == "mlp":
             r = restricted_excluded(z, batch.a, batch.b, batch.y, key_freqs, batch.tau, mask, batch.valid,
-                                    backend=backend, loss=cfg.loss if batch.kind is None else "ce", kind=batch.kind)
+                                    backend=backend, loss=loss_name(cfg, batch), kind=batch.kind)
             cols.append(torch.stack(r, 1))
         else:
             cols.append(torch.full((flat.shape[0], 2), float("nan"), dtype=f64, device=flat.device))

@@ -115,10 +115,9 @@ def _column(values: list[float], dtype, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)[:, None].to(dtype).to(device)
 
 
-def rows_config(cfg: TrainConfig, table: list[dict]) -> TrainConfig:
-    """cfg with its per-model fields set to the values the table's rows use (validated as a config: a
-    row's bad lr or fraction is a ConfigError; `n_train` is the batch's most train rows)."""
-    per = per_model_values(cfg, table)
+def rows_config(cfg: TrainConfig, per: dict[str, list]) -> TrainConfig:
+    """cfg with its per-model fields set to the values the rows use (`per_model_values`; validated as a
+    config: a row's bad lr or fraction is a ConfigError; `n_train` is the batch's most train rows)."""
     return dataclasses.replace(cfg, **{k: tuple(dict.fromkeys(v)) for k, v in per.items()})
 
 
@@ -135,7 +134,8 @@ class Trainer:
         M = len(self.table)
         if M == 0:
             raise ConfigError("table: no models to train")
-        check_fits(rows_config(cfg, self.table), M, self.device)
+        self.per = per = per_model_values(cfg, self.table)     # op, train_frac, lr, wd, ...: one value per row
+        check_fits(rows_config(cfg, per), M, self.device)
         self.budget = np.array([r.get("budget", cfg.steps) for r in self.table], dtype=np.int64)
         # what a model waits for before it stops once grokked: its cell (a grid's cells are never split
         # across batches), or (`train`, where `--seeds 1 --seed0 K` makes a cell of one) nothing but itself
@@ -143,7 +143,6 @@ class Trainer:
         self.compact_frac = compact_frac if self.independent else 0.0
         self.rows = np.arange(M)                    # table row of each batch row
         seeds = [r["seed"] for r in self.table]
-        self.per = per = per_model_values(cfg, self.table)     # op, train_frac, lr, wd, init_scale: lists
         dev = self.device
         self.task = make_task(cfg.p, per["op"], per["train_frac"], seeds, dev)
         self.model = build_model(cfg)
@@ -161,14 +160,13 @@ class Trainer:
         task = self.task
         ta, tb = task.a[task.train_idx], task.b[task.train_idx]
         ty = task.y[task.train_idx] if task.y.dim() == 1 else torch.gather(task.y, 1, task.train_idx)
-        lr = torch.tensor(per["lr"], dtype=torch.float64)
-        lr_wd = lr * torch.tensor(per["wd"], dtype=torch.float64)          # in float64, as lr * wd in Python
+        lr_wd = [a * b for a, b in zip(per["lr"], per["wd"])]             # in float64, as lr * wd in Python
         self.batch = Batch(
             train_a=ta, train_b=tb, train_y=ty, a=task.a, b=task.b, y=task.y, train_mask=task.train_mask,
             test_mask=task.test_mask, train_weight=task.train_weight, valid=task.valid,
             tau=torch.tensor([r["tau"] for r in self.table], dtype=self.dtype, device=dev),
-            lr=lr[:, None].to(self.dtype).to(dev),
-            lr_wd=lr_wd[:, None].to(self.dtype).to(dev) if bool((lr_wd != 0).any()) else None,
+            lr=_column(per["lr"], self.dtype, dev),
+            lr_wd=_column(lr_wd, self.dtype, dev) if any(lr_wd) else None,
             orthograd=torch.tensor(per["orthograd"], device=dev) if any(per["orthograd"]) else None,
             gf_alpha=_column(per["grokfast_alpha"], self.dtype, dev) if any(per["grokfast_lambda"]) else None,
             gf_lambda=_column(per["grokfast_lambda"], self.dtype, dev) if any(per["grokfast_lambda"]) else None,
