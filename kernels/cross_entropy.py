@@ -2,12 +2,12 @@
 
 Math, per model m and row n (τ = tau[m], y = label, s = z / τ in float32, k = kind[m]):
     k = 0, softmax CE:    row = lse − s_y,   lse = max(s) + log Σ_v exp(s_v − max(s))   (online over V blocks)
-    k = 1, StableMax CE:  row = log Σ − log S(s_y),   Σ = Σ_v S(s_v),   S(x) = x + 1 (x ≥ 0), 1/(1 − x) (x < 0)
+    k = 1, StableMax CE:  row = log1p(R / S(s_y)),   R = Σ_{v≠y} S(s_v),   S(x) = x + 1 (x ≥ 0), 1/(1 − x) (x < 0)
     k = 2, MSE:           row = Σ_v (s_v − onehot_v)²
     loss_m   = Σ_n w_mn · row                               w_mn = 1/count_m on masked rows, 0 elsewhere
     dz       = dL/ds · w_mn / τ                             written in the logits' dtype, new buffer
         k = 0:  dL/ds = softmax(s) − onehot(y)
-        k = 1:  dL/ds_j = S'(s_j)/Σ − [j = y] · 1/(1 + |s_y|)
+        k = 1:  dL/ds_j = S'(s_j)/Σ (j ≠ y),   dL/ds_y = −(R/Σ) / (1 + |s_y|),   Σ = S(s_y) + R
         k = 2:  dL/ds = 2 (s − onehot(y))
     row_loss = row (unweighted, every row: masked-out rows too)                float32
     correct  = argmax(s) == y                               first maximum wins (as torch.argmax)
@@ -25,6 +25,11 @@ StableMax gradient (Prieto et al. 2025, "Grokking at the edge of numerical stabi
        (x ≥ 0: 1/(x + 1); x < 0: S(x)²/S(x) = 1/(1 − x)).
     d. dL/ds_j = S'(s_j)/Σ − [j = y] · 1/(1 + |s_y|); S and S' are continuous at 0 (both 1 there).
     e. dL/dz = dL/ds / τ (s = z/τ).
+    f. Without cancellation: with R = Σ_{v≠y} S(s_v) summed apart from S(s_y), L = log1p(R/S(s_y)) and
+       dL/ds_y = S'(s_y)(1/Σ − 1/S(s_y)) = −(R/Σ) / (1 + |s_y|). As p_y → 1 (R/S(s_y) below float32's
+       6e-8, at logits ~1e4 for V ~ 100) 1/Σ − 1/S(s_y) rounds to 0 and the correct class would stop
+       learning, a float32 artefact Prieto et al. avoid by computing the loss in float64; this form keeps
+       float32 at the float64 loss's values (to rounding) at no extra cost.
 S is not shift invariant, so it runs on s itself (no max subtracted): 0 < S(x) <= 1 + max(x, 0), and Σ
 stays finite in float32 for any finite s. Outside the row (s = −inf) S = S' = 0.
 
@@ -72,7 +77,7 @@ def _stablemax(s):
 
 
 @triton.jit
-def _dlds(s, c, y, m_i, inv_d, inv_sum_S, dS_y, kind, HAS_KIND: tl.constexpr):
+def _dlds(s, c, y, m_i, inv_d, inv_sum_S, g_y, kind, HAS_KIND: tl.constexpr):
     """dL/ds on a (BLOCK_N, BLOCK_V) tile of columns c, by the model's kind (header, pass 3)."""
     onehot = tl.where(c[None, :] == y[:, None], 1.0, 0.0)
     if HAS_KIND:
@@ -80,7 +85,7 @@ def _dlds(s, c, y, m_i, inv_d, inv_sum_S, dS_y, kind, HAS_KIND: tl.constexpr):
             d = tl.exp(s - m_i[:, None]) * inv_d[:, None] - onehot
         elif kind == 1:
             S = _stablemax(s)
-            d = tl.where(s >= 0, 1.0, S * S) * inv_sum_S[:, None] - onehot * dS_y[:, None]
+            d = tl.where(c[None, :] == y[:, None], g_y[:, None], tl.where(s >= 0, 1.0, S * S) * inv_sum_S[:, None])
         elif kind == 2:
             d = 2.0 * (s - onehot)
         else:
@@ -125,7 +130,7 @@ def _tempered_ce_kernel(
     d_i = tl.zeros([BLOCK_N], tl.float32)
     arg = tl.zeros([BLOCK_N], tl.int32)
     sq = tl.zeros([BLOCK_N], tl.float32)
-    sum_S = tl.zeros([BLOCK_N], tl.float32)                          # kind 1 only
+    sum_R = tl.zeros([BLOCK_N], tl.float32)                          # kind 1 only: Σ_{v≠y} S(s_v)
     sq_err = tl.zeros([BLOCK_N], tl.float32)                         # kind 2 only
     if SINGLE:
         s = _load_s(z_ptr, row_base, cols, V, tau)                   # (BLOCK_N, BLOCK_V), kept for 3.
@@ -135,7 +140,7 @@ def _tempered_ce_kernel(
         sq = tl.sum(tl.where((cols < V)[None, :], s * s, 0.0), 1)
         if HAS_KIND:
             if kind == 1:
-                sum_S = tl.sum(_stablemax(s), 1)
+                sum_R = tl.sum(tl.where(cols[None, :] == y[:, None], 0.0, _stablemax(s)), 1)
             elif kind == 2:
                 e = s - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
                 sq_err = tl.sum(tl.where((cols < V)[None, :], e * e, 0.0), 1)
@@ -152,7 +157,7 @@ def _tempered_ce_kernel(
             sq += tl.sum(tl.where((c < V)[None, :], s * s, 0.0), 1)
             if HAS_KIND:
                 if kind == 1:
-                    sum_S += tl.sum(_stablemax(s), 1)
+                    sum_R += tl.sum(tl.where(c[None, :] == y[:, None], 0.0, _stablemax(s)), 1)
                 elif kind == 2:
                     e = s - tl.where(c[None, :] == y[:, None], 1.0, 0.0)
                     sq_err += tl.sum(tl.where((c < V)[None, :], e * e, 0.0), 1)
@@ -166,9 +171,13 @@ def _tempered_ce_kernel(
     lse = m_i + tl.log(d_i)
     p_y = tl.div_rn(tl.exp(s_y - m_i), d_i)
     row = lse - s_y
+    S_y = _stablemax(s_y)
+    sum_S = S_y + sum_R                                              # kind 1
     if HAS_KIND:
         if kind == 1:
-            row = tl.log(sum_S) - tl.log(_stablemax(s_y))
+            r = tl.div_rn(sum_R, S_y)                                # row = log1p(r), r >= 0
+            u = 1.0 + r
+            row = tl.where(u == 1.0, r, tl.log(u) * tl.div_rn(r, tl.where(u == 1.0, 1.0, u - 1.0)))
         elif kind == 2:
             row = sq_err
         elif kind != 0:
@@ -185,16 +194,16 @@ def _tempered_ce_kernel(
         one = tl.full([BLOCK_N], 1.0, tl.float32)
         inv_d = tl.div_rn(one, d_i)
         inv_sum_S = tl.div_rn(one, sum_S)                            # kind 1 (unused, compiled away, else)
-        dS_y = tl.div_rn(one, 1.0 + tl.abs(s_y))                     # kind 1: S'(s_y)/S(s_y)
+        g_y = -tl.div_rn(tl.div_rn(sum_R, sum_S), 1.0 + tl.abs(s_y))  # kind 1: dL/ds_y, no cancellation
         if SINGLE:
-            g = _dlds(s, cols, y, m_i, inv_d, inv_sum_S, dS_y, kind, HAS_KIND) * coef[:, None]
+            g = _dlds(s, cols, y, m_i, inv_d, inv_sum_S, g_y, kind, HAS_KIND) * coef[:, None]
             tl.store(grad_ptr + row_base[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & (cols < V)[None, :])
         else:
             for v0 in range(0, V, BLOCK_V):
                 c = v0 + cols
                 s = _load_s(z_ptr, row_base, c, V, tau)
-                g = _dlds(s, c, y, m_i, inv_d, inv_sum_S, dS_y, kind, HAS_KIND) * coef[:, None]
+                g = _dlds(s, c, y, m_i, inv_d, inv_sum_S, g_y, kind, HAS_KIND) * coef[:, None]
                 tl.store(grad_ptr + row_base[:, None] + c[None, :], g.to(grad_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & (c < V)[None, :])
 

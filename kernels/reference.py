@@ -6,8 +6,9 @@ tempered_ce_reference(logits, labels, tau, mask, kind) -> (loss, grad, correct, 
     s = z / tau (working precision: float32, float64 for float64 input); per row, by the model's kind:
       0 softmax CE    row = lse(s) - s_y                          dL/ds = softmax(s) - onehot(y)
       1 StableMax CE  S(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0)  (Prieto et al. 2025)
-                      p = S(s) / sum_v S(s_v), row = -log p_y
-                      dL/ds_j = S'(s_j) / sum_v S(s_v) - [j == y] S'(s_y) / S(s_y),
+                      p = S(s) / sum_v S(s_v), row = -log p_y = log1p(R / S(s_y)),
+                      R = sum_{v != y} S(s_v) (summed without s_y: no cancellation as p_y -> 1)
+                      dL/ds_j = S'(s_j) / sum_v S(s_v) (j != y),  dL/ds_y = -(R / sum_v S(s_v)) / (1 + |s_y|)
                       S'(x) = 1 (x >= 0), 1 / (1 - x)^2 (x < 0)
       2 MSE           row = sum_v (s_v - onehot_v)^2              dL/ds = 2 (s - onehot)
       any other code: row and dL/ds NaN (the public functions reject such codes before they get here)
@@ -77,12 +78,16 @@ def _rows_by_kind(s, y, onehot, ce_row, ce_dlds, kind):
     neg = s.clamp(max=0.0)                                          # keeps 1/(1 - x) finite where x >= 0
     S = torch.where(s >= 0, s + 1.0, 1.0 / (1.0 - neg))             # (M, N, V)
     dS = torch.where(s >= 0, torch.ones_like(s), 1.0 / (1.0 - neg) ** 2)
-    sum_S = S.sum(-1)                                               # (M, N)
-    p_y = (S / sum_S[..., None]).gather(-1, y[..., None])[..., 0]
-    sm_row = -torch.log(p_y)
-    S_y = S.gather(-1, y[..., None])[..., 0]
-    dS_y = dS.gather(-1, y[..., None])[..., 0]
-    sm_dlds = dS / sum_S[..., None] - onehot * (dS_y / S_y)[..., None]
+    # Free of cancellation: R = sum over j != y of S(s_j) is summed without S(s_y), so p_y = S_y/(S_y + R)
+    # close to 1 keeps its distance from 1 (R / S_y), where 1/sum - 1/S_y would round to 0 in float32
+    is_y = onehot != 0
+    S_y = S.gather(-1, y[..., None])[..., 0]                        # (M, N)
+    R = S.masked_fill(is_y, 0.0).sum(-1)                            # (M, N)
+    sum_S = S_y + R
+    sm_row = torch.log1p(R / S_y)                                   # -log p_y = log(1 + R/S_y)
+    # dL/ds_y = S'(s_y)/sum - S'(s_y)/S_y = -(R/sum) S'(s_y)/S_y, and S'(x)/S(x) = 1/(1 + |x|)
+    g_y = -(R / sum_S) / (1.0 + s.gather(-1, y[..., None])[..., 0].abs())
+    sm_dlds = torch.where(is_y, g_y[..., None], dS / sum_S[..., None])
     # kind 2, MSE (the same expressions as tempered_mse_reference)
     diff = s - onehot
     mse_row = (diff * diff).sum(-1)

@@ -141,6 +141,38 @@ def test_stablemax_hand_computed():
     assert grad[0, 0].tolist() == pytest.approx([-1 / 12, 1 / 16], rel=1e-14)
 
 
+def stablemax_saturated_inputs(M=3, N=8, V=59, seed=9):
+    """StableMax rows whose p_y is within float32 rounding of 1: wrong classes at -1e4..-2e4 (S ~ 7e-5),
+    the correct class at 1e5..1.1e5, so R / S(s_y) ~ 4e-8 < 2^-24 and S(s_y) + R rounds to S(s_y) in
+    float32. Values exactly representable in float32 (so float64 and float32 start from the same s)."""
+    g = torch.Generator().manual_seed(seed)
+    z = -(1.0 + torch.rand(M, N, V, generator=g, dtype=torch.float64)) * 1e4
+    y = torch.randint(0, V, (N,), generator=g)
+    z[:, torch.arange(N), y] = (1.0 + 0.1 * torch.rand(M, N, generator=g, dtype=torch.float64)) * 1e5
+    return z.float().double(), y
+
+
+def test_stablemax_float32_keeps_the_correct_class_gradient_when_saturated():
+    """Where p_y rounds to 1 in float32, the float32 twin's StableMax loss, rows and gradient (the correct
+    class's included) still equal float64 autograd of the paper's formula to float32 rounding; the naive
+    float32 form 1/Σ − 1/S(s_y) would give that gradient as exactly 0 (checked: the test can fail)."""
+    z, y = stablemax_saturated_inputs()
+    M, N, V = z.shape
+    tau = torch.ones(M, dtype=torch.float64)
+    kind = torch.ones(M, dtype=torch.int64)
+    want_loss, want_grad, want_row = _autograd_per_model(z, y, tau, None, [_stablemax_rows] * M, with_rows=True)
+    s32 = z.float()
+    S = torch.where(s32 >= 0, s32 + 1, 1 / (1 - s32.clamp(max=0)))
+    naive = 1 / S.sum(-1) - 1 / S.gather(-1, y.expand(M, N)[..., None])[..., 0]
+    assert bool((naive == 0).all()), "inputs not saturated in float32"
+    loss, grad, *_, row = tempered_ce_reference(z.float(), y, tau.float(), None, kind)
+    on_y = F.one_hot(y, V).bool().expand(M, N, V)
+    assert bool((want_grad[on_y] < 0).all()) and bool((grad[on_y] < 0).all())
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=0)
+    torch.testing.assert_close(row.double(), want_row, rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_kind_none_is_the_code_before_kinds(dtype):
     """kind=None: bit for bit the twins as they were before kinds (copied below); a kind tensor of all 0

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
@@ -456,6 +457,25 @@ def test_kinds_dispatch_and_autograd():
     for bad in (torch.tensor([0, 1, 3, 0], device=DEV), torch.tensor([0.0, 1, 2, 0], device=DEV)):
         with pytest.raises(ValueError, match="kind"):
             K.loss_and_grad(z, y, tau, mask, backend="triton", kind=bad)
+
+
+def test_stablemax_saturated_rows_keep_their_gradient():
+    """Rows whose p_y is within float32 rounding of 1 (R / S(s_y) ~ 4e-8): the kernel's StableMax loss,
+    rows and gradient, the correct class's included, equal float64 autograd of the paper's formula to
+    float32 rounding (the naive 1/Σ − 1/S(s_y) is 0 there), single tile and looped over V."""
+    from test_kernels_reference import _autograd_per_model, _stablemax_rows, stablemax_saturated_inputs
+    z, y = stablemax_saturated_inputs(M=2, N=6, V=97, seed=3)
+    M, N, V = z.shape
+    tau = torch.ones(M, dtype=torch.float64)
+    want_loss, want_grad, want_row = _autograd_per_model(z, y, tau, None, [_stablemax_rows] * M, with_rows=True)
+    kind = torch.ones(M, dtype=torch.int32, device=DEV)
+    for kw in ({}, dict(block_n=2, block_v=32)):
+        loss, grad, *_, row = ce_mod.tempered_ce_triton(z.float().to(DEV), y.to(DEV), tau.float().to(DEV),
+                                                        None, kind, **kw)
+        assert bool((grad.cpu().double()[F.one_hot(y, V).bool().expand(M, N, V)] < 0).all())
+        torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=1e-5, atol=0)
+        torch.testing.assert_close(row.cpu().double(), want_row, rtol=1e-5, atol=0)
+        torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=1e-5, atol=0)
 
 
 def test_unknown_kind_code_gives_that_model_nan():
