@@ -13,9 +13,10 @@ ops agree, else (M, N) (0 on invalid rows, which no mask selects).
 Train rows are (M, n_max), n_max the batch's most train rows rounded up to a multiple of PAD_ROWS: a
 model with fewer is padded at the end with its first train row, weighted 0 (`train_weight`, None when
 no model is padded), so its loss is the mean over its own rows. The rounding makes a padded model
-train bit for bit as it does alone: the sums over rows in the backward (b2's gradient, W2's product)
-give the same bits when zeros are appended in whole blocks of 16 (measured on this CPU for n up to
-2,000, 1 and 2 threads), not after a partial block. A model whose count is already a multiple of 16,
+train bit for bit as it does alone: the sums over rows in the backward (b2's gradient; W2's product,
+taken in blocks of 256 rows, models._row_product) give the same bits when zeros are appended in whole
+blocks of 16, not after a partial block (`python benchmarks/padding_sums.py`: 0 of 750 (n, zeros) pairs
+differ for n up to 2,000, 1 and 2 threads, where one bmm over all rows differs in 627 on an AVX-512 CPU). A model whose count is already a multiple of 16,
 as the study's p = 59 split (1,392 rows), is padded only in a batch with larger counts.
 """
 from __future__ import annotations

@@ -127,6 +127,23 @@ def _scatter_rows(grad_rows: torch.Tensor, idx: torch.Tensor, R: int) -> torch.T
     return out.scatter_add_(1, idx[..., None].expand(-1, -1, H), grad_rows)
 
 
+ROW_BLOCK = 256
+"""Rows per bmm in the sums over train rows (`_row_product`)."""
+
+
+def _row_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x^T y over the rows: (M, N, A), (M, N, B) -> (M, A, B), as bmms over blocks of ROW_BLOCK rows added
+    in order. Zero rows appended (a padded model's) then change no bit: BLAS picks its blocking of the
+    summed axis from its length, and on an AVX-512 CPU one bmm over n rows and over n rows + zeros
+    differed from n + zeros >= 400 (benchmarks/padding_sums.py); with blocks, the first blocks are the
+    same products, the last is at most ROW_BLOCK rows long, and whole blocks of zeros add exact zeros."""
+    N = x.shape[1]
+    out = torch.bmm(x[:, :ROW_BLOCK].transpose(1, 2), y[:, :ROW_BLOCK])
+    for lo in range(ROW_BLOCK, N, ROW_BLOCK):
+        out = out + torch.bmm(x[:, lo:lo + ROW_BLOCK].transpose(1, 2), y[:, lo:lo + ROW_BLOCK])
+    return out
+
+
 def segment_plan(idx: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of each value, for a gather-and-sum adjoint of `_rows` (built once per split).
 
@@ -219,7 +236,7 @@ class MLP:
         # fused loss: per-model mean, dL/dz and readouts in one call
         loss, dz, stats = lossfn(z, y)
         # backward
-        dW2 = torch.bmm(h.transpose(1, 2), dz)                      # (M, H, V)
+        dW2 = _row_product(h, dz)                                   # (M, H, V)
         db2 = dz.sum(1)                                             # (M, V)
         if torch.compiler.is_compiling():
             # GeLU' needs pre again: summed in another order (equal to float rounding) the compiler
