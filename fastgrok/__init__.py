@@ -20,8 +20,9 @@ try:
 except PackageNotFoundError:                    # run from a source tree that was never installed
     __version__ = "unknown"
 
-_SUBMODULES = ("analysis", "baseline", "bench", "cli", "config", "data", "executors", "experiments", "grid",
-               "kernels", "models", "optim", "report", "step", "store", "summary", "trainer")
+_SUBMODULES = ("analysis", "baseline", "bench", "cli", "config", "data", "display", "executors", "experiments",
+               "figures", "grid", "interventions", "kernels", "mediation", "models", "optim", "phases",
+               "regressions", "report", "step", "store", "summary", "terminal", "trainer")
 
 
 def __getattr__(name: str):

@@ -344,7 +344,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from .report import analyze_dir, render_terminal, write_report
+    from .report import analyze_dir, write_report
+    from .terminal import render_terminal
     if not args.dir.exists():
         raise ConfigError(f"{args.dir} does not exist")
     if not args.dir.is_dir():

@@ -1,10 +1,17 @@
-"""analysis.py: every statistic against values worked out by hand on small synthetic per-seed data,
-and the bootstrap against a plain re-implementation of the study's procedure."""
+"""analysis.py and the analyses on it (mediation.py, regressions.py, phases.py, interventions.py): every
+statistic against values worked out by hand on small synthetic per-seed data, and the bootstrap against a
+plain re-implementation of the study's procedure."""
 import numpy as np
 import pandas as pd
 import pytest
 
 from fastgrok import analysis as A
+from fastgrok.interventions import has_interventions, interventions_table
+from fastgrok.mediation import (interp_t2, mediation, mediation_from_run, mediation_gap, mediation_gaps, pick_rho_high,
+                                tau_sweep_rhos)
+from fastgrok.phases import majority_phase, phase_diagrams, phase_table, seed_phases
+from fastgrok.regressions import (collapse_grid, collapse_r2, dose_groups, dose_law, ols_r2, spans_collapse_grid,
+                                  with_norm)
 
 NA = None
 
@@ -123,7 +130,7 @@ def test_memorization_table_keeps_the_layer_fracs():
 
 def test_mediation_gap_without_tau():
     cells = pd.DataFrame({"cell": [0, 1], "rho": [1.0, 1.15], "L_grok": [20.0, 30.0]})
-    assert A.mediation_gap(cells) == "no tau values (the temperature of each cell)"
+    assert mediation_gap(cells) == "no tau values (the temperature of each cell)"
     assert A.has_values(cells, "rho") and not A.has_values(cells.assign(rho=np.nan), "rho")
     assert not A.has_values(cells, "tau")
 
@@ -150,13 +157,13 @@ def _hand_run():
 
 
 def test_interp_t2_by_hand():
-    assert A.interp_t2(20.0, [30, 24, 18], [3000, 2000, 900]) == pytest.approx(3800 / 3)
-    assert A.interp_t2(40.0, [30, 24, 18], [3000, 2000, 900]) == 3000  # np.interp holds the end
+    assert interp_t2(20.0, [30, 24, 18], [3000, 2000, 900]) == pytest.approx(3800 / 3)
+    assert interp_t2(40.0, [30, 24, 18], [3000, 2000, 900]) == 3000  # np.interp holds the end
 
 
 def test_mediation_point_estimate_by_hand():
     m, curves = _hand_run()
-    r = A.mediation_from_run(m, curves).iloc[0]
+    r = mediation_from_run(m, curves).iloc[0]
     assert (r["T0"], r["T1"], r["L0"], r["L1"]) == (1000, 3000, 20, 30)
     assert r["T2"] == pytest.approx(3800 / 3)
     assert r["recovery"] == pytest.approx(13 / 15)
@@ -193,8 +200,8 @@ def test_bootstrap_matches_plain_reimplementation_and_is_deterministic():
     m = _models(rows).sample(frac=1.0, random_state=1).reset_index(drop=True)  # row order scrambled
     m["model"] = np.arange(len(m))
     curves = _logit_curves(m, {c: v[3] for c, v in spec.items()})
-    r1 = A.mediation_from_run(m, curves).iloc[0]
-    r2 = A.mediation_from_run(m, curves).iloc[0]
+    r1 = mediation_from_run(m, curves).iloc[0]
+    r2 = mediation_from_run(m, curves).iloc[0]
     assert r1.equals(r2)   # deterministic
     lo, hi = _naive_ci({"base": per_cell[0], "t1": per_cell[1], 1: per_cell[1], 2: per_cell[2],
                         3: per_cell[3]}, 20.0, {1: 30.0, 2: 24.0, 3: 18.0})
@@ -211,33 +218,33 @@ def test_mediation_per_setting_and_errors():
     m2 = m.assign(model=m["model"] + len(m), cell=m["cell"] + 10, p=97)
     both = pd.concat([m.assign(p=59), m2], ignore_index=True)
     c2 = curves.assign(model=curves["model"] + len(m))
-    t = A.mediation_from_run(both, pd.concat([curves, c2]), n_boot=200)
+    t = mediation_from_run(both, pd.concat([curves, c2]), n_boot=200)
     assert list(t["p"]) == [59, 97] and list(t["recovery"]) == pytest.approx([13 / 15] * 2)
     cells = A.cell_table(both, pd.concat([curves, c2]))
     with pytest.raises(ValueError, match="2 cells"):
-        A.mediation(cells, both)   # two settings mixed: (rho, tau) is ambiguous
+        mediation(cells, both)   # two settings mixed: (rho, tau) is ambiguous
     with pytest.raises(ValueError, match="rho"):
-        A.mediation_from_run(m.drop(columns="rho"), curves)
+        mediation_from_run(m.drop(columns="rho"), curves)
     with pytest.raises(ValueError, match="rho"):
-        A.mediation_from_run(m.assign(rho=np.nan), curves)
+        mediation_from_run(m.assign(rho=np.nan), curves)
 
 
 def test_mediation_gap_names_what_is_missing():
     m, curves = _hand_run()
     cells = A.cell_table(m, curves)
-    assert A.mediation_gap(cells) is None
-    assert A.mediation_gap(cells.loc[cells["cell"] != 0]) == "no baseline cell (rho, tau) = (1, 1)"
-    assert A.mediation_gap(cells.loc[cells["cell"] != 1]) == "no T1 cell (rho, tau) = (1.15, 1)"
+    assert mediation_gap(cells) is None
+    assert mediation_gap(cells.loc[cells["cell"] != 0]) == "no baseline cell (rho, tau) = (1, 1)"
+    assert mediation_gap(cells.loc[cells["cell"] != 1]) == "no T1 cell (rho, tau) = (1.15, 1)"
     no_L = cells.assign(L_grok=np.where(cells["cell"] >= 2, np.nan, cells["L_grok"]))
-    assert A.mediation_gap(no_L) == ("the tau sweep at rho = 1.15 has 1 cell(s) with an L at grok "
-                                     "(needs >= 2)")
-    assert A.mediation_gap(cells, rho_high=1.3) == "no T1 cell (rho, tau) = (1.3, 1)"
+    assert mediation_gap(no_L) == ("the tau sweep at rho = 1.15 has 1 cell(s) with an L at grok "
+                                   "(needs >= 2)")
+    assert mediation_gap(cells, rho_high=1.3) == "no T1 cell (rho, tau) = (1.3, 1)"
     both = pd.concat([cells, cells.assign(cell=cells["cell"] + 10)])
-    assert A.mediation_gap(both).startswith("2 cells with (rho, tau) = (1, 1)")
-    assert A.mediation_gaps(cells) == [] and A.mediation_gaps(cells, rho_high=1.3) == [
+    assert mediation_gap(both).startswith("2 cells with (rho, tau) = (1, 1)")
+    assert mediation_gaps(cells) == [] and mediation_gaps(cells, rho_high=1.3) == [
         ({}, "no T1 cell (rho, tau) = (1.3, 1)")]
     with pytest.raises(ValueError, match="no baseline cell"):
-        A.mediation(cells.loc[cells["cell"] != 0], m)
+        mediation(cells.loc[cells["cell"] != 0], m)
 
 
 def test_tau_sweep_rhos_and_pick_rho_high():
@@ -247,13 +254,13 @@ def test_tau_sweep_rhos_and_pick_rho_high():
             (1.3, 1.0), (1.3, 1.7)]
     cells = pd.DataFrame({"cell": range(len(grid)), "rho": [r for r, _ in grid],
                           "tau": [t for _, t in grid]})
-    assert A.tau_sweep_rhos(cells) == [1.15, 1.3]
-    assert A.tau_sweep_rhos(cells, baseline_rho=1.2) == [1.3]
-    assert A.tau_sweep_rhos(cells.drop(columns="rho")) == []
-    assert A.pick_rho_high([1.15, 1.3]) == 1.15      # several: the study's 1.15
-    assert A.pick_rho_high([1.1, 1.3, 1.2]) == 1.3   # several, no 1.15: the largest
-    assert A.pick_rho_high([1.3]) == 1.3             # the only one
-    assert A.pick_rho_high([]) is None
+    assert tau_sweep_rhos(cells) == [1.15, 1.3]
+    assert tau_sweep_rhos(cells, baseline_rho=1.2) == [1.3]
+    assert tau_sweep_rhos(cells.drop(columns="rho")) == []
+    assert pick_rho_high([1.15, 1.3]) == 1.15      # several: the study's 1.15
+    assert pick_rho_high([1.1, 1.3, 1.2]) == 1.3   # several, no 1.15: the largest
+    assert pick_rho_high([1.3]) == 1.3             # the only one
+    assert pick_rho_high([]) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,8 +269,8 @@ def test_tau_sweep_rhos_and_pick_rho_high():
 def test_ols_r2_by_hand():
     # y = (0, 2, 1) on x = (0, 1, 2): slope Sxy/Sxx = 1/2, intercept 1 - 1/2 = 1/2,
     # fitted (0.5, 1, 1.5), residuals (-0.5, 1, -0.5): SSres = 1.5, SStot = 2 -> R² = 0.25
-    assert A.ols_r2([0, 2, 1], [0, 1, 2]) == pytest.approx(0.25)
-    assert A.ols_r2([1, 3, 5, 7], [0, 1, 2, 3]) == pytest.approx(1.0)
+    assert ols_r2([0, 2, 1], [0, 1, 2]) == pytest.approx(0.25)
+    assert ols_r2([1, 3, 5, 7], [0, 1, 2, 3]) == pytest.approx(1.0)
 
 
 def test_collapse_r2_by_hand():
@@ -273,7 +280,7 @@ def test_collapse_r2_by_hand():
     L = np.array([1.0, 2.0, 3.0, 4.0])
     cells = pd.DataFrame({"cell": range(4), "rho": [1, 1, 2, 2], "tau": [1, 1.3, 1, 1.3],
                           "L_grok": L, "T_grok": np.exp(L), "counts": True})
-    r = A.collapse_r2(cells).iloc[0]
+    r = collapse_r2(cells).iloc[0]
     assert (r["r2_L"], r["r2_rho"], r["r2_both"], r["delta_r2"]) == pytest.approx((1, 0.8, 1, 0))
     assert r["n_cells"] == 4
 
@@ -284,9 +291,9 @@ def test_collapse_grid_needs_three_rhos_and_two_taus():
                           "tau": [t for _, t in grid]})
     other = cells.assign(cell=cells["cell"] + 10, p=97).iloc[:4]          # rho 1.0 and 1.05 only
     both = pd.concat([cells, other], ignore_index=True)
-    assert A.spans_collapse_grid(cells) and not A.spans_collapse_grid(other)
-    assert list(A.collapse_grid(both)["cell"]) == list(range(6))
-    assert A.collapse_grid(other).empty and not A.spans_collapse_grid(cells.drop(columns="tau"))
+    assert spans_collapse_grid(cells) and not spans_collapse_grid(other)
+    assert list(collapse_grid(both)["cell"]) == list(range(6))
+    assert collapse_grid(other).empty and not spans_collapse_grid(cells.drop(columns="tau"))
 
 
 def test_dose_groups_need_three_norms_per_setting_and_tau():
@@ -295,8 +302,8 @@ def test_dose_groups_need_three_norms_per_setting_and_tau():
     cells = pd.DataFrame({"cell": range(7), "p": [59] * 3 + [97] * 3 + [59], "tau": 1.0,
                           "norm_target": [50.0, 55.0, 60.0, 50.0, 55.0, np.nan, np.nan],
                           "W_final": [50.0, 55.0, 60.0, 50.0, 55.0, 55.0, np.nan]})
-    assert list(A.with_norm(cells)["W"]) == [50.0, 55.0, 60.0, 50.0, 55.0, 55.0]
-    groups = list(A.dose_groups(cells))
+    assert list(with_norm(cells)["W"]) == [50.0, 55.0, 60.0, 50.0, 55.0, 55.0]
+    groups = list(dose_groups(cells))
     assert [keys for keys, _ in groups] == [{"p": 59, "tau": 1.0}]
     assert list(groups[0][1]["cell"]) == [0, 1, 2]
 
@@ -312,7 +319,7 @@ def test_dose_law_on_exact_exponentials():
     rows += [dict(cell=20, p=59, tau=1.0, norm_target=np.nan, W_final=45.0,
                   T_grok=np.exp(2 + 4.5), counts=True),
              dict(cell=21, p=59, tau=1.0, norm_target=70.0, W_final=70.0, T_grok=10.0, counts=False)]
-    d = A.dose_law(pd.DataFrame(rows)).set_index("p")
+    d = dose_law(pd.DataFrame(rows)).set_index("p")
     assert d.loc[59, "c"] == pytest.approx(2) and d.loc[59, "alpha"] == pytest.approx(0.1)
     assert d.loc[97, "c"] == pytest.approx(1) and d.loc[97, "alpha"] == pytest.approx(0.05)
     assert list(d["r2"]) == pytest.approx([1, 1]) and list(d["n_cells"]) == [5, 4]
@@ -333,31 +340,31 @@ def test_dose_law_collapse_free_range_cut_at_the_l_jump():
     rhos = [0.85, 0.90, 0.95, 1.00, 1.05, 1.10, 1.15, 1.20, 1.25]
     L = [20.0, 21.0, 22.0, 23.0, 69.0, 70.0, 71.0, 72.0, 73.0]
     T = [float(np.exp(1 + 0.1 * 50 * r)) if r <= 1.0 else float(np.exp(1 + 0.1 * 50 * r) * 40) for r in rhos]
-    d = A.dose_law(_dose_cells(rhos, L, T)).set_index("fit")
+    d = dose_law(_dose_cells(rhos, L, T)).set_index("fit")
     free, whole = d.loc["collapse-free"], d.loc["whole grid"]
     assert free["n_cells"] == 4 and free["alpha"] == pytest.approx(0.1) and free["c"] == pytest.approx(1.0)
     assert free["W_max"] == pytest.approx(50.0) and free["r2"] == pytest.approx(1.0)
     assert whole["n_cells"] == 9 and abs(whole["alpha"] - 0.1) > 0.01
     # a jump of exactly 2.5x is no onset; then rho <= 1.15 cuts: 0.85..1.15 (7 cells)
     L2 = [20.0, 21.0, 22.0, 23.0, 57.5, 58.0, 59.0, 60.0, 61.0]
-    assert A.dose_law(_dose_cells(rhos, L2, T)).set_index("fit").loc["collapse-free", "n_cells"] == 7
+    assert dose_law(_dose_cells(rhos, L2, T)).set_index("fit").loc["collapse-free", "n_cells"] == 7
 
 
 def test_dose_law_collapse_free_needs_three_cells_and_uses_w_at_grok():
     # the onset at the third cell leaves two: no collapse-free fit, the whole grid still fits
     rhos, L = [0.9, 1.0, 1.05, 1.1], [20.0, 21.0, 60.0, 61.0]
     T = [100.0, 200.0, 900.0, 1000.0]
-    d = A.dose_law(_dose_cells(rhos, L, T))
+    d = dose_law(_dose_cells(rhos, L, T))
     assert list(d["fit"]) == ["whole grid"]
     # W is the median norm at grok (W_grok) where known: T = exp(0.2 W_grok), norm targets elsewhere
     rhos, L = [0.9, 1.0, 1.1], [20.0, 21.0, 22.0]
     Wg = [40.0, 41.0, 43.0]
-    d = A.dose_law(_dose_cells(rhos, L, [float(np.exp(0.2 * w)) for w in Wg], W=Wg)).set_index("fit")
+    d = dose_law(_dose_cells(rhos, L, [float(np.exp(0.2 * w)) for w in Wg], W=Wg)).set_index("fit")
     assert d.loc["collapse-free", "alpha"] == pytest.approx(0.2)
     # a non-counting cell (fewer than half grokked) is left out before the cut
     cells = _dose_cells([0.9, 1.0, 1.05, 1.1], [20.0, 60.0, 21.0, 22.0], [100.0, 1e6, 200.0, 300.0],
                         counts=[True, False, True, True])
-    assert A.dose_law(cells).set_index("fit").loc["collapse-free", "n_cells"] == 3
+    assert dose_law(cells).set_index("fit").loc["collapse-free", "n_cells"] == 3
 
 
 def test_cell_table_no_warning_for_all_nan_columns():
@@ -439,18 +446,18 @@ def test_seed_phases_each_phase_by_hand():
         (0, 7, 100, NA, np.nan, np.nan, True),  # diverged: confusion
         (0, 8, 100, 1000, 1.0, 0.50, False),   # grokked, then forgot while its cell trained on: grokking
     ])
-    assert list(A.seed_phases(m)) == ["comprehension", "grokking", "comprehension", "comprehension",
-                                      "memorization", "confusion", "confusion", "confusion", "grokking"]
+    assert list(seed_phases(m)) == ["comprehension", "grokking", "comprehension", "comprehension",
+                                    "memorization", "confusion", "confusion", "confusion", "grokking"]
     # a wider comprehension window moves seed 1 (210 <= 2.5 x 100) and seed 8 stays (1000 > 250)
-    assert list(A.seed_phases(m, ratio=2.5))[:2] == ["comprehension", "comprehension"]
-    assert A.seed_phases(m, ratio=2.5)[8] == "grokking"
+    assert list(seed_phases(m, ratio=2.5))[:2] == ["comprehension", "comprehension"]
+    assert seed_phases(m, ratio=2.5)[8] == "grokking"
 
 
 def test_seed_phases_use_the_runs_mem_threshold():
     m = _seeds([(0, 0, NA, NA, 0.95, 0.1, False), (0, 1, NA, NA, 0.995, 0.1, False)])
-    assert list(A.seed_phases(m)) == ["confusion", "memorization"]                  # 0.99
-    assert list(A.seed_phases(m, mem_threshold=0.9)) == ["memorization", "memorization"]
-    assert list(A.seed_phases(m, mem_threshold=1.0)) == ["confusion", "confusion"]
+    assert list(seed_phases(m)) == ["confusion", "memorization"]                  # 0.99
+    assert list(seed_phases(m, mem_threshold=0.9)) == ["memorization", "memorization"]
+    assert list(seed_phases(m, mem_threshold=1.0)) == ["confusion", "confusion"]
 
 
 @pytest.mark.parametrize("phases, expected", [
@@ -465,7 +472,7 @@ def test_seed_phases_use_the_runs_mem_threshold():
     (["comprehension", "grokking", "memorization", "confusion"], "grokking"),
 ])
 def test_majority_phase_and_its_ties(phases, expected):
-    assert A.majority_phase(np.array(phases)) == expected
+    assert majority_phase(np.array(phases)) == expected
 
 
 def test_phase_table_by_hand():
@@ -477,7 +484,7 @@ def test_phase_table_by_hand():
             (1, 0, 300, None, 1.0, 0.1, False), (1, 1, 400, NA, 1.0, 0.2, False),
             (1, 2, NA, NA, 0.6, 0.0, False)]
     m = _seeds(rows, lr=[1e-2] * 3 + [1e-3] * 3, wd=1.0, train_frac=0.5, p=23)
-    t = A.phase_table(m, mem_threshold=0.99, grok_threshold=0.9).set_index("cell")
+    t = phase_table(m, mem_threshold=0.99, grok_threshold=0.9).set_index("cell")
     assert list(t["phase"]) == ["grokking", "memorization"]
     r = t.loc[0]
     assert (r["n"], r["n_mem"], r["n_grok"], r["T_mem"], r["T_grok"], r["delay"]) == (3, 3, 3, 100, 400, 300)
@@ -490,31 +497,31 @@ def test_phase_table_by_hand():
     assert {"lr", "wd", "train_frac", "p"} <= set(t.columns)
     assert (t["mem_threshold"] == 0.99).all() and (t["grok_threshold"] == 0.9).all()
     # a lower mem_threshold (the run's) turns cell 1's third seed (final train accuracy 0.6) into memorization
-    t = A.phase_table(m, mem_threshold=0.5).set_index("cell")
+    t = phase_table(m, mem_threshold=0.5).set_index("cell")
     assert t.loc[1, "n_memorization"] == 3 and t.loc[1, "mem_threshold"] == 0.5
 
 
 def test_phase_table_leaves_out_fork_arms():
     m = _seeds([(0, 0, 100, 150, 1.0, 0.91, False), (1, 0, 100, NA, 1.0, 0.1, False)],
                lr=1e-3, wd=1.0, train_frac=0.5, arm=[None, "same"])
-    assert list(A.phase_table(m)["cell"]) == [0]
+    assert list(phase_table(m)["cell"]) == [0]
 
 
 def test_phase_diagrams_found_only_where_two_axes_vary():
     def table(cells):
         rows = [(i, 0, 100, 300, 1.0, 0.95, False) for i in range(len(cells))]
         lr, wd, tf = zip(*cells)
-        return A.phase_table(_seeds(rows, lr=list(lr), wd=list(wd), train_frac=list(tf), p=23))
+        return phase_table(_seeds(rows, lr=list(lr), wd=list(wd), train_frac=list(tf), p=23))
     # lr x wd at tf 0.5 (2 x 2) and tf x wd at lr 1e-2 (2 x 2), sharing the cell (1e-2, *, 0.5)
     cells = [(lr, wd, 0.5) for lr in (1e-3, 1e-2) for wd in (0.5, 1.0)] + [(1e-2, wd, 0.8) for wd in (0.5, 1.0)]
-    d = A.phase_diagrams(table(cells))
+    d = phase_diagrams(table(cells))
     assert [(x["y"], x["x"], x["fixed"]) for x in d] == [("lr", "wd", ("train_frac", 0.5)),
                                                         ("train_frac", "wd", ("lr", 1e-2))]
     assert [len(x["cells"]) for x in d] == [4, 4] and d[0]["keys"]["p"] == 23
-    assert A.phase_diagrams(table([(1e-3, 1.0, 0.5), (1e-2, 1.0, 0.5)])) == []      # one wd: a line, not a diagram
-    assert A.phase_diagrams(table([(1e-3, 1.0, 0.5)])) == []
+    assert phase_diagrams(table([(1e-3, 1.0, 0.5), (1e-2, 1.0, 0.5)])) == []      # one wd: a line, not a diagram
+    assert phase_diagrams(table([(1e-3, 1.0, 0.5)])) == []
     no_axes = _seeds([(0, 0, 100, 300, 1.0, 0.95, False)])
-    assert A.phase_diagrams(A.phase_table(no_axes)) == []                               # a train run's table
+    assert phase_diagrams(phase_table(no_axes)) == []                               # a train run's table
 
 
 def test_interventions_table_names_each_arm_and_reads_its_cell():
@@ -531,8 +538,8 @@ def test_interventions_table_names_each_arm_and_reads_its_cell():
                          "sc_rate": 0.1 * cell, "test_loss": 1.0 + cell, "weight_norm": 30.0, "diverged": False,
                          "lr": 1e-3, **arm})
     models = pd.DataFrame(rows).astype({"t_grok": "Int64"})
-    assert A.has_interventions(models) and not A.has_interventions(models[models.cell == 0])
-    table = A.interventions_table(A.cell_table(models))
+    assert has_interventions(models) and not has_interventions(models[models.cell == 0])
+    table = interventions_table(A.cell_table(models))
     assert list(table.arm) == ["CE, wd=1", "StableMax, wd=0", "CE, wd=0, ⊥Grad", "CE, wd=1, Grokfast λ=2"]
     assert list(table.n_grokked) == [2] * 4
     assert list(table.T_grok) == [500.0, 600.0, 700.0, 800.0]           # median of the two that grokked

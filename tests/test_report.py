@@ -1,5 +1,5 @@
-"""report.py: a synthetic run directory in the trainer's schema goes through analyze_dir and
-write_report; the figures exist and every number in report.md is the returned tables' number."""
+"""report.py, figures.py and terminal.py: a synthetic run directory in the trainer's schema goes through
+analyze_dir and write_report; the figures exist and every number in report.md is the returned tables' number."""
 import io
 import json
 import re
@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fastgrok import figures
 from fastgrok import report as R
+from fastgrok.terminal import column_groups, column_width, render_terminal
 
 STEPS = np.arange(0, 4001, 25)          # evaluation steps
 LOG_STEPS = np.arange(0, 4001, 200)     # logit_scale steps
@@ -146,7 +148,7 @@ def test_mediation_run_report(tmp_path):
 
     buf = io.StringIO()
     from rich.console import Console
-    R.render_terminal(result, console=Console(file=buf, width=250))
+    render_terminal(result, console=Console(file=buf, width=250))
     assert R.format_value(med["recovery"]) in buf.getvalue()
 
 
@@ -186,7 +188,7 @@ def test_grid_run_with_forks_report(tmp_path):
 def _terminal_text(result, width):
     from rich.console import Console
     buf = io.StringIO()
-    R.render_terminal(result, console=Console(file=buf, width=width))
+    render_terminal(result, console=Console(file=buf, width=width))
     return buf.getvalue()
 
 
@@ -212,12 +214,12 @@ def test_terminal_at_80_columns_shows_every_value_whole(tmp_path):
 
 def test_column_groups_fit_the_width_and_repeat_the_label():
     df = pd.DataFrame({"cell": [0, 1], **{f"column_{i}": [1234.5, 0.06198] for i in range(12)}})
-    groups = R.column_groups(df, 80)
+    groups = column_groups(df, 80)
     assert len(groups) > 1 and all(g[0] == "cell" for g in groups)
     assert [c for g in groups for c in g[1:]] == list(df.columns[1:])
     for g in groups:
-        assert 1 + sum(R.column_width(df, c) for c in g) <= 80
-    assert R.column_groups(df, 10_000) == [list(df.columns)]
+        assert 1 + sum(column_width(df, c) for c in g) <= 80
+    assert column_groups(df, 10_000) == [list(df.columns)]
 
 
 def _with_rho(cells, old, new):
@@ -352,8 +354,8 @@ def test_alloc_cells_are_told_apart_by_layer_fracs(tmp_path):
     cells = result["cells"]
     assert list(cells["layer_fracs"]) == ["0.4,0.5,0.1", "0.25,0.5,0.25", "0.1,0.5,0.4"]
     assert "arm" not in cells and "fork_step" not in cells        # null for every model
-    assert R.cell_labels(cells) == {0: "layer_fracs=0.4,0.5,0.1", 1: "layer_fracs=0.25,0.5,0.25",
-                                    2: "layer_fracs=0.1,0.5,0.4"}
+    assert figures.cell_labels(cells) == {0: "layer_fracs=0.4,0.5,0.1", 1: "layer_fracs=0.25,0.5,0.25",
+                                          2: "layer_fracs=0.1,0.5,0.4"}
     assert result["notes"] == []                                  # no sweep: nothing to excuse
 
     text = R.write_report(tmp_path, result).read_text()
@@ -368,13 +370,13 @@ def test_alloc_cells_are_told_apart_by_layer_fracs(tmp_path):
 def test_curves_legend_names_the_layer_fracs(tmp_path, monkeypatch):
     _write_run(tmp_path, ALLOC, n_seeds=2)
     legends = []
-    real_save = R._save
+    real_save = figures._save
 
     def save(fig, stem):
         legends.extend(t.get_text() for ax in fig.axes if ax.get_legend()
                        for t in ax.get_legend().get_texts())
         return real_save(fig, stem)
-    monkeypatch.setattr(R, "_save", save)
+    monkeypatch.setattr(figures, "_save", save)
     R.write_report(tmp_path, R.analyze_dir(tmp_path, n_boot=200))
     assert legends == ["layer_fracs=0.4,0.5,0.1", "layer_fracs=0.25,0.5,0.25",
                        "layer_fracs=0.1,0.5,0.4"]
@@ -384,7 +386,7 @@ def test_other_experiments_look_as_before(tmp_path):
     _write_run(tmp_path, [dict(GRID_COLS, **c) for c in MEDIATION], n_seeds=4)
     result = R.analyze_dir(tmp_path, n_boot=200)
     assert not {"layer_fracs", "arm", "fork_step"} & set(result["cells"].columns)
-    assert set(R.cell_labels(result["cells"].loc[result["cells"]["cell"] < 2]).values()) == {
+    assert set(figures.cell_labels(result["cells"].loc[result["cells"]["cell"] < 2]).values()) == {
         "rho=1 norm_target=54.5", "rho=1.15 norm_target=62.67"}
     text = R.write_report(tmp_path, result).read_text()
     _check_tables(result, text)
@@ -472,18 +474,17 @@ def test_a_missing_fit_says_why(tmp_path, cells, table, note):
 
 def test_curves_log_axis_has_no_minor_labels(tmp_path, monkeypatch):
     """A short log range (a few hundred steps) labels only the decades: minor labels would overlap."""
-    from fastgrok import report
     seen = []
-    real_save = report._save
+    real_save = figures._save
 
     def save(fig, stem):
         fig.canvas.draw()                        # tick labels are set at draw time
         seen.append([t.get_text() for ax in fig.axes for t in ax.xaxis.get_minorticklabels()])
         return real_save(fig, stem)
-    monkeypatch.setattr(report, "_save", save)
+    monkeypatch.setattr(figures, "_save", save)
     curves = pd.DataFrame({"cell": 0, "metric": np.repeat(["train_acc", "test_acc"], 5),
                            "step": np.tile([30, 60, 90, 120, 150], 2), "value": np.linspace(0.1, 0.9, 10)})
-    report.fig_curves(curves, pd.DataFrame({"cell": [0]}), tmp_path / "curves")
+    figures.fig_curves(curves, pd.DataFrame({"cell": [0]}), tmp_path / "curves")
     assert (tmp_path / "curves.png").exists() and len(seen) == 1
     assert seen[0] and all(text == "" for text in seen[0])
 

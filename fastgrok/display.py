@@ -1,0 +1,57 @@
+"""How a result's numbers and tables are shown, in report.md and in the terminal alike: the sections
+(`TABLES`), the one function every printed number goes through (`format_value`) and a table's split
+into the columns shown and those constant in every row (`display_table`).
+
+A module below report.py, figures.py and terminal.py, so that each of them formats the same way
+without importing another.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+TABLES = (("calibration", "Clamp calibration: w_c per setting"), ("cells", "Cells"),
+          ("mediation", "Mediation: τ sweep at ρ_high"),
+          ("collapse", "Collapse grid: ln T_grok on L and ρ"), ("dose_law", "Dose law: ln T = c + α‖W‖"),
+          ("memorization", "Memorization control"),
+          ("phase", "Phase diagrams: comprehension, grokking, memorization, confusion"),
+          ("interventions", "Interventions side by side"),
+          ("forks", "Same-state forks"))
+"""Result keys that hold tables, in report order, with their section titles."""
+
+
+def format_value(x) -> str:
+    """Integers (and integral floats) plainly, |x| >= 100 with one decimal, else 4 significant
+    digits; bools yes/no; missing values as an em dash."""
+    if x is None or x is pd.NA or (isinstance(x, (float, np.floating)) and np.isnan(x)):
+        return "—"
+    if isinstance(x, (bool, np.bool_)):
+        return "yes" if x else "no"
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        if np.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        if x == round(x) and abs(x) < 1e15:
+            return str(int(round(x)))
+        return f"{x:.1f}" if abs(x) >= 100 else f"{x:.4g}"
+    return str(x)
+
+
+def display_table(df: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
+    """Split a table for display: with several rows, columns null in every row are left out (they
+    say nothing, e.g. `arm` outside a fork experiment), columns holding one value in every row move
+    to a constants dict; the rest is shown as is."""
+    if len(df) <= 1:
+        return {}, df
+    consts, shown = {}, []
+    for c in df.columns:
+        col = df[c]
+        if col.isna().all():
+            continue
+        if col.notna().all() and col.nunique() == 1:
+            consts[c] = col.iloc[0]
+        else:
+            shown.append(c)
+    return consts, df[shown]
