@@ -9,9 +9,9 @@ moment by the root of its second moment, so a gradient scaled by a constant give
 full-batch gradients that change slowly, h stays close to g and g^ is close to (1 + lambda) g.
 
 This trains the Grokfast arm (eager, stop_when_grokked off so the batch keeps its models) and, at every
-step, feeds the raw g into a shadow Adam (same betas and eps, same trajectory) beside the real one fed g^.
-Per model and step it records cos(g, g^), the Adam step u = m / (sqrt(v) + eps) of both (bias corrections
-are common scalars and cancel in both measures): cos(u^, u) and ||u^|| / ||u||. Printed: each measure's
+step, feeds the raw g into a shadow Adam (optim.adamw: same betas and eps, same trajectory) beside a second
+one fed g^, as the real one is. Per model and step it records cos(g, g^) and, of the two bias-corrected
+Adam steps u (from g) and u^ (from g^), cos(u^, u) and ||u^|| / ||u||. Printed: each measure's
 median and 5th percentile over all steps and over the 100 steps before each model's T_grok.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 import fastgrok.step as step
 from fastgrok.config import TrainConfig
-from fastgrok.optim import grokfast_ema
+from fastgrok.optim import adamw, grokfast_ema
 from fastgrok.trainer import train
 
 
@@ -41,22 +41,21 @@ def main() -> None:
     cfg = TrainConfig(p=args.p, d_embed=64, hidden=128, train_frac=0.6, lr=args.lr, wd=args.wd,
                       grokfast_alpha=args.alpha, grokfast_lambda=args.lamb, seeds=args.seeds,
                       steps=args.steps, compile="off", stop_when_grokked=False)
-    b1, b2, eps = cfg.beta1, cfg.beta2, cfg.eps
     shadow: dict[str, torch.Tensor] = {}
     rows: list[np.ndarray] = []                      # per step: (M, 4) cos(g, g^), cos(u^, u), ratio, t
+
+    def adam_step(g, key, t):
+        """Adam's step for gradient g from the shadow moments `key` (optim.adamw from zero weights, lr -1)."""
+        m, v = shadow.get(key + "m", torch.zeros_like(g)), shadow.get(key + "v", torch.zeros_like(g))
+        u, shadow[key + "m"], shadow[key + "v"] = adamw(torch.zeros_like(g), g, m, v, t + 1, lr=-1.0,
+                                                        beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+                                                        lr_wd=None, n_mat=0)
+        return u
 
     def recording(grad, h, t, alpha, lamb):
         new_g, new_h = grokfast_ema(grad, h, t, alpha, lamb)
         g, gh = grad.double(), new_g.double()
-        if not shadow:
-            shadow.update(m=torch.zeros_like(g), v=torch.zeros_like(g), mh=torch.zeros_like(g),
-                          vh=torch.zeros_like(g))
-        for k, x in (("m", g), ("mh", gh)):
-            shadow[k] = b1 * shadow[k] + (1 - b1) * x
-        for k, x in (("v", g), ("vh", gh)):
-            shadow[k] = b2 * shadow[k] + (1 - b2) * x * x
-        u = shadow["m"] / (shadow["v"].sqrt() + eps)
-        uh = shadow["mh"] / (shadow["vh"].sqrt() + eps)
+        u, uh = adam_step(g, "raw", t), adam_step(gh, "grokfast", t)
         cos = torch.nn.functional.cosine_similarity
         rows.append(torch.stack([cos(g, gh, dim=1), cos(uh, u, dim=1),
                                  uh.norm(dim=1) / u.norm(dim=1), t.double()], 1).numpy())
