@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,13 +28,7 @@ from fastgrok.models import MLP
 from fastgrok.models import build_model
 from fastgrok.step import eval_metrics
 
-_SCRIPT = Path(sys.executable).with_name("fastgrok")
-FASTGROK = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "fastgrok.cli"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}   # tiny models: one thread is fastest
-
-
-def fastgrok(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*FASTGROK, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300, **kw)
+from cli_runner import ENV, FASTGROK, checkpointed, fastgrok
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -180,21 +173,12 @@ def reference_run(tmp_path_factory) -> Path:
     return out
 
 
-def _checkpointed(run: Path) -> bool:
-    """Whether a run has checkpointed: its progress.json (written at the start, at evaluations seconds apart,
-    and last at each checkpoint, after checkpoint.pt and the results) names a checkpoint past step 0."""
-    try:
-        return (json.loads((run / "progress.json").read_text())["checkpoint"] or 0) > 0
-    except (OSError, ValueError, KeyError):
-        return False
-
-
 def _start_and_interrupt(out: Path, sig: int) -> subprocess.Popen:
     """Start a run, wait for its first checkpoint, then send `sig` while it is still training."""
     proc = subprocess.Popen([*FASTGROK, "train", *FLAGS, "--quiet", "--out", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.monotonic() + 120
-    while not _checkpointed(out):
+    while not checkpointed(out):
         assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.communicate()}"
         assert time.monotonic() < deadline, "no checkpoint within 120 s"
         time.sleep(0.02)

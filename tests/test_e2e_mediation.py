@@ -15,7 +15,7 @@ import torch
 from fastgrok import report as R
 from fastgrok.executors import run_experiment
 
-from test_report import _check_tables
+from report_tables import check_tables
 
 # p = 23 at train fraction 0.8 groks in ~800 steps with these widths (measured: 3/3 seeds, eager)
 SPEC = """
@@ -81,7 +81,7 @@ def test_engine_run_then_analyze(run_dir):
         assert f"figures/{name}.png" in text
 
     result = R.analyze_dir(run_dir)
-    _check_tables(result, text)                     # every number of the report is the table's
+    check_tables(result, text)                     # every number of the report is the table's
     med = result["mediation"].iloc[0]
     assert R.format_value(med["recovery"]) in out.stdout
 

@@ -11,7 +11,7 @@ from fastgrok import report as R
 from fastgrok.cli import main
 from fastgrok.executors import run_experiment
 
-from test_report import _check_tables
+from report_tables import check_tables
 
 # p = 13 in 400 steps: wd 0.25 memorizes (train accuracy 1, test below 0.6), wd 16 fits nothing (0.09)
 SPEC = """
@@ -47,7 +47,7 @@ def test_phase_grid_run_then_analyze(tmp_path):
     assert main(["analyze", str(run)]) == 0
     text = (run / "report.md").read_text()
     result = R.analyze_dir(run)
-    _check_tables(result, text)
+    check_tables(result, text)
     assert "## Phase diagrams" in text and (run / "figures" / "phase.pdf").stat().st_size > 0
     assert "train accuracy >= 0.95" in text                     # the run's own mem_threshold
 

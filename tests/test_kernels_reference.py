@@ -20,6 +20,9 @@ import fastgrok.kernels as K
 from fastgrok.kernels.reference import (clamp_flat_reference_, clamp_list_reference_, tempered_ce_reference,
                                         tempered_mse_reference)
 
+from loss_formulas import (ROWS_BY_KIND, autograd_per_model, ce_rows, mse_rows, stablemax_rows,
+                           stablemax_saturated_inputs)
+
 TAUS = (1e-3, 0.5, 1.0, 1.7, 1e3)
 
 
@@ -36,45 +39,6 @@ def _inputs(M, N, V, seed, scale=3.0, labels_2d=False, mask_kind="random"):
     return z, y, tau, mask
 
 
-def _autograd_per_model(z, y, tau, mask, row_loss, with_rows=False):
-    """Loss (M,) and d(Σ loss)/dz by autograd; row_loss(s, y) -> per-row losses for one model, or a list
-    of such functions, one per model. with_rows: also the per-row losses (M, N)."""
-    M, N, V = z.shape
-    zz = z.detach().clone().requires_grad_(True)
-    y2 = y.expand(M, N) if y.dim() == 1 else y
-    fns = row_loss if isinstance(row_loss, (list, tuple)) else [row_loss] * M
-    losses, all_rows = [], []
-    for m in range(M):
-        rows = torch.ones(N, dtype=torch.bool) if mask is None else mask[m]
-        per_row = fns[m](zz[m] / tau[m], y2[m])                              # (N,)
-        all_rows.append(per_row.detach())
-        losses.append((per_row * rows).sum() / max(int(rows.sum()), 1))
-    loss = torch.stack(losses)
-    (grad,) = torch.autograd.grad(loss.sum(), zz)
-    if with_rows:
-        return loss.detach(), grad, torch.stack(all_rows)
-    return loss.detach(), grad
-
-
-def _ce_rows(s, y):
-    return F.cross_entropy(s, y, reduction="none")
-
-
-def _mse_rows(s, y):
-    return ((s - F.one_hot(y, s.shape[-1]).to(s.dtype)) ** 2).sum(-1)
-
-
-def _stablemax_rows(s, y):
-    """StableMax CE from the paper: S(x) = x + 1 (x >= 0), 1/(1 − x) (x < 0); p = S / Σ S; −log p_y.
-    (x clamped inside 1/(1 − x) so the branch torch.where drops has no infinite gradient to hide.)"""
-    S = torch.where(s >= 0, s + 1, 1 / (1 - s.clamp(max=0)))
-    p = S / S.sum(-1, keepdim=True)
-    return -torch.log(p.gather(-1, y[:, None])[:, 0])
-
-
-ROWS_BY_KIND = (_ce_rows, _stablemax_rows, _mse_rows)
-
-
 CASES = [
     pytest.param(1, 7, 2, dict(mask_kind=None), id="V2-M1-nomask"),
     pytest.param(5, 23, 59, dict(labels_2d=True), id="V59-M5-all-taus"),
@@ -87,7 +51,7 @@ CASES = [
 def test_ce_reference_matches_autograd(M, N, V, kw):
     z, y, tau, mask = _inputs(M, N, V, seed=1, **kw)
     loss, grad, *_ = tempered_ce_reference(z, y, tau, mask)
-    want_loss, want_grad = _autograd_per_model(z, y, tau, mask, _ce_rows)
+    want_loss, want_grad = autograd_per_model(z, y, tau, mask, ce_rows)
     torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12 / min(TAUS))
     if mask is not None:
@@ -98,7 +62,7 @@ def test_ce_reference_matches_autograd(M, N, V, kw):
 def test_mse_reference_matches_autograd(M, N, V, kw):
     z, y, tau, mask = _inputs(M, N, V, seed=2, **kw)
     loss, grad, correct, collapsed, norm, _ = tempered_mse_reference(z, y, tau, mask)
-    want_loss, want_grad = _autograd_per_model(z, y, tau, mask, _mse_rows)
+    want_loss, want_grad = autograd_per_model(z, y, tau, mask, mse_rows)
     torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12 / min(TAUS))
     ce = tempered_ce_reference(z, y, tau, mask)                 # readouts are the CE twin's
@@ -120,7 +84,7 @@ def test_kinds_reference_matches_autograd(M, N, V, kw, kinds, kdt):
     z, y, tau, mask = _inputs(M, N, V, seed=6, **kw)
     kind = torch.tensor(kinds, dtype=kdt)
     loss, grad, correct, collapsed, norm, row = tempered_ce_reference(z, y, tau, mask, kind)
-    want_loss, want_grad, want_row = _autograd_per_model(z, y, tau, mask, [ROWS_BY_KIND[k] for k in kinds],
+    want_loss, want_grad, want_row = autograd_per_model(z, y, tau, mask, [ROWS_BY_KIND[k] for k in kinds],
                                                          with_rows=True)
     torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12 / min(TAUS))
@@ -141,17 +105,6 @@ def test_stablemax_hand_computed():
     assert grad[0, 0].tolist() == pytest.approx([-1 / 12, 1 / 16], rel=1e-14)
 
 
-def stablemax_saturated_inputs(M=3, N=8, V=59, seed=9):
-    """StableMax rows whose p_y is within float32 rounding of 1: wrong classes at -1e4..-2e4 (S ~ 7e-5),
-    the correct class at 1e5..1.1e5, so R / S(s_y) ~ 4e-8 < 2^-24 and S(s_y) + R rounds to S(s_y) in
-    float32. Values exactly representable in float32 (so float64 and float32 start from the same s)."""
-    g = torch.Generator().manual_seed(seed)
-    z = -(1.0 + torch.rand(M, N, V, generator=g, dtype=torch.float64)) * 1e4
-    y = torch.randint(0, V, (N,), generator=g)
-    z[:, torch.arange(N), y] = (1.0 + 0.1 * torch.rand(M, N, generator=g, dtype=torch.float64)) * 1e5
-    return z.float().double(), y
-
-
 def test_stablemax_float32_keeps_the_correct_class_gradient_when_saturated():
     """Where p_y rounds to 1 in float32, the float32 twin's StableMax loss, rows and gradient (the correct
     class's included) still equal float64 autograd of the paper's formula to float32 rounding; the naive
@@ -160,7 +113,7 @@ def test_stablemax_float32_keeps_the_correct_class_gradient_when_saturated():
     M, N, V = z.shape
     tau = torch.ones(M, dtype=torch.float64)
     kind = torch.ones(M, dtype=torch.int64)
-    want_loss, want_grad, want_row = _autograd_per_model(z, y, tau, None, [_stablemax_rows] * M, with_rows=True)
+    want_loss, want_grad, want_row = autograd_per_model(z, y, tau, None, [stablemax_rows] * M, with_rows=True)
     s32 = z.float()
     S = torch.where(s32 >= 0, s32 + 1, 1 / (1 - s32.clamp(max=0)))
     naive = 1 / S.sum(-1) - 1 / S.gather(-1, y.expand(M, N)[..., None])[..., 0]
@@ -190,8 +143,8 @@ def test_kind_none_is_the_code_before_kinds(dtype):
     ce = tempered_ce_reference(z, y, tau, mask)                 # row_loss: the per-row formula
     mse = tempered_mse_reference(z, y, tau, mask)
     s = z.double() / tau.double()[:, None, None]
-    want_ce = torch.stack([_ce_rows(s[m], y[m]) for m in range(3)])
-    want_mse = torch.stack([_mse_rows(s[m], y[m]) for m in range(3)])
+    want_ce = torch.stack([ce_rows(s[m], y[m]) for m in range(3)])
+    want_mse = torch.stack([mse_rows(s[m], y[m]) for m in range(3)])
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     assert ce[5].dtype == mse[5].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     torch.testing.assert_close(ce[5].double(), want_ce, **tol)
@@ -330,7 +283,7 @@ def test_tempered_cross_entropy_torch_autograd(dtype):
     loss, st = K.tempered_cross_entropy(zz, y, tau, mask, backend="torch")
     ((loss * c).sum() + (zz * 2).sum()).backward()
     ref_loss, ref_grad, ref_correct, ref_coll, ref_norm, ref_row = tempered_ce_reference(z, y, tau, mask)
-    want_loss, want_grad = _autograd_per_model(z.double(), y, tau.double(), mask, _ce_rows)
+    want_loss, want_grad = autograd_per_model(z.double(), y, tau.double(), mask, ce_rows)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
     torch.testing.assert_close(zz.grad, ref_grad * c[:, None, None] + 2, rtol=0, atol=0)

@@ -463,11 +463,11 @@ def test_stablemax_saturated_rows_keep_their_gradient():
     """Rows whose p_y is within float32 rounding of 1 (R / S(s_y) ~ 4e-8): the kernel's StableMax loss,
     rows and gradient, the correct class's included, equal float64 autograd of the paper's formula to
     float32 rounding (the naive 1/Σ − 1/S(s_y) is 0 there), single tile and looped over V."""
-    from test_kernels_reference import _autograd_per_model, _stablemax_rows, stablemax_saturated_inputs
+    from loss_formulas import autograd_per_model, stablemax_rows, stablemax_saturated_inputs
     z, y = stablemax_saturated_inputs(M=2, N=6, V=97, seed=3)
     M, N, V = z.shape
     tau = torch.ones(M, dtype=torch.float64)
-    want_loss, want_grad, want_row = _autograd_per_model(z, y, tau, None, [_stablemax_rows] * M, with_rows=True)
+    want_loss, want_grad, want_row = autograd_per_model(z, y, tau, None, [stablemax_rows] * M, with_rows=True)
     kind = torch.ones(M, dtype=torch.int32, device=DEV)
     for kw in ({}, dict(block_n=2, block_v=32)):
         loss, grad, *_, row = ce_mod.tempered_ce_triton(z.float().to(DEV), y.to(DEV), tau.float().to(DEV),

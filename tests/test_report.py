@@ -12,6 +12,8 @@ from fastgrok import figures
 from fastgrok import report as R
 from fastgrok.terminal import column_groups, column_width, render_terminal
 
+from report_tables import check_tables, parse_tables
+
 STEPS = np.arange(0, 4001, 25)          # evaluation steps
 LOG_STEPS = np.arange(0, 4001, 200)     # logit_scale steps
 W_C = 54.5
@@ -65,63 +67,6 @@ MEDIATION = [dict(rho=1.0, tau=1.0, T=1000, L=20.0, Tm=175),
              dict(rho=1.15, tau=1.7, T=900, L=18.0, Tm=200)]
 
 
-def _parse_tables(text):
-    """{key: (constants {col: str}, header [col], rows [[str]])} from the report's tables."""
-    lines, out = text.splitlines(), {}
-    for i, line in enumerate(lines):
-        if not line.startswith("<!-- table: "):
-            continue
-        key, j, consts = line[len("<!-- table: "):-len(" -->")], i + 1, {}
-        if lines[j].startswith("All rows: "):
-            consts = dict(kv.split(" = ", 1) for kv in lines[j][len("All rows: "):].split("; "))
-            j += 2
-        header = [h.strip() for h in lines[j].strip("|").split("|")]
-        rows = []
-        for row in lines[j + 2:]:
-            if not row.startswith("|"):
-                break
-            rows.append([c.strip() for c in row.strip().strip("|").split("|")])
-        out[key] = (consts, header, rows)
-    return out
-
-
-def _same_number(s, v):
-    """s (as printed) is v: the exact format_value string, and it parses back to v."""
-    assert s == R.format_value(v)
-    if s == "—":
-        assert pd.isna(v)
-    elif s in ("yes", "no"):
-        assert bool(v) is (s == "yes")
-    else:
-        try:
-            x = float(s)
-        except ValueError:
-            assert s == str(v)
-            return
-        tol = 0.0501 if abs(v) >= 100 else 5e-4 * abs(v)
-        assert abs(x - v) <= tol
-
-
-def _check_tables(result, text):
-    tables = _parse_tables(text)
-    shown = [k for k, _ in R.TABLES if k in result]
-    assert list(tables) == shown
-    for key, (consts, header, rows) in tables.items():
-        df = result[key].reset_index(drop=True)
-        assert len(rows) == len(df)
-        for col, s in consts.items():
-            for v in df[col]:
-                _same_number(s, v)
-        for i, row in enumerate(rows):
-            assert len(row) == len(header)
-            for col, s in zip(header, row):
-                _same_number(s, df[col].iloc[i])
-        # every column is printed, but those null in every row of a multi-row table
-        empty = {c for c in df.columns if len(df) > 1 and df[c].isna().all()}
-        assert not empty & (set(header) | set(consts))
-        assert set(df.columns) == set(header) | set(consts) | empty
-
-
 def test_mediation_run_report(tmp_path):
     _write_run(tmp_path, MEDIATION, n_seeds=4)
     result = R.analyze_dir(tmp_path)
@@ -143,7 +88,7 @@ def test_mediation_run_report(tmp_path):
             f = tmp_path / "figures" / f"{name}.{ext}"
             assert f.exists() and f.stat().st_size > 0
         assert f"figures/{name}.png" in text
-    _check_tables(result, text)
+    check_tables(result, text)
     assert R.format_value(med["recovery"]) in text
 
     buf = io.StringIO()
@@ -179,7 +124,7 @@ def test_grid_run_with_forks_report(tmp_path):
     for name in ("collapse", "forks", "curves"):
         for ext in ("png", "pdf"):
             assert (tmp_path / "figures" / f"{name}.{ext}").stat().st_size > 0
-    _check_tables(result, text)
+    check_tables(result, text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +241,7 @@ def test_report_states_the_calibration(tmp_path, t_grok, grokked):
     assert (row["key"], row["w_c"], row["n_grokked"], row["seeds"], row["source"]) == (
         key, cal["w_c"], grokked, 3, cal["source"])
     text = R.write_report(tmp_path, result).read_text()
-    _check_tables(result, text)
+    check_tables(result, text)
     assert "## Clamp calibration" in text and key in text and R.format_value(cal["w_c"]) in text
     terminal = _words(_terminal_text(result, width=80))
     warned = "no calibration seed grokked for " + key
@@ -359,8 +304,8 @@ def test_alloc_cells_are_told_apart_by_layer_fracs(tmp_path):
     assert result["notes"] == []                                  # no sweep: nothing to excuse
 
     text = R.write_report(tmp_path, result).read_text()
-    _check_tables(result, text)
-    consts, header, rows = _parse_tables(text)["cells"]
+    check_tables(result, text)
+    consts, header, rows = parse_tables(text)["cells"]
     assert header[:2] == ["cell", "layer_fracs"] and [r[1] for r in rows] == list(cells["layer_fracs"])
     assert "arm" not in consts and "fork_step" not in consts
     terminal = _terminal_text(result, width=250)
@@ -389,7 +334,7 @@ def test_other_experiments_look_as_before(tmp_path):
     assert set(figures.cell_labels(result["cells"].loc[result["cells"]["cell"] < 2]).values()) == {
         "rho=1 norm_target=54.5", "rho=1.15 norm_target=62.67"}
     text = R.write_report(tmp_path, result).read_text()
-    _check_tables(result, text)
+    check_tables(result, text)
     terminal = _terminal_text(result, width=250)
     for name in ("layer_fracs", "arm", "fork_step"):
         assert name not in text and name not in terminal
@@ -467,7 +412,7 @@ def test_a_missing_fit_says_why(tmp_path, cells, table, note):
     if "for p=97" not in note:
         assert table not in result
     text = R.write_report(tmp_path, result).read_text()
-    _check_tables(result, text)
+    check_tables(result, text)
     assert f"Note: {missing[0]}" in text
     assert f"note: {missing[0]}" in _words(_terminal_text(result, width=80))
 
@@ -580,7 +525,7 @@ def test_phase_run_report(tmp_path):
     assert list(t["phase"]) == [PHASE_NAMES[ph] for *_, ph in cells]
     assert [len(d["cells"]) for d in result["phase_diagrams"]] == [6, 6]
     text = R.write_report(tmp_path, result).read_text()
-    _check_tables(result, text)                        # every number shown is the table's
+    check_tables(result, text)                        # every number shown is the table's
     assert "## Phase diagrams" in text and "figures/phase.png" in text
     assert "train accuracy >= 0.99" in text and "test accuracy >= 0.9" in text      # TrainConfig's defaults
     assert "Cells: 2 comprehension, 3 grokking, 3 memorization, 2 confusion." in text

@@ -27,7 +27,7 @@ from fastgrok.experiments import ExperimentSpec
 from fastgrok.snapshots import layout_of, log_steps
 from fastgrok.trainer import Trainer
 
-from test_cli import ENV, FASTGROK, _checkpointed, fastgrok
+from cli_runner import ENV, FASTGROK, checkpointed, fastgrok
 
 N = 12
 FLAGS = ["--preset", "quick", "--seeds", "2", "--seed0", "1", "--snapshots", str(N), "--checkpoint-every", "100",
@@ -114,7 +114,7 @@ def test_killed_and_resumed_run_has_identical_snapshot_files(ref, tmp_path):
     proc = subprocess.Popen([*FASTGROK, "train", *FLAGS, "--quiet", "--out", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.monotonic() + 120
-    while not _checkpointed(out):
+    while not checkpointed(out):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.02)
     time.sleep(0.05)
