@@ -11,6 +11,8 @@ tested (`tests/test_memory.py`). Its terms, per model, in elements of the workin
         MLP          (M, N, H) pre-activations, GeLU, gathers; (M, N, V) logits, softmax, grad
         transformer  (M, N, 3, D) residual, q/k/v, attention out; (M, N, Nh, 3, 3) scores;
                      (M, N, 3, d_mlp) MLP in/out; (M, N, V) logits
+    and, with the MLP's opt-in restricted and excluded losses, more (M, N, V) tensors at the evaluation (the
+    logits gathered per residue, the key part per pair, the excluded logits and their loss pass)
 plus a fixed cost (allocator arenas, oneDNN buffers; torch.compile's compiler, when it compiles).
 """
 from __future__ import annotations
@@ -33,6 +35,9 @@ MLP_H, MLP_V = 6, 10
 """(M, N, H) and (M, N, V) tensors alive at the peak (measured, then rounded up)."""
 TF_D, TF_MLP, TF_ATT, TF_V = 16, 6, 8, 10
 """Transformer: (M, N, 3, D), (M, N, 3, d_mlp), (M, N, Nh, 3, 3) and (M, N, V) tensors alive at the peak."""
+RESTRICTED_V = 12
+"""More (M, N, V) tensors alive at the evaluation's peak with `restricted_loss` (MLP): measured 9.3 at p = 97
+(90 vs 57 MiB per model, `benchmarks/memory_peak.py --case mlp 97 10 off --restricted-loss`), rounded up."""
 FIXED = 256 * 2**20
 """Bytes any run adds whatever its size (allocator arenas, kernels' workspaces)."""
 FIXED_COMPILE = 1024 * 2**20
@@ -45,7 +50,7 @@ def bytes_per_model(cfg: TrainConfig) -> int:
     P = build_model(cfg).layout.n_params
     N, V = cfg.n_pairs, cfg.p
     if cfg.model == "mlp":
-        rows = MLP_H * cfg.hidden + MLP_V * V
+        rows = MLP_H * cfg.hidden + (MLP_V + (RESTRICTED_V if cfg.restricted_loss else 0)) * V
     else:
         rows = 3 * (TF_D * cfg.d_model + TF_MLP * cfg.d_mlp + TF_ATT * 3 * cfg.n_heads) + TF_V * V
     dsize = 8 if cfg.dtype == "float64" else 4

@@ -21,20 +21,23 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-@pytest.mark.parametrize("model,p,m1,m2", [("mlp", 97, 2, 10), ("transformer", 43, 1, 3)])
-def test_estimate_bounds_the_measured_peak(model, p, m1, m2):
+@pytest.mark.parametrize("model,p,m1,m2,restricted", [("mlp", 97, 2, 10, False), ("mlp", 97, 2, 10, True),
+                                                      ("transformer", 43, 1, 3, False)])
+def test_estimate_bounds_the_measured_peak(model, p, m1, m2, restricted):
     """Sizes where the data, not the fixed cost, dominates; the per-model term must bound the measured
-    cost of one more model (the slope between two batch sizes), and the total the whole peak."""
+    cost of one more model (the slope between two batch sizes), and the total the whole peak; with the
+    opt-in restricted losses too (they add (M, N, V) tensors to the evaluation)."""
     used = {}
     for M in (m1, m2):
         r = memory.measure_peak(["--model", model, "--p", str(p), "--seeds", str(M), "--steps", "3",
-                                 "--eval-every", "1", "--no-compile"])
+                                 "--eval-every", "1", "--no-compile", *(["--restricted-loss"] if restricted else [])])
         assert r["rc"] == 0
         used[M] = r["peak"] - r["base"]
-        cfg = TrainConfig(model=model, p=p, seeds=M, steps=3, eval_every=1, logit_every=1, compile="off")
+        cfg = TrainConfig(model=model, p=p, seeds=M, steps=3, eval_every=1, logit_every=1, compile="off",
+                          restricted_loss=restricted)
         assert memory.estimate_bytes(cfg, M, CPU) >= used[M], (M, used[M] / 2**20)
     slope = (used[m2] - used[m1]) / (m2 - m1)
-    per_model = memory.bytes_per_model(TrainConfig(model=model, p=p))
+    per_model = memory.bytes_per_model(TrainConfig(model=model, p=p, restricted_loss=restricted))
     assert per_model >= slope, (per_model / 2**20, slope / 2**20)
     assert per_model <= 3 * slope          # an upper bound, not a wild one: it decides what runs
 
