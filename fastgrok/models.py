@@ -144,6 +144,54 @@ def _row_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _RowLinear(torch.autograd.Function):
+    """x W per model: x (M, R, A) rows, W (M, A, B) -> (M, R, B). Its backward takes dW = x^T dy by
+    `_row_product`, so rows appended with dy = 0 (a padded model's) change no bit of dW, as in the MLP's
+    hand-written backward; autograd's own bmm backward sums the R rows in one BLAS call, whose blocking
+    follows R (at p = 59, 1,000 rows and 1,000 + 400 zero rows gave another dW for every matrix)."""
+
+    @staticmethod
+    def forward(x, W):
+        return torch.bmm(x, W)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, W = ctx.saved_tensors
+        dx = torch.bmm(dy, W.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        dW = _row_product(x, dy) if ctx.needs_input_grad[1] else None
+        return dx, dW
+
+
+class _Lookup(torch.autograd.Function):
+    """`_rows` with `_scatter_rows` (index_add_: rows added in index order) as its backward; autograd's
+    own indexing backward accumulates in an order that, with two threads, followed the number of rows."""
+
+    @staticmethod
+    def forward(table, idx):
+        return _rows(table, idx)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        table, idx = inputs
+        ctx.save_for_backward(idx)
+        ctx.n_rows = table.shape[1]
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (idx,) = ctx.saved_tensors
+        return _scatter_rows(grad_rows, idx, ctx.n_rows), None
+
+
+def row_linear(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """x (M, ..., A) @ W (M, A, B) -> (M, ..., B), every leading index of x after M a row (`_RowLinear`)."""
+    M, A = x.shape[0], x.shape[-1]
+    return _RowLinear.apply(x.reshape(M, -1, A), W).view(*x.shape[:-1], W.shape[-1])
+
+
 def segment_plan(idx: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of each value, for a gather-and-sum adjoint of `_rows` (built once per split).
 
@@ -301,26 +349,23 @@ class Transformer:
         M = flat.shape[0]
         eq = torch.full_like(a, self.p)
         tok = torch.stack([a, b, eq], -1)                               # (N, 3) or (M, N, 3)
-        if tok.dim() == 2:
-            x = P["W_E"][:, tok]                                        # (M, N, 3, D)
-        else:
-            x = torch.gather(P["W_E"], 1, tok.reshape(M, -1, 1).expand(-1, -1, self.D)).view(M, -1, 3, self.D)
+        idx = tok.reshape(-1) if tok.dim() == 2 else tok.reshape(M, -1)
+        x = _Lookup.apply(P["W_E"], idx).view(M, -1, 3, self.D)         # (M, N, 3, D)
         x = x + P["W_pos"][:, None]                                     # (M, N, 3, D)
         Nh, dh = self.heads, self.D // self.heads
         causal = torch.ones(3, 3, dtype=torch.bool, device=flat.device).tril()
         for i in range(self.n_layers):
             h = self._norm(x, P, f"ln1_{i}")
-            q, k, v = (torch.einsum("mnsd,mde->mnse", h, P[f"W_{c}{i}"]).unflatten(-1, (Nh, dh)).transpose(2, 3)
+            q, k, v = (row_linear(h, P[f"W_{c}{i}"]).unflatten(-1, (Nh, dh)).transpose(2, 3)
                        for c in "QKV")                                  # (M, N, Nh, 3, dh)
             att = (q @ k.transpose(-1, -2)) / math.sqrt(dh)             # (M, N, Nh, 3, 3)
             att = att.masked_fill(~causal, float("-inf")).softmax(-1)
             o = (att @ v).transpose(2, 3).flatten(-2)                   # (M, N, 3, D)
-            x = x + torch.einsum("mnsd,mde->mnse", o, P[f"W_O{i}"])
+            x = x + row_linear(o, P[f"W_O{i}"])
             h = self._norm(x, P, f"ln2_{i}")
-            x = x + torch.einsum("mnsh,mhd->mnsd", F.gelu(torch.einsum("mnsd,mdh->mnsh", h, P[f"W_in{i}"])),
-                                 P[f"W_out{i}"])
+            x = x + row_linear(F.gelu(row_linear(h, P[f"W_in{i}"])), P[f"W_out{i}"])
         x = self._norm(x[:, :, -1], P, "lnf")                           # (M, N, D)
-        return torch.bmm(x, P["W_U"])                                   # (M, N, V)
+        return row_linear(x, P["W_U"])                                  # (M, N, V)
 
     def loss_and_grads(self, flat, a, b, y, lossfn):
         with torch.enable_grad():
