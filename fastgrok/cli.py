@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import dataclasses
 import errno
-import json
 import os
 import re
 import signal
@@ -331,9 +330,10 @@ def cmd_experiments(args) -> int:
                     f"{spec.description}")
     print(f"{'name':12s} {'cells':>5s} {'models':>6s} {'steps (budget)':>16s} {'CPU time':>10s}  description")
     print("\n".join(rows))
-    print(f"({where}; models include the calibration controls; CPU time: every model to its budget at the "
-          "measured 406 model-steps/s of the p = 59 MLP on 2 cores, scaled by each step's work: an upper "
-          "bound, cells stop once their seeds grok; a GPU is many times faster)")
+    print(f"({where}; models include the calibration controls; CPU time: every model to its budget on one "
+          "thread of a 2-core CPU, from model-step times measured there (fastgrok/sizes.py), compilation "
+          "included; runs are shorter where cells stop once their seeds grok, two threads are faster, and a "
+          "GPU is many times faster)")
     return 0
 
 

@@ -1,16 +1,36 @@
 """What an experiment costs before it runs (`fastgrok experiments`): its cells, models, step budgets and a
-rough CPU time, every model trained to its budget (an upper bound: cells stop once their seeds grok).
+CPU time, every model trained to its budget (cells stop once their seeds grok, so runs are usually shorter).
 
-The time scales one measured rate, 406 model-steps/s for the study's MLP at p = 59 (compiled, two threads
-of the 2-core CPU machine; benchmarks/RESULTS.md), by the work of a step: train pairs x the parameters each
-pair passes through (x 3 tokens for the transformer). A GPU runs the same grid many times faster."""
+The time of one model-step, measured with `fastgrok train` (evaluations every 25 steps; the difference
+between a 700- and a 200-step run, so start-up and compilation cancel) on one thread of the 2-core CPU
+machine (2026-12-02, benchmarks/RESULTS.md), fitted as FIXED_S + WORK_S x (the step's work / the study
+MLP's at p = 59): MLP p = 59 M 12: 4.16 ms; p = 31 M 36 (the quick preset's size): 0.75 ms; p = 31, train
+fraction 0.9, M 4: 1.20 ms; checked at p = 97 M 4: 10.96 ms measured, 11.6 predicted. Work scaling
+alone (the estimate before) put the p = 31 model at 0.43 ms: small models pay per-step costs beyond
+their matmuls. The transformer (eager, as `--compile auto` runs it on a CPU) took 98 ms at p = 59 M 4,
+TRANSFORMER x the MLP fit. The MLP uncompiled (`--compile auto` for runs of at most 5,000 steps) took
+EAGER x as long at p = 59 (8.78 ms). A batch's models are padded to its most train rows, so each model
+costs its batch's work; compiling adds COMPILE_S per compiled batch. Checked end to end (one thread,
+other jobs on the other core): `fastgrok run interventions` (compiled) estimated 4 min, took 4 min 16 s;
+`fastgrok run phase` (eager, 216 models) estimated 10 min, took 7 min 22 s (its cells stop as their
+seeds grok; the estimate runs every model to its budget). Two threads run faster (the p = 59 MLP
+compiled: 2.46 ms); float64 is counted as float32 (not measured here; it runs slower).
+"""
 from __future__ import annotations
 
 from .config import TrainConfig
 from .experiments import ExperimentSpec
 
-REF_RATE = 406.0
-"""Model-steps per second of the reference: the study's MLP, p = 59, 2 CPU threads, compiled."""
+WORK_S = 3.73e-3
+"""Seconds per model-step per unit of the study MLP's work at p = 59 (one thread, compiled)."""
+FIXED_S = 0.34e-3
+"""Seconds per model-step whatever its size: the optimizer, the evaluations, per-row elementwise work."""
+TRANSFORMER = 3.5
+"""The transformer's model-step time over the MLP fit's at the same work (98.4 / 28.0 ms at p = 59)."""
+EAGER = 2.1
+"""The uncompiled MLP's model-step time over the compiled one's (8.78 / 4.16 ms at p = 59)."""
+COMPILE_S = 45.0
+"""Seconds to compile one batch's step and evaluation on a CPU (p = 59 MLP; more at large train fractions)."""
 
 
 def _work(cfg: TrainConfig) -> float:
@@ -26,32 +46,43 @@ def _work(cfg: TrainConfig) -> float:
 _REF_WORK = _work(TrainConfig())
 
 
+def model_step_seconds(cfg: TrainConfig, compiled: bool = True) -> float:
+    """One model-step of cfg (a batch's config: its most train rows) on one CPU thread."""
+    t = FIXED_S + WORK_S * _work(cfg) / _REF_WORK
+    if cfg.model == "transformer":
+        return t * TRANSFORMER
+    return t * (1.0 if compiled else EAGER)
+
+
 def experiment_size(spec: ExperimentSpec) -> dict:
     """cells, models (calibration controls included), the smallest and largest step budget, model-steps
-    (every model to its budget) and the CPU seconds they would take at the reference rate."""
-    from .plan import calib_key, calibration_steps, cell_config, expand
-    cells = expand(spec)
+    (every model to its budget) and the CPU seconds they would take (`model_step_seconds` for each batch
+    of the plan, plus compilation)."""
+    from .plan import batch_config, calibration_steps, make_plan, resolve_compile
+    from .step import use_compile
+    import torch
+    plan = make_plan(spec, "cpu")
+    cells = {c["cell"]: c for c in plan["cells"]}
+    mode = resolve_compile(spec, plan)
+    cpu = torch.device("cpu")
     model_steps, seconds, models = 0, 0.0, 0
-    for c in cells:
-        cfg = cell_config(spec, c)
-        n = c["seeds"] * c["budget"]
+    for b in plan["batches"]:
+        members = [cells[i] for i in b["cells"]]
+        cfg = batch_config(spec, members, compile=mode)
+        n = sum(c["seeds"] * c["budget"] for c in members)
         model_steps += n
-        seconds += n * _work(cfg) / _REF_WORK / REF_RATE
-        models += c["seeds"]
-    if spec.calibration.w_c is None:                  # the free controls that set w_c, one per setting
-        seen = set()
-        for c in cells:
-            key = calib_key(c)
-            if c["rho"] is None or key in seen:
-                continue
-            seen.add(key)
-            n_cal = spec.calibration.seeds or spec.seeds
-            cfg = cell_config(spec, c)
-            n = n_cal * calibration_steps(spec)
-            model_steps += n
-            seconds += n * _work(cfg) / _REF_WORK / REF_RATE
-            models += n_cal
-    budgets = [c["budget"] for c in cells]
+        comp = use_compile(cfg, cpu)
+        seconds += n * model_step_seconds(cfg, comp) + (COMPILE_S if comp else 0.0)
+        models += sum(c["seeds"] for c in members)
+    n_cal = spec.calibration.seeds or spec.seeds
+    for cal in plan["calibrations"]:                  # the free controls that set w_c, one batch per setting
+        cfg = spec.base_config(**cal["shape"], compile=mode)
+        n = n_cal * calibration_steps(spec)
+        model_steps += n
+        comp = use_compile(cfg, cpu)
+        seconds += n * model_step_seconds(cfg, comp) + (COMPILE_S if comp else 0.0)
+        models += n_cal
+    budgets = [c["budget"] for c in plan["cells"]]
     return {"cells": len(cells), "models": models, "min_steps": min(budgets), "max_steps": max(budgets),
             "model_steps": model_steps, "cpu_s": seconds}
 
