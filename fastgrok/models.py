@@ -192,16 +192,21 @@ def row_linear(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return _RowLinear.apply(x.reshape(M, -1, A), W).view(*x.shape[:-1], W.shape[-1])
 
 
-def segment_plan(idx: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor]:
+def segment_plan(idx: torch.Tensor, R: int, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of each value, for a gather-and-sum adjoint of `_rows` (built once per split).
 
     idx (M, N) with values in [0, R) -> slot (M, R, K) int64, valid (M, R, K) bool: slot[m, r, :count]
     lists, in increasing order, the rows n with idx[m, n] == r; K is the largest count, the rest is
-    padding (valid False, slot 0).
+    padding (valid False, slot 0). keep (M, N) bool, optional: rows left out where False (a padded
+    model's padding, which repeats its first row and carries a zero gradient: counted, it made that
+    value's list, and K, thousands long, and the unrolled sum took compilation past 15 minutes).
     """
     M, N = idx.shape
+    if keep is not None:
+        idx = torch.where(keep, idx, R)                             # left-out rows: a value past the last
     order = torch.argsort(idx, dim=1, stable=True)                  # (M, N) rows grouped by value
-    counts = torch.zeros(M, R, dtype=torch.int64, device=idx.device).scatter_add_(1, idx, torch.ones_like(idx))
+    counts = torch.zeros(M, R + 1, dtype=torch.int64, device=idx.device).scatter_add_(
+        1, idx, torch.ones_like(idx))[:, :R]
     K = max(int(counts.max()), 1)
     start = torch.cumsum(counts, 1) - counts                        # (M, R) first slot of each value
     k = torch.arange(K, device=idx.device)
@@ -246,10 +251,11 @@ class MLP:
                                   shapes=((p, d), (2 * d, H), (H, p), (H,), (p,)), n_matrices=3,
                                   fans=(d, 2 * d, H))              # the study's code: E / sqrt(d), not sqrt(p)
 
-    def plan(self, a: torch.Tensor, b: torch.Tensor) -> dict:
-        """Index plan of loss_and_grads' backward for fixed rows a, b (M, N); build it once per split."""
-        sa, va = segment_plan(a, self.p)
-        sb, vb = segment_plan(b, self.p)
+    def plan(self, a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None) -> dict:
+        """Index plan of loss_and_grads' backward for fixed rows a, b (M, N); build it once per split.
+        keep (M, N) bool: the rows that count (False: padding, whose gradient is zero)."""
+        sa, va = segment_plan(a, self.p, keep)
+        sb, vb = segment_plan(b, self.p, keep)
         return {"slot_a": sa, "valid_a": va, "slot_b": sb, "valid_b": vb}
 
     def _tables(self, P):

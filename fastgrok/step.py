@@ -175,7 +175,8 @@ def ensure_plan(model, batch: Batch) -> Batch:
         return batch
     plan = batch.plan
     if plan is None or plan["a"] is not batch.train_a or plan["b"] is not batch.train_b:
-        batch.plan = {**model.plan(batch.train_a, batch.train_b), "a": batch.train_a, "b": batch.train_b}
+        batch.plan = {**model.plan(batch.train_a, batch.train_b, batch.train_weight), "a": batch.train_a,
+                      "b": batch.train_b}
     return batch
 
 

@@ -52,6 +52,27 @@ def test_segment_plan_sums_like_scatter_add():
     torch.testing.assert_close(_segment_sum(rows, slot, valid), _scatter_rows(rows, idx, R), rtol=0, atol=0)
 
 
+def test_segment_plan_leaves_out_padding_rows():
+    """A padded model's padding (its first row repeated, gradient zero) is left out of the plan: K stays the
+    real rows' largest count, and the sum is scatter_add's over the kept rows, bitwise (with the dropped
+    rows' zeros, every real sum is also the plain one's)."""
+    g = torch.Generator().manual_seed(1)
+    M, N, R, H, n_real = 2, 300, 7, 5, 120
+    idx = torch.randint(0, R, (M, N), generator=g)
+    keep = torch.ones(M, N, dtype=torch.bool)
+    keep[1, n_real:] = False                                            # model 1: 120 rows, then padding
+    idx[1, n_real:] = idx[1, 0]                                         # padding repeats its first row
+    rows = torch.randn(M, N, H, generator=g)
+    rows[1, n_real:] = 0.0                                              # whose gradient is zero
+    slot, valid = segment_plan(idx, R, keep)
+    counts = [torch.bincount(idx[m][keep[m]], minlength=R) for m in range(M)]
+    assert slot.shape[2] == max(int(c.max()) for c in counts) < N - n_real       # not the padding's count
+    assert valid.sum() == keep.sum()
+    torch.testing.assert_close(_segment_sum(rows, slot, valid), _scatter_rows(rows, idx, R), rtol=0, atol=0)
+    with_padding = segment_plan(idx, R)
+    assert with_padding[0].shape[2] > N - n_real
+
+
 def test_loss_and_grads_with_plan_matches_scatter():
     cfg = TrainConfig(**TINY)
     tr = Trainer(cfg, tempfile.mkdtemp(), progress=False)
