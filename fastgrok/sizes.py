@@ -3,7 +3,7 @@ CPU time, every model trained to its budget (cells stop once their seeds grok, s
 
 The time of one model-step, measured with `fastgrok train` (evaluations every 25 steps; the difference
 between a 700- and a 200-step run, so start-up and compilation cancel) on one thread of the 2-core CPU
-machine (2026-12-02, benchmarks/RESULTS.md), fitted as FIXED_S + WORK_S x (the step's work / the study
+machine (2026-12-02, `benchmarks/model_step_times.py`, benchmarks/RESULTS.md), fitted as FIXED_S + WORK_S x (the step's work / the study
 MLP's at p = 59): MLP p = 59 M 12: 4.16 ms; p = 31 M 36 (the quick preset's size): 0.75 ms; p = 31, train
 fraction 0.9, M 4: 1.20 ms; checked at p = 97 M 4: 10.96 ms measured, 11.6 predicted. Work scaling
 alone (the estimate before) put the p = 31 model at 0.43 ms: small models pay per-step costs beyond
