@@ -58,30 +58,26 @@ def experiment_size(spec: ExperimentSpec) -> dict:
     """cells, models (calibration controls included), the smallest and largest step budget, model-steps
     (every model to its budget) and the CPU seconds they would take (`model_step_seconds` for each batch
     of the plan, plus compilation)."""
+    import torch
+
     from .plan import batch_config, calibration_steps, make_plan, resolve_compile
     from .step import use_compile
-    import torch
     plan = make_plan(spec, "cpu")
     cells = {c["cell"]: c for c in plan["cells"]}
     mode = resolve_compile(spec, plan)
-    cpu = torch.device("cpu")
-    model_steps, seconds, models = 0, 0.0, 0
+    jobs = []                                         # (config, models, model-steps): one trainer each
     for b in plan["batches"]:
         members = [cells[i] for i in b["cells"]]
-        cfg = batch_config(spec, members, compile=mode)
-        n = sum(c["seeds"] * c["budget"] for c in members)
-        model_steps += n
-        comp = use_compile(cfg, cpu)
-        seconds += n * model_step_seconds(cfg, comp) + (COMPILE_S if comp else 0.0)
-        models += sum(c["seeds"] for c in members)
+        jobs.append((batch_config(spec, members, compile=mode), sum(c["seeds"] for c in members),
+                     sum(c["seeds"] * c["budget"] for c in members)))
     n_cal = spec.calibration.seeds or spec.seeds
     for cal in plan["calibrations"]:                  # the free controls that set w_c, one batch per setting
-        cfg = spec.base_config(**cal["shape"], compile=mode)
-        n = n_cal * calibration_steps(spec)
-        model_steps += n
-        comp = use_compile(cfg, cpu)
+        jobs.append((spec.base_config(**cal["shape"], compile=mode), n_cal, n_cal * calibration_steps(spec)))
+    seconds = 0.0
+    for cfg, _, n in jobs:
+        comp = use_compile(cfg, torch.device("cpu"))
         seconds += n * model_step_seconds(cfg, comp) + (COMPILE_S if comp else 0.0)
-        models += n_cal
+    models, model_steps = sum(j[1] for j in jobs), sum(j[2] for j in jobs)
     budgets = [c["budget"] for c in plan["cells"]]
     return {"cells": len(cells), "models": models, "min_steps": min(budgets), "max_steps": max(budgets),
             "model_steps": model_steps, "cpu_s": seconds}
