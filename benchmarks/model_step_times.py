@@ -27,6 +27,7 @@ CASES = {
     "phase p31 M4 frac0.9": (TrainConfig(p=31, train_frac=0.9, d_embed=64, hidden=128, seeds=4), "on"),
     "study p97 M4": (TrainConfig(p=97, seeds=4), "on"),
     "study p59 M12 eager": (TrainConfig(p=59, seeds=12), "off"),
+    "study p59 M12 float64": (TrainConfig(p=59, seeds=12, dtype="float64"), "on"),
     "transformer p59 M4 eager": (TrainConfig(model="transformer", p=59, seeds=4), "off"),
 }
 

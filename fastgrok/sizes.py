@@ -14,7 +14,8 @@ costs its batch's work; compiling adds COMPILE_S per compiled batch. Checked end
 other jobs on the other core): `fastgrok run interventions` (compiled) estimated 4 min, took 4 min 16 s;
 `fastgrok run phase` (eager, 216 models) estimated 10 min, took 7 min 22 s (its cells stop as their
 seeds grok; the estimate runs every model to its budget). Two threads run faster (the p = 59 MLP
-compiled: 2.46 ms); float64 is counted as float32 (not measured here; it runs slower).
+compiled: 2.46 ms). float64 takes FLOAT64 x as long (p = 59 M 12 compiled: 10.31 against 3.51 ms, measured
+side by side with another job on the other core).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ TRANSFORMER = 3.5
 """The transformer's model-step time over the MLP fit's at the same work (98.4 / 28.0 ms at p = 59)."""
 EAGER = 2.1
 """The uncompiled MLP's model-step time over the compiled one's (8.78 / 4.16 ms at p = 59)."""
+FLOAT64 = 2.9
+"""A float64 model-step's time over a float32 one's (10.31 / 3.51 ms, the study MLP at p = 59, compiled)."""
 COMPILE_S = 45.0
 """Seconds to compile one batch's step and evaluation on a CPU (p = 59 MLP; more at large train fractions)."""
 
@@ -48,7 +51,7 @@ _REF_WORK = _work(TrainConfig())
 
 def model_step_seconds(cfg: TrainConfig, compiled: bool = True) -> float:
     """One model-step of cfg (a batch's config: its most train rows) on one CPU thread."""
-    t = FIXED_S + WORK_S * _work(cfg) / _REF_WORK
+    t = (FIXED_S + WORK_S * _work(cfg) / _REF_WORK) * (FLOAT64 if cfg.dtype == "float64" else 1.0)
     if cfg.model == "transformer":
         return t * TRANSFORMER
     return t * (1.0 if compiled else EAGER)

@@ -383,6 +383,8 @@ def test_cpu_time_charges_each_model_its_batchs_padded_rows_and_each_compiled_ba
         assert z["cpu_s"] == pytest.approx(6 * 4000 * sizes.model_step_seconds(wide, compiled=bool(n_compiles))
                                            + n_compiles * sizes.COMPILE_S)
     assert sizes.model_step_seconds(wide, compiled=False) == pytest.approx(sizes.EAGER * sizes.model_step_seconds(wide))
+    assert sizes.model_step_seconds(dataclasses.replace(wide, dtype="float64")) == \
+        pytest.approx(sizes.FLOAT64 * sizes.model_step_seconds(wide)) and sizes.FLOAT64 > 2
     clamped = ExperimentSpec.from_dict({**base, "train_frac": [0.6], "rho": [1.0],
                                         "train": {**base["train"], "compile": "off"}})
     z = sizes.experiment_size(clamped)
