@@ -44,7 +44,7 @@ def cost(repeats: int = 15) -> None:
     try:
         for i in range(2 * repeats + 2):
             name = "blocked" if i % 2 == 0 else "one block"
-            models.ROW_BLOCK = blocks if name == "blocked" else 10**9
+            models.ROW_BLOCK = blocks if name == "blocked" else N
             dt = step()
             if i >= 2:                                              # the first of each: warm-up
                 times[name].append(dt)

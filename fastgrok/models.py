@@ -132,15 +132,21 @@ ROW_BLOCK = 256
 
 
 def _row_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x^T y over the rows: (M, N, A), (M, N, B) -> (M, A, B), as bmms over blocks of ROW_BLOCK rows added
-    in order. Zero rows appended (a padded model's) then change no bit: BLAS picks its blocking of the
-    summed axis from its length, and on an AVX-512 CPU one bmm over n rows and over n rows + zeros
-    differed from n + zeros >= 400 (benchmarks/padding_sums.py); with blocks, the first blocks are the
-    same products, the last is at most ROW_BLOCK rows long, and whole blocks of zeros add exact zeros."""
+    """x^T y over the rows: (M, N, A), (M, N, B) -> (M, A, B), as bmms over blocks of exactly ROW_BLOCK rows
+    (the last padded with zero rows) added in order. Zero rows appended (a padded model's) then change no
+    bit: BLAS picks its blocking of the summed axis from its length, so one bmm over n rows and over n rows
+    + zeros can differ (on an AVX-512 CPU from n + zeros >= 400, on a Zen 5 one from n = 144,
+    benchmarks/padding_sums.py); with blocks of one length, the first blocks are the same products, the
+    last holds the same rows, the rest of it zeros either way, and whole blocks of zeros add exact zeros."""
     N = x.shape[1]
-    out = torch.bmm(x[:, :ROW_BLOCK].transpose(1, 2), y[:, :ROW_BLOCK])
-    for lo in range(ROW_BLOCK, N, ROW_BLOCK):
-        out = out + torch.bmm(x[:, lo:lo + ROW_BLOCK].transpose(1, 2), y[:, lo:lo + ROW_BLOCK])
+    out = None
+    for lo in range(0, N, ROW_BLOCK):
+        xs, ys = x[:, lo:lo + ROW_BLOCK], y[:, lo:lo + ROW_BLOCK]
+        if xs.shape[1] < ROW_BLOCK:
+            pad = (0, 0, 0, ROW_BLOCK - xs.shape[1])
+            xs, ys = F.pad(xs, pad), F.pad(ys, pad)
+        term = torch.bmm(xs.transpose(1, 2), ys)
+        out = term if out is None else out + term
     return out
 
 
