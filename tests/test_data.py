@@ -142,8 +142,8 @@ def test_cubic_groks_at_p_67(tmp_path):
     df = train(cfg, tmp_path / "cubic", progress=False)
     assert df.t_grok.notna().all() and (df.t_grok >= 20 * df.t_mem).all(), df[["t_mem", "t_grok", "test_acc"]]
     curves = pd.read_parquet(tmp_path / "cubic" / "curves.parquet")
-    test_acc = curves[curves.metric == "test_acc"].set_index("step")["value"]
-    assert test_acc.loc[int(df.t_mem.iloc[0])] < 0.1, test_acc.loc[int(df.t_mem.iloc[0])]
+    at_mem = curves[(curves.metric == "test_acc") & (curves.step == int(df.t_mem.iloc[0]))].value.item()
+    assert at_mem < 0.1, at_mem
 
 
 def test_the_random_table_does_not_generalize(tmp_path):
