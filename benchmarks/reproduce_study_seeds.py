@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from fastgrok import store
+
 W_C = 54.489295959472656
 """The study's w_c at p = 59 (CE, MLP): its control run's median ||W|| where the last seed grokked."""
 T_GROK = [4150, 3825, 3600, 3525, 3400, 3850, 3975, 3625, 3725, 3775, 3150, 3525]
@@ -65,7 +67,7 @@ def check_calibration(out: Path) -> dict:
     spec = out.parent / "study_baseline_p59.toml"
     spec.write_text(SPEC)
     _fastgrok("run", str(spec), "--out", str(out))
-    (cal,) = json.loads((out / "calibration.json").read_text()).values()
+    (cal,) = store.read_json(out / "calibration.json").values()
     tg, tm = per_seed(pd.read_parquet(out / "models.parquet"))
     return {"w_c": cal["w_c"], "calibration": cal, "t_grok": tg, "t_mem": tm,
             "match": abs(cal["w_c"] - W_C) < 5e-5 and tg == T_GROK and tm == T_MEM,

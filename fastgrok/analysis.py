@@ -25,13 +25,14 @@ Axis letters: K cells, S seeds, B bootstrap resamples.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
+
+from . import store
 
 SETTING_COLS = ("experiment", "p", "op", "arch", "loss", "lr", "wd", "train_frac", "init_scale", "orthograd",
                 "grokfast_alpha", "grokfast_lambda", "dtype")
@@ -49,14 +50,16 @@ ATOL = 1e-6
 # Loading and small helpers
 # ---------------------------------------------------------------------------------------------
 def load_run(run_dir) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Read `models.parquet`, `curves.parquet` (optional) and `config.json` (optional) of a run."""
+    """Read `models.parquet`, `curves.parquet` (optional) and `config.json` (optional) of a run, each
+    checked (store.read_parquet, store.read_json: a damaged file or a table of another run is a
+    StateError naming it)."""
     d = Path(run_dir)
     if not (d / "models.parquet").exists():
         raise FileNotFoundError(f"{d} has no models.parquet; is it a fastgrok run directory?")
-    models = pd.read_parquet(d / "models.parquet")
-    curves = (pd.read_parquet(d / "curves.parquet") if (d / "curves.parquet").exists()
+    models = store.read_parquet(d / "models.parquet", run_dir=d)
+    curves = (store.read_parquet(d / "curves.parquet", run_dir=d) if (d / "curves.parquet").exists()
               else pd.DataFrame({"model": [], "step": [], "metric": [], "value": []}))
-    config = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+    config = store.read_json(d / "config.json") if (d / "config.json").exists() else {}
     check_models(models)
     return models, curves, config
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pandas as pd
 
 from . import rundir, store
 from .experiments import ExperimentSpec, to_toml
@@ -38,7 +37,7 @@ def extend(spec: ExperimentSpec, run_dir: Path, say) -> None:
     """Turn run_dir (holding `spec` with a smaller cap) into what `spec` resumes from; `say` gets one line."""
     run_dir = Path(run_dir)
     old_spec = ExperimentSpec.from_dict(store.read_json(run_dir / rundir.SPEC_JSON))
-    plan = store.read_json(run_dir / rundir.PLAN)
+    plan = rundir.read_plan(run_dir)
     cells = expand(spec)
     if [{**c, "budget": None} for c in cells] != [{**c, "budget": None} for c in plan["cells"]]:
         raise AssertionError("a larger max_steps changed the cells beyond their budgets")
@@ -80,9 +79,10 @@ def _drop_results(run_dir: Path, plan: dict, redo: set[str]) -> None:
     if not path.exists():
         return
     gone = {c for b in plan["batches"] if b["id"] in redo for c in b["cells"]}
-    models = pd.read_parquet(path)
+    models = store.read_parquet(path, run_dir=run_dir)
     keep = models.loc[~models["cell"].isin(gone)].reset_index(drop=True)
-    curves = pd.read_parquet(run_dir / store.CURVES)
+    curves = store.read_parquet(run_dir / store.CURVES, run_dir=run_dir)
+    fp = store.run_identity(run_dir)
     store.write_parquet(run_dir / store.CURVES, curves.loc[curves["model"].isin(keep["model"])]
-                        .reset_index(drop=True))
-    store.write_parquet(path, keep)
+                        .reset_index(drop=True), fingerprint=fp)
+    store.write_parquet(path, keep, fingerprint=fp)

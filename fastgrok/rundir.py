@@ -92,7 +92,7 @@ def init_run_dir(spec: ExperimentSpec, run_dir: Path, device: str, *, check: boo
     plan = make_plan(spec, device)
     if check:
         preflight(spec, plan, device)                       # fails before the directory is touched
-    store.write_json(run_dir / PLAN, plan)
+    store.write_json(run_dir / PLAN, {**plan, "run": store.spec_fingerprint(d)})
     store.atomic_write(run_dir / SPEC_TOML, lambda tmp: Path(tmp).write_text(to_toml(d)))
     first = plan["cells"][0]
 
@@ -123,9 +123,11 @@ def read_calibration(run_dir: Path) -> dict:
 
 
 def read_plan(run_dir: Path) -> dict:
-    """plan.json, checked for the fields the grid reads (a StateError naming it otherwise)."""
+    """plan.json, checked for the fields the grid reads and for belonging to the run (its "run"
+    fingerprint, when it has one, is the spec's); a StateError naming it otherwise."""
     p = Path(run_dir) / PLAN
     plan = store.read_json(p)
+    store.check_identity(p, plan.get("run") if isinstance(plan.get("run"), str) else None, run_dir)
     try:
         cell_ids = {c["cell"] for c in plan["cells"]}
         ok = (all(isinstance(c["seeds"], int) and isinstance(c.get("budget", 0), int) for c in plan["cells"])
@@ -163,7 +165,7 @@ def complete_in_results(run_dir: Path, plan: dict) -> set[str]:
     path = Path(run_dir) / store.MODELS
     if not path.exists():
         return set()
-    done = cells_complete(store.read_parquet(path, required=("cell", "seed")), plan)
+    done = cells_complete(store.read_parquet(path, required=("cell", "seed"), run_dir=run_dir), plan)
     return {b["id"] for b in plan["batches"] if all(c in done for c in b["cells"])}
 
 
@@ -174,7 +176,7 @@ def restore_parts(run_dir: Path, plan: dict) -> None:
     missing = complete_in_results(run_dir, plan) - done_batches(run_dir)
     if not missing:
         return
-    models, curves = store.read_parquet(run_dir / store.MODELS), store.read_parquet(run_dir / store.CURVES)
+    models, curves = (store.read_parquet(run_dir / name, run_dir=run_dir) for name in (store.MODELS, store.CURVES))
     for b in plan["batches"]:
         if b["id"] in missing:
             m = models.loc[models["cell"].isin(b["cells"])]
@@ -186,14 +188,10 @@ def restore_parts(run_dir: Path, plan: dict) -> None:
 
 
 def run_fingerprint(run_dir: Path) -> str | None:
-    """The fingerprint of a grid run: its spec (spec.json), which with the calibrations it records
-    determines every result, less what only decides packing (engine), the step budgets (a run may be
-    extended) and the description. Every part carries it (None: no spec.json yet)."""
+    """The fingerprint of a grid run (store.spec_fingerprint of its spec.json; None: none yet). Every
+    part, the plan and the results tables carry it."""
     p = Path(run_dir) / SPEC_JSON
-    if not p.exists():
-        return None
-    spec = store.read_json(p)
-    return store.fingerprint({k: v for k, v in spec.items() if k not in ("engine", "budget", "description")})
+    return store.spec_fingerprint(store.read_json(p)) if p.exists() else None
 
 
 def write_part(run_dir: Path, batch_id: str, models: pd.DataFrame, curves: pd.DataFrame) -> None:
@@ -235,9 +233,10 @@ def consolidate(run_dir: Path) -> None:
     planned = {b["id"]: set(b["cells"]) for b in plan["batches"]} if plan else {}
     models = pd.concat([read_part(run_dir, i, "models", fp, planned.get(i)) for i in ids], ignore_index=True)
     curves = pd.concat([read_part(run_dir, i, "curves", fp, None) for i in ids], ignore_index=True)
-    store.write_parquet(run_dir / store.MODELS, models.sort_values("model", kind="stable").reset_index(drop=True))
+    store.write_parquet(run_dir / store.MODELS, models.sort_values("model", kind="stable").reset_index(drop=True),
+                        fingerprint=fp)
     store.write_parquet(run_dir / store.CURVES, curves.sort_values(["model", "step"], kind="stable")
-                        .reset_index(drop=True))
+                        .reset_index(drop=True), fingerprint=fp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +262,8 @@ def status_table(run_dir: Path) -> pd.DataFrame:
         raise ConfigError(f"dir: {run_dir} holds no grid run (no {PLAN})")
     plan = read_plan(run_dir)
     done = done_batches(run_dir) | complete_in_results(run_dir, plan)
-    frames = [store.read_parquet(run_dir / store.MODELS, required=("cell", "t_grok"))] if (run_dir / store.MODELS).exists() else []
+    frames = [store.read_parquet(run_dir / store.MODELS, required=("cell", "t_grok"), run_dir=run_dir)] \
+        if (run_dir / store.MODELS).exists() else []
     state = {}
     for b in plan["batches"]:
         st = "done" if b["id"] in done else "pending"

@@ -6,7 +6,8 @@ T_mem and T_grok, for post-hoc analyses (local learning coefficient, lottery tic
         reason   (K,) str         why each: "log", "t_mem", "t_grok", or several joined by "+" in that order
         flat     (K, P)           float32 or float64 (the run's dtype): each model's flat parameter row
         <name>   (K, ...)         each parameter by name (models.ParamLayout: E, W1, W2, b1, b2 for the MLP)
-    DIR/snapshots/index.json        [{"step", "model", "reason", "file"}], rebuilt from the files
+    DIR/snapshots/index.json        {"snapshots": [{"step", "model", "reason", "file"}]}, rebuilt after each
+                                    file (`read_index`; before 2026-12-07 a bare list of those rows)
 
 Which steps (`log_steps`): a model with step budget B takes step 0 and the points B ** (k / (N - 1)),
 k = 1 .. N - 1, each moved to the nearest of its evaluation steps (the multiples of eval_every, and B; a
@@ -18,6 +19,9 @@ Snapshots are taken at evaluations (the host sync the loop already has; the rows
 only at a snapshot step). Files are written whole (store.atomic_write) with fixed zip timestamps, so the
 same training gives byte-identical files: a run killed and resumed rewrites the steps after its
 checkpoint as they were, and a run (or grid batch) that starts from step 0 first clears its directory.
+Each file is sealed (store.read_verified checks it on every read), and a checkpoint records the sha256
+of every snapshot file written before it: a resume refuses, in one line, a snapshot that has since been
+deleted, damaged or replaced, and drops the files written after the checkpoint (it writes them again).
 
 Size (`bound_bytes`): at most (N + 2) snapshots x M models x (2 x P parameters x 4 (float32) or 8
 (float64) bytes: the flat row and the named copy, + 512 x (4 + the number of named parameters) bytes:
@@ -26,6 +30,8 @@ the arrays' headers, the reason, the index row), printed before training; above 
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import zipfile
 from pathlib import Path
 
@@ -104,14 +110,26 @@ def file_name(step: int) -> str:
     return f"step_{step:06d}.npz"
 
 
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """numpy.savez's format (np.load opens it), with fixed timestamps so equal arrays give equal bytes."""
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> str:
+    """numpy.savez's format (np.load opens it), with fixed timestamps so equal arrays give equal bytes,
+    sealed (a zip comment); returns the file's sha256."""
     def w(tmp):
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
             for k, v in arrays.items():
                 with z.open(zipfile.ZipInfo(f"{k}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.asanyarray(v), allow_pickle=False)
-    store.atomic_write(path, w)
+            z.comment = store.ZIP_SEAL
+    return store.atomic_write(path, w, seal=True)
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    """A snapshot file's arrays (a StateError naming it if it is damaged or not a snapshot)."""
+    data = store.read_verified(path)
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:                  # np.load's errors for a torn file vary (BadZipFile, EOFError, ...)
+        raise store.state_error(path, f"not a readable snapshot, truncated or corrupt ({type(e).__name__})") from None
 
 
 class Snapshots:
@@ -122,6 +140,8 @@ class Snapshots:
         self.ids = np.asarray(model_ids, dtype=np.int64)                                  # (M,)
         self.sched = {int(b): set(log_steps(cfg.snapshots, int(b), cfg.eval_every)) for b in np.unique(budgets)}
         self.budgets = np.asarray(budgets)
+        self.written: dict[str, str] = {}                   # file name -> sha256, saved in checkpoints
+        self.rows: list[dict] = []                          # index.json's, kept here (no file re-read)
 
     def clear(self) -> None:
         """A run starting from step 0: files of an earlier start (killed before its first checkpoint, or a
@@ -129,6 +149,30 @@ class Snapshots:
         for f in self.dir.glob("step_*.npz"):
             f.unlink()
         (self.dir / INDEX).unlink(missing_ok=True)
+        self.written, self.rows = {}, []
+
+    def restore(self, written: dict | None, checkpoint: Path, step: int) -> None:
+        """After a checkpoint of `step` loads: each file it records must be there as written (a StateError
+        naming the first that is not), and files written after it go (the run writes them again). A
+        checkpoint written before snapshots were recorded (None) keeps the files as they are."""
+        if written is None:
+            self.rows = read_index_rows(self.dir)
+            return
+        for name, digest in sorted(written.items()):
+            f = self.dir / name
+            if not f.is_file() or hashlib.sha256(f.read_bytes()).hexdigest() != digest:
+                why = "missing" if not f.is_file() else "not the file written then (damaged or replaced)"
+                raise store.StateError(f"{f}: {why}: a snapshot taken before the checkpoint of step {step:,}; put it "
+                                       f"back, or move {checkpoint} away to train again from step 0 (which "
+                                       "writes every snapshot again)")
+        for f in self.dir.glob("step_*.npz"):
+            if f.name not in written:
+                f.unlink()
+        self.written, self.rows = dict(written), read_index_rows(self.dir)
+        self._write_index()
+
+    def _write_index(self) -> None:
+        store.write_json(self.dir / INDEX, {"snapshots": sorted(self.rows, key=lambda r: (r["step"], r["model"]))})
 
     def due(self, step: int, running: np.ndarray, t_mem: np.ndarray, t_grok: np.ndarray) -> list[tuple[int, str]]:
         """(table row, reason) of the running models snapshotted at this evaluation step."""
@@ -146,37 +190,48 @@ class Snapshots:
         views = self.layout.views(torch.from_numpy(flat))
         arrays = {"models": self.ids[[i for i, _ in rows]], "reason": np.array([r for _, r in rows], dtype=str),
                   "flat": flat, **{k: v.numpy() for k, v in views.items()}}
-        _write_npz(self.dir / file_name(step), arrays)
-        write_index(self.dir)
+        name = file_name(step)
+        self.written[name] = _write_npz(self.dir / name, arrays)
+        self.rows += [{"step": step, "model": int(m), "reason": str(r), "file": name}
+                      for m, r in zip(arrays["models"], arrays["reason"])]
+        self._write_index()
 
 
 def read_index_rows(directory: Path, prefix: str = "") -> list[dict]:
-    """One row per (step, model) of the files in directory, from the files themselves."""
+    """One row per (step, model) of the files in directory, from the files themselves (each checked: a
+    damaged one is a StateError naming it)."""
     rows = []
     for f in sorted(Path(directory).glob("step_*.npz")):
         try:
-            with np.load(f) as z:
-                models, reasons = z["models"], z["reason"]
+            z = load(f)
         except FileNotFoundError:           # a grid batch starting afresh (clear) in another process
             continue
+        if "models" not in z or "reason" not in z:
+            raise store.state_error(f, "not a snapshot (no models or reason array)")
         step = int(f.stem.split("_")[1])
         rows += [{"step": step, "model": int(m), "reason": str(r), "file": prefix + f.name}
-                 for m, r in zip(models, reasons)]
+                 for m, r in zip(z["models"], z["reason"])]
     return sorted(rows, key=lambda r: (r["step"], r["model"]))
 
 
-def write_index(directory: Path) -> None:
-    store.write_json(Path(directory) / INDEX, read_index_rows(directory))
+def read_index(directory: Path) -> list[dict]:
+    """A snapshots directory's index.json rows (checked; an index written before 2026-12-07 is a bare list)."""
+    index = store.read_json(Path(directory) / INDEX, kind=None)
+    rows = index.get("snapshots") if isinstance(index, dict) else index
+    if not isinstance(rows, list):
+        raise store.state_error(Path(directory) / INDEX, "not a snapshot index")
+    return rows
 
 
 def write_grid_index(root: Path) -> None:
     """A grid's DIR/snapshots/index.json: the snapshots of every batch directory so far (finished batches
-    and those running; file: b000/step_...npz), written by the driver after each finished batch."""
+    and those running; file: b000/step_...npz), from their index files, written by the driver after each
+    finished batch."""
     root = Path(root)
     if not root.is_dir():
         return
     rows = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        rows += read_index_rows(d, prefix=f"{d.name}/")
-    store.write_json(root / INDEX, sorted(rows, key=lambda r: (r["step"], r["model"])))
-
+        if (d / INDEX).exists():
+            rows += [{**r, "file": f"{d.name}/{r['file']}"} for r in read_index(d)]
+    store.write_json(root / INDEX, {"snapshots": sorted(rows, key=lambda r: (r["step"], r["model"]))})

@@ -15,6 +15,7 @@ def train_status(run_dir: Path) -> list[str]:
     try:     # a bad file is one line naming it (store.StateError); an unreadable one names the directory
         cfg = store.read_config(run_dir / store.CONFIG).to_dict()     # checked: its values format below
         pr = store.read_progress(run_dir / store.PROGRESS) if (run_dir / store.PROGRESS).exists() else {}
+        store.check_identity(run_dir / store.PROGRESS, pr.get("run"), run_dir)
     except store.StateError:
         raise
     except (OSError, ValueError) as e:

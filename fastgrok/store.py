@@ -12,7 +12,20 @@ the old one, so a kill at any instant leaves either the old or the new version, 
 
 Reading: a file that cannot be used (truncated, corrupt, of the wrong type, from another run) raises
 StateError, one line naming the file and what to do about it (`advice`), never a traceback.
-Checkpoints and grid parts carry the sha256 of the configuration they belong to (`fingerprint`).
+Checkpoints, results tables, grid parts and plans carry the sha256 of the configuration they belong to
+(`fingerprint`; `run_identity` is a run directory's), and a reader refuses a file of another run.
+
+Seals: every state file fastgrok writes (JSON, parquet, checkpoint, snapshot) carries a sha256 of its own
+bytes (`seal`), checked on every read (`read_verified`): one flipped byte anywhere in the file is refused
+in one line, never read as a changed result. The digest sits in the file's own format, so the files stay
+plain JSON, parquet and zip for other tools: a top-level JSON key, a parquet metadata key, a zip comment
+(torch.save's and .npz archives), each `fastgrok.sha256` with the value `FGSUM1:` + 64 hex digits; the
+digest is that of the whole file with those 64 digits read as "0" * 64. A file with neither the key nor
+the marker was written before seals (2026-12-07) and is read as it was then.
+
+Nothing read from a run directory runs code: checkpoints load with `torch.load(weights_only=True)` (plain
+types and tensors; `load_checkpoint` migrates those written before, which pickled a results class and
+numpy arrays, through an allowlist of exactly those types), snapshots with `np.load(allow_pickle=False)`.
 
 One writer per run directory: `fastgrok run`, `train` and `train --resume` hold an exclusive flock on
 DIR/.lock (`writer_lock`) while they write; a second writer is refused, naming the holder's PID. The OS
@@ -88,6 +101,100 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+HOW_FIELDS = ("steps", "device", "kernels", "compile", "checkpoint_every", "snapshot_cap_gib")
+"""Config fields that say how or how long a run trains, not what it computes: left out of fingerprints
+(a run may be extended, moved to another device, or checkpoint at another interval)."""
+
+
+def config_fingerprint(cfg: dict) -> str:
+    """The fingerprint of a `fastgrok train` run's config (config.json or TrainConfig.to_dict()), less
+    HOW_FIELDS and the fields added since at their old value (config.without_defaults)."""
+    from .config import without_defaults
+    d = json.loads(json.dumps(cfg, default=str))           # tuples as saved: lists
+    return fingerprint({k: v for k, v in without_defaults(d).items() if k not in HOW_FIELDS})
+
+
+def spec_fingerprint(spec: dict) -> str:
+    """The fingerprint of a grid run (its spec.json dict), which with the calibrations it records
+    determines every result, less what only decides packing (engine), the step budgets (a run may be
+    extended) and the description."""
+    return fingerprint({k: v for k, v in spec.items() if k not in ("engine", "budget", "description", SEAL_KEY)})
+
+
+def run_identity(run_dir: Path) -> str | None:
+    """The fingerprint a run directory's results tables, plan and progress must carry: its spec's (a
+    grid), else its config's (a train run); None when it has neither yet."""
+    run_dir = Path(run_dir)
+    if (run_dir / SPEC_JSON).exists():
+        return spec_fingerprint(read_json(run_dir / SPEC_JSON))
+    if (run_dir / CONFIG).exists():
+        cfg = read_json(run_dir / CONFIG)
+        return None if "experiment" in cfg else config_fingerprint(cfg)
+    return None
+
+
+def check_identity(path: Path, got: str | None, run_dir: Path | None = None) -> None:
+    """A StateError unless `got` (a file's recorded fingerprint; None: written before they were recorded)
+    is the run directory's (`run_identity` of run_dir, by default the file's directory)."""
+    if got is None:
+        return
+    want = run_identity(Path(path).parent if run_dir is None else run_dir)
+    if want is not None and got != want:
+        raise state_error(path, "a file of another run (its fingerprint is not this run directory's "
+                                "config.json / spec.json)")
+
+
+SEAL_KEY = "fastgrok.sha256"
+"""The key under which a state file carries its seal (a JSON key, a parquet metadata key, a zip comment)."""
+SEAL_MARK = b"FGSUM1:"
+_DIGITS = 64
+SEAL_PLACEHOLDER = SEAL_MARK.decode() + "0" * _DIGITS
+"""What a writer puts in the file; `seal_file` then writes the digest over the zeros."""
+
+
+def _seal_digest(data: bytes, at: int) -> str:
+    buf = bytearray(data)
+    buf[at:at + _DIGITS] = b"0" * _DIGITS
+    return hashlib.sha256(buf).hexdigest()
+
+
+def seal_file(path: Path) -> str:
+    """Write the digest of `path` (which holds SEAL_PLACEHOLDER) into it, in place; returns the sha256
+    of the sealed file."""
+    data = Path(path).read_bytes()
+    at = data.rfind(SEAL_MARK) + len(SEAL_MARK)
+    if at < len(SEAL_MARK) or data[at:at + _DIGITS] != b"0" * _DIGITS:
+        raise AssertionError(f"{path}: no seal placeholder to fill")
+    digest = _seal_digest(data, at).encode()
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(digest)
+    return hashlib.sha256(data[:at] + digest + data[at + _DIGITS:]).hexdigest()
+
+
+def read_verified(path: Path) -> bytes:
+    """The bytes of a state file whose seal matches (or that predates seals); a StateError naming it when
+    its contents are not those it was written with. FileNotFoundError when it is missing."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise state_error(path, "a directory, not a file") from None
+    return verified(path, data)
+
+
+def verified(path: Path, data: bytes) -> bytes:
+    """data (the bytes of `path`) if its seal matches or it has none (`read_verified`), else a StateError."""
+    at = data.rfind(SEAL_MARK)
+    if at < 0 and SEAL_KEY.encode() not in data:
+        return data                                     # written before seals
+    at += len(SEAL_MARK)
+    if at < len(SEAL_MARK) or at + _DIGITS > len(data) or _seal_digest(data, at).encode() != data[at:at + _DIGITS]:
+        raise state_error(path, "damaged: its contents do not match the checksum it was written with (a "
+                                "changed, lost or added byte)")
+    return data
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -117,19 +224,22 @@ def _out_of_space(e: BaseException, directory: Path) -> bool:
     return st.f_bavail * st.f_frsize < LOW_SPACE
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then fsync and rename tmp over path. A full disk raises DiskFull, the old
-    version of path left as it was."""
+def atomic_write(path: Path, write, seal: bool = False) -> str | None:
+    """Call write(tmp_path), then (seal: fill the seal placeholder the writer put in, `seal_file`) fsync
+    and rename tmp over path; returns the sealed file's sha256 (None unsealed). A full disk raises
+    DiskFull, the old version of path left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        digest = seal_file(tmp) if seal else None
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())         # mkstemp makes 0600; results are shared like any file
         os.replace(tmp, path)
+        return digest
     except Exception as e:
         if not isinstance(e, DiskFull) and _out_of_space(e, path.parent):
             raise DiskFull(path) from e
@@ -151,6 +261,35 @@ def _holder(fd: int) -> str:
             return text
         time.sleep(0.01)
     return "?"
+
+
+LOCK_TRIES = 20
+"""A writer tries the lock this many times, 10 ms apart, before it is refused: `lock_holder` (status)
+takes it shared for an instant to ask whether anybody holds it."""
+
+
+def _open_lock(path: Path, flags: int) -> int:
+    """The lock file opened without following a link (a link in its place could point anywhere, and the
+    writer truncates its lock file): a link there is a one-line StateError."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~_umask())
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StateError(f"{path}: a symbolic link, not fastgrok's lock file; remove it (rm removes the link, "
+                             "not what it points to)") from None
+        raise
+
+
+def _flock(fd: int, how: int, tries: int = 1) -> bool:
+    """Take flock `how` without blocking, trying `tries` times 10 ms apart; whether it was taken."""
+    for i in range(tries):
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if i + 1 < tries:
+                time.sleep(0.01)
+    return False
 
 
 _HELD: set[str] = set()
@@ -180,10 +319,8 @@ def writer_lock(run_dir: Path):
         return
     path = run_dir / LOCK
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        fd = _open_lock(path, os.O_RDWR | os.O_CREAT)
+        if not _flock(fd, fcntl.LOCK_EX, tries=LOCK_TRIES):
             holder = _holder(fd)
             os.close(fd)
             raise Locked(f"{run_dir} is being written by another fastgrok process (PID {holder}); wait for it "
@@ -213,15 +350,21 @@ def writer_lock(run_dir: Path):
         os.close(fd)                        # releases the lock
 
 
-def lock_holder(run_dir: Path) -> int | None:
-    """The PID of the live process holding run_dir's writer lock, or None (read without locking: a
-    reader never stands in a writer's way)."""
+def lock_holder(run_dir: Path) -> int | str | None:
+    """The PID of the process holding run_dir's writer lock ("?" if it has not written it yet), or None
+    when nobody holds it. Asked of the lock itself (a shared flock taken and dropped at once, which a
+    starting writer waits out: LOCK_TRIES), not of the PID in the file, which may be anybody's."""
     try:
-        pid = int((Path(run_dir) / LOCK).read_text().strip())
-        os.kill(pid, 0)                     # the file keeps the PID of a writer killed with -9: alive?
-    except (OSError, ValueError):
-        return None
-    return pid
+        fd = _open_lock(Path(run_dir) / LOCK, os.O_RDONLY)
+    except (OSError, StateError):
+        return None                         # no lock file (nobody ever wrote), or not one of ours
+    try:
+        if _flock(fd, fcntl.LOCK_SH):
+            return None                     # nobody holds it (flock(LOCK_UN) comes with the close)
+        holder = _holder(fd)
+        return int(holder) if holder.isdigit() else holder
+    finally:
+        os.close(fd)
 
 
 def holds_train_run(run_dir: Path) -> bool:
@@ -251,24 +394,29 @@ def holds_grid_run(run_dir: Path) -> bool:
         return False
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj: dict) -> None:
+    """A JSON object, sealed (its SEAL_KEY, which read_json drops again)."""
+    if not isinstance(obj, dict) or SEAL_KEY in obj:
+        raise TypeError("write_json takes a dict without the seal key")
+
     def w(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-    atomic_write(path, w)
+            json.dump({**obj, SEAL_KEY: SEAL_PLACEHOLDER}, f, indent=2, sort_keys=True)
+    atomic_write(path, w, seal=True)
 
 
 def read_json(path: Path, kind: type | None = dict):
-    """The JSON in path (a StateError if it is not valid JSON, or its top level is not a `kind`)."""
+    """The JSON in path, its seal checked and dropped (a StateError if it is damaged, not valid JSON, or
+    its top level is not a `kind`)."""
+    data = read_verified(path)
     try:
-        with open(path) as f:
-            obj = json.load(f)
+        obj = json.loads(data.decode())
     except (ValueError, UnicodeDecodeError) as e:      # JSONDecodeError is a ValueError
         raise state_error(path, f"not valid JSON, truncated or corrupt ({str(e).splitlines()[0][:80]})") from None
-    except IsADirectoryError:
-        raise state_error(path, "a directory, not a file") from None
     if kind is not None and not isinstance(obj, kind):
         raise state_error(path, f"holds a JSON {type(obj).__name__}, not the expected {kind.__name__}")
+    if isinstance(obj, dict):
+        obj.pop(SEAL_KEY, None)
     return obj
 
 
@@ -278,7 +426,8 @@ def read_progress(path: Path) -> dict:
     ok = isinstance(pr.get("step"), int) and isinstance(pr.get("done", False), bool) \
         and isinstance(pr.get("steps", 0), int) \
         and all(isinstance(pr.get(k, 0), int) for k in ("models", "memorized", "grokked", "diverged")) \
-        and (pr.get("checkpoint") is None or isinstance(pr["checkpoint"], int))
+        and (pr.get("checkpoint") is None or isinstance(pr["checkpoint"], int)) \
+        and isinstance(pr.get("run", ""), str)
     if not ok:
         raise state_error(path, "not a progress record (step, done, steps)")
     return pr
@@ -296,43 +445,61 @@ def read_config(path: Path) -> TrainConfig:
 
 
 def write_parquet(path: Path, df: pd.DataFrame, fingerprint: str | None = None) -> None:
-    """df to path; `fingerprint` goes into the file's metadata (`read_fingerprint`)."""
-    if fingerprint is None:
-        atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
-        return
+    """df to path, sealed; `fingerprint` (the run's: `run_identity`) goes into the file's metadata
+    (`read_fingerprint`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     table = pa.Table.from_pandas(df, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), FINGERPRINT_KEY: fingerprint.encode()})
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    meta = {**(table.schema.metadata or {}), SEAL_KEY.encode(): SEAL_PLACEHOLDER.encode()}
+    if fingerprint is not None:
+        meta[FINGERPRINT_KEY] = fingerprint.encode()
+    table = table.replace_schema_metadata(meta)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp), seal=True)
 
 
-def read_parquet(path: Path, columns: list[str] | None = None, required: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A parquet table (a StateError if it cannot be read or lacks a `required` column)."""
+def _parquet_error(path: Path, e: Exception) -> StateError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+    return state_error(path, f"not a readable parquet table, truncated or corrupt ({first})")
+
+
+def read_parquet(path: Path, columns: list[str] | None = None, required: tuple[str, ...] = (),
+                 run_dir: Path | None = None) -> pd.DataFrame:
+    """A parquet table, its seal checked (a StateError if it is damaged, cannot be read, lacks a
+    `required` column, or carries another run's fingerprint than run_dir's, when run_dir is given)."""
+    import pyarrow.parquet as pq
+    data = read_verified(path)
     try:
-        df = pd.read_parquet(path, columns=columns)
-    except FileNotFoundError:
+        buf = _buffer(data)
+        if run_dir is not None:
+            fp = (pq.read_schema(buf).metadata or {}).get(FINGERPRINT_KEY)
+            check_identity(path, fp.decode() if fp is not None else None, run_dir)
+        df = pd.read_parquet(buf, columns=columns)
+    except StateError:
         raise
     except Exception as e:                              # pyarrow's errors for a torn or foreign file vary
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
-        raise state_error(path, f"not a readable parquet table, truncated or corrupt ({first})") from None
+        raise _parquet_error(path, e) from None
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise state_error(path, f"lacks column(s) {', '.join(missing)}: not a fastgrok results table")
     return df
 
 
+def _buffer(data: bytes):
+    import pyarrow as pa
+    return pa.BufferReader(data)
+
+
 def _schema(path: Path):
     import pyarrow.parquet as pq
+    data = read_verified(path)
     try:
-        return pq.read_schema(path)
+        return pq.read_schema(_buffer(data))
     except Exception as e:                              # a torn or foreign file: pyarrow's errors vary
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
-        raise state_error(path, f"not a readable parquet table, truncated or corrupt ({first})") from None
+        raise _parquet_error(path, e) from None
 
 
 def read_parquet_schema(path: Path) -> list[str]:
-    """The column names of a parquet file (read from its footer only; a StateError if unreadable)."""
+    """The column names of a parquet file (a StateError if it is damaged or unreadable)."""
     return list(_schema(path).names)
 
 
@@ -342,27 +509,109 @@ def read_fingerprint(path: Path) -> str | None:
     return fp.decode() if fp is not None else None
 
 
+def _with_zip_comment(path: str, comment: bytes) -> None:
+    """Give the zip archive at path (no comment yet) `comment` (zip's own field, after the end record)."""
+    with open(path, "r+b") as f:
+        f.seek(-22, os.SEEK_END)
+        end = f.read(22)
+        if end[:4] != b"PK\x05\x06" or end[-2:] != b"\x00\x00":
+            raise AssertionError(f"{path}: not a zip archive without a comment")
+        f.seek(-2, os.SEEK_END)
+        f.write(len(comment).to_bytes(2, "little") + comment)
+
+
+ZIP_SEAL = f"{SEAL_KEY} {SEAL_PLACEHOLDER}".encode()
+"""The zip comment a sealed archive (checkpoint, snapshot) is written with."""
+
+CHECKPOINT_FORMAT = 2
+"""Checkpoints hold tensors and plain types only (loaded with weights_only=True). Format 1 (no
+"format" key) pickled trainer.Records and numpy arrays; `load_checkpoint` migrates it."""
+
+
 def save_checkpoint(run_dir: Path, payload: dict) -> None:
+    """torch.save of payload (tensors, str, int, float, bool, None, lists and dicts of them), sealed."""
     import torch                                        # here: the tables' readers (report) need no torch
-    atomic_write(Path(run_dir) / CHECKPOINT, lambda tmp: torch.save(payload, tmp))
+
+    def w(tmp):
+        torch.save({**payload, "format": CHECKPOINT_FORMAT}, tmp)
+        _with_zip_comment(tmp, ZIP_SEAL)
+    atomic_write(Path(run_dir) / CHECKPOINT, w, seal=True)
 
 
 CHECKPOINT_KEYS = ("step", "state", "records", "done", "capture_shares")
+RECORD_KEYS = ("steps", "evals", "t_mem", "t_grok", "diverged", "stop")
+
+
+class _Format1Records:
+    """Stands in, while a format-1 checkpoint loads, for the class it pickled (fastgrok.trainer.Records):
+    torch's weights_only unpickler builds it as a plain object (its __dict__ set from the file), running
+    nothing of the file's."""
+
+
+def _format1_globals() -> list:
+    """The only globals a format-1 checkpoint may name: its Records (as the stand-in) and numpy's array
+    reconstruction (under numpy 1's and numpy 2's module names) for the dtypes the records use."""
+    import numpy as np
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:                                  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    dtypes = [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]   # numpy 2: dtype classes
+    return [(_Format1Records, "fastgrok.trainer.Records"), np.ndarray, np.dtype, *dtypes,
+            (_reconstruct, "numpy.core.multiarray._reconstruct"), (_reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+def _migrate_format1(ck: dict) -> dict:
+    """A format-1 payload in format 2's types: records as a dict of tensors, rows as a tensor."""
+    import numpy as np
+    import torch
+    rec = ck["records"]
+    if not isinstance(rec, _Format1Records):
+        raise TypeError("records")
+    r = {k: getattr(rec, k, None) for k in RECORD_KEYS}
+    n = max((e.shape[1] for e in r["evals"]), default=0)
+    M = len(r["t_mem"])
+    ck["records"] = {
+        "steps": torch.as_tensor(np.asarray(r["steps"], dtype=np.int64)),
+        # evaluations of before a metric was added have fewer columns: NaN there (as Trainer.restore)
+        "evals": torch.as_tensor(np.stack([np.pad(e.astype(np.float64), ((0, 0), (0, n - e.shape[1])),
+                                                  constant_values=np.nan) for e in r["evals"]])
+                                 if r["evals"] else np.zeros((0, M, n))),
+        **{k: torch.as_tensor(np.asarray(r[k])) for k in ("t_mem", "t_grok", "diverged")},
+        "stop": None if r["stop"] is None else torch.as_tensor(np.asarray(r["stop"]))}
+    if "rows" in ck:
+        ck["rows"] = torch.as_tensor(np.asarray(ck["rows"], dtype=np.int64))
+    return ck
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:
-    """The checkpoint's payload, None if there is none (a StateError if it is unreadable or not one of
-    fastgrok's: the caller checks its fingerprint)."""
+    """The checkpoint's payload in format 2, None if there is none (a StateError if it is damaged,
+    unreadable, would need any other type than tensors and plain ones, or is not one of fastgrok's: the
+    caller checks its fingerprint). Nothing in the file is executed."""
+    import io
+
     import torch
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         return None
+    data = read_verified(path)
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:                              # torch.load's errors for a torn file vary widely
+        with torch.serialization.safe_globals(_format1_globals()):
+            ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:                              # torch.load's errors for a torn or foreign file vary
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
-        raise state_error(path, f"not a readable checkpoint, truncated or corrupt ({type(e).__name__}: {first})") \
+        if isinstance(e, __import__("pickle").UnpicklingError) and "weights_only" in str(e):
+            first = "it names Python objects other than tensors and plain types; nothing of it was run"
+        raise state_error(path, f"not a readable checkpoint, truncated, corrupt or not fastgrok's ({first})") \
             from None
     if not isinstance(ck, dict) or any(k not in ck for k in CHECKPOINT_KEYS) or not isinstance(ck["state"], dict):
         raise state_error(path, "not a fastgrok checkpoint (its keys are not a run's)")
+    if ck.get("format") is None:
+        try:
+            ck = _migrate_format1(ck)
+        except (TypeError, ValueError, AttributeError, IndexError):
+            raise state_error(path, "not a fastgrok checkpoint (its records are not a run's)") from None
+    rec = ck["records"]
+    if not isinstance(rec, dict) or any(not isinstance(rec.get(k), torch.Tensor) for k in RECORD_KEYS if k != "stop"):
+        raise state_error(path, "not a fastgrok checkpoint (its records are not a run's)")
     return ck

@@ -85,6 +85,20 @@ class Records:
     diverged: np.ndarray   # (M,) bool
     stop: np.ndarray | None = None   # (M,) int: the step a model stopped at, -1 = running
 
+    def to_payload(self, n_metrics: int) -> dict:
+        """The records as tensors (a checkpoint holds no other objects: store.load_checkpoint)."""
+        M = len(self.t_mem)
+        return {"steps": torch.as_tensor(np.asarray(self.steps, dtype=np.int64)),
+                "evals": torch.from_numpy(np.stack(self.evals) if self.evals else np.zeros((0, M, n_metrics))),
+                **{k: torch.from_numpy(np.asarray(getattr(self, k))) for k in ("t_mem", "t_grok", "diverged")},
+                "stop": None if self.stop is None else torch.from_numpy(np.asarray(self.stop))}
+
+    @classmethod
+    def from_payload(cls, d: dict) -> "Records":
+        return cls([int(s) for s in d["steps"].tolist()], list(d["evals"].numpy()),
+                   *(d[k].numpy().copy() for k in ("t_mem", "t_grok", "diverged")),
+                   None if d.get("stop") is None else d["stop"].numpy().copy())
+
 
 ROW_ONLY = ("t_clamp", "budget", "layer_fracs", "cell_seed0", "cell_seeds")
 """Table-row keys the trainer consumes and does not copy into results()."""
@@ -203,9 +217,11 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def checkpoint(self) -> None:
         tensors = {k: v.detach().cpu() for k, v in self.state.items() if isinstance(v, torch.Tensor)}
-        store.save_checkpoint(self.run_dir, {"step": self.step_idx, "state": tensors, "records": self.records,
-                                             "done": self.done, "capture_shares": self.capture_shares,
-                                             "rows": self.rows, "fingerprint": self.fingerprint})
+        store.save_checkpoint(self.run_dir, {
+            "step": self.step_idx, "state": tensors, "records": self.records.to_payload(len(self.metrics)),
+            "done": self.done, "capture_shares": self.capture_shares, "rows": torch.as_tensor(self.rows),
+            "fingerprint": self.fingerprint,
+            "snapshots": self.snapshots.written if self.snapshots is not None else None})
         self.write_results()
 
     @property
@@ -213,14 +229,20 @@ class Trainer:
         """sha256 of what determines this batch's results: the config and the models' table, less what
         only says how or how long it runs (device, kernels, compile, checkpoint interval; the step
         budgets, which a run may extend)."""
-        how = ("steps", "device", "kernels", "compile", "checkpoint_every", "snapshot_cap_gib")
-        cfg = {k: v for k, v in without_defaults(self.cfg.to_dict()).items() if k not in how}
+        cfg = {k: v for k, v in without_defaults(self.cfg.to_dict()).items() if k not in store.HOW_FIELDS}
         # a row's per-model value equal to the config's one value is left out, as rows were written
         # before these fields were per model (a checkpoint of then still resumes)
         same = {k: v for k, v in self.cfg.to_dict().items() if k in PER_MODEL and not isinstance(v, tuple)}
         table = [{k: v for k, v in r.items() if k != "budget" and not (k in same and v == same[k])}
                  for r in self.table]
         return store.fingerprint({"config": cfg, "table": table})
+
+    @property
+    def run_id(self) -> str:
+        """The fingerprint this trainer's results tables and progress carry: a `fastgrok train` run's
+        config (store.config_fingerprint, which readers compute from config.json), a batch's own
+        `fingerprint` when it trains a given table (a grid batch)."""
+        return self.fingerprint if self.independent else store.config_fingerprint(self.cfg.to_dict())
 
     def check_checkpoint(self, ck: dict) -> None:
         """A StateError naming the checkpoint unless it belongs to this run: its fingerprint, or (a
@@ -231,11 +253,11 @@ class Trainer:
             raise store.state_error(path, "its configuration fingerprint is not this run's (a checkpoint of "
                                           "another run, or the run's config.json or spec was edited)")
         M, P = len(self.table), self.model.layout.n_params
-        rows = np.asarray(ck.get("rows", np.arange(M)))
+        rows = np.asarray(ck["rows"]) if ck.get("rows") is not None else np.arange(M)
         try:
             flat, rec = ck["state"]["flat"], ck["records"]
-            ok = (tuple(flat.shape) == (len(rows), P) and len(rec.t_grok) == M and len(rec.t_mem) == M
-                  and len(rec.steps) == len(rec.evals) and (len(rows) == 0 or int(rows.max()) < M))
+            ok = (tuple(flat.shape) == (len(rows), P) and len(rec["t_grok"]) == M and len(rec["t_mem"]) == M
+                  and len(rec["steps"]) == len(rec["evals"]) and (len(rows) == 0 or int(rows.max()) < M))
         except (KeyError, AttributeError, TypeError):
             ok = False
         if not ok:
@@ -246,8 +268,10 @@ class Trainer:
         self.check_checkpoint(ck)
         for k, v in ck["state"].items():
             self.state[k] = v.to(self.device)
-        self.step_idx, self.records, self.done = ck["step"], ck["records"], ck["done"]
+        self.step_idx, self.records, self.done = ck["step"], Records.from_payload(ck["records"]), ck["done"]
         self._checkpoint_step = ck["step"]
+        if self.snapshots is not None:
+            self.snapshots.restore(ck.get("snapshots"), self.run_dir / store.CHECKPOINT, ck["step"])
         self.capture_shares = ck["capture_shares"]
         if self.records.stop is None:               # a checkpoint from before per-model stopping
             self.records.stop = np.full(len(self.table), -1)
@@ -255,7 +279,7 @@ class Trainer:
         n = len(self.metrics)
         self.records.evals = [e if e.shape[1] == n else np.concatenate([e, np.full((e.shape[0], n - e.shape[1]), np.nan)], 1)
                               for e in self.records.evals]
-        rows = ck.get("rows", np.arange(len(self.table)))
+        rows = np.asarray(ck["rows"]) if ck.get("rows") is not None else np.arange(len(self.table))
         if len(rows) < len(self.table):             # the state was saved compacted: compact the batch too
             self.batch = _select_batch(self.batch, torch.as_tensor(rows, device=self.device))
         self.rows = rows
@@ -481,8 +505,8 @@ class Trainer:
     def write_results(self) -> None:
         if not self.records.evals:
             return
-        store.write_parquet(self.run_dir / store.MODELS, self.results())
-        store.write_parquet(self.run_dir / store.CURVES, self.curves())
+        store.write_parquet(self.run_dir / store.MODELS, self.results(), fingerprint=self.run_id)
+        store.write_parquet(self.run_dir / store.CURVES, self.curves(), fingerprint=self.run_id)
         self._write_progress(checkpoint=True)
 
     def _write_progress(self, checkpoint: bool = False) -> None:
@@ -495,7 +519,7 @@ class Trainer:
             "step": self.step_idx, "done": self.done, "steps": int(self.budget.max()),
             "checkpoint": self._checkpoint_step, "models": len(self.table),
             "memorized": int((r.t_mem >= 0).sum()), "grokked": int((r.t_grok >= 0).sum()),
-            "diverged": int(r.diverged.sum())})
+            "diverged": int(r.diverged.sum()), "run": self.run_id})
         self._progress_t = time.monotonic()
 
     # ---------------------------------------------------------------- signals

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import torch
 
+from fastgrok import store
 from fastgrok.config import TrainConfig
 from fastgrok.data import all_pairs
 from fastgrok.models import MLP
@@ -256,7 +257,7 @@ def test_extending_a_run_whose_models_all_grokked_says_so(tmp_path):
 # ----------------------------------------------------------------------------- the run directory
 
 def test_run_directory_contents(reference_run):
-    cfg = TrainConfig.from_dict(json.loads((reference_run / "config.json").read_text()))
+    cfg = TrainConfig.from_dict(store.read_json(reference_run / "config.json"))
     assert cfg == EXPECTED
 
     models = pd.read_parquet(reference_run / "models.parquet")
@@ -279,7 +280,7 @@ def test_run_directory_contents(reference_run):
     # the per-model results are the curves' readouts: T_mem/T_grok the first evaluation over the
     # threshold, final accuracies and norm the last evaluation (T_grok: a model stops when it groks), L at
     # grok that of the weights at T_grok (the checkpoint's, where the model stopped)
-    flat = torch.load(reference_run / "checkpoint.pt", weights_only=False)["state"]["flat"].double()
+    flat = torch.load(reference_run / "checkpoint.pt", weights_only=True)["state"]["flat"].double()
     a, b, _ = all_pairs(EXPECTED.p, EXPECTED.op)
     z = MLP(EXPECTED).logits(flat, a, b)                                # (M, N, V)
     for r in models.itertuples():
@@ -328,11 +329,11 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, monkeypatc
     from fastgrok import cli, store
     real, calls = store.atomic_write, []
 
-    def fills_up(path, write):
+    def fills_up(path, write, **kw):
         calls.append(Path(path).name)
         if Path(path).name == store.CHECKPOINT:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(path, write)
+        return real(path, write, **kw)
 
     monkeypatch.setattr(store, "atomic_write", fills_up)
     out = tmp_path / "run"
@@ -350,7 +351,6 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, monkeypatc
 
 
 def test_atomic_write_keeps_the_old_version_when_the_disk_fills(tmp_path):
-    from fastgrok import store
     path = tmp_path / "x.json"
     store.write_json(path, {"a": 1})
 
@@ -360,7 +360,7 @@ def test_atomic_write_keeps_the_old_version_when_the_disk_fills(tmp_path):
 
     with pytest.raises(store.DiskFull):
         store.atomic_write(path, half_then_full)
-    assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+    assert store.read_json(path) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
 # ----------------------------------------------------------------------------- status, help, experiments

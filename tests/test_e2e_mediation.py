@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastgrok import report as R
+from fastgrok import store
 from fastgrok.executors import run_experiment
 
 from report_tables import check_tables
@@ -65,7 +66,7 @@ def test_engine_run_then_analyze(run_dir):
     assert (run_dir / "calibration.json").exists()
     # the clamp held every clamped model at rho * w_c
     import json
-    w_c = next(iter(json.loads((run_dir / "calibration.json").read_text()).values()))["w_c"]
+    w_c = next(iter(store.read_json(run_dir / "calibration.json").values()))["w_c"]
     np.testing.assert_allclose(models["norm_target"], models["rho"] * w_c, rtol=1e-12)
     np.testing.assert_allclose(models["weight_norm"], models["norm_target"], rtol=1e-4)
 

@@ -80,7 +80,7 @@ def test_a_run_with_grokfast_and_orthograd_resumes_exactly(tmp_path):
     cfg = dataclasses.replace(quick_cpu(), seeds=1, steps=300, orthograd=(False, True), grokfast_lambda=(0.0, 2.0))
     whole = train(cfg, tmp_path / "whole", progress=False)
     train(dataclasses.replace(cfg, steps=150), tmp_path / "parts", progress=False)
-    ck = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)
+    ck = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)
     assert "ema" in ck["state"] and ck["state"]["ema"].abs().sum() > 0
     parts = train(cfg, tmp_path / "parts", resume=True, progress=False)
     pd.testing.assert_frame_equal(parts, whole, check_exact=True)

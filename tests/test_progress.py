@@ -212,7 +212,7 @@ def test_an_old_checkpoint_resumes_with_the_progress_measures_nan(tmp_path):
     cfg = TrainConfig(**TINY, seeds=2, steps=50, stop_when_grokked=False)
     train(cfg, tmp_path, progress=False)
     ck = store.load_checkpoint(tmp_path)
-    ck["records"].evals = [e[:, : len(EVAL_METRICS)] for e in ck["records"].evals]   # written before them
+    ck["records"]["evals"] = ck["records"]["evals"][:, :, : len(EVAL_METRICS)]     # written before them
     store.save_checkpoint(tmp_path, ck)
     train(dataclasses.replace(cfg, steps=100), tmp_path, resume=True, progress=False)
     c = pd.read_parquet(tmp_path / "curves.parquet")
@@ -226,9 +226,9 @@ def test_an_old_checkpoint_resumes_with_the_progress_measures_nan(tmp_path):
 def test_a_config_saved_before_restricted_loss_resumes(tmp_path):
     cfg = TrainConfig(**TINY, seeds=1, steps=25)
     train(cfg, tmp_path, progress=False)
-    saved = json.loads((tmp_path / "config.json").read_text())
+    saved = store.read_json(tmp_path / "config.json")
     del saved["restricted_loss"]                                       # as written before the field
-    (tmp_path / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "config.json").write_text(json.dumps(saved))           # (and before seals)
     train(dataclasses.replace(cfg, steps=50), tmp_path, resume=True, progress=False)
     assert pd.read_parquet(tmp_path / "models.parquet").steps.tolist() == [50]
 

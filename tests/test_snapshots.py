@@ -22,9 +22,10 @@ import pandas as pd
 import pytest
 import torch
 
+from fastgrok import store
 from fastgrok.config import TrainConfig, quick_cpu
 from fastgrok.experiments import ExperimentSpec
-from fastgrok.snapshots import layout_of, log_steps
+from fastgrok.snapshots import layout_of, log_steps, read_index
 from fastgrok.trainer import Trainer
 
 from cli_runner import ENV, FASTGROK, checkpointed, fastgrok
@@ -62,7 +63,7 @@ def test_log_steps_rule():
 def test_snapshot_steps_are_log_spaced_plus_each_models_t_mem_and_t_grok(ref):
     out, _ = ref
     models = pd.read_parquet(out / "models.parquet")
-    index = pd.DataFrame(json.loads((out / "snapshots" / "index.json").read_text()))
+    index = pd.DataFrame(read_index(out / "snapshots"))
     sched = log_steps(N, 5000, 25)
     for m in models.itertuples():
         got = index.loc[index["model"] == m.model].set_index("step")["reason"].to_dict()
@@ -76,7 +77,7 @@ def test_snapshot_steps_are_log_spaced_plus_each_models_t_mem_and_t_grok(ref):
 
 def test_files_open_with_numpy_and_hold_the_trainers_state(ref):
     out, _ = ref
-    cfg = TrainConfig(**{**json.loads((out / "config.json").read_text()), "taus": (1.0,)})
+    cfg = TrainConfig(**{**store.read_json(out / "config.json"), "taus": (1.0,)})
     lay = layout_of(cfg)
     for f in (out / "snapshots").glob("step_*.npz"):
         with np.load(f) as z:                                   # no pickle, no torch
@@ -88,7 +89,7 @@ def test_files_open_with_numpy_and_hold_the_trainers_state(ref):
         init = Trainer(cfg, out / "unused", progress=False).state["flat"].numpy()
         np.testing.assert_array_equal(z["flat"], init[z["models"]])
         assert list(z["models"]) == [0, 1] and list(z["reason"]) == ["log", "log"]
-    final = torch.load(out / "checkpoint.pt", weights_only=False)["state"]["flat"].numpy()   # (M, P)
+    final = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["flat"].numpy()   # (M, P)
     models = pd.read_parquet(out / "models.parquet")
     for m in models.itertuples():                               # frozen at its T_grok from then on
         with np.load(out / "snapshots" / f"step_{int(m.t_grok):06d}.npz") as z:
@@ -131,8 +132,8 @@ def test_a_batched_models_snapshots_equal_its_solo_runs(ref, tmp_path):
     out = tmp_path / "solo"
     r = fastgrok("train", *FLAGS[:2], "--seeds", "1", "--seed0", "2", *FLAGS[6:], "--quiet", "--out", out)
     assert r.returncode == 0, r.stderr
-    solo = json.loads((out / "snapshots" / "index.json").read_text())
-    batched = [x for x in json.loads((ref[0] / "snapshots" / "index.json").read_text()) if x["model"] == 1]
+    solo = read_index(out / "snapshots")
+    batched = [x for x in read_index(ref[0] / "snapshots") if x["model"] == 1]
     assert [(x["step"], x["reason"]) for x in solo] == [(x["step"], x["reason"]) for x in batched]
     for x in solo:
         with np.load(out / "snapshots" / x["file"]) as a, np.load(ref[0] / "snapshots" / x["file"]) as b:
@@ -153,7 +154,7 @@ def test_grid_snapshots_survive_the_batch_cleanup(tmp_path):
     out = run_experiment(spec, out=tmp_path / "grid", progress=False)
     assert not any((out / "batches").glob("*"))                 # checkpoints gone ...
     models = pd.read_parquet(out / "models.parquet")
-    index = json.loads((out / "snapshots" / "index.json").read_text())
+    index = read_index(out / "snapshots")
     assert sorted({x["model"] for x in index}) == sorted(models["model"])          # ... snapshots kept
     assert {x["file"].split("/")[0] for x in index} == {"b000", "b001"}
     for x in index:

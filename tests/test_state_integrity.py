@@ -135,7 +135,7 @@ def test_an_old_checkpoint_without_fingerprint_resumes(runs, tmp_path):
     """A checkpoint written before fingerprints (no "fingerprint" key) of this run's shape is accepted."""
     d = tmp_path / "train"
     shutil.copytree(runs / "train", d)
-    ck = torch.load(d / "checkpoint.pt", weights_only=False)
+    ck = torch.load(d / "checkpoint.pt", weights_only=True)
     del ck["fingerprint"]
     torch.save(ck, d / "checkpoint.pt")
     before = pd.read_parquet(d / "models.parquet")
