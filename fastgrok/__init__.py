@@ -13,6 +13,7 @@ Submodules load on first use (`fastgrok.report`, ...), so `import fastgrok` stay
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -20,9 +21,8 @@ try:
 except PackageNotFoundError:                    # run from a source tree that was never installed
     __version__ = "unknown"
 
-_SUBMODULES = ("analysis", "baseline", "bench", "cli", "config", "data", "display", "executors", "experiments",
-               "figures", "grid", "interventions", "kernels", "mediation", "models", "optim", "phases",
-               "regressions", "report", "step", "store", "summary", "terminal", "trainer")
+_SUBMODULES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))) + ("kernels",)
+"""Every module of the package, found on disk (so none is left out), and the kernels subpackage."""
 
 
 def __getattr__(name: str):

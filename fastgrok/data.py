@@ -2,7 +2,7 @@
 
 A model's task is a binary operation on p symbols (`a op b mod p`, a polynomial, composition in S_n or a
 random table; config.OPS) over its pairs (for div, b = 0 is left out), its split the study's: a
-permutation of ITS pairs from a generator seeded `1000 + seed_m`, the first n_train entries its train
+permutation of ITS pairs from a generator seeded `SPLIT_SEED_OFFSET + seed_m` (1000 + seed_m), the first n_train entries its train
 rows. Splits depend only on the model's seed, op and train fraction, never on the batch it trains in.
 
 A batch whose models share one op keeps that op's pair list (N = p * p, or p * (p - 1) for div). Mixed
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import n_train_of, symmetric_group_degree
+from .config import SPLIT_SEED_OFFSET, n_train_of, symmetric_group_degree
 
 PAD_ROWS = 16
 """Padded train rows come in whole blocks of this many (see the module docstring)."""
@@ -85,10 +85,10 @@ def all_pairs(p: int, op: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def split_indices(n_pairs: int, n_train: int, seeds: list[int]) -> torch.Tensor:
-    """(M, n_train) train rows, one permutation per seed from a generator seeded 1000 + seed."""
+    """(M, n_train) train rows, one permutation per seed from a generator seeded SPLIT_SEED_OFFSET + seed."""
     rows = []
     for s in seeds:
-        g = torch.Generator().manual_seed(1000 + int(s))
+        g = torch.Generator().manual_seed(SPLIT_SEED_OFFSET + int(s))
         rows.append(torch.randperm(n_pairs, generator=g)[:n_train])
     return torch.stack(rows)
 
@@ -107,7 +107,7 @@ def make_task(p: int, ops: str | list[str], train_fracs: float | list[float], se
     for seed, op, f in zip(seeds, ops, fracs):
         oa, ob, oy = all_pairs(p, op)                                # the model's own pairs
         rows = torch.arange(N) if op == universe else oa * p + ob   # its pairs' rows in the batch's list
-        g = torch.Generator().manual_seed(1000 + int(seed))
+        g = torch.Generator().manual_seed(SPLIT_SEED_OFFSET + int(seed))
         perm = torch.randperm(oa.shape[0], generator=g)[: n_train_of(p, op, f)]
         idx.append(rows[perm])
         y = torch.zeros(N, dtype=torch.int64)

@@ -8,7 +8,7 @@ MLP's at p = 59): MLP p = 59 M 12: 4.16 ms; p = 31 M 36 (the quick preset's size
 fraction 0.9, M 4: 1.20 ms; checked at p = 97 M 4: 10.96 ms measured, 11.6 predicted. Work scaling
 alone (the estimate before) put the p = 31 model at 0.43 ms: small models pay per-step costs beyond
 their matmuls. The transformer (eager, as `--compile auto` runs it on a CPU) took 98 ms at p = 59 M 4,
-TRANSFORMER x the MLP fit. The MLP uncompiled (`--compile auto` for runs of at most 5,000 steps) took
+TRANSFORMER x the MLP fit. The MLP uncompiled (`--compile auto` for runs of at most step.QUICK_STEPS) took
 EAGER x as long at p = 59 (8.78 ms). A batch's models are padded to its most train rows, so each model
 costs its batch's work; compiling adds COMPILE_S per compiled batch. Checked end to end (one thread,
 other jobs on the other core): `fastgrok run interventions` (compiled) estimated 4 min, took 4 min 16 s;

@@ -13,14 +13,15 @@ def train_status(run_dir: Path) -> list[str]:
     diverged; the step a resume would start from."""
     run_dir = Path(run_dir)
     try:     # a bad file is one line naming it (store.StateError); an unreadable one names the directory
-        cfg = store.read_config(run_dir / store.CONFIG).to_dict()     # checked: its values format below
+        config = store.read_config(run_dir / store.CONFIG)            # checked: its values format below
+        cfg = config.to_dict()
         pr = store.read_progress(run_dir / store.PROGRESS) if (run_dir / store.PROGRESS).exists() else {}
         store.check_identity(run_dir / store.PROGRESS, pr.get("run"), run_dir)
     except store.StateError:
         raise
     except (OSError, ValueError) as e:
         raise ConfigError(f"dir: {run_dir}: unreadable run state ({e}); is it a fastgrok run directory?") from None
-    n_cells = len(cfg.get("taus") or [1]) * max(1, len(cfg.get("norm_targets") or []))
+    n_cells = len(config.cells)                     # every per-model axis's values, not only taus x targets
     models = pr.get("models", n_cells * cfg.get("seeds", 0))
     holder = store.lock_holder(run_dir)
     if pr.get("done"):
