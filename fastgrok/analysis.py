@@ -78,12 +78,12 @@ def check_models(models: pd.DataFrame) -> None:
         raise ValueError("a (cell, seed) pair occurs twice in the models table")
 
 
-def _num(s: pd.Series) -> np.ndarray:
+def numeric(s: pd.Series) -> np.ndarray:
     """A column as float64 with NaN for nulls (handles nullable Int64)."""
     return pd.to_numeric(s, errors="coerce").astype("float64").to_numpy()
 
 
-def _nanmedian(x: np.ndarray, axis=None):
+def nanmedian(x: np.ndarray, axis=None):
     """np.nanmedian without the all-NaN warning (an all-NaN slice gives NaN)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -97,14 +97,14 @@ def _nanmean(x: np.ndarray, axis=None):
         return np.nanmean(x, axis=axis)
 
 
-def _cell_value(s: pd.Series):
+def cell_value(s: pd.Series):
     """One value for a describing column over a cell's seeds: the shared value, else the median."""
     v = s.dropna()
     if v.empty:
         return np.nan
     if (v == v.iloc[0]).all():
         return v.iloc[0]
-    return float(np.median(_num(v))) if pd.api.types.is_numeric_dtype(v) else v.iloc[0]
+    return float(np.median(numeric(v))) if pd.api.types.is_numeric_dtype(v) else v.iloc[0]
 
 
 def is_fork(df: pd.DataFrame) -> np.ndarray:
@@ -125,7 +125,7 @@ def setting_groups(df: pd.DataFrame, extra: tuple[str, ...] = ()):
 
 def match_value(values: pd.Series, x: float) -> np.ndarray:
     """Boolean mask of values equal to x within ATOL (NaN never matches)."""
-    return np.isclose(_num(values), x, rtol=0.0, atol=ATOL)
+    return np.isclose(numeric(values), x, rtol=0.0, atol=ATOL)
 
 
 def has_values(df: pd.DataFrame, col: str) -> bool:
@@ -133,7 +133,7 @@ def has_values(df: pd.DataFrame, col: str) -> bool:
     return col in df.columns and bool(df[col].notna().any())
 
 
-def _need_rho(cells: pd.DataFrame, what: str) -> None:
+def need_rho(cells: pd.DataFrame, what: str) -> None:
     if not has_values(cells, "rho"):
         raise ValueError(f"{what} needs each cell's clamp dose rho (column 'rho', target = rho * "
                          "w_c); this run has no rho values")
@@ -176,19 +176,19 @@ def cell_table(models: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.D
     desc = [c for c in CELL_COLS if has_values(models, c)]
     rows = []
     for cell, g in models.groupby("cell", sort=True):
-        tg, tm = _num(g["t_grok"]), _num(g["t_mem"])
+        tg, tm = numeric(g["t_grok"]), numeric(g["t_mem"])
         n, n_grok = len(g), int(np.isfinite(tg).sum())
-        row = {"cell": cell, **{c: _cell_value(g[c]) for c in desc}}
+        row = {"cell": cell, **{c: cell_value(g[c]) for c in desc}}
         row.update(
             n_seeds=n, n_grokked=n_grok,
-            n_diverged=int(np.nansum(_num(g["diverged"]))) if "diverged" in g else 0,
+            n_diverged=int(np.nansum(numeric(g["diverged"]))) if "diverged" in g else 0,
             counts=bool(2 * n_grok >= n),                       # the study's n_grokked >= 0.5 n
-            T_mem=float(_nanmedian(tm)), T_grok=float(_nanmedian(tg)))
+            T_mem=float(nanmedian(tm)), T_grok=float(nanmedian(tg)))
         row["delay"] = row["T_grok"] - row["T_mem"]
-        row["sc_rate"] = float(_nanmean(_num(g["sc_rate"]))) if "sc_rate" in g and n else np.nan
+        row["sc_rate"] = float(_nanmean(numeric(g["sc_rate"]))) if "sc_rate" in g and n else np.nan
         if "test_loss" in g:                                    # runs from before it have none
-            row["test_loss"] = float(_nanmedian(_num(g["test_loss"])))
-        row["W_final"] = float(_nanmedian(_num(g["weight_norm"]))) if "weight_norm" in g else np.nan
+            row["test_loss"] = float(nanmedian(numeric(g["test_loss"])))
+        row["W_final"] = float(nanmedian(numeric(g["weight_norm"]))) if "weight_norm" in g else np.nan
         rows.append(row)
     cells = pd.DataFrame(rows)
     cells["L_grok"], cells["W_grok"] = np.nan, np.nan
@@ -206,7 +206,7 @@ def cell_table(models: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.D
 
     # ‖W‖ at each grokked seed's own T_grok (an evaluation step, so an exact match).
     w = curves.loc[curves["metric"] == "weight_norm", ["model", "step", "value"]]
-    at = models[["model", "cell"]].assign(step=_num(models["t_grok"])).dropna(subset=["step"])
+    at = models[["model", "cell"]].assign(step=numeric(models["t_grok"])).dropna(subset=["step"])
     at = at.merge(w.assign(step=w["step"].astype("float64")), on=["model", "step"])
     wg = at.groupby("cell")["value"].median()
     cells["W_grok"] = cells["cell"].map(wg).astype("float64")
@@ -224,7 +224,7 @@ def memorization_table(cells: pd.DataFrame) -> pd.DataFrame:
 def counting_cells(cells: pd.DataFrame) -> pd.DataFrame:
     """Non-fork cells that count (at least half their seeds grokked) with a positive T_grok."""
     c = cells.loc[~is_fork(cells) & cells["counts"].astype(bool).to_numpy()]
-    return c.loc[_num(c["T_grok"]) > 0]
+    return c.loc[numeric(c["T_grok"]) > 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def counting_cells(cells: pd.DataFrame) -> pd.DataFrame:
 def seed_matrix(models: pd.DataFrame, cell_ids, col: str = "t_grok") -> tuple[np.ndarray, np.ndarray]:
     """(K, S) matrix of `col` for the given cells (rows, in order) and the sorted union of their
     seed ids (columns); NaN where a seed did not reach it or is absent from a cell."""
-    sub = models.loc[models["cell"].isin(list(cell_ids)), ["cell", "seed"]].assign(v=_num(
+    sub = models.loc[models["cell"].isin(list(cell_ids)), ["cell", "seed"]].assign(v=numeric(
         models.loc[models["cell"].isin(list(cell_ids)), col]))
     wide = sub.pivot(index="cell", columns="seed", values="v").reindex(list(cell_ids))
     wide = wide.reindex(columns=sorted(wide.columns))
@@ -251,10 +251,10 @@ def paired_bootstrap(T: np.ndarray, stat: Callable[[np.ndarray], float], *, n_bo
     """
     T = np.asarray(T, dtype="float64")
     K, S = T.shape
-    point = float(stat(_nanmedian(T, axis=1)))
+    point = float(stat(nanmedian(T, axis=1)))
     rng = np.random.default_rng(seed)
     idx = np.stack([rng.integers(0, S, S) for _ in range(n_boot)])  # (B, S)
-    med = _nanmedian(T[:, idx], axis=2)                              # (K, B)
+    med = nanmedian(T[:, idx], axis=2)                              # (K, B)
     with np.errstate(divide="ignore", invalid="ignore"):
         samples = np.array([stat(med[:, b]) for b in range(n_boot)], dtype="float64")
     ok = samples[np.isfinite(samples)]
@@ -294,7 +294,7 @@ def fork_table(models: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0) -> 
     if "arm" not in models.columns or "fork_step" not in models.columns:
         raise ValueError("fork_table needs the columns 'arm' and 'fork_step'")
     f = models.loc[models["arm"].notna()]
-    f = f.assign(delay_from_fork=_num(f["t_grok"]) - _num(f["fork_step"]))
+    f = f.assign(delay_from_fork=numeric(f["t_grok"]) - numeric(f["fork_step"]))
     rows = []
     for keys, g in setting_groups(f, extra=("tau", "fork_step")):
         if g.groupby("arm")["cell"].nunique().max() > 1:
@@ -305,7 +305,7 @@ def fork_table(models: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0) -> 
             ga = g.loc[g["arm"] == a]
             row = {**keys, "arm": a, "cell": cell_of[a], "n_seeds": len(ga),
                    "n_grokked": int(np.isfinite(ga["delay_from_fork"]).sum()),
-                   "delay_from_fork": float(_nanmedian(ga["delay_from_fork"].to_numpy())),
+                   "delay_from_fork": float(nanmedian(ga["delay_from_fork"].to_numpy())),
                    "ratio": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n_both": np.nan}
             if a != "same" and "same" in cell_of:
                 D, _ = seed_matrix(g, [cell_of[a], cell_of["same"]], col="delay_from_fork")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from fastgrok.analysis import _num, is_fork
+from fastgrok.analysis import numeric, is_fork
 
 INTERVENTION_COLS = ("loss", "wd", "lr", "rho", "orthograd", "grokfast_lambda")
 """What tells the arms of an interventions run apart (the columns that vary are named in each arm)."""
@@ -17,7 +17,7 @@ def has_interventions(models: pd.DataFrame) -> bool:
     """Whether any model trained with StableMax, ⊥Grad or Grokfast (an interventions run)."""
     return (("loss" in models and (models["loss"] == "stablemax").any())
             or ("orthograd" in models and models["orthograd"].fillna(False).astype(bool).any())
-            or ("grokfast_lambda" in models and (_num(models["grokfast_lambda"]) > 0).any()))
+            or ("grokfast_lambda" in models and (numeric(models["grokfast_lambda"]) > 0).any()))
 
 
 def arm_name(row: pd.Series, varying: list[str]) -> str:

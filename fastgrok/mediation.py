@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from fastgrok.analysis import (ATOL, N_BOOT, _nanmedian, _need_rho, _num, cell_table, has_values, is_fork,
+from fastgrok.analysis import (ATOL, N_BOOT, nanmedian, need_rho, numeric, cell_table, has_values, is_fork,
                                match_value, paired_bootstrap, seed_matrix, setting_groups)
 
 STUDY_RHO_HIGH = 1.15
@@ -49,7 +49,7 @@ def mediation_gap(cells: pd.DataFrame, *, rho_high: float = 1.15,
             where = f"(rho, tau) = ({rho:g}, {tau:g})"
             return (f"no {what} {where}" if n == 0
                     else f"{n} cells with {where} (pass one setting at a time)")
-    n_L = int((match_value(cells["rho"], rho_high) & np.isfinite(_num(cells["L_grok"]))).sum())
+    n_L = int((match_value(cells["rho"], rho_high) & np.isfinite(numeric(cells["L_grok"]))).sum())
     if n_L < 2:
         return (f"the tau sweep at rho = {rho_high:g} has {n_L} cell(s) with an L at grok "
                 "(needs >= 2)")
@@ -66,25 +66,25 @@ def mediation(cells: pd.DataFrame, per_seed: pd.DataFrame, *, rho_high: float = 
     rho_high with a finite L_grok (tau = 1 included). T2 = np.interp(L0, L, T) over the sweep sorted
     by L; recovery = (T1 - T2) / (T1 - T0); CI from the paired bootstrap (L held fixed).
     """
-    _need_rho(cells, "mediation")
+    need_rho(cells, "mediation")
     cells = cells.loc[~is_fork(cells)]
     gap = mediation_gap(cells, rho_high=rho_high, baseline=baseline)
     if gap:
-        have = sorted(set(zip(_num(cells["rho"]).round(4), _num(cells["tau"]).round(4))))
+        have = sorted(set(zip(numeric(cells["rho"]).round(4), numeric(cells["tau"]).round(4))))
         raise ValueError(f"mediation: {gap}; (rho, tau) present: {have}")
     base = _cells_at(cells, *baseline).iloc[0]
     high = _cells_at(cells, rho_high, 1.0).iloc[0]
-    sweep = cells.loc[match_value(cells["rho"], rho_high) & np.isfinite(_num(cells["L_grok"]))]
+    sweep = cells.loc[match_value(cells["rho"], rho_high) & np.isfinite(numeric(cells["L_grok"]))]
     sweep = sweep.sort_values("L_grok", kind="stable")
     ids = [base["cell"], high["cell"], *sweep["cell"]]
     T, seeds = seed_matrix(per_seed, ids)          # (K, S), rows: baseline, T1 cell, sweep...
-    L0, L_sweep = float(base["L_grok"]), _num(sweep["L_grok"])
+    L0, L_sweep = float(base["L_grok"]), numeric(sweep["L_grok"])
 
     def recovery(med: np.ndarray) -> float:
         t0, t1, t2 = med[0], med[1], interp_t2(L0, L_sweep, med[2:])
         return (t1 - t2) / (t1 - t0) if t1 != t0 else np.nan
 
-    med = _nanmedian(T, axis=1)
+    med = nanmedian(T, axis=1)
     rec, lo, hi, samples = paired_bootstrap(T, recovery, n_boot=n_boot, seed=seed)
     counted = cells.set_index("cell").loc[ids, "counts"].astype(bool)
     return dict(rho_high=rho_high, L0=L0, L1=float(high["L_grok"]), T0=float(med[0]),
@@ -99,7 +99,7 @@ def mediation_table(cells: pd.DataFrame, per_seed: pd.DataFrame, *, rho_high: fl
                     seed: int = 0) -> pd.DataFrame:
     """`mediation` for every setting that has what it needs (see `mediation_gap`); one row per
     setting (empty if none has)."""
-    _need_rho(cells, "mediation")
+    need_rho(cells, "mediation")
     rows = []
     for keys, g in setting_groups(cells.loc[~is_fork(cells)]):
         if mediation_gap(g, rho_high=rho_high, baseline=baseline) is None:
@@ -123,9 +123,9 @@ def tau_sweep_rhos(cells: pd.DataFrame, *, baseline_rho: float = 1.0) -> list[fl
         return []
     found = set()
     for _, g in setting_groups(cells.loc[~is_fork(cells)]):
-        rho = _num(g["rho"])
+        rho = numeric(g["rho"])
         for r in np.unique(rho[np.isfinite(rho) & (rho > baseline_rho + ATOL)].round(6)):
-            taus = _num(g.loc[match_value(g["rho"], r), "tau"])
+            taus = numeric(g.loc[match_value(g["rho"], r), "tau"])
             taus = np.unique(taus[np.isfinite(taus)].round(6))
             if taus.size >= 2 and np.isclose(taus, 1.0, rtol=0.0, atol=ATOL).any():
                 found.add(float(r))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from fastgrok.analysis import (CELL_COLS, SETTING_COLS, _cell_value, _nanmedian, _num, check_models, has_values,
+from fastgrok.analysis import (CELL_COLS, SETTING_COLS, cell_value, nanmedian, numeric, check_models, has_values,
                                is_fork)
 
 PHASES = ("comprehension", "grokking", "memorization", "confusion")
@@ -36,9 +36,9 @@ def seed_phases(models: pd.DataFrame, *, mem_threshold: float = 0.99,
       memorized (no T_mem, or T_mem after T_grok); grokking otherwise;
     - not grokked: memorization when its final train accuracy is >= mem_threshold (and it did not
       diverge); confusion otherwise (it never fit the train set, lost it, or diverged)."""
-    tg, tm = _num(models["t_grok"]), _num(models["t_mem"])
-    train = _num(models["train_acc"]) if "train_acc" in models else np.where(np.isfinite(tm), 1.0, 0.0)
-    div = np.nan_to_num(_num(models["diverged"])) > 0 if "diverged" in models else np.zeros(len(models), bool)
+    tg, tm = numeric(models["t_grok"]), numeric(models["t_mem"])
+    train = numeric(models["train_acc"]) if "train_acc" in models else np.where(np.isfinite(tm), 1.0, 0.0)
+    div = np.nan_to_num(numeric(models["diverged"])) > 0 if "diverged" in models else np.zeros(len(models), bool)
     grok = np.isfinite(tg)
     with np.errstate(invalid="ignore"):
         fast = ~np.isfinite(tm) | (tg <= ratio * tm)
@@ -68,13 +68,13 @@ def phase_table(models: pd.DataFrame, *, mem_threshold: float = 0.99, grok_thres
     desc = [c for c in CELL_COLS if has_values(m, c) and c not in ("arm", "fork_step")]
     rows = []
     for cell, g in m.assign(_phase=ph).groupby("cell", sort=True):
-        tg, tm = _num(g["t_grok"]), _num(g["t_mem"])
-        row = {"cell": cell, **{c: _cell_value(g[c]) for c in desc}, "n": len(g),
+        tg, tm = numeric(g["t_grok"]), numeric(g["t_mem"])
+        row = {"cell": cell, **{c: cell_value(g[c]) for c in desc}, "n": len(g),
                "n_mem": int(np.isfinite(tm).sum()), "n_grok": int(np.isfinite(tg).sum()),
-               "T_mem": float(_nanmedian(tm)), "T_grok": float(_nanmedian(tg)),
-               "delay": float(_nanmedian(tg - tm)),
-               "train_acc": float(_nanmedian(_num(g["train_acc"]))) if "train_acc" in g else np.nan,
-               "test_acc": float(_nanmedian(_num(g["test_acc"]))) if "test_acc" in g else np.nan}
+               "T_mem": float(nanmedian(tm)), "T_grok": float(nanmedian(tg)),
+               "delay": float(nanmedian(tg - tm)),
+               "train_acc": float(nanmedian(numeric(g["train_acc"]))) if "train_acc" in g else np.nan,
+               "test_acc": float(nanmedian(numeric(g["test_acc"]))) if "test_acc" in g else np.nan}
         row.update({f"n_{p}": int((g["_phase"] == p).sum()) for p in PHASES})
         row.update(phase=majority_phase(g["_phase"].to_numpy()), mem_threshold=float(mem_threshold),
                    grok_threshold=float(grok_threshold))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from fastgrok.analysis import (ATOL, _need_rho, _num, counting_cells, has_values, is_fork, match_value,
+from fastgrok.analysis import (ATOL, need_rho, numeric, counting_cells, has_values, is_fork, match_value,
                                setting_groups)
 
 COLLAPSE_JUMP = 2.5
@@ -48,14 +48,14 @@ def collapse_r2(cells: pd.DataFrame) -> pd.DataFrame:
     """Per setting: OLS (with intercept, one point per counting cell) of ln T_grok on L_grok, on
     rho, and on both; columns n_cells, r2_L, r2_rho, r2_both, delta_r2 = r2_both - r2_L. Settings
     with fewer than 4 usable cells are left out."""
-    _need_rho(cells, "the collapse regression")
+    need_rho(cells, "the collapse regression")
     c = counting_cells(cells)
-    c = c.loc[np.isfinite(_num(c["L_grok"])) & np.isfinite(_num(c["rho"]))]
+    c = c.loc[np.isfinite(numeric(c["L_grok"])) & np.isfinite(numeric(c["rho"]))]
     rows = []
     for keys, g in setting_groups(c):
         if len(g) < 4:
             continue
-        y, L, rho = np.log(_num(g["T_grok"])), _num(g["L_grok"]), _num(g["rho"])
+        y, L, rho = np.log(numeric(g["T_grok"])), numeric(g["L_grok"]), numeric(g["rho"])
         r2_L, r2_rho, r2_both = ols_r2(y, L), ols_r2(y, rho), ols_r2(y, L, rho)
         rows.append({**keys, "n_cells": len(g), "r2_L": r2_L, "r2_rho": r2_rho,
                      "r2_both": r2_both, "delta_r2": r2_both - r2_L})
@@ -66,8 +66,8 @@ def with_norm(cells: pd.DataFrame) -> pd.DataFrame:
     """Non-fork cells with a column W: ‖W‖ of the dose law, the cell's norm_target, or its median
     final weight_norm (W_final) when unclamped; cells with neither are left out."""
     c = cells.loc[~is_fork(cells)]
-    W = _num(c["norm_target"]) if "norm_target" in c.columns else np.full(len(c), np.nan)
-    c = c.assign(W=np.where(np.isfinite(W), W, _num(c["W_final"])))
+    W = numeric(c["norm_target"]) if "norm_target" in c.columns else np.full(len(c), np.nan)
+    c = c.assign(W=np.where(np.isfinite(W), W, numeric(c["W_final"])))
     return c.loc[np.isfinite(c["W"].to_numpy())]
 
 
@@ -84,24 +84,24 @@ def collapse_free_cells(cells: pd.DataFrame) -> pd.DataFrame:
     the previous cell's (the softmax-collapse onset), then rho <= DOSE_RHO_MAX. Column W: the median over
     grokked seeds of ‖W‖ at grok (W_grok) where known, else the cell's ‖W‖ of `with_norm`."""
     c = with_norm(counting_cells(cells))
-    c = c.loc[match_value(c["tau"], 1.0) & np.isfinite(_num(c["rho"]))] if has_values(c, "tau") else c.iloc[:0]
+    c = c.loc[match_value(c["tau"], 1.0) & np.isfinite(numeric(c["rho"]))] if has_values(c, "tau") else c.iloc[:0]
     if "layer_fracs" in c.columns:
         c = c.loc[c["layer_fracs"].isna().to_numpy()]
     c = c.sort_values("rho", kind="stable")
-    L = _num(c["L_grok"])
+    L = numeric(c["L_grok"])
     cut = len(c)
     for i in range(1, len(c)):
         if L[i] > COLLAPSE_JUMP * L[i - 1]:
             cut = i
             break
     c = c.iloc[:cut]
-    c = c.loc[_num(c["rho"]) <= DOSE_RHO_MAX + ATOL]
-    Wg = _num(c["W_grok"]) if "W_grok" in c.columns else np.full(len(c), np.nan)
+    c = c.loc[numeric(c["rho"]) <= DOSE_RHO_MAX + ATOL]
+    Wg = numeric(c["W_grok"]) if "W_grok" in c.columns else np.full(len(c), np.nan)
     return c.assign(W=np.where(np.isfinite(Wg), Wg, c["W"].to_numpy()))
 
 
 def _fit_row(g: pd.DataFrame) -> dict:
-    y, w = np.log(_num(g["T_grok"])), g["W"].to_numpy(dtype="float64")
+    y, w = np.log(numeric(g["T_grok"])), g["W"].to_numpy(dtype="float64")
     X = np.column_stack([np.ones_like(w), w])  # (N, 2)
     (c0, alpha), *_ = np.linalg.lstsq(X, y, rcond=None)
     return {"n_cells": len(g), "W_min": float(w.min()), "W_max": float(w.max()), "c": float(c0),
