@@ -1,8 +1,10 @@
 """`fastgrok bench --sections ensemble`: fastgrok against what a user would pick instead, end to end.
 
-One cell of M models trained three ways in one process, for a fixed number of steps with an evaluation
+One cell of M models trained three ways (four on a CPU) in one process, for a fixed number of steps with an evaluation
 every 25 (and at the end), compile time included and shown apart:
   fastgrok compiled          fastgrok's compiled step and evaluation, its default kernels (bench.fastgrok_step)
+  fastgrok eager             the same uncompiled (on a CPU only): what fastgrok's `compile = auto` runs there
+                             for the transformer and for runs of at most step.QUICK_STEPS steps
   torch.func ensemble        PyTorch's ensembling recipe (stack_module_state, functional_call,
                              vmap(grad(...)), a functional AdamW, torch.compile): fastgrok.ensemble_baseline
   study eager per-cell loop  the study's way (fastgrok.baseline: eager, cells of <= 12 seeds one after
@@ -30,10 +32,12 @@ from dataclasses import replace
 
 import torch
 
+from .bench import RUN_STEPS, _sync, fastgrok_step
 from .config import ConfigError, TrainConfig
 
 EVAL_EVERY = 25
-FASTGROK, ENSEMBLE, STUDY = "fastgrok compiled", "torch.func ensemble (compiled)", "study eager per-cell loop"
+FASTGROK, EAGER = "fastgrok compiled", "fastgrok eager"
+ENSEMBLE, STUDY = "torch.func ensemble (compiled)", "study eager per-cell loop"
 
 
 def ensemble_configs(quick: bool) -> dict[str, TrainConfig]:
@@ -52,10 +56,9 @@ class _Provider:
         self.name, self.step, self.evaluate = name, step, evaluate
 
 
-def _fastgrok(cfg: TrainConfig, device) -> _Provider:
-    from .bench import fastgrok_step
-    step, tr = fastgrok_step(cfg, device, compile_step=True)
-    return _Provider(FASTGROK, step, lambda: tr.eval_fn(tr.state, tr.batch)[:, 1:3].cpu())
+def _fastgrok(cfg: TrainConfig, device, compiled: bool = True) -> _Provider:
+    step, tr = fastgrok_step(cfg, device, compile_step=compiled)      # builds reset dynamo: all before any call
+    return _Provider(FASTGROK if compiled else EAGER, step, lambda: tr.eval_fn(tr.state, tr.batch)[:, 1:3].cpu())
 
 
 def _ensemble(cfg: TrainConfig, device) -> _Provider:
@@ -103,16 +106,14 @@ def _chunks(steps: int) -> list[tuple[bool, int]]:
     return out
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_case(cfg: TrainConfig, M: int, steps: int, device, run_steps: int,
-             providers: tuple[str, ...] = (FASTGROK, ENSEMBLE, STUDY)) -> list[dict]:
-    """The three ways (the study's loop for the MLP only) on M models of cfg for `steps` steps; one row each."""
+             providers: tuple[str, ...] | None = None) -> list[dict]:
+    """The ways (the study's loop for the MLP only; fastgrok eager on a CPU only) on M models of cfg for
+    `steps` steps; one row each."""
     cfg = replace(cfg, seeds=M, device=device.type, eval_every=EVAL_EVERY, stop_when_grokked=False)
-    builders = {FASTGROK: _fastgrok, ENSEMBLE: _ensemble, STUDY: _study}
+    providers = providers or ((FASTGROK, EAGER, ENSEMBLE, STUDY) if device.type == "cpu" else (FASTGROK, ENSEMBLE, STUDY))
+    builders = {FASTGROK: _fastgrok, EAGER: lambda c, d: _fastgrok(c, d, compiled=False), ENSEMBLE: _ensemble,
+                STUDY: _study}
     provs = [builders[name](cfg, device) for name in providers if not (name == STUDY and cfg.model != "mlp")]
     rec = {p.name: {"eval": [], "step": [], "wall": 0.0, "acc": None} for p in provs}
     for do_eval, n in _chunks(steps):
@@ -143,6 +144,7 @@ def run_case(cfg: TrainConfig, M: int, steps: int, device, run_steps: int,
         rows.append({"section": "ensemble", "model": cfg.model, "p": cfg.p, "M": M, "steps": steps,
                      "case": f"{cfg.model} p={cfg.p} M={M}, {steps} steps", "provider": p.name,
                      "wall_s": r["wall"], "compile_s": compile_s, "step_s": st, "eval_s": ev, "evals": n_evals,
+                     "first_step_s": r["step"][0], "first_eval_s": r["eval"][0],
                      "model_steps_per_s": M * steps / r["wall"],
                      "model_steps_per_s_excl_compile": M * steps / max(r["wall"] - compile_s, 1e-9),
                      "run_steps": run_steps, "projected_run_s": proj,
@@ -160,10 +162,9 @@ def run_case(cfg: TrainConfig, M: int, steps: int, device, run_steps: int,
 
 def section_ensemble(device, quick: bool, models: tuple[int, ...] | None = None, steps: dict | None = None,
                      kinds: tuple[str, ...] = ("mlp", "transformer"), on_rows=None) -> list[dict]:
-    """Every (model kind, M) case; M that may not fit (three providers' memory at once, by fastgrok's
-    estimate) and every larger one are skipped with a message. steps: per kind (default MLP 100,
-    transformer 50 on a CPU; 200 and 100 on a GPU; --quick 30)."""
-    from .bench import RUN_STEPS
+    """Every (model kind, M) case; M that may not fit (three times fastgrok's memory estimate: the providers'
+    states at once, the direct form's larger activations) and every larger one are skipped with a message.
+    steps: per kind (default MLP 100, transformer 50 on a CPU; 200 and 100 on a GPU; --quick 30)."""
     from .memory import device_memory, estimate_bytes
     Ms = models or ((1, 4) if quick else (1, 12, 96) if device.type == "cpu" else (1, 12, 96, 768))
     steps = steps or ({"mlp": 30, "transformer": 30} if quick else {"mlp": 100, "transformer": 50}
@@ -175,7 +176,7 @@ def section_ensemble(device, quick: bool, models: tuple[int, ...] | None = None,
             cfg = replace(cfgs[kind], seeds=M)
             need, have = 3 * estimate_bytes(cfg, M, device), device_memory(device)
             if have is not None and need > have:
-                print(f"fastgrok bench: ensemble {kind} at M = {M} skipped, and larger M: three providers may need "
+                print(f"fastgrok bench: ensemble {kind} at M = {M} skipped, and larger M: the providers may need "
                       f"{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB available")
                 break
             try:
@@ -202,3 +203,17 @@ def markdown(rows: list[dict]) -> str:
                    f"{r['step_s'] * 1e3:.1f} | {r['eval_s'] * 1e3:.1f} | {r['model_steps_per_s']:.0f} "
                    f"({r['model_steps_per_s_excl_compile']:.0f}) | {vs} | {r['train_acc']:.3f} / {r['test_acc']:.3f} |")
     return "\n".join(out)
+
+
+def goal_lines(rows: list[dict], goal_m: int, goal_x: float) -> list[str]:
+    """The issue's goal per case with M >= goal_m: fastgrok compiled over the compiled ensemble, end to end
+    (compilation included), measured and for a RUN_STEPS-step run projected."""
+    out = []
+    for r in rows:
+        if r["provider"] != FASTGROK or r["M"] < goal_m:
+            continue
+        ens = next(x for x in rows if x["case"] == r["case"] and x["provider"] == ENSEMBLE)
+        for what, n, key in (("measured", r["steps"], "wall_s"), ("projected", r["run_steps"], "projected_run_s")):
+            x = ens[key] / r[key]
+            out.append(f"{r['case']}, {what} over {n:,} steps: {x:.2f}x ({'met' if x >= goal_x else 'NOT met'})")
+    return out
