@@ -14,11 +14,16 @@
 #    per cell (target >= 10x) (the GPU targets are at the best M;
 #    runs/GPU-hour, FLOP/s vs fp32 peak), then
 #    clamp and CE (the grid section, five compiling trainers, is left for a later run); JSON written after
-#    each M and section, so a cut-off run keeps what it measured.
+#    each M and section, so a cut-off run keeps what it measured;
+# 5. benchmarks/ensemble_vs_fastgrok.py (fastgrok bench's ensemble section, ENSEMBLE_S = 150 s kept for it):
+#    fastgrok vs the torch.func ensemble vs the study's loop end to end, MLP then transformer, M = 96, 768
+#    (target >= 10x the ensemble at M >= 96); its tables go to session.log, its JSON after each case.
 # A failing stage does not stop the next; every stage's console output is kept under $OUT (8 files, the
 # device tool's limit: session.log, gpu_check.md/.log, gpu_trainer_check.txt, pytest_gpu.txt,
-# bench_gpu.json/.png/.txt). Copy what comes
-# back into benchmarks/results/ and the figures into benchmarks/RESULTS.md (date, GPU, torch/triton versions).
+# bench_gpu.json/.txt, bench_ensemble_gpu.json; the step plot is drawn here from bench_gpu.json:
+# python -c "import json; from fastgrok.bench import plot; plot(json.load(open('bench_gpu.json')), 'bench_gpu.png')").
+# Copy what comes back into benchmarks/results/ and the figures into benchmarks/RESULTS.md (date, GPU,
+# torch/triton versions).
 set -uo pipefail
 OUT=${OUT:-/tmp/fastgrok_gpu}
 mkdir -p "$OUT"
@@ -27,6 +32,7 @@ unset TRITON_INTERPRET                      # the interpreter must not leak into
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 DEADLINE=$((SECONDS + ${GPU_SESSION_S:-500}))
+ENSEMBLE_S=${ENSEMBLE_S:-150}                # the last stage's share of the deadline
 left() {                                    # seconds for the next stage: its own cap, within the deadline
     local cap=$1 rest=$((DEADLINE - SECONDS))
     (( rest < cap )) && cap=$rest
@@ -63,9 +69,15 @@ $T "$(left 60)" $PY -m pytest -q -rfE -p no:cacheprovider tests/test_kernels_tri
     > "$OUT/pytest_gpu.txt" 2>&1
 echo "pytest exit $?"; tail -6 "$OUT/pytest_gpu.txt"
 
-echo "== 4. fastgrok bench ($(left 600) s)"
-$T "$(left 600)" $PY -m fastgrok.cli bench --sections step,phase,clamp,ce --models 768,3072,12 \
-    --json "$OUT/bench_gpu.json" --plot "$OUT/bench_gpu.png" > "$OUT/bench_gpu.txt" 2>&1
+B=$(( $(left 600) - ENSEMBLE_S )); (( B < 5 )) && B=5
+echo "== 4. fastgrok bench ($B s)"
+$T "$B" $PY -m fastgrok.cli bench --sections step,phase,clamp,ce --models 768,3072,12 \
+    --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.txt" 2>&1
 echo "bench exit $?"; tail -40 "$OUT/bench_gpu.txt"
+
+echo "== 5. fastgrok vs the torch.func ensemble ($(left 600) s)"
+$T "$(left 600)" $PY benchmarks/ensemble_vs_fastgrok.py --device cuda --kinds mlp,transformer --models 96,768 \
+    --json "$OUT/bench_ensemble_gpu.json" 2>&1 | grep -v Warning
+echo "ensemble exit ${PIPESTATUS[0]}"
 echo "gpu_session: done in ${SECONDS} s; files in $OUT"
 } 2>&1 | tee -a "$OUT/session.log"

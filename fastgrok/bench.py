@@ -13,6 +13,9 @@ Sections (each a list of long-format rows in the JSON, one rich table on the ter
   phase  an lr x wd phase diagram's training step: every cell in one batch (lr and wd per model) vs one
          batch per cell stepped in turn; model-steps/s and the ratio (the GPU target: >= 10x at >= 1,000
          models)
+  ensemble  a cell end to end (fixed steps, evaluation every 25, compile time apart): fastgrok compiled vs
+         the torch.func ensemble of PyTorch's tutorial vs the study's eager loop, MLP and transformer
+         (fastgrok/bench_ensemble.py; not in the default sections: minutes of compiling)
 Timing: warm-up excluded, the device synchronised before every clock read, the providers of a case timed
 in alternation (one call each per round, so a noisy machine affects them alike), median over repeats with
 min-max (and p20/p80 in the JSON); compile time (the first call) reported separately.
@@ -397,6 +400,11 @@ def best_m(step_rows: list[dict]) -> dict:
     return out
 
 
+def _section_ensemble(device, quick: bool, models, on_rows) -> list[dict]:
+    from .bench_ensemble import section_ensemble            # its rows saved after each case
+    return section_ensemble(device, quick, models, on_rows=on_rows)
+
+
 def _first_call_timer(fn, device, calls: dict, name: str):
     """Wrap fn so that the duration of its first call (compilation included) lands in calls[name]."""
     def wrapped(*args):
@@ -469,6 +477,12 @@ def render(result: dict) -> None:
         table.add_row("phase", r["case"], r["provider"], _fmt_time(r["median_s"]),
                       f"{_fmt_time(r['min_s'])}–{_fmt_time(r['max_s'])}", f"{r['model_steps_per_s']:,.0f} model-steps/s",
                       f"{r['speedup_vs_per_cell']:.2f}x", "")
+    for r in result.get("ensemble", []):
+        table.add_row("ensemble", r["case"], r["provider"], _fmt_time(r["wall_s"]) + " run",
+                      f"{_fmt_time(r['step_s'])}/step", f"{r['model_steps_per_s']:,.0f} model-steps/s end to end "
+                      f"({r['model_steps_per_s_excl_compile']:,.0f} excl. compile)",
+                      f"{r['vs_ensemble']:.2f}x vs ensemble ({r['vs_ensemble_projected']:.2f}x, "
+                      f"{r['run_steps']:,}-step run projected)", _fmt_time(r["compile_s"]))
     Console(width=max(170, shutil.get_terminal_size().columns)).print(table)
     step_note = (f"; step GFLOP/s count the arithmetic each provider executes in the step (fastgrok: the table "
                  f"form; evaluations excluded); model-runs/h: one model trained {RUN_STEPS} steps (the study's "
@@ -510,7 +524,7 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-SECTIONS = ("ce", "clamp", "step", "grid", "phase")
+SECTIONS = ("ce", "clamp", "step", "grid", "phase", "ensemble")
 
 
 def run_bench(quick: bool, device: str, json_path: Path, plot_path: Path | None,
@@ -545,7 +559,8 @@ def run_bench(quick: bool, device: str, json_path: Path, plot_path: Path | None,
 
     runs = {"ce": lambda: section_ce(dev, quick, copy_gbs), "clamp": lambda: section_clamp(dev, quick, copy_gbs),
             "step": lambda: section_step(dev, quick, on_rows=save_step_rows, models=models),
-            "grid": lambda: section_grid(dev, quick), "phase": lambda: section_phase(dev, quick)}
+            "grid": lambda: section_grid(dev, quick), "phase": lambda: section_phase(dev, quick),
+            "ensemble": lambda: _section_ensemble(dev, quick, models, lambda rows: (result.update(ensemble=rows), save()))}
     for name in sections:
         t0 = time.perf_counter()
         try:
