@@ -108,6 +108,9 @@ def _add_train(sub):
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<time>)")
     p.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR with its saved config; with --steps N, extend it to N steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--track", choices=("wandb", "tensorboard"), default=None,
+                   help="log per-cell curve quartiles and the cell table to W&B (WANDB_MODE=offline works) or "
+                        "TensorBoard (DIR/tensorboard); a resumed tracked run continues its tracked run")
 
 
 def _on_off(v: str) -> bool:
@@ -214,6 +217,9 @@ def cmd_train(args) -> int:
     # a CUDA request without CUDA, or kernels that cannot run here, fail now: before the banner and
     # before the run directory is created
     K.resolve_backend(cfg.kernels, resolve_device(cfg.device), DTYPES[cfg.dtype])
+    if args.track:                              # its library is installed (one line naming the extra if not)
+        from .tracking import check
+        check(args.track)
     check_fits(cfg, cfg.n_models, resolve_device(cfg.device))
     snap = None
     if cfg.snapshots:                           # its size bound, refused above the cap before anything is written
@@ -250,7 +256,7 @@ def cmd_train(args) -> int:
                   f"step ({cfg.steps}): no model will be clamped", file=sys.stderr)
         t0 = time.perf_counter()
         try:
-            df = train(cfg, run_dir, resume=resume, progress=not args.quiet)
+            df = train(cfg, run_dir, resume=resume, progress=not args.quiet, track=args.track)
         except Interrupted as e:
             print(f"fastgrok: {e}; resume with: fastgrok train --resume {run_dir}", file=sys.stderr)
             return 130

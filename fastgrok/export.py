@@ -28,15 +28,9 @@ import torch.nn.functional as F
 
 from . import snapshots, store
 from .config import ConfigError
+from .tracking import need
 
 FORMATS = ("safetensors", "transformer-lens")
-
-
-def _need(module: str, extra: str):
-    try:
-        return __import__(module, fromlist=["_"])
-    except ImportError:
-        raise ConfigError(f"{module} is not installed: pip install 'fastgrok[{extra}]'") from None
 
 
 def snapshot_files(run_dir: Path, step: int) -> list[Path]:
@@ -68,7 +62,7 @@ def snapshot_tensors(run_dir: Path, step: int) -> tuple[dict[str, np.ndarray], d
 
 
 def to_safetensors(run_dir: Path, step: int, out: Path) -> Path:
-    st = _need("safetensors.numpy", "safetensors")
+    st = need("safetensors.numpy", "safetensors")
     tensors, meta = snapshot_tensors(run_dir, step)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +135,7 @@ def tl_state_dict(cfg, P: dict) -> dict:
 
 
 def _tl_model(config: dict):
-    lens = _need("transformer_lens", "transformer-lens")
+    lens = need("transformer_lens", "transformer-lens")
     return lens.HookedTransformer(lens.HookedTransformerConfig(**config))
 
 
