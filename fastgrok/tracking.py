@@ -1,4 +1,5 @@
-"""Tracking in Weights & Biases or TensorBoard (`fastgrok train --track wandb|tensorboard`).
+"""Tracking in Weights & Biases or TensorBoard (`fastgrok train --track wandb|tensorboard`, a spec's
+`[engine] track = "wandb"` for `fastgrok run`).
 
 One small interface (`Tracker`: scalars at a step, a summary, a table, close) and two back ends. What
 is logged is sized for a grid of thousands of models, one tracked run per `fastgrok train`:
@@ -11,7 +12,9 @@ is logged is sized for a grid of thousands of models, one tracked run per `fastg
 - at the end, per cell, its models' T_mem and T_grok (median, and the fraction that grokked) as a
   summary, and the cell table (models.parquet's per-cell medians) as a table.
 
-A grid of 200 models in 10 cells logs 210 series. W&B: one run per `fastgrok train`, its id kept in
+A grid of 200 models in 10 cells logs 210 series. A grid (`fastgrok run`) logs each batch's cells when
+the batch finishes (the driver, from the batch's results: the same series), the summary and cell table
+when the grid is done; one tracked run per grid run directory, continued by a rerun. W&B: one run per `fastgrok train`, its id kept in
 DIR/tracking.json, so a resumed run (`--resume DIR`, which tracks again without --track) continues it;
 WANDB_MODE=offline writes it under DIR/wandb/ for `wandb sync` later. TensorBoard: event files under
 DIR/tensorboard/. A tracker error never stops training: it is one warning line, then tracking is off.
@@ -142,6 +145,11 @@ class Safe:
         if self.t is not None:
             self._call(lambda: (self.t.summary(cell_summary(models_df)), self.t.table("cells", cell_table(models_df))))
 
+    def results(self, models, curves, n_models: int) -> None:
+        """A finished grid batch: its cells' series at each of their evaluations."""
+        if self.t is not None:
+            self._call(lambda: [self.t.scalars(s, v) for s, v in sorted(results_scalars(models, curves, n_models).items())])
+
     def close(self) -> None:
         if self.t is not None:
             self._call(self.t.close)
@@ -156,21 +164,38 @@ def open_tracker(backend: str | None, run_dir: Path, config: dict | None = None)
     return Safe(backend, run_dir, config) if backend else None
 
 
+def _quartiles(vals: dict, key: str, x: np.ndarray) -> None:
+    x = x[np.isfinite(x)]
+    if len(x):
+        for name, q in QUARTILES:
+            vals[f"{key}/{name}"] = float(np.percentile(x, q))
+
+
 def evaluation_scalars(models, cells, counts, metrics, out, logit_due: bool) -> dict[str, float]:
+    """One evaluation's series (see `Safe.evaluation`)."""
     col = {m: metrics.index(m) for m in CURVES if m in metrics and (logit_due or m != "logit_scale")}
     vals = {}
     for c in np.unique(cells[counts]):
         rows = out[counts & (cells == c)]
         for m, k in col.items():
-            x = rows[:, k]
-            x = x[np.isfinite(x)]
-            if len(x):
-                for name, q in QUARTILES:
-                    vals[f"cell{int(c)}/{m}/{name}"] = float(np.percentile(x, q))
+            _quartiles(vals, f"cell{int(c)}/{m}", rows[:, k])
     if len(models) <= PER_MODEL_MAX:
         for i in np.nonzero(counts)[0]:
             vals.update({f"model{models[i]}/{m}": float(out[i, k]) for m, k in col.items() if np.isfinite(out[i, k])})
     return vals
+
+
+def results_scalars(models, curves, n_models: int) -> dict[int, dict[str, float]]:
+    """{step: series} from a grid batch's results (its models and curves parts): the same series as
+    `evaluation_scalars` gives at each evaluation (per model when the grid has at most PER_MODEL_MAX)."""
+    c = curves[curves["metric"].isin(CURVES)].merge(models[["model", "cell"]], on="model")
+    out: dict[int, dict[str, float]] = {}
+    for (step, cell, metric), g in c.groupby(["step", "cell", "metric"]):
+        _quartiles(out.setdefault(int(step), {}), f"cell{int(cell)}/{metric}", g["value"].to_numpy(float))
+    if n_models <= PER_MODEL_MAX:
+        for r in c.itertuples():
+            out[int(r.step)][f"model{r.model}/{r.metric}"] = float(r.value)
+    return out
 
 
 def cell_summary(df) -> dict[str, float]:

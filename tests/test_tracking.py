@@ -149,6 +149,38 @@ def test_a_missing_library_is_one_line_naming_the_extra(tmp_path, monkeypatch, c
     assert not (tmp_path / "r").exists()
 
 
+def test_a_grid_logs_each_batch_as_its_parquet_results_say(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from fastgrok.executors import run_experiment
+    from fastgrok.experiments import ExperimentSpec
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    spec = ExperimentSpec.from_dict({
+        "name": "tracked", "seeds": 2, "p": [11], "train_frac": [0.4], "lr": [0.01], "wd": [1.0],
+        "train": {"d_embed": 8, "hidden": 16, "eval_every": 25, "logit_every": 50, "compile": "off"},
+        "budget": {"steps": 150}, "engine": {"max_models": 2, "track": "tensorboard"},
+        "grid": [{"rho": ["free"], "tau": [1.0, 1.5]}]})
+    try:
+        out = run_experiment(spec, out=tmp_path / "grid", progress=False)
+    finally:
+        torch.set_num_threads(n)
+    models, curves = pd.read_parquet(out / "models.parquet"), pd.read_parquet(out / "curves.parquet")
+    assert models["cell"].nunique() == 2 and len(list((out / "parts").glob("*.models.parquet"))) == 2  # 2 batches
+    ea = EventAccumulator(str(out / "tensorboard"))
+    ea.Reload()
+    tags = ea.Tags()["scalars"]
+    check_logged({(t, e.step): e.value for t in tags if not t.startswith("summary/") for e in ea.Scalars(t)},
+                 models, curves)
+    assert ea.Scalars("summary/cell1/t_mem_median")[-1].value == models[models["cell"] == 1]["t_mem"].astype(float).median()
+
+
+def test_engine_track_is_checked():
+    from fastgrok.experiments import ExperimentSpec
+    from fastgrok.config import ConfigError
+    with pytest.raises(ConfigError, match="engine.track"):
+        ExperimentSpec.from_dict({"name": "x", "seeds": 1, "p": [11], "engine": {"track": "mlflow"}})
+
+
 def test_a_grid_of_200_models_logs_a_few_hundred_series():
     rng = np.random.default_rng(0)
     metrics = tracking.CURVES
