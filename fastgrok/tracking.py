@@ -16,7 +16,8 @@ A grid of 200 models in 10 cells logs 210 series. A grid (`fastgrok run`) logs e
 the batch finishes (the driver, from the batch's results: the same series), the summary and cell table
 when the grid is done; one tracked run per grid run directory, continued by a rerun. W&B: one run per `fastgrok train`, its id kept in
 DIR/tracking.json, so a resumed run (`--resume DIR`, which tracks again without --track) continues it;
-WANDB_MODE=offline writes it under DIR/wandb/ for `wandb sync` later. TensorBoard: event files under
+WANDB_MODE=offline writes it under DIR/wandb/ for `wandb sync` later. A resume logs again the
+evaluations between its checkpoint and the stop (the same values: training is deterministic). TensorBoard: event files under
 DIR/tensorboard/. A tracker error never stops training: it is one warning line, then tracking is off.
 """
 from __future__ import annotations
