@@ -22,6 +22,7 @@ DIR/tensorboard/. A tracker error never stops training: it is one warning line, 
 """
 from __future__ import annotations
 
+import atexit
 import json
 import sys
 import uuid
@@ -124,6 +125,7 @@ class Safe:
                                                else TensorBoard(self.run_dir, state))))
         if self.t is not None:
             self._call(lambda: path.write_text(json.dumps(state)))
+            atexit.register(self.close)             # an interrupted grid driver: the events are flushed
 
     def _call(self, f):
         try:
