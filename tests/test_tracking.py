@@ -176,6 +176,29 @@ def test_a_grid_of_200_models_logs_210_series_as_its_parquet_results_say(tmp_pat
     assert ea.Scalars("summary/cell7/t_mem_median")[-1].value == models[models["cell"] == 7]["t_mem"].astype(float).median()
 
 
+def test_a_wandb_grid_is_one_run_and_a_rerun_continues_it(tmp_path, offline):
+    from fastgrok.executors import run_experiment
+    from fastgrok.experiments import ExperimentSpec
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    spec = ExperimentSpec.from_dict({
+        "name": "tracked", "seeds": 2, "p": [11], "train_frac": [0.4], "lr": [0.01], "wd": [1.0],
+        "train": {"d_embed": 8, "hidden": 16, "eval_every": 25, "logit_every": 50, "compile": "off"},
+        "budget": {"steps": 100}, "engine": {"max_models": 2, "track": "wandb"},
+        "grid": [{"rho": ["free"], "tau": [1.0, 1.5]}]})
+    try:
+        for _ in range(2):                          # the rerun finds every batch done, and tracks on
+            out = run_experiment(spec, out=tmp_path / "grid", progress=False)
+    finally:
+        torch.set_num_threads(n)
+    models, curves = pd.read_parquet(out / "models.parquet"), pd.read_parquet(out / "curves.parquet")
+    runs, summary = wandb_history(out)
+    assert len(runs) == 1 and len(list(out.glob("wandb/offline-run-*"))) == 2
+    check_logged({(k, row["step"]): v for row in next(iter(runs.values())) for k, v in row.items()
+                  if re.match(r"(cell|model)\d+/", k)}, models, curves)
+    assert summary["cell1/t_mem_median"] == models[models["cell"] == 1]["t_mem"].astype(float).median()
+
+
 def test_engine_track_is_checked():
     from fastgrok.experiments import ExperimentSpec
     from fastgrok.config import ConfigError
