@@ -108,6 +108,9 @@ def _add_train(sub):
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<time>)")
     p.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR with its saved config; with --steps N, extend it to N steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--track", choices=("wandb", "tensorboard"), default=None,
+                   help="log per-cell curve quartiles and the cell table to W&B (WANDB_MODE=offline works) or "
+                        "TensorBoard (DIR/tensorboard); a resumed tracked run continues its tracked run")
 
 
 def _on_off(v: str) -> bool:
@@ -214,6 +217,9 @@ def cmd_train(args) -> int:
     # a CUDA request without CUDA, or kernels that cannot run here, fail now: before the banner and
     # before the run directory is created
     K.resolve_backend(cfg.kernels, resolve_device(cfg.device), DTYPES[cfg.dtype])
+    if args.track:                              # its library is installed (one line naming the extra if not)
+        from .tracking import check
+        check(args.track)
     check_fits(cfg, cfg.n_models, resolve_device(cfg.device))
     snap = None
     if cfg.snapshots:                           # its size bound, refused above the cap before anything is written
@@ -250,7 +256,7 @@ def cmd_train(args) -> int:
                   f"step ({cfg.steps}): no model will be clamped", file=sys.stderr)
         t0 = time.perf_counter()
         try:
-            df = train(cfg, run_dir, resume=resume, progress=not args.quiet)
+            df = train(cfg, run_dir, resume=resume, progress=not args.quiet, track=args.track)
         except Interrupted as e:
             print(f"fastgrok: {e}; resume with: fastgrok train --resume {run_dir}", file=sys.stderr)
             return 130
@@ -375,6 +381,33 @@ def cmd_bench(args) -> int:
     return 1 if result["errors"] else 0
 
 
+def cmd_export(args) -> int:
+    from . import export
+    if not (args.dir / "config.json").exists() and not (args.dir / "spec.json").exists():
+        raise ConfigError(f"{args.dir} holds no run (no config.json or spec.json)")
+    if args.to == "safetensors":
+        if args.snapshot is None or args.model is not None:
+            raise ConfigError("--to safetensors writes a snapshot's models: give --snapshot STEP (and no --model)")
+        out = export.to_safetensors(args.dir, args.snapshot, args.out)
+    else:
+        if args.model is None:
+            raise ConfigError("--to transformer-lens writes one model: give --model K")
+        out = export.to_transformer_lens(args.dir, args.model, args.out, step=args.snapshot)
+    print(f"exported: {out}")
+    return 0
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="a run's weights for other tools: a snapshot as safetensors, a model for "
+                                      "TransformerLens (the MLP: a torch.nn.Module)")
+    p.add_argument("dir", type=Path, help="the run directory")
+    p.add_argument("--to", required=True, choices=("safetensors", "transformer-lens"))
+    p.add_argument("--model", type=int, default=None, metavar="K", help="the model id (models.parquet's `model`)")
+    p.add_argument("--snapshot", type=int, default=None, metavar="STEP",
+                   help="the snapshot of this step (default for one model: its final weights, from the checkpoint)")
+    p.add_argument("out", type=Path, help="safetensors: the file to write; transformer-lens: a directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastgrok", description="A performance-first trainer for grokking research.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -388,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.add_argument("--out", type=Path, default=None,
                    help="write report.md and figures/ here (default: into the run directory)")
+    _add_export(sub)
     p = sub.add_parser("bench", help="measure kernels, the training step and a small grid, side by side")
     p.add_argument("--quick", action="store_true", help="small sizes, a minute or two")
     p.add_argument("--device", default="auto", choices=DEVICES)
@@ -422,7 +456,7 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)     # torch is imported only by the commands that need it
         return {"train": cmd_train, "run": cmd_run, "experiments": cmd_experiments, "status": cmd_status,
-                "analyze": cmd_analyze, "bench": cmd_bench}[args.command](args)
+                "analyze": cmd_analyze, "bench": cmd_bench, "export": cmd_export}[args.command](args)
     except KeyboardInterrupt:                      # before a trainer's own handler took over (or a second ^C)
         print("fastgrok: interrupted", file=sys.stderr)
         return 130

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import extend, grid, rundir, store
+from . import extend, grid, rundir, store, tracking
 from .config import ConfigError
 from .experiments import apply_overrides, load_experiment
 from .plan import calibration_steps, clamp_never_starts, resolve_compile, snapshot_bytes
@@ -65,6 +65,7 @@ def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str
 
 def _run_locked(spec, run_dir, executor, device, progress, workers, n_dev, dev) -> Path:
     local = executor == "local"                 # Ray's workers may have other devices: no preflight here
+    spec.engine.track and tracking.check(spec.engine.track)     # its library is there (one line if not)
     saved = run_dir / rundir.SPEC_JSON
     if saved.is_file() and extend.is_extension(store.read_json(saved), spec.to_dict()):
         extend.extend(spec, run_dir, lambda msg: print(f"fastgrok: {msg}", file=sys.stderr, flush=True))
@@ -117,9 +118,15 @@ def _run_plan(spec, plan, run_dir, device, compile_mode, mapper, progress, bar) 
                 for b in plan["batches"] if b["id"] not in done]
         if not jobs:
             bar.say(f"{run_dir}: every batch is already done ({len(plan['cells'])} cells)")
+        tracker = tracking.open_tracker(spec.engine.track, run_dir, spec.to_dict()) if spec.engine.track else None
+        n_models = sum(c["seeds"] for c in plan["cells"])
         for job, (models, curves) in mapper(jobs, progress, bar):
             rundir.write_part(run_dir, job["id"], models, curves)
             bar.batch_done(job["id"], models)
+            tracker and tracker.results(models, curves, n_models)
+        if tracker:
+            tracker.finish(store.read_parquet(run_dir / store.MODELS))
+            tracker.close()
 
 
 # ---------------------------------------------------------------------------------------------

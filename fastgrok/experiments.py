@@ -324,8 +324,12 @@ class Engine:
     compact_frac: float = 0.5
     """Drop finished models from a batch at an evaluation once this fraction of it has finished; 0 = never.
     Each compaction recompiles the step for the new M (tens of seconds on a CPU), so it waits for half."""
+    track: str | None = None
+    """Track the grid in "wandb" or "tensorboard" (fastgrok/tracking.py); None: no tracking."""
 
     def __post_init__(self) -> None:
+        if self.track is not None and self.track not in ("wandb", "tensorboard"):
+            raise _err("engine.track", f"must be \"wandb\" or \"tensorboard\", got {self.track!r}")
         if self.max_models is not None and (not _is_int(self.max_models) or self.max_models < 1):
             raise _err("engine.max_models", f"must be an integer >= 1, got {self.max_models!r}")
         if self.memory_gb is not None:

@@ -213,6 +213,7 @@ class Trainer:
         self._stop_signal = None
         self._progress_t = 0.0
         self._checkpoint_step = None
+        self.tracker = None                         # tracking.Safe: set by train(track=...)
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint(self) -> None:
@@ -355,6 +356,9 @@ class Trainer:
         r.t_grok[grok] = s
         if self.snapshots is not None:
             self._snapshot(s, running)
+        if self.tracker is not None:                # the models this step counts for: their curves' rows
+            self.tracker.evaluation(s, [t["model"] for t in self.table], np.array([t["cell"] for t in self.table]),
+                                    running, self.metrics, out, s % cfg.logit_every == 0)
         # who stops here: its own budget, its divergence, or every model of its group (its cell in a
         # grid, itself in `train`) grokked or diverged
         stop = running & ((s >= self.budget) | r.diverged)
@@ -441,6 +445,8 @@ class Trainer:
             if self.records.steps[-1] != self.step_idx:      # the budget ended between evaluations
                 self._evaluate()
             self.checkpoint()
+            if self.tracker is not None:
+                self.tracker.finish(self.results())
             early = self.step_idx < int(self.budget.max())
             bar.finish(self.step_idx, self.records, "the step budget" if not early else
                        "every model grokked or diverged" if not self.independent else
@@ -452,6 +458,8 @@ class Trainer:
                                   "(this run had finished)")
         finally:
             self._restore_signals()
+            if self.tracker is not None:
+                self.tracker.close()
         return self.results()
 
     # ---------------------------------------------------------------- results
@@ -641,17 +649,19 @@ class _Progress:
             self.last = now
 
 
-def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, progress: bool = True) -> pd.DataFrame:
+def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, progress: bool = True,
+          track: str | None = None) -> pd.DataFrame:
     """Train `cfg` into run_dir (resuming from its checkpoint when asked); returns models' results.
 
     Resuming with a config that differs from the saved one only in a larger `steps` extends the run
     (`Trainer.extend`); its config.json then records the new budget. The run directory's writer lock is
-    held throughout (`store.writer_lock`): a second writer is refused."""
+    held throughout (`store.writer_lock`): a second writer is refused. `track`: "wandb" or "tensorboard"
+    (tracking.py; a resumed tracked run goes on tracking without it)."""
     with store.writer_lock(run_dir):
-        return _train(cfg, Path(run_dir), resume, progress)
+        return _train(cfg, Path(run_dir), resume, progress, track)
 
 
-def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> pd.DataFrame:
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, track: str | None = None) -> pd.DataFrame:
     saved = run_dir / store.CONFIG
     if saved.exists() and not resume:
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
@@ -677,6 +687,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> pd.
                 trainer.extend(old_steps)
     if not saved.exists() or old_steps is not None:
         store.write_json(saved, cfg.to_dict())
+    from .tracking import open_tracker
+    trainer.tracker = open_tracker(track, run_dir, cfg.to_dict())
     return trainer.run()
 
 

@@ -1,0 +1,139 @@
+"""`fastgrok export` (fastgrok/export.py), with the real libraries:
+
+- a snapshot as safetensors: safetensors' own loader gives, per model and name, the arrays of fastgrok's
+  reader (snapshots.load), with the step and models in its metadata;
+- a trained transformer, with and without LayerNorm, as a TransformerLens HookedTransformer: on all p^2
+  inputs its logits at the last position equal fastgrok's to float32 rounding, and run_with_cache works;
+- a trained MLP as a plain torch.nn.Module, with the same check;
+- user mistakes are one line, exit 2.
+"""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from fastgrok import snapshots, store
+from fastgrok.config import TrainConfig
+from fastgrok.models import build_model
+from fastgrok.trainer import train
+
+from fastgrok.cli import main
+
+
+def fastgrok(*args) -> int:
+    """`fastgrok ARGS` in this process (the command's own code path, without a new interpreter's imports)."""
+    return main([str(a) for a in args])
+
+TINY = dict(p=11, steps=300, eval_every=50, compile="off", seeds=2, snapshots=3)
+TRANSFORMER = dict(model="transformer", d_model=16, n_heads=2, d_mlp=32)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Trained tiny runs: the transformer without and with LayerNorm, and the MLP (2 models each)."""
+    root = tmp_path_factory.mktemp("export")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfgs = {"transformer": TrainConfig(**TINY, **TRANSFORMER), "layernorm": TrainConfig(**TINY, **TRANSFORMER, layernorm=True),
+            "mlp": TrainConfig(**TINY, d_embed=8, hidden=16)}
+    for name, cfg in cfgs.items():
+        train(cfg, root / name, progress=False)
+    torch.set_num_threads(n)
+    return root
+
+
+def all_inputs(p: int):
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    return a.reshape(-1), b.reshape(-1)
+
+
+def fastgrok_logits(run, k: int) -> torch.Tensor:
+    """fastgrok's own logits of model k (its final weights) on all p^2 inputs, (p^2, p)."""
+    cfg = store.read_config(run / store.CONFIG)
+    flat = store.load_checkpoint(run)["state"]["flat"][k:k + 1]
+    with torch.no_grad():
+        return build_model(cfg).logits(flat, *all_inputs(cfg.p))[0]
+
+
+def test_a_snapshot_reads_the_same_with_safetensors(runs, tmp_path):
+    from safetensors.numpy import load_file
+    from safetensors import safe_open
+    out = tmp_path / "s.safetensors"
+    rc = fastgrok("export", runs / "transformer", "--snapshot", 300, "--to", "safetensors", out)
+    assert rc == 0
+    ours = snapshots.load(runs / "transformer" / "snapshots" / "step_000300.npz")
+    got = load_file(out)
+    names = [k for k in ours if k not in ("models", "reason", "flat")]
+    assert sorted(got) == sorted(f"model{m}.{n}" for m in ours["models"] for n in names)
+    for i, m in enumerate(ours["models"]):
+        for n in names:
+            assert (got[f"model{m}.{n}"] == ours[n][i]).all() and got[f"model{m}.{n}"].dtype == ours[n].dtype
+    with safe_open(out, "np") as f:
+        meta = f.metadata()
+    assert meta["step"] == "300" and json.loads(meta["models"]) == ours["models"].tolist()
+
+
+@pytest.mark.parametrize("name", ["transformer", "layernorm"])
+def test_transformer_lens_export_gives_fastgrok_logits_on_all_inputs(runs, tmp_path, name):
+    from transformer_lens import HookedTransformer
+    from fastgrok.export import load_transformer_lens
+    out = tmp_path / "tl"
+    rc = fastgrok("export", runs / name, "--model", 1, "--to", "transformer-lens", out)
+    assert rc == 0
+    tl = load_transformer_lens(out)
+    assert isinstance(tl, HookedTransformer)
+    assert tl.cfg.d_vocab == 12 and tl.cfg.n_ctx == 3 and tl.cfg.act_fn == "gelu"
+    assert tl.cfg.normalization_type == ("LN" if name == "layernorm" else None)
+    assert all((v == 0).all() for k, v in tl.state_dict().items() if k.rsplit(".", 1)[-1].startswith("b_"))
+    a, b = all_inputs(11)
+    tokens = torch.stack([a, b, torch.full_like(a, 11)], 1)
+    with torch.no_grad():
+        got, cache = tl.run_with_cache(tokens)
+    ref = fastgrok_logits(runs / name, 1)
+    assert pd.read_parquet(runs / name / "models.parquet")["train_acc"][1] > 0.5       # a trained model
+    torch.testing.assert_close(got[:, -1], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert cache["blocks.0.attn.hook_pattern"].shape == (121, 2, 3, 3)
+
+
+def test_the_mlp_exports_as_a_torch_module_with_fastgrok_logits(runs, tmp_path):
+    from fastgrok.export import load_mlp
+    out = tmp_path / "mlp"
+    rc = fastgrok("export", runs / "mlp", "--model", 0, "--to", "transformer-lens", out)
+    assert rc == 0
+    module = load_mlp(out)
+    assert isinstance(module, torch.nn.Module)
+    a, b = all_inputs(11)
+    with torch.no_grad():
+        got = module(torch.stack([a, b], 1))
+    ref = fastgrok_logits(runs / "mlp", 0)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_a_snapshots_model_exports_too(runs, tmp_path):
+    from fastgrok.export import load_transformer_lens
+    rc = fastgrok("export", runs / "transformer", "--model", 0, "--snapshot", 0, "--to", "transformer-lens", tmp_path / "t")
+    assert rc == 0
+    flat = snapshots.load(runs / "transformer" / "snapshots" / "step_000000.npz")["flat"][:1]
+    cfg = store.read_config(runs / "transformer" / store.CONFIG)
+    a, b = all_inputs(11)
+    with torch.no_grad():
+        ref = build_model(cfg).logits(torch.from_numpy(flat), a, b)[0]
+        got = load_transformer_lens(tmp_path / "t")(torch.stack([a, b, torch.full_like(a, 11)], 1))[:, -1]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--snapshot", "7", "--to", "safetensors"], "has no snapshot of step 7 (steps with snapshots: 0, 300)"),
+    (["--to", "safetensors"], "give --snapshot STEP"),
+    (["--to", "transformer-lens"], "give --model K"),
+    (["--model", "5", "--to", "transformer-lens"], "--model 5: the run has models 0..1"),
+])
+def test_mistakes_are_one_line(runs, tmp_path, capsys, args, says):
+    assert fastgrok("export", runs / "transformer", *args, tmp_path / "x") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastgrok: error: ") and err.count("\n") == 1 and says in err, err
+    assert fastgrok("export", tmp_path / "nowhere", "--to", "safetensors", "--snapshot", 0, tmp_path / "x") == 2
+    assert "holds no run" in capsys.readouterr().err
