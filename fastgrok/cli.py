@@ -105,8 +105,8 @@ def _add_train(sub):
             if shown:
                 kw["help"] = (kw.get("help", "") + f" ({'; '.join(shown)})").strip()
         (compile_flags if field == "compile" else p).add_argument(flag, dest=field, default=argparse.SUPPRESS, **kw)
-    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<time>)")
-    p.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR with its saved config; with --steps N, extend it to N steps")
+    p.add_argument("--out", type=_path, default=None, help="run directory (default runs/<time>)")
+    p.add_argument("--resume", type=_path, default=None, metavar="DIR", help="continue the run in DIR with its saved config; with --steps N, extend it to N steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -171,6 +171,11 @@ SMALL_TEST_SET = 20
 """Fewer test pairs than this: `train` warns that a test accuracy of 0.90 can come by chance."""
 
 
+def _path(s: str) -> Path:
+    """A path option's value: an empty one (`--out "$UNSET"`) would name the current directory."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a directory or file name")
+    return Path(s)
 
 
 def _extended(cfg: TrainConfig, steps: int, run_dir: Path) -> TrainConfig:
@@ -269,7 +274,7 @@ def _add_run(sub):
     g.add_argument("--compile", default=None, choices=COMPILE,
                    help="torch.compile the step (default: the spec's [train] compile, else auto)")
     g.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<experiment>)")
+    p.add_argument("--out", type=_path, default=None, help="run directory (default runs/<experiment>)")
     p.add_argument("--executor", default="local", choices=("local", "ray"))
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--workers", type=int, default=None,
@@ -383,17 +388,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiments", help="list the built-in experiments: cells, models, step budgets, CPU time")
     p.add_argument("--p", type=int, default=None, help="size them at this modulus (as `run --p` would)")
     p = sub.add_parser("status", help="progress of a run: a grid's cells, or a train run's step and models grokked")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=_path)
     p = sub.add_parser("analyze", help="the study's tables, figures and a report from a run directory")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("dir", type=_path)
+    p.add_argument("--out", type=_path, default=None,
                    help="write report.md and figures/ here (default: into the run directory)")
     p = sub.add_parser("bench", help="measure kernels, the training step and a small grid, side by side")
     p.add_argument("--quick", action="store_true", help="small sizes, a minute or two")
     p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--json", type=Path, default=Path("bench.json"),
+    p.add_argument("--json", type=_path, default=Path("bench.json"),
                    help="where to write the JSON results (default: bench.json here)")
-    p.add_argument("--plot", type=Path, default=None, help="write a PNG of throughput against M")
+    p.add_argument("--plot", type=_path, default=None, help="write a PNG of throughput against M")
     p.add_argument("--sections", default="ce,clamp,step,grid,phase",
                    help="comma-separated sections to run, in order (default: ce,clamp,step,grid,phase)")
     p.add_argument("--models", default=None,

@@ -1,0 +1,136 @@
+"""Issue 27 (reliability): input validation, signals and resources, as an outside audit of the CLI found them.
+
+- counts too large for a 64-bit integer (--steps, --eval-every, [train] eval_every, [budget] steps, a huge
+  rho): one line, exit 2, nothing written (they raised OverflowError after writing config.json);
+- inputs that ran nonsense: --steps 0, an empty --out, a grok threshold at or below chance, a fork factor
+  <= 1 are refused; a tau so small that Adam's squared gradients overflow marks its models diverged, with a
+  warning; `run` warns of a tiny test set as `train` does;
+- bench checks its --json path and its --models counts' memory before measuring anything; a spec name too
+  long for a directory leaves no runs/ behind;
+- a Ctrl-C or SIGTERM while `--workers N` starts its workers stops the run (it was lost);
+- the memory check honours the process's own limit (ulimit -v), before anything is written;
+- the watchdog of a local Ray cluster stops what a driver killed outright leaves behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from fastgrok.cli import main
+from fastgrok.config import ConfigError, TrainConfig
+from fastgrok.experiments import to_toml
+
+from cli_runner import ENV, FASTGROK, fastgrok
+
+HUGE = 10**23
+TINY = ["--p", "11", "--d-embed", "8", "--hidden", "16", "--seeds", "1", "--no-compile", "--quiet"]
+SPEC = {"name": "rel_tiny", "seeds": 1, "p": [11], "train_frac": [0.5],
+        "train": {"d_embed": 8, "hidden": 16, "eval_every": 10, "compile": "off"},
+        "budget": {"steps": 40}, "engine": {"max_models": 1}, "grid": [{"tau": [1.0, 1.5]}]}
+"""Two batches of one model: with --workers 2, two workers start at once."""
+
+
+def spec_file(tmp_path: Path, file: str = "spec", **changes) -> Path:
+    """tmp_path/FILE.toml: SPEC with top-level keys replaced, or (key "section__field") one field of a
+    section set."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in SPEC.items()}
+    for k, v in changes.items():
+        section, _, field = k.partition("__")
+        if field:
+            d.setdefault(section, {})[field] = v
+        else:
+            d[k] = v
+    path = tmp_path / f"{file}.toml"
+    path.write_text(to_toml(d))
+    return path
+
+
+def refused(capsys, args, needle: str) -> str:
+    """`fastgrok ARGS` in this process: exit 2 and one line naming needle, no traceback."""
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:                         # argparse's errors (the CLI's, as a process)
+        rc = e.code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("fastgrok: error:") and needle in lines[0], (rc, err)
+    return lines[0]
+
+
+def one_line_error(r: subprocess.CompletedProcess, needle: str) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastgrok: error:") and needle in lines[0], r.stderr
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- tracebacks: huge counts
+
+def test_counts_too_large_for_64_bits_are_one_line_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    refused(capsys, ["train", *TINY, "--steps", HUGE, "--out", out], "steps must be an integer in [1, 10^18]")
+    refused(capsys, ["train", *TINY, "--eval-every", HUGE, "--out", out], "eval_every must be an integer")
+    refused(capsys, ["run", spec_file(tmp_path, train__eval_every=HUGE), "--out", out], "train.eval_every")
+    refused(capsys, ["run", spec_file(tmp_path, budget__steps=HUGE), "--out", out], "budget.steps")
+    # a rho whose budget, steps x (steps_ref / steps) ^ ((rho - 1) / (rho_ref - 1)), is past 10^18 (math.exp
+    # overflowed), unless --max-steps caps it
+    big_rho = spec_file(tmp_path, grid=[{"rho": [1000.0]}], calibration={"w_c": 20.0})
+    refused(capsys, ["run", big_rho, "--out", out], "the step budget at rho 1000 is over 10^18")
+    refused(capsys, ["run", spec_file(tmp_path), "--max-steps", HUGE, "--out", out], "max_steps")
+    assert not out.exists()
+    assert TrainConfig(steps=10**18, eval_every=10**18, logit_every=10**18).steps == 10**18    # the bound itself
+
+
+# ----------------------------------------------------------------------------- silent nonsense
+
+def test_zero_steps_and_an_empty_out_are_refused(tmp_path, capsys, monkeypatch):
+    spec, cwd = spec_file(tmp_path), tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)                          # an empty --out named the current directory
+    refused(capsys, ["train", *TINY, "--steps", "0", "--out", "run"], "steps must be an integer in [1, 10^18]")
+    refused(capsys, ["train", *TINY, "--out", ""], "argument --out: an empty path")
+    refused(capsys, ["run", spec, "--out", ""], "argument --out: an empty path")
+    refused(capsys, ["bench", "--json", "", "--sections", "clamp"], "argument --json: an empty path")
+    assert not any(cwd.iterdir())
+
+
+def test_a_grok_threshold_at_or_below_chance_is_refused(tmp_path, capsys):
+    """At 0.05 with p = 11 (chance 0.09) every model 'grokked' at step 0 and stopped there."""
+    with pytest.raises(ConfigError, match=r"grok_threshold must be above chance, 1/p = 0.09091 at p = 11"):
+        TrainConfig(p=11, grok_threshold=0.05)
+    with pytest.raises(ConfigError, match="mem_threshold must be above chance"):
+        TrainConfig(p=2, mem_threshold=0.5)
+    out = tmp_path / "run"
+    refused(capsys, ["run", spec_file(tmp_path, train__grok_threshold=0.05), "--out", out], "train.grok_threshold")
+    ok = spec_file(tmp_path, "ok", p=[59], train__grok_threshold=0.05)     # above chance at p = 59 (0.017) ...
+    refused(capsys, ["run", ok, "--p", "11", "--out", out], "train.grok_threshold")    # ... not at --p 11
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.0])
+def test_a_fork_factor_of_at_most_1_is_refused(tmp_path, capsys, factor):
+    """0.5 put the raised arm below the lowered one, whose budget became 37,262,370 steps; 1.0 made three
+    identical arms."""
+    spec = spec_file(tmp_path, grid=[{"rho": ["free"], "tau": [1.0]}], budget={"steps": 100},
+                     fork={"step": 20, "factor": factor})
+    refused(capsys, ["run", spec, "--out", tmp_path / "run"], "fork.factor: must be > 1")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_spec_name_too_long_for_a_directory_leaves_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refused(capsys, ["run", spec_file(tmp_path, name="x" * 300)], "name: is 300 bytes long")
+    assert not (tmp_path / "runs").exists()
+    refused(capsys, ["run", spec_file(tmp_path, name="é" * 128)], "name: is 256 bytes long")
+    from fastgrok.experiments import load_spec
+    assert load_spec(spec_file(tmp_path, name="é" * 127)).name == "é" * 127      # 254 bytes: a file name
