@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .config import (COMPILE, DEVICES, DTYPES, INITS, KERNELS, LOSSES, MODELS, OP_HELP, OPS, PER_MODEL, PRESETS,
-                     ConfigError, TrainConfig, logit_every_for, n_pairs_of, n_train_of)
+                     ConfigError, TrainConfig, logit_every_for, small_test_set_warning, tiny_tau_warning)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -167,10 +167,6 @@ def _ignored_options(args, cfg: TrainConfig) -> list[str]:
     return out
 
 
-SMALL_TEST_SET = 20
-"""Fewer test pairs than this: `train` warns that a test accuracy of 0.90 can come by chance."""
-
-
 def _path(s: str) -> Path:
     """A path option's value: an empty one (`--out "$UNSET"`) would name the current directory."""
     if not s.strip():
@@ -244,12 +240,9 @@ def cmd_train(args) -> int:
             print(f"fastgrok: snapshots: at most {snap} -> {run_dir}/snapshots", file=sys.stderr)
         for warning in _ignored_options(args, cfg):
             print(f"fastgrok: warning: {warning}", file=sys.stderr)
-        n_test, frac = min((n_pairs_of(cfg.p, o) - n_train_of(cfg.p, o, f), f)
-                           for o in cfg.values("op") for f in cfg.values("train_frac"))
-        if n_test < SMALL_TEST_SET:
-            print(f"fastgrok: warning: only {n_test} test pair(s) at p = {cfg.p}, train fraction {frac:g}: "
-                  f"test accuracy moves in steps of 1/{n_test}, so T_grok (test accuracy >= {cfg.grok_threshold:g}) "
-                  "can come by chance", file=sys.stderr)
+        for warning in (small_test_set_warning([cfg]), tiny_tau_warning(cfg.taus, cfg.dtype)):
+            if warning:
+                print(f"fastgrok: warning: {warning}", file=sys.stderr)
         if any(t is not None for t in cfg.norm_targets) and cfg.t_clamp >= cfg.steps:
             print(f"fastgrok: warning: the clamp starts at step {cfg.t_clamp} (--clamp-from), at or after the last "
                   f"step ({cfg.steps}): no model will be clamped", file=sys.stderr)

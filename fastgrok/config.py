@@ -22,6 +22,8 @@ OP_HELP = {"add": "a + b mod p", "sub": "a - b mod p", "mul": "a * b mod p", "di
 MODELS = ("mlp", "transformer")
 LOSSES = ("ce", "mse", "stablemax")
 DTYPES = ("float32", "float64")
+DTYPE_MAX = {"float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}
+"""The largest finite value of each dtype (torch.finfo(...).max; here without importing torch)."""
 DEVICES = ("auto", "cpu", "cuda")
 KERNELS = ("auto", "triton", "torch")
 CLAMP_MODES = ("total", "layer")
@@ -402,6 +404,32 @@ def steps_problem(v, lo: int = 1) -> str | None:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= v <= MAX_STEPS:
         return f"must be an integer in [{lo}, 10^18], got {v!r}"
     return None
+
+
+SMALL_TEST_SET = 20
+"""Fewer test pairs than this: `train` and `run` warn that a test accuracy of 0.90 can come by chance."""
+
+
+def small_test_set_warning(cfgs) -> str | None:
+    """The warning for the smallest test set among the configs' models (their p, ops and train fractions),
+    or None when every model has at least SMALL_TEST_SET test pairs."""
+    n_test, p, frac, thr = min((n_pairs_of(c.p, o) - n_train_of(c.p, o, f), c.p, f, c.grok_threshold)
+                               for c in cfgs for o in c.values("op") for f in c.values("train_frac"))
+    if n_test >= SMALL_TEST_SET:
+        return None
+    return (f"only {n_test} test pair(s) at p = {p}, train fraction {frac:g}: test accuracy moves in steps of "
+            f"1/{n_test}, so T_grok (test accuracy >= {thr:g}) can come by chance")
+
+
+def tiny_tau_warning(taus, dtype: str) -> str | None:
+    """The warning for temperatures so small that (1/tau)^2 overflows the dtype: the gradient of the loss in
+    the logits grows as 1/tau, so Adam's second moment (the squared gradients) overflows and the model stops
+    training; the step's divergence guard then marks it diverged (step.train_step). None when no tau is."""
+    small = sorted(t for t in taus if t < DTYPE_MAX[dtype] ** -0.5)
+    if not small:
+        return None
+    return (f"tau {', '.join(f'{t:g}' for t in small)} is so small that (1/tau)^2 overflows {dtype}: Adam's squared "
+            "gradients overflow and such models stop training; they will be marked diverged")
 
 
 def _not_number(v) -> bool:

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from . import extend, grid, rundir, store
-from .config import ConfigError
+from .config import DTYPES, ConfigError, small_test_set_warning, tiny_tau_warning
 from .experiments import apply_overrides, load_experiment
-from .plan import calibration_steps, clamp_never_starts, resolve_compile, snapshot_bytes
+from .plan import batch_config, calibration_steps, clamp_never_starts, resolve_compile, snapshot_bytes
 from .snapshots import human
 from .trainer import resolve_device
 from .workers import PoolMapper
@@ -76,6 +76,12 @@ def _run_locked(spec, run_dir, executor, device, progress, workers, n_dev, dev) 
     if snap:
         bar.say(f"snapshots: at most {human(snap)} ((snapshots + 2) x models x (2 x params x bytes + headers)) -> "
                 f"{run_dir}/snapshots/<batch>/")
+    cells = plan["cells"]
+    configs = [batch_config(spec, [cells[i] for i in b["cells"]]) for b in plan["batches"]]
+    for warning in (small_test_set_warning(configs),
+                    *(tiny_tau_warning({c["tau"] for c in cells if c["dtype"] == d}, d) for d in DTYPES)):
+        if warning:
+            bar.warn(warning)
     late = clamp_never_starts(spec, plan)
     if late:
         bar.warn(f"{len(late)} clamped cell(s) end before their clamp starts (budget {min(b for _, b, _ in late)} "

@@ -134,3 +134,34 @@ def test_a_spec_name_too_long_for_a_directory_leaves_nothing(tmp_path, capsys, m
     refused(capsys, ["run", spec_file(tmp_path, name="é" * 128)], "name: is 256 bytes long")
     from fastgrok.experiments import load_spec
     assert load_spec(spec_file(tmp_path, name="é" * 127)).name == "é" * 127      # 254 bytes: a file name
+
+
+def test_a_tiny_tau_marks_its_models_diverged_with_a_warning(tmp_path, capsys, one_thread):
+    """tau 1e-30: a gradient ~1e30 in the logits, whose square overflows float32 in Adam's v; the update
+    m / sqrt(v) is 0, and the model sat at a train loss of 2e28, not marked diverged. The tau = 1 model of
+    the same batch trains as ever."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--tau", "1e-30", "1", "--steps", "50", "--eval-every", "25", "--out",
+                 str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "fastgrok: warning: tau 1e-30 is so small that (1/tau)^2 overflows float32" in err, err
+    models = pd.read_parquet(out / "models.parquet")
+    assert models["diverged"].tolist() == [True, False]
+    assert models["steps"].tolist() == [25, 50]                 # stopped at its first evaluation after
+    from fastgrok.config import tiny_tau_warning
+    assert tiny_tau_warning((1e-19, 1.0), "float32") is None and tiny_tau_warning((1e-30,), "float64") is None
+
+
+def test_run_warns_of_a_tiny_test_set_and_a_tiny_tau(tmp_path, capsys, one_thread):
+    """The audit's `fastgrok run mediation --p 2`: one train row and 3 test pairs, with no warning (train
+    gave one); here a budget of 1 step. And a spec's tau of 1e-30 warns and diverges as in `train`."""
+    assert main(["run", "mediation", "--p", "2", "--seeds", "1", "--max-steps", "1", "--no-compile", "--quiet",
+                 "--out", str(tmp_path / "med")]) == 0
+    err = capsys.readouterr().err
+    assert "fastgrok: warning: only 3 test pair(s) at p = 2, train fraction 0.4" in err, err
+    out = tmp_path / "tau"
+    assert main(["run", str(spec_file(tmp_path, grid=[{"tau": [1e-30, 1.0]}])), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "fastgrok: warning: tau 1e-30 is so small" in err and "test pair" not in err, err
+    models = pd.read_parquet(out / "models.parquet").sort_values("tau")
+    assert models["diverged"].tolist() == [True, False]
