@@ -167,6 +167,18 @@ def _ignored_options(args, cfg: TrainConfig) -> list[str]:
     return out
 
 
+def _check_out(path: Path, flag: str, directory: bool) -> None:
+    """A ConfigError unless `path` can be written as a directory (or as a file): not the other kind
+    already, and not under a file."""
+    if path.exists() and path.is_dir() != directory:
+        raise ConfigError(f"{path} is a file; pick a directory for {flag}" if directory else
+                          f"{path} is a directory; give a file name for {flag}")
+    above = next((d for d in path.absolute().parents if d.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"{path}: {above} is a file, so no {'directory' if directory else 'file'} can be made "
+                          f"under it; pick another {flag}")
+
+
 def _path(s: str) -> Path:
     """A path option's value: an empty one (`--out "$UNSET"`) would name the current directory."""
     if not s.strip():
@@ -222,11 +234,8 @@ def cmd_train(args) -> int:
         layout = snapshots.layout_of(cfg)
         snap = snapshots.describe(cfg, cfg.n_models, layout)
         snapshots.check_bound(cfg, snapshots.bound_bytes(cfg, cfg.n_models, layout), f"at most {snap}")
-    if not resume and run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} is a file; pick a directory for --out")
-    above = next((d for d in run_dir.absolute().parents if d.exists()), None)
-    if not resume and above is not None and not above.is_dir():
-        raise ConfigError(f"{run_dir}: {above} is a file, so no directory can be made under it; pick another --out")
+    if not resume:
+        _check_out(run_dir, "--out", directory=True)
     if not resume and holds_grid_run(run_dir):
         raise ConfigError(f"{run_dir} holds a grid run (fastgrok run); pick another --out")
     if not resume and (run_dir / "config.json").exists():   # (train() checks too; here before the banner)
@@ -360,6 +369,9 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):    # before minutes of measuring
+        if path is not None:
+            _check_out(path, flag, directory=False)
     from .bench import run_bench
     sections = tuple(x.strip() for x in args.sections.split(",") if x.strip())
     models = None

@@ -165,3 +165,33 @@ def test_run_warns_of_a_tiny_test_set_and_a_tiny_tau(tmp_path, capsys, one_threa
     assert "fastgrok: warning: tau 1e-30 is so small" in err and "test pair" not in err, err
     models = pd.read_parquet(out / "models.parquet").sort_values("tau")
     assert models["diverged"].tolist() == [True, False]
+
+
+# ----------------------------------------------------------------------------- bench
+
+def test_bench_checks_its_json_path_before_measuring(tmp_path, capsys):
+    """A directory as --json failed only after 16 s of measuring."""
+    t0 = time.monotonic()
+    refused(capsys, ["bench", "--json", tmp_path, "--sections", "clamp"], "is a directory; give a file name for --json")
+    (tmp_path / "a_file").write_text("x")
+    refused(capsys, ["bench", "--json", tmp_path / "a_file" / "b.json"], "is a file, so no file can be made")
+    refused(capsys, ["bench", "--plot", tmp_path, "--json", tmp_path / "b.json"], "--plot")
+    assert time.monotonic() - t0 < 5 and not (tmp_path / "b.json").exists()
+
+
+def test_bench_refuses_a_model_count_that_cannot_fit_before_building_it(tmp_path):
+    """--models 100000000 built a table of 10^8 models before any memory check and set off the OOM killer
+    at 21.5 GB. Run under a 4 GiB address-space limit, so an attempt fails here, not the machine."""
+    out = tmp_path / "b.json"
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    r = subprocess.run([*FASTGROK, "bench", "--device", "cpu", "--sections", "step", "--models", "1,100000000",
+                        "--json", str(out)], capture_output=True, text=True, env=ENV, timeout=120, preexec_fn=limited)
+    one_line_error(r, "--models 100000000: 100000000 model(s) at p = 59")
+    assert not out.exists()
+    from fastgrok import bench
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="--models 100000000"):
+        bench.check_models_fit((1, 10**8), torch.device("cpu"), quick=False)
+    assert time.perf_counter() - t0 < 1.0
