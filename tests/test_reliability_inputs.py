@@ -195,3 +195,23 @@ def test_bench_refuses_a_model_count_that_cannot_fit_before_building_it(tmp_path
     with pytest.raises(ConfigError, match="--models 100000000"):
         bench.check_models_fit((1, 10**8), torch.device("cpu"), quick=False)
     assert time.perf_counter() - t0 < 1.0
+
+
+# ----------------------------------------------------------------------------- resource limits
+
+def test_the_memory_check_honours_the_address_space_limit(tmp_path):
+    """Under `ulimit -v` (2.5 GiB) a run needing ~3 GiB passed the check (MemAvailable only), wrote
+    config.json (a grid: plan.json, progress.json) and then failed out of memory. Now it is refused first."""
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (5 * 2**29, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    out = tmp_path / "run"
+    big = ["--p", "97", "--seeds", "32", "--steps", "10", "--no-compile", "--quiet"]
+    r = subprocess.run([*FASTGROK, "train", *big, "--out", str(out)], capture_output=True, text=True, env=ENV,
+                       timeout=120, preexec_fn=limited)
+    one_line_error(r, "this process's limit (ulimit -v) leaves it")
+    assert not out.exists()
+    spec = spec_file(tmp_path, p=[97], seeds=32, train={"compile": "off"}, engine={"max_models": 32})
+    r = subprocess.run([*FASTGROK, "run", str(spec), "--out", str(out)], capture_output=True, text=True, env=ENV,
+                       timeout=120, preexec_fn=limited)
+    one_line_error(r, "ulimit -v")
+    assert not out.exists()
