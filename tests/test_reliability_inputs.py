@@ -197,6 +197,69 @@ def test_bench_refuses_a_model_count_that_cannot_fit_before_building_it(tmp_path
     assert time.perf_counter() - t0 < 1.0
 
 
+# ----------------------------------------------------------------------------- signals during worker start-up
+
+# the driver as `fastgrok run`, each worker's start followed by a pause (inside the start-up window) after
+# it writes a marker: the test's signal lands there for certain, as it did by chance in the audit
+_SLOW_START = r"""
+import os, sys, time
+import multiprocessing.process as P
+start = P.BaseProcess.start
+def slow_start(self):
+    start(self)
+    open(os.environ["FG_STARTED"], "a").close()
+    time.sleep(0.5)
+P.BaseProcess.start = slow_start
+from fastgrok.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _live_in_group(pgid: int, wait_s: float = 10) -> str:
+    """The processes of the group still running (zombies are dead) after waiting up to wait_s for none."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        ps = subprocess.run(["ps", "-o", "stat=,pid=,args=", "-g", str(pgid)], capture_output=True, text=True).stdout
+        live = "\n".join(line for line in ps.splitlines() if not line.strip().startswith("Z"))
+        if not live or time.monotonic() > deadline:
+            return live
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig,group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["ctrl-c-to-the-group", "sigterm-to-the-driver"])
+def test_a_stop_while_workers_start_stops_the_run_then_it_resumes(tmp_path, sig, group):
+    """Ctrl-C (SIGINT to the process group) or SIGTERM to the driver while `--workers 2` starts its workers
+    was lost (the workers start with stop signals held, and the driver ignored them meanwhile): the run went
+    on to the end with exit 0. Now it stops (130, the usual closing line), no process is left, and the same
+    command then runs to the end."""
+    spec, out, marker = spec_file(tmp_path), tmp_path / "run", tmp_path / "started"
+    args = ["run", str(spec), "--out", str(out), "--quiet", "--workers", "2"]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_START, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**ENV, "FG_STARTED": str(marker)},
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no worker started within 60 s"
+            time.sleep(0.005)
+        (os.killpg if group else os.kill)(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "rerun the same command" in err.strip().splitlines()[-1], err
+    assert not _live_in_group(proc.pid), _live_in_group(proc.pid)
+    assert not (out / "models.parquet").exists()
+    if group:                                           # (once is enough: the stop came before any job)
+        r = fastgrok(*args)
+        assert r.returncode == 0, r.stderr
+        assert len(pd.read_parquet(out / "models.parquet")) == 2
+
+
 # ----------------------------------------------------------------------------- resource limits
 
 def test_the_memory_check_honours_the_address_space_limit(tmp_path):
