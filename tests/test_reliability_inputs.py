@@ -278,3 +278,99 @@ def test_the_memory_check_honours_the_address_space_limit(tmp_path):
                        timeout=120, preexec_fn=limited)
     one_line_error(r, "ulimit -v")
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- the Ray executor's watchdog
+
+# a driver that starts the watchdog, then a child that starts a grandchild ignoring SIGTERM (its pid in a
+# file), then waits (argv[2] "kill") or exits normally ("exit")
+_DRIVER = r"""
+import subprocess, sys, time
+from fastgrok import watchdog
+w = watchdog.start()
+subprocess.Popen(["bash", "-c", f"trap '' TERM; sleep 600 & echo $! > {sys.argv[1]}.tmp; mv {sys.argv[1]}.tmp {sys.argv[1]}; wait"],
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+time.sleep(1.0)                                         # the watchdog has seen them (it looks every 0.5 s)
+print("ready", flush=True)
+if sys.argv[2] == "exit":
+    watchdog.stop(w)
+else:
+    time.sleep(600)
+"""
+
+
+def _sleeper(pid_file: Path) -> int:
+    deadline = time.monotonic() + 30
+    while not pid_file.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return int(pid_file.read_text())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_watchdog_stops_what_a_killed_driver_leaves_and_nothing_on_a_normal_exit(tmp_path):
+    """The Ray executor's local cluster outlived a kill -9 of its driver (two agents, 60 s). Its watchdog,
+    here around a stand-in process tree: kill -9 of the driver, and within seconds the grandchild that
+    ignores SIGTERM is gone too; a driver that exits normally (watchdog.stop) leaves its processes alone."""
+    proc = subprocess.Popen([sys.executable, "-c", _DRIVER, tmp_path / "killed", "kill"], stdout=subprocess.PIPE,
+                            text=True, env=ENV)
+    assert proc.stdout.readline() == "ready\n"
+    sleeper = _sleeper(tmp_path / "killed")
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while _alive(sleeper) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(sleeper), "the driver's grandchild outlived it"
+    r = subprocess.run([sys.executable, "-c", _DRIVER, tmp_path / "exited", "exit"], stdout=subprocess.PIPE,
+                       text=True, env=ENV, timeout=60)
+    assert r.returncode == 0 and r.stdout == "ready\n"
+    sleeper = _sleeper(tmp_path / "exited")
+    try:
+        time.sleep(1.0)
+        assert _alive(sleeper), "a normal exit stopped the processes it left on purpose"
+    finally:
+        os.kill(sleeper, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.environ.get("RAY_ADDRESS") is not None,
+                    reason="reads /proc; a local cluster of the driver's own")
+def test_a_local_ray_cluster_goes_with_its_killed_driver(tmp_path):
+    """kill -9 of `fastgrok run --executor ray` while its tasks train: every process the driver started
+    (Ray's GCS, raylet, dashboard, workers, and the raylet's two agents, which stayed ~65 s) is gone
+    within seconds (measured: ~3 s, the watchdog's SIGTERM grace included)."""
+    pytest.importorskip("ray")
+    from fastgrok.watchdog import _processes, descendants
+    spec, out = spec_file(tmp_path, budget={"steps": 10**6}), tmp_path / "run"
+    proc = subprocess.Popen([*FASTGROK, "run", str(spec), "--out", str(out), "--quiet", "--executor", "ray"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("batches/*/progress.json")):     # Ray is up and a task trains
+            assert proc.poll() is None and time.monotonic() < deadline, "no batch started within 120 s"
+            time.sleep(0.1)
+        time.sleep(1.0)                                          # the watchdog looks every 0.5 s
+        started = descendants(proc.pid, _processes())
+        assert len(started) > 3
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while True:
+            procs = _processes()
+            left = [pid for pid, t in started.items() if pid in procs and procs[pid][1] == t]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert not left, subprocess.run(["ps", "-o", "pid=,args=", "-p", ",".join(map(str, left))],
+                                        capture_output=True, text=True).stdout
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
