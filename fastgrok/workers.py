@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from multiprocessing import resource_tracker
 
 import torch
 
@@ -172,7 +173,10 @@ class PoolMapper:
 
     def _start(self, k: int) -> None:
         # workers start with SIGINT and SIGTERM blocked (inherited) until _worker_main sets its handlers: a
-        # signal while a worker still imports torch would otherwise kill it with a traceback
+        # signal while a worker still imports torch would otherwise kill it with a traceback. The resource
+        # tracker is started first: starting it (in a spawn's launch) unblocks both, which would leave the
+        # first worker unprotected
+        resource_tracker.ensure_running()
         with _stop_signals_held():
             for _ in range(k):
                 mine, theirs = self.ctx.Pipe()

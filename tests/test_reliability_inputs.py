@@ -208,7 +208,7 @@ start = P.BaseProcess.start
 def slow_start(self):
     start(self)
     open(os.environ["FG_STARTED"], "a").close()
-    time.sleep(0.5)
+    time.sleep(0.6)
 P.BaseProcess.start = slow_start
 from fastgrok.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -244,6 +244,7 @@ def test_a_stop_while_workers_start_stops_the_run_then_it_resumes(tmp_path, sig,
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no worker started within 60 s"
             time.sleep(0.005)
+        time.sleep(0.3)                     # the first worker imports torch: its stop signals must be held
         (os.killpg if group else os.kill)(proc.pid, sig)
         _, err = proc.communicate(timeout=60)
     finally:
