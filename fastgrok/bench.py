@@ -265,6 +265,17 @@ def section_step(device, quick: bool, on_rows=None, models: tuple[int, ...] | No
     return rows
 
 
+def check_models_fit(models: tuple[int, ...], device, quick: bool) -> None:
+    """A ConfigError (one line: the trainer's memory check, on the config `fastgrok_step` trains) when a
+    --models count cannot fit the device."""
+    from .memory import check_fits
+    for M in sorted(set(models), reverse=True):
+        try:
+            check_fits(replace(step_config(quick), seeds=M, device=device.type, compile="off"), M, device)
+        except ConfigError as e:
+            raise ConfigError(f"--models {M}: {e}") from None
+
+
 def _step_rows(base: TrainConfig, M: int, device, reps: int, peak: float | None) -> list[dict]:
     """One M's rows of section_step: the baseline, fastgrok compiled, and (M <= 12) fastgrok eager."""
     rows = []
@@ -541,6 +552,8 @@ def run_bench(quick: bool, device: str, json_path: Path, plot_path: Path | None,
     if models is not None and (not models or min(models) < 1):
         raise ConfigError(f"--models must be positive model counts, e.g. 1,12,96; got {','.join(map(str, models))}")
     dev = resolve_device(device)
+    if models is not None and "step" in sections:   # before anything is built (a model table of 10^8 rows
+        check_models_fit(models, dev, quick)        # set off the OOM killer); the default Ms skip what does not fit
     if dev.type == "cpu":
         keep_freed_memory()         # fastgrok's CPU allocator setting, for every provider alike
     copy_gbs = copy_bandwidth(dev)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .config import (COMPILE, DEVICES, DTYPES, INITS, KERNELS, LOSSES, MODELS, OP_HELP, OPS, PER_MODEL, PRESETS,
-                     ConfigError, TrainConfig, logit_every_for, n_pairs_of, n_train_of)
+                     ConfigError, TrainConfig, logit_every_for, small_test_set_warning, tiny_tau_warning)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,8 +105,8 @@ def _add_train(sub):
             if shown:
                 kw["help"] = (kw.get("help", "") + f" ({'; '.join(shown)})").strip()
         (compile_flags if field == "compile" else p).add_argument(flag, dest=field, default=argparse.SUPPRESS, **kw)
-    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<time>)")
-    p.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR with its saved config; with --steps N, extend it to N steps")
+    p.add_argument("--out", type=_path, default=None, help="run directory (default runs/<time>)")
+    p.add_argument("--resume", type=_path, default=None, metavar="DIR", help="continue the run in DIR with its saved config; with --steps N, extend it to N steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--track", choices=("wandb", "tensorboard"), default=None,
                    help="log per-cell curve quartiles and the cell table to W&B (WANDB_MODE=offline works) or "
@@ -170,10 +170,23 @@ def _ignored_options(args, cfg: TrainConfig) -> list[str]:
     return out
 
 
-SMALL_TEST_SET = 20
-"""Fewer test pairs than this: `train` warns that a test accuracy of 0.90 can come by chance."""
+def _check_out(path: Path, flag: str, directory: bool) -> None:
+    """A ConfigError unless `path` can be written as a directory (or as a file): not the other kind
+    already, and not under a file."""
+    if path.exists() and path.is_dir() != directory:
+        raise ConfigError(f"{path} is a file; pick a directory for {flag}" if directory else
+                          f"{path} is a directory; give a file name for {flag}")
+    above = next((d for d in path.absolute().parents if d.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"{path}: {above} is a file, so no {'directory' if directory else 'file'} can be made "
+                          f"under it; pick another {flag}")
 
 
+def _path(s: str) -> Path:
+    """A path option's value: an empty one (`--out "$UNSET"`) would name the current directory."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a directory or file name")
+    return Path(s)
 
 
 def _extended(cfg: TrainConfig, steps: int, run_dir: Path) -> TrainConfig:
@@ -227,11 +240,8 @@ def cmd_train(args) -> int:
         layout = snapshots.layout_of(cfg)
         snap = snapshots.describe(cfg, cfg.n_models, layout)
         snapshots.check_bound(cfg, snapshots.bound_bytes(cfg, cfg.n_models, layout), f"at most {snap}")
-    if not resume and run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} is a file; pick a directory for --out")
-    above = next((d for d in run_dir.absolute().parents if d.exists()), None)
-    if not resume and above is not None and not above.is_dir():
-        raise ConfigError(f"{run_dir}: {above} is a file, so no directory can be made under it; pick another --out")
+    if not resume:
+        _check_out(run_dir, "--out", directory=True)
     if not resume and holds_grid_run(run_dir):
         raise ConfigError(f"{run_dir} holds a grid run (fastgrok run); pick another --out")
     if not resume and (run_dir / "config.json").exists():   # (train() checks too; here before the banner)
@@ -245,12 +255,9 @@ def cmd_train(args) -> int:
             print(f"fastgrok: snapshots: at most {snap} -> {run_dir}/snapshots", file=sys.stderr)
         for warning in _ignored_options(args, cfg):
             print(f"fastgrok: warning: {warning}", file=sys.stderr)
-        n_test, frac = min((n_pairs_of(cfg.p, o) - n_train_of(cfg.p, o, f), f)
-                           for o in cfg.values("op") for f in cfg.values("train_frac"))
-        if n_test < SMALL_TEST_SET:
-            print(f"fastgrok: warning: only {n_test} test pair(s) at p = {cfg.p}, train fraction {frac:g}: "
-                  f"test accuracy moves in steps of 1/{n_test}, so T_grok (test accuracy >= {cfg.grok_threshold:g}) "
-                  "can come by chance", file=sys.stderr)
+        for warning in (small_test_set_warning([cfg]), tiny_tau_warning(cfg.taus, cfg.dtype)):
+            if warning:
+                print(f"fastgrok: warning: {warning}", file=sys.stderr)
         if any(t is not None for t in cfg.norm_targets) and cfg.t_clamp >= cfg.steps:
             print(f"fastgrok: warning: the clamp starts at step {cfg.t_clamp} (--clamp-from), at or after the last "
                   f"step ({cfg.steps}): no model will be clamped", file=sys.stderr)
@@ -275,7 +282,7 @@ def _add_run(sub):
     g.add_argument("--compile", default=None, choices=COMPILE,
                    help="torch.compile the step (default: the spec's [train] compile, else auto)")
     g.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<experiment>)")
+    p.add_argument("--out", type=_path, default=None, help="run directory (default runs/<experiment>)")
     p.add_argument("--executor", default="local", choices=("local", "ray"))
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--workers", type=int, default=None,
@@ -368,6 +375,9 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):    # before minutes of measuring
+        if path is not None:
+            _check_out(path, flag, directory=False)
     from .bench import run_bench
     sections = tuple(x.strip() for x in args.sections.split(",") if x.strip())
     models = None
@@ -416,18 +426,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiments", help="list the built-in experiments: cells, models, step budgets, CPU time")
     p.add_argument("--p", type=int, default=None, help="size them at this modulus (as `run --p` would)")
     p = sub.add_parser("status", help="progress of a run: a grid's cells, or a train run's step and models grokked")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=_path)
     p = sub.add_parser("analyze", help="the study's tables, figures and a report from a run directory")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("dir", type=_path)
+    p.add_argument("--out", type=_path, default=None,
                    help="write report.md and figures/ here (default: into the run directory)")
     _add_export(sub)
     p = sub.add_parser("bench", help="measure kernels, the training step and a small grid, side by side")
     p.add_argument("--quick", action="store_true", help="small sizes, a minute or two")
     p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--json", type=Path, default=Path("bench.json"),
+    p.add_argument("--json", type=_path, default=Path("bench.json"),
                    help="where to write the JSON results (default: bench.json here)")
-    p.add_argument("--plot", type=Path, default=None, help="write a PNG of throughput against M")
+    p.add_argument("--plot", type=_path, default=None, help="write a PNG of throughput against M")
     p.add_argument("--sections", default="ce,clamp,step,grid,phase",
                    help="comma-separated sections to run, in order (default: ce,clamp,step,grid,phase)")
     p.add_argument("--models", default=None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
 from dataclasses import dataclass, field
 
 OPS = ("add", "sub", "mul", "div", "quad", "cubic", "perm", "random")
@@ -21,6 +22,8 @@ OP_HELP = {"add": "a + b mod p", "sub": "a - b mod p", "mul": "a * b mod p", "di
 MODELS = ("mlp", "transformer")
 LOSSES = ("ce", "mse", "stablemax")
 DTYPES = ("float32", "float64")
+DTYPE_MAX = {"float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}
+"""The largest finite value of each dtype (torch.finfo(...).max; here without importing torch)."""
 DEVICES = ("auto", "cpu", "cuda")
 KERNELS = ("auto", "triton", "torch")
 CLAMP_MODES = ("total", "layer")
@@ -37,6 +40,12 @@ MAX_SEED = 2**63 - 1
 in int64 columns. A model's split generator is seeded 1000 + seed (data.py), so seed0 + seeds - 1 + 1000
 must not exceed it."""
 SPLIT_SEED_OFFSET = 1000
+
+MAX_STEPS = 10**18
+"""Largest step count or period (steps, eval_every, logit_every, checkpoint_every, clamp_from, a spec's
+budgets): steps are held in int64 tensors and arrays (at most 9.2e18), and a sum of a few such counts must
+not overflow either. A larger value is refused in one line (before: an OverflowError from the first array
+that held it)."""
 
 PER_MODEL = ("op", "train_frac", "lr", "wd", "init_scale", "orthograd", "grokfast_alpha", "grokfast_lambda", "loss")
 """Fields that may hold several values (a tuple): each model of the batch takes one, and the cells are
@@ -242,11 +251,13 @@ class TrainConfig:
         for t in self.norm_targets:
             if not math.isfinite(t) or t <= 0:
                 raise ConfigError(f"norm target must be finite and > 0, got {t!r}")
-        for name in ("steps", "seed0"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.clamp_from is not None and self.clamp_from < 0:
-            raise ConfigError(f"clamp_from must be >= 0, got {self.clamp_from!r}")
+        if self.seed0 < 0:
+            raise ConfigError(f"seed0 must be >= 0, got {self.seed0!r}")
+        for name, lo in (("steps", 1), ("eval_every", 1), ("logit_every", 1), ("checkpoint_every", 1),
+                         ("clamp_from", 0)):
+            problem = steps_problem(getattr(self, name), lo) if getattr(self, name) is not None else None
+            if problem:                         # (clamp_from None: the study's default)
+                raise ConfigError(f"{name} {problem}")
         if self.seeds < 1:
             raise ConfigError(f"seeds must be >= 1, got {self.seeds!r}")
         top = MAX_SEED - SPLIT_SEED_OFFSET - (self.seeds - 1)
@@ -256,11 +267,13 @@ class TrainConfig:
         for name in ("mem_threshold", "grok_threshold"):
             v = getattr(self, name)
             # an accuracy: above 1 (or nan) nothing could ever memorize or grok, and the run would say so
-            # only by its empty T_mem/T_grok columns
+            # only by its empty T_mem/T_grok columns; at or below chance (1/p) every model would at step 0
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
                 raise ConfigError(f"{name} must be in (0, 1] (an accuracy), got {v!r}")
-        for name in ("eval_every", "logit_every", "checkpoint_every", "d_embed", "hidden", "d_model",
-                     "n_heads", "n_layers", "d_mlp"):
+            if v <= 1.0 / self.p:
+                raise ConfigError(f"{name} must be above chance, 1/p = {1.0 / self.p:.4g} at p = {self.p} (an "
+                                  f"untrained model is that accurate: it would count at step 0), got {v!r}")
+        for name in ("d_embed", "hidden", "d_model", "n_heads", "n_layers", "d_mlp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if isinstance(self.snapshots, bool) or not isinstance(self.snapshots, int) or self.snapshots < 0:
@@ -384,6 +397,39 @@ def logit_every_for(eval_every: int) -> int:
     eval_every (logit_every must be one). `train --eval-every N` and a spec's [train] eval_every use it
     when logit_every is not given."""
     return max(1, -(-200 // max(eval_every, 1))) * max(eval_every, 1)
+
+
+def steps_problem(v, lo: int = 1) -> str | None:
+    """What is wrong with v as a step count or period (an integer in [lo, MAX_STEPS]), or None."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= v <= MAX_STEPS:
+        return f"must be an integer in [{lo}, 10^18], got {v!r}"
+    return None
+
+
+SMALL_TEST_SET = 20
+"""Fewer test pairs than this: `train` and `run` warn that a test accuracy of 0.90 can come by chance."""
+
+
+def small_test_set_warning(cfgs) -> str | None:
+    """The warning for the smallest test set among the configs' models (their p, ops and train fractions),
+    or None when every model has at least SMALL_TEST_SET test pairs."""
+    n_test, p, frac, thr = min((n_pairs_of(c.p, o) - n_train_of(c.p, o, f), c.p, f, c.grok_threshold)
+                               for c in cfgs for o in c.values("op") for f in c.values("train_frac"))
+    if n_test >= SMALL_TEST_SET:
+        return None
+    return (f"only {n_test} test pair(s) at p = {p}, train fraction {frac:g}: test accuracy moves in steps of "
+            f"1/{n_test}, so T_grok (test accuracy >= {thr:g}) can come by chance")
+
+
+def tiny_tau_warning(taus, dtype: str) -> str | None:
+    """The warning for temperatures so small that (1/tau)^2 overflows the dtype: the gradient of the loss in
+    the logits grows as 1/tau, so Adam's second moment (the squared gradients) overflows and the model stops
+    training; the step's divergence guard then marks it diverged (step.train_step). None when no tau is."""
+    small = sorted(t for t in taus if t < DTYPE_MAX[dtype] ** -0.5)
+    if not small:
+        return None
+    return (f"tau {', '.join(f'{t:g}' for t in small)} is so small that (1/tau)^2 overflows {dtype}: Adam's squared "
+            "gradients overflow and such models stop training; they will be marked diverged")
 
 
 def _not_number(v) -> bool:

@@ -10,7 +10,8 @@ batches are skipped, a running one continues from its checkpoint.
 Ray: connects to a running cluster (RAY_ADDRESS, or `ray.init(address="auto")`), else starts a local
 one (shut down at the end). Each batch is one task pinned to one GPU when the cluster has GPUs, else to
 one CPU; a task that fails (a lost worker, a CUDA error) is retried up to `MAX_RETRIES` times and
-resumes from its checkpoint (the run directory must be on storage every node sees).
+resumes from its checkpoint (the run directory must be on storage every node sees). A local cluster the
+driver started does not outlive it, even after kill -9 (fastgrok/watchdog.py).
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from . import extend, grid, rundir, store, tracking
-from .config import ConfigError
+from . import extend, grid, rundir, store, tracking, watchdog
+from .config import DTYPES, ConfigError, small_test_set_warning, tiny_tau_warning
 from .experiments import apply_overrides, load_experiment
-from .plan import calibration_steps, clamp_never_starts, resolve_compile, snapshot_bytes
+from .plan import batch_config, calibration_steps, clamp_never_starts, resolve_compile, snapshot_bytes
 from .snapshots import human
 from .trainer import resolve_device
 from .workers import PoolMapper
@@ -77,6 +78,12 @@ def _run_locked(spec, run_dir, executor, device, progress, workers, n_dev, dev) 
     if snap:
         bar.say(f"snapshots: at most {human(snap)} ((snapshots + 2) x models x (2 x params x bytes + headers)) -> "
                 f"{run_dir}/snapshots/<batch>/")
+    cells = plan["cells"]
+    configs = [batch_config(spec, [cells[i] for i in b["cells"]]) for b in plan["batches"]]
+    for warning in (small_test_set_warning(configs),
+                    *(tiny_tau_warning({c["tau"] for c in cells if c["dtype"] == d}, d) for d in DTYPES)):
+        if warning:
+            bar.warn(warning)
     late = clamp_never_starts(spec, plan)
     if late:
         bar.warn(f"{len(late)} clamped cell(s) end before their clamp starts (budget {min(b for _, b, _ in late)} "
@@ -169,7 +176,7 @@ class _RayMapper:
     else starts a local one, once per run (calibrations and batches alike), shut down on exit."""
 
     def __init__(self):
-        self.ray, self.started, self.task = _import_ray(), False, None
+        self.ray, self.started, self.task, self.watchdog = _import_ray(), False, None, None
 
     def __enter__(self):
         return self
@@ -177,6 +184,7 @@ class _RayMapper:
     def __exit__(self, *exc):
         if self.started:
             self.ray.shutdown()
+        watchdog.stop(self.watchdog)
 
     def _connect(self):
         ray = self.ray
@@ -185,7 +193,10 @@ class _RayMapper:
             try:
                 ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError):
-                ray.init(log_to_driver=False)          # no cluster to join: a local one
+                # no cluster to join: a local one, which goes with this process even when it is killed
+                # outright (fastgrok.watchdog; Ray's own parent-death signals miss the raylet's agents)
+                self.watchdog = watchdog.start()
+                ray.init(log_to_driver=False)
                 self.started = True
             if callable(on_term):
                 # ray.init installs its core's failure handler for SIGTERM (a crash dump and an abort);

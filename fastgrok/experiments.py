@@ -27,11 +27,13 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import CLAMP_MODES, DTYPES, LOSSES, MODELS, OPS, ConfigError, TrainConfig, default_lr, logit_every_for
+from .config import (CLAMP_MODES, DTYPES, LOSSES, MAX_STEPS, MODELS, OPS, ConfigError, TrainConfig,
+                     default_lr, logit_every_for, steps_problem)
 
 try:
     import tomllib
@@ -42,6 +44,8 @@ except ImportError:                                 # Python 3.10
         tomllib = None
 
 SPEC_DIR = Path(__file__).parent / "specs"
+NAME_MAX = 255
+"""The longest file name, in bytes (Linux's NAME_MAX, and most file systems'): the bound of a spec's name."""
 FREE = "free"
 SHAPE_AXES = ("p", "model", "dtype")
 """Axes that change the batch's tensor shapes or its step: cells differing in one never share a batch."""
@@ -64,6 +68,13 @@ _NOT_IN_TRAIN = set(SHAPE_AXES) | set(PACKED_AXES) | {"taus", "norm_targets", "l
 
 def _err(where: str, msg: str) -> ConfigError:
     return ConfigError(f"{where}: {msg}")
+
+
+def _steps(where: str, v) -> None:
+    """A step count of the spec ([budget], [calibration], [fork]): an integer in [1, MAX_STEPS]."""
+    problem = steps_problem(v)
+    if problem:
+        raise _err(where, problem)
 
 
 def _named(e: ConfigError, where: dict, fallback: str) -> ConfigError:
@@ -255,14 +266,15 @@ class Budget:
     """Cap on every budget (calibration and fork arms included); `--max-steps`."""
 
     def __post_init__(self) -> None:
-        if self.steps_ref is None and _is_int(self.steps):
+        _steps("budget.steps", self.steps)
+        if self.steps_ref is None:
             self.steps_ref = max(self.steps, round(self.steps * STUDY_BUDGET_RATIO))
-        for name in ("steps", "steps_ref"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise _err(f"budget.{name}", f"must be an integer >= 1, got {v!r}")
-        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
-            raise _err("budget.max_steps", f"must be an integer >= 1, got {self.max_steps!r}")
+            if self.steps_ref > MAX_STEPS:
+                raise _err("budget.steps", f"{self.steps} is too large for the default budget.steps_ref (the study's "
+                                           f"ratio, {STUDY_BUDGET_RATIO:g} x steps, is over 10^18); give steps_ref")
+        _steps("budget.steps_ref", self.steps_ref)
+        if self.max_steps is not None:
+            _steps("budget.max_steps", self.max_steps)
         if isinstance(self.rho_ref, bool) or not isinstance(self.rho_ref, (int, float)) or not self.rho_ref > 1 \
                 or not math.isfinite(self.rho_ref):
             raise _err("budget.rho_ref", f"must be a number > 1, got {self.rho_ref!r}")
@@ -274,7 +286,12 @@ class Budget:
         return math.log(self.steps_ref / self.steps) / (self.rho_ref - 1.0)
 
     def at(self, rho: float | None) -> int:
-        s = self.steps if rho is None or rho <= 1.0 else int(round(self.steps * math.exp(self.k * (rho - 1.0))))
+        """The budget at rho; above MAX_STEPS (a large rho; the spec refuses it unless max_steps caps it)
+        it is MAX_STEPS + 1 rather than an OverflowError."""
+        s = self.steps
+        if rho is not None and rho > 1.0:
+            e = self.k * (rho - 1.0)
+            s = int(round(self.steps * math.exp(e))) if e <= math.log(MAX_STEPS / self.steps) else MAX_STEPS + 1
         return min(s, self.max_steps) if self.max_steps else s
 
 
@@ -289,10 +306,10 @@ class Calibration:
     """Give w_c outright and skip the control runs."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "seeds"):
-            v = getattr(self, name)
-            if v is not None and (not _is_int(v) or v < 1):
-                raise _err(f"calibration.{name}", f"must be an integer >= 1, got {v!r}")
+        if self.steps is not None:
+            _steps("calibration.steps", self.steps)
+        if self.seeds is not None and (not _is_int(self.seeds) or self.seeds < 1):
+            raise _err("calibration.seeds", f"must be an integer >= 1, got {self.seeds!r}")
         if self.w_c is not None:
             self.w_c = _scalar("calibration.w_c", self.w_c, _positive)
 
@@ -304,14 +321,17 @@ class Fork:
     arms: tuple[str, ...] = ("same", "raised", "lowered", "free")
     """Clamp targets N0 (same), factor * N0 (raised), N0 / factor (lowered), none (free); N0 = ||W|| at the fork."""
     factor: float = 1.15
+    """> 1: the raised arm's target is above N0 and the lowered one's below (at 1 the arms are one; below 1
+    they swap, and the lowered arm's budget, budget.at(1 / factor), grows past the parent's)."""
 
     def __post_init__(self) -> None:
-        if not _is_int(self.step) or self.step < 1:
-            raise _err("fork.step", f"must be an integer >= 1, got {self.step!r}")
+        _steps("fork.step", self.step)
         self.arms = _tuple("fork.arms", self.arms, _choice(tuple(ARMS)))
         if len(set(self.arms)) != len(self.arms):
             raise _err("fork.arms", f"repeats an arm: {list(self.arms)}")
         self.factor = _scalar("fork.factor", self.factor, _positive)
+        if self.factor <= 1.0:
+            raise _err("fork.factor", f"must be > 1 (raised: factor x N0, lowered: N0 / factor), got {self.factor!r}")
 
 
 @dataclass(kw_only=True)
@@ -364,6 +384,9 @@ class ExperimentSpec:
         if not _plain_name(self.name):     # it names the run directory: runs/<name>, never above or beside it
             raise _err("name", f"must be a plain file name (not '.' or '..', no '/', '\\' or control "
                                f"characters), got {self.name!r}")
+        if len(os.fsencode(self.name)) > NAME_MAX:    # (runs/ itself was made before the error, and left)
+            raise _err("name", f"is {len(os.fsencode(self.name))} bytes long; it names the run directory "
+                               f"(runs/<name>), and a file name takes at most {NAME_MAX} bytes")
         if not isinstance(self.description, str):
             raise _err("description", f"must be a string, got {self.description!r}")
         if not _is_int(self.seeds) or self.seeds < 1:
@@ -392,6 +415,12 @@ class ExperimentSpec:
         layer = base.clamp_mode == "layer"
         for b in self.blocks():
             _check_block(self, b, layer)
+        arm_rho = (self.fork.factor,) if self.fork is not None else ()      # the raised arm's budget
+        for rho in (*(r for b in self.blocks() for r in self.resolve(b, "rho")), *arm_rho):
+            if self.budget.at(rho) > MAX_STEPS:
+                raise _err("budget", f"the step budget at rho {rho:g} is over 10^18 (budget.steps x (steps_ref / "
+                                     "steps) ^ ((rho - 1) / (rho_ref - 1))); lower rho or cap the budgets with "
+                                     "budget.max_steps (--max-steps)")
         if self.fork is not None:
             if layer:
                 raise _err("fork", "same-state forks clamp the total norm; train.clamp_mode must be 'total'")
@@ -558,8 +587,7 @@ def apply_overrides(spec: ExperimentSpec, **overrides) -> ExperimentSpec:
         grids = tuple(dataclasses.replace(g, seeds=None) for g in grids)
         cal = dataclasses.replace(cal, seeds=None)
     if max_steps is not None:
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-            raise _err("max_steps", f"must be an integer >= 1, got {max_steps!r}")
+        _steps("max_steps", max_steps)
         budget = dataclasses.replace(budget, max_steps=min(max_steps, budget.max_steps or max_steps))
     return dataclasses.replace(spec, axes=axes, grids=grids, budget=budget, calibration=cal,
                                seeds=spec.seeds if seeds is None else seeds)

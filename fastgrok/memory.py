@@ -72,19 +72,49 @@ def estimate_bytes(cfg: TrainConfig, n_models: int, device: torch.device) -> int
 def device_memory(device: torch.device) -> int | None:
     """Bytes the run can have: the device's total memory on CUDA; on a CPU the memory available now
     (MemAvailable: free plus what the kernel can reclaim), not the machine's total, since other
-    processes hold the rest."""
+    processes hold the rest, and no more than this process's own limits leave it (`limit_room`)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
+    room = limit_room()
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return info["MemAvailable"]
+        return min(info["MemAvailable"], room) if room is not None else info["MemAvailable"]
     except (OSError, KeyError, ValueError, IndexError):
         pass
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return None
+        return room
+    return min(total, room) if room is not None else total
+
+
+LIMITS = (("RLIMIT_AS", "VmSize", "ulimit -v"), ("RLIMIT_DATA", "VmData", "ulimit -d"))
+"""The resource limits on a process's memory, the /proc/self/status size each caps, and the shell's name."""
+
+
+def _limits() -> list[tuple[int, str]]:
+    """(bytes this process may still map, the shell's name) for each memory limit set on it."""
+    try:
+        import resource
+        with open("/proc/self/status") as f:
+            status = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith("Vm")}
+    except (ImportError, OSError, ValueError, IndexError):
+        return []
+    out = []
+    for name, key, shell in LIMITS:
+        soft = resource.getrlimit(getattr(resource, name))[0]
+        if soft != resource.RLIM_INFINITY and key in status:
+            out.append((max(0, soft - status[key]), shell))
+    return out
+
+
+def limit_room() -> int | None:
+    """Bytes this process may still map under its address-space and data limits (`ulimit -v`, `ulimit
+    -d`; their soft limits less what it maps now: a run past them fails to allocate), or None when
+    neither is set. The run's estimate counts resident bytes, which never exceed the mapped ones."""
+    limits = _limits()
+    return min(room for room, _ in limits) if limits else None
 
 
 def largest_fitting(cfg: TrainConfig, n_models: int, have: int, device: torch.device) -> str:
@@ -110,8 +140,10 @@ def check_fits(cfg: TrainConfig, n_models: int, device: torch.device) -> None:
     allocated or written, when n_models of cfg may not fit: the estimate is an upper bound of the peak."""
     need, have = estimate_bytes(cfg, n_models, device), device_memory(device)
     if have is not None and need > have:
+        limits = [shell for room, shell in _limits() if room <= have] if device.type == "cpu" else []
+        where = f"this process's limit ({limits[0]}) leaves it" if limits else f"this {device.type} has"
         raise ConfigError(f"{n_models} model(s) at p = {cfg.p} ({cfg.model}, {cfg.dtype}) need up to "
-                          f"{need / 2**30:,.2f} GiB; this {device.type} has {have / 2**30:,.2f} GiB available: "
+                          f"{need / 2**30:,.2f} GiB; {where} {have / 2**30:,.2f} GiB available: "
                           f"{largest_fitting(cfg, n_models, have, device)}")
 
 

@@ -4,7 +4,8 @@ with its own pipe to the driver, so the driver knows which job each runs.
 Lifecycle promises (tests/test_cli_run_dirs.py): a driver killed at any instant, even while its workers
 still import torch, leaves no worker behind (each arms a parent-death signal, then checks its driver is
 alive); a worker that dies mid-job stops the run with one line naming the job (WorkerDied), the others
-checkpointing; Ctrl-C or SIGTERM to the driver stops every worker at its next step, checkpointed.
+checkpointing; Ctrl-C or SIGTERM to the driver stops every worker at its next step, checkpointed, even
+one that comes while workers are being started (held, then acted on: tests/test_reliability_inputs.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from multiprocessing import resource_tracker
 
 import torch
 
@@ -42,10 +44,11 @@ def _worker_main(index, driver_pid, conn, devices, threads, stopping) -> None:
     # Ctrl-C reaches every process of the terminal's group: the driver alone handles it and stops the
     # workers with SIGTERM, on which a running trainer checkpoints and raises Interrupted. Outside a
     # trainer (idle, or setting a batch up) SIGTERM is noted for the next trainer (see _note_stop)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # (a Ctrl-C held since start-up is dropped here)
     signal.signal(signal.SIGTERM, _note_stop)
     trainer_mod.STOP_SIGNALS = (signal.SIGTERM,)
-    if stopping.value:                          # stopped while this worker started up (SIGTERM ignored there)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)   # held since start-up: a SIGTERM is noted now
+    if stopping.value:                          # stopped while this worker started up (belt and braces)
         trainer_mod.PENDING_STOP = signal.SIGTERM
     while True:
         try:
@@ -93,19 +96,34 @@ def _note_stop(signum, frame) -> None:
     trainer_mod.PENDING_STOP = signum
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 @contextlib.contextmanager
-def _stop_signals_ignored():
-    """SIGINT and SIGTERM ignored inside (main thread only; elsewhere nothing changes), restored after."""
+def _stop_signals_held():
+    """SIGINT and SIGTERM held inside and acted on after (main thread only; elsewhere nothing changes).
+
+    Held, not ignored: a Ctrl-C or SIGTERM that comes while workers start is the driver's to act on once
+    they are started (ignoring it lost it: the run went on to the end). They are blocked in this thread, so
+    the processes started inside inherit them blocked (a worker unblocks them once its own handlers are
+    set); one delivered meanwhile to another thread of this process is noted by a placeholder handler. On
+    exit the handlers are put back and the signals unblocked: a blocked one is delivered to its handler
+    then, a noted one raised again."""
+    held = []
     try:
-        old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        old = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in STOP_SIGNALS}
     except ValueError:                          # not the main thread
         yield
         return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
         for sig, h in old.items():
             signal.signal(sig, h if h is not None else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for sig in dict.fromkeys(held):
+            signal.raise_signal(sig)
 
 
 STOP_WAIT_S = 60.0
@@ -154,9 +172,12 @@ class PoolMapper:
             w[0].join()
 
     def _start(self, k: int) -> None:
-        # workers start with SIGINT and SIGTERM ignored (inherited) until _worker_main sets its handlers: a
-        # signal while a worker still imports torch would otherwise kill it with a traceback
-        with _stop_signals_ignored():
+        # workers start with SIGINT and SIGTERM blocked (inherited) until _worker_main sets its handlers: a
+        # signal while a worker still imports torch would otherwise kill it with a traceback. The resource
+        # tracker is started first: starting it (in a spawn's launch) unblocks both, which would leave the
+        # first worker unprotected
+        resource_tracker.ensure_running()
+        with _stop_signals_held():
             for _ in range(k):
                 mine, theirs = self.ctx.Pipe()
                 proc = self.ctx.Process(target=_worker_main, daemon=False,
@@ -171,7 +192,7 @@ class PoolMapper:
         it, so its next trainer stops at once), then wait up to STOP_WAIT_S for them to exit and kill what
         is left (checkpoints are atomic: at most the work since the last is lost). A second Ctrl-C kills
         them at once."""
-        self.stopping.value = 1                     # for a worker still starting up (SIGTERM ignored there)
+        self.stopping.value = 1                     # for a worker still starting up (SIGTERM held there)
         for proc, conn, _ in self.workers:
             with contextlib.suppress(OSError):
                 os.kill(proc.pid, signal.SIGTERM)
