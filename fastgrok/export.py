@@ -78,11 +78,14 @@ def model_params(run_dir: Path, model: int, step: int | None = None):
     from .trainer import load_config
     run_dir = Path(run_dir)
     if store.holds_grid_run(run_dir):
-        raise ConfigError(f"{run_dir} holds a grid run: export one model of a `fastgrok train` run "
-                          "(a grid's models are in its snapshots: --snapshot STEP --to safetensors)")
-    cfg = load_config(run_dir)
-    if not 0 <= model < cfg.n_models:
-        raise ConfigError(f"--model {model}: the run has models 0..{cfg.n_models - 1}")
+        if step is None:
+            raise ConfigError(f"{run_dir} holds a grid run, which keeps no final checkpoint: give --snapshot STEP "
+                              "(a grid trained with [train] snapshots)")
+        cfg = grid_model_config(run_dir, model)
+    else:
+        cfg = load_config(run_dir)
+        if not 0 <= model < cfg.n_models:
+            raise ConfigError(f"--model {model}: the run has models 0..{cfg.n_models - 1}")
     layout = snapshots.layout_of(cfg)
     if step is not None:
         for f in snapshot_files(run_dir, step):
@@ -103,6 +106,18 @@ def model_params(run_dir: Path, model: int, step: int | None = None):
             raise ConfigError(f"the checkpoint of {run_dir} does not hold model {model}; give --snapshot STEP")
         flat = ck["state"]["flat"][rows.index(model)][None]
     return cfg, {k: v[0].to(torch.float32).clone() for k, v in layout.views(flat).items()}
+
+
+def grid_model_config(run_dir: Path, model: int):
+    """The TrainConfig of a grid's model K: its cell's (plan.json: cells from model0, seeds of them)."""
+    from .experiments import ExperimentSpec
+    from .plan import cell_config
+    from .rundir import read_plan
+    plan = read_plan(run_dir)
+    cell = next((c for c in plan["cells"] if c.get("model0", -1) <= model < c.get("model0", -1) + c["seeds"]), None)
+    if cell is None:
+        raise ConfigError(f"--model {model}: no cell of the grid holds that model")
+    return cell_config(ExperimentSpec.from_dict(store.read_json(Path(run_dir) / store.SPEC_JSON)), cell)
 
 
 # ------------------------------------------------------------------ TransformerLens

@@ -137,3 +137,27 @@ def test_mistakes_are_one_line(runs, tmp_path, capsys, args, says):
     assert err.startswith("fastgrok: error: ") and err.count("\n") == 1 and says in err, err
     assert fastgrok("export", tmp_path / "nowhere", "--to", "safetensors", "--snapshot", 0, tmp_path / "x") == 2
     assert "holds no run" in capsys.readouterr().err
+
+
+def test_a_grid_models_snapshot_exports_as_its_cells_transformer(tmp_path):
+    """A grid keeps no final checkpoint: its model K exports from a snapshot, built as its cell's config."""
+    from fastgrok.experiments import to_toml
+    from fastgrok.export import load_transformer_lens
+    spec = {"name": "export_grid", "seeds": 2, "p": [11], "model": ["transformer"], "lr": [3e-3],
+            "train": {"d_model": 16, "n_heads": 2, "d_mlp": 32, "eval_every": 25, "compile": "off",
+                      "snapshots": 2, "stop_when_grokked": False},
+            "budget": {"steps": 50}, "engine": {"max_models": 2}, "grid": [{"tau": [1.0, 1.5]}]}
+    (tmp_path / "g.toml").write_text(to_toml(spec))
+    assert fastgrok("run", tmp_path / "g.toml", "--out", tmp_path / "g", "--quiet") == 0
+    assert fastgrok("export", tmp_path / "g", "--model", 3, "--to", "transformer-lens", tmp_path / "no") == 2
+    assert fastgrok("export", tmp_path / "g", "--model", 3, "--snapshot", 50, "--to", "transformer-lens",
+                    tmp_path / "t") == 0
+    (z,) = [z for f in (tmp_path / "g" / "snapshots").glob("*/step_000050.npz")
+            if 3 in (z := snapshots.load(f))["models"]]
+    k = list(z["models"]).index(3)
+    cfg = TrainConfig(p=11, model="transformer", d_model=16, n_heads=2, d_mlp=32)
+    a, b = all_inputs(11)
+    with torch.no_grad():
+        ref = build_model(cfg).logits(torch.from_numpy(z["flat"][k:k + 1]), a, b)[0]
+        got = load_transformer_lens(tmp_path / "t")(torch.stack([a, b, torch.full_like(a, 11)], 1))[:, -1]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
