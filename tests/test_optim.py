@@ -86,3 +86,20 @@ def test_a_run_with_grokfast_and_orthograd_resumes_exactly(tmp_path):
     pd.testing.assert_frame_equal(parts, whole, check_exact=True)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "parts" / "curves.parquet"),
                                   pd.read_parquet(tmp_path / "whole" / "curves.parquet"), check_exact=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_rows_is_isfinite_all(dtype):
+    """The step's divergence mask (step.finite_rows: row max and min finite) is isfinite(x).all(1) exactly:
+    a NaN, +inf or -inf anywhere in a row, alone or together, at the edges too; huge finite values pass."""
+    from fastgrok.step import finite_rows
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 97, generator=g, dtype=dtype) * 1e3
+    x[1, 0], x[2, 96], x[3, 50] = float("nan"), float("inf"), -float("inf")
+    x[4, 10], x[4, 11] = float("inf"), -float("inf")
+    x[5, 3], x[5, 4] = float("nan"), float("inf")
+    x[6] = torch.finfo(dtype).max
+    x[7, 5] = -torch.finfo(dtype).max
+    x[8] = float("nan")
+    assert torch.equal(finite_rows(x), torch.isfinite(x).all(1))
+    assert finite_rows(x).tolist() == [True, False, False, False, False, False, True, True, False]
