@@ -46,6 +46,10 @@ ATOL = 1e-6
 """Tolerance when matching a cell's rho or tau to a requested value."""
 
 
+RESULT_COLUMNS = {"models": ("model", "cell", "seed", "t_mem", "t_grok"), "curves": ("model", "step", "metric", "value")}
+"""The columns every analysis relies on, per results table (a table without one is refused)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading and small helpers
 # ---------------------------------------------------------------------------------------------
@@ -56,8 +60,9 @@ def load_run(run_dir) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     d = Path(run_dir)
     if not (d / "models.parquet").exists():
         raise FileNotFoundError(f"{d} has no models.parquet; is it a fastgrok run directory?")
-    models = store.read_parquet(d / "models.parquet", run_dir=d)
-    curves = (store.read_parquet(d / "curves.parquet", run_dir=d) if (d / "curves.parquet").exists()
+    models = store.read_parquet(d / "models.parquet", required=RESULT_COLUMNS["models"], run_dir=d)
+    curves = (store.read_parquet(d / "curves.parquet", required=RESULT_COLUMNS["curves"], run_dir=d)
+              if (d / "curves.parquet").exists()
               else pd.DataFrame({"model": [], "step": [], "metric": [], "value": []}))
     config = store.read_json(d / "config.json") if (d / "config.json").exists() else {}
     check_models(models)

@@ -41,21 +41,9 @@ def markdown_table(df: pd.DataFrame) -> str:
 # ---------------------------------------------------------------------------------------------
 # Analysis of a directory
 # ---------------------------------------------------------------------------------------------
-RESULT_COLUMNS = {store.MODELS: ("model", "cell", "seed", "t_mem", "t_grok"),
-                  store.CURVES: ("model", "step", "metric", "value")}
-
-
 def load_checked(d: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """`analysis.load_run`, with a file it cannot use (torn, foreign, missing columns, no or repeated
     rows) reported as one StateError naming the file."""
-    for name, cols in RESULT_COLUMNS.items():
-        if (d / name).exists():
-            names = set(store.read_parquet_schema(d / name))
-            missing = [c for c in cols if c not in names]
-            if missing:
-                raise store.state_error(d / name, f"lacks column(s) {', '.join(missing)}: not a fastgrok results table")
-    if (d / store.CONFIG).exists():
-        store.read_json(d / store.CONFIG)
     try:
         return A.load_run(d)
     except ValueError as e:                     # analysis.check_models: no rows, repeated models

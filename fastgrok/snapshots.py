@@ -124,7 +124,10 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> str:
 
 def load(path: Path) -> dict[str, np.ndarray]:
     """A snapshot file's arrays (a StateError naming it if it is damaged or not a snapshot)."""
-    data = store.read_verified(path)
+    return _arrays(path, store.read_verified(path))
+
+
+def _arrays(path: Path, data: bytes) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -158,17 +161,20 @@ class Snapshots:
         if written is None:
             self.rows = read_index_rows(self.dir)
             return
+        rows = []
         for name, digest in sorted(written.items()):
             f = self.dir / name
-            if not f.is_file() or hashlib.sha256(f.read_bytes()).hexdigest() != digest:
-                why = "missing" if not f.is_file() else "not the file written then (damaged or replaced)"
+            data = f.read_bytes() if f.is_file() else None
+            if data is None or hashlib.sha256(data).hexdigest() != digest:
+                why = "missing" if data is None else "not the file written then (damaged or replaced)"
                 raise store.StateError(f"{f}: {why}: a snapshot taken before the checkpoint of step {step:,}; put it "
                                        f"back, or move {checkpoint} away to train again from step 0 (which "
                                        "writes every snapshot again)")
+            rows += _index_rows(f, _arrays(f, data))
         for f in self.dir.glob("step_*.npz"):
             if f.name not in written:
                 f.unlink()
-        self.written, self.rows = dict(written), read_index_rows(self.dir)
+        self.written, self.rows = dict(written), rows
         self._write_index()
 
     def _write_index(self) -> None:
@@ -192,8 +198,7 @@ class Snapshots:
                   "flat": flat, **{k: v.numpy() for k, v in views.items()}}
         name = file_name(step)
         self.written[name] = _write_npz(self.dir / name, arrays)
-        self.rows += [{"step": step, "model": int(m), "reason": str(r), "file": name}
-                      for m, r in zip(arrays["models"], arrays["reason"])]
+        self.rows += _index_rows(self.dir / name, arrays)
         self._write_index()
 
 
@@ -206,12 +211,17 @@ def read_index_rows(directory: Path, prefix: str = "") -> list[dict]:
             z = load(f)
         except FileNotFoundError:           # a grid batch starting afresh (clear) in another process
             continue
-        if "models" not in z or "reason" not in z:
-            raise store.state_error(f, "not a snapshot (no models or reason array)")
-        step = int(f.stem.split("_")[1])
-        rows += [{"step": step, "model": int(m), "reason": str(r), "file": prefix + f.name}
-                 for m, r in zip(z["models"], z["reason"])]
+        rows += _index_rows(f, z, prefix)
     return sorted(rows, key=lambda r: (r["step"], r["model"]))
+
+
+def _index_rows(f: Path, z: dict, prefix: str = "") -> list[dict]:
+    """index.json's rows of snapshot file f (its arrays z)."""
+    if "models" not in z or "reason" not in z:
+        raise store.state_error(f, "not a snapshot (no models or reason array)")
+    step = int(f.stem.split("_")[1])
+    return [{"step": step, "model": int(m), "reason": str(r), "file": prefix + f.name}
+            for m, r in zip(z["models"], z["reason"])]
 
 
 def read_index(directory: Path) -> list[dict]:

@@ -23,6 +23,7 @@ DIR/snapshots/<id>).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -102,6 +103,11 @@ class Records:
 
 ROW_ONLY = ("t_clamp", "budget", "layer_fracs", "cell_seed0", "cell_seeds")
 """Table-row keys the trainer consumes and does not copy into results()."""
+
+
+def _checkpoint_rows(ck: dict, M: int) -> np.ndarray:
+    """The table rows a checkpoint's state holds (all M when it predates compaction)."""
+    return np.asarray(ck["rows"]) if ck.get("rows") is not None else np.arange(M)
 
 
 def per_model_values(cfg: TrainConfig, table: list[dict]) -> dict[str, list]:
@@ -225,7 +231,7 @@ class Trainer:
             "snapshots": self.snapshots.written if self.snapshots is not None else None})
         self.write_results()
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of what determines this batch's results: the config and the models' table, less what
         only says how or how long it runs (device, kernels, compile, checkpoint interval; the step
@@ -238,7 +244,7 @@ class Trainer:
                  for r in self.table]
         return store.fingerprint({"config": cfg, "table": table})
 
-    @property
+    @functools.cached_property
     def run_id(self) -> str:
         """The fingerprint this trainer's results tables and progress carry: a `fastgrok train` run's
         config (store.config_fingerprint, which readers compute from config.json), a batch's own
@@ -254,7 +260,7 @@ class Trainer:
             raise store.state_error(path, "its configuration fingerprint is not this run's (a checkpoint of "
                                           "another run, or the run's config.json or spec was edited)")
         M, P = len(self.table), self.model.layout.n_params
-        rows = np.asarray(ck["rows"]) if ck.get("rows") is not None else np.arange(M)
+        rows = _checkpoint_rows(ck, M)
         try:
             flat, rec = ck["state"]["flat"], ck["records"]
             ok = (tuple(flat.shape) == (len(rows), P) and len(rec["t_grok"]) == M and len(rec["t_mem"]) == M
@@ -280,7 +286,7 @@ class Trainer:
         n = len(self.metrics)
         self.records.evals = [e if e.shape[1] == n else np.concatenate([e, np.full((e.shape[0], n - e.shape[1]), np.nan)], 1)
                               for e in self.records.evals]
-        rows = np.asarray(ck["rows"]) if ck.get("rows") is not None else np.arange(len(self.table))
+        rows = _checkpoint_rows(ck, len(self.table))
         if len(rows) < len(self.table):             # the state was saved compacted: compact the batch too
             self.batch = _select_batch(self.batch, torch.as_tensor(rows, device=self.device))
         self.rows = rows
