@@ -9,7 +9,7 @@ a fixed number of steps per cell (stop_when_grokked off) so both providers do th
 a CPU (about two minutes in all), 2000 on a GPU. Evaluation every 25 steps, logit scale every 200.
 
 Providers (each runs the grid once: a grid is run once, first calls and compilation included):
-  eager per-cell   fastgrok.baseline.run_baseline, the study's way: one cell's 12 seeds as one stack of
+  eager per-cell   fastgrok.bench.baseline.run_baseline, the study's way: one cell's 12 seeds as one stack of
                    tensors, eager PyTorch, autograd, a Python AdamW loop; the cells one after another
   fastgrok packed  `fastgrok run` of the same spec (run_experiment, local executor, engine defaults): all
                    cells in one batch of 48 models, into a fresh run directory
@@ -23,11 +23,11 @@ import time
 import pytest
 import torch
 
-from fastgrok.baseline import run_baseline
-from fastgrok.bench import meta
-from fastgrok.executors import run_experiment
-from fastgrok.experiments import SHAPE_AXES, ExperimentSpec
-from fastgrok.plan import expand
+from fastgrok.bench.baseline import run_baseline
+from fastgrok.bench.sections import meta
+from fastgrok.grid.executors import run_experiment
+from fastgrok.grid.experiments import SHAPE_AXES, ExperimentSpec
+from fastgrok.grid.plan import expand
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 QUICK = os.environ.get("FASTGROK_BENCH_QUICK") == "1"

@@ -2,7 +2,7 @@
 
     pytest benchmarks/bench_step.py --benchmark-only [--benchmark-json out.json]
 
-Providers: `baseline` (fastgrok.baseline: the eager per-cell trainer written the study's way, the
+Providers: `baseline` (fastgrok.bench.baseline: the eager per-cell trainer written the study's way, the
 reference of every speed-up claim), `fastgrok-eager` and `fastgrok-compiled` (fastgrok's batched step,
 compile time excluded and recorded). The compiled test also runs the baseline and itself alternately
 in the same conditions and records their median times and the ratio in extra_info (printed with -s).
@@ -18,8 +18,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fastgrok.baseline import BaselineCell
-from fastgrok.bench import fastgrok_step, meta, mlp_flops, step_config
+from fastgrok.bench.baseline import BaselineCell
+from fastgrok.bench.sections import fastgrok_step, meta, mlp_flops, step_config
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CFG = replace(step_config(quick=False), seeds=12)                    # the study's MLP, p = 59

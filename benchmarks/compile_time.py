@@ -29,7 +29,7 @@ def main() -> None:
     import torch
     from torch._inductor import async_compile, cpu_vec_isa
 
-    from fastgrok.bench import fastgrok_step
+    from fastgrok.bench.sections import fastgrok_step
     from fastgrok.config import TrainConfig
 
     spent = {"isa probe": 0.0, "kernel compile wait": 0.0}

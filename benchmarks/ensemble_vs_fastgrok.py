@@ -30,10 +30,10 @@ from pathlib import Path    # noqa: E402
 
 import torch                # noqa: E402
 
-from fastgrok.bench import meta  # noqa: E402
-from fastgrok.bench_ensemble import goal_lines, markdown, section_ensemble  # noqa: E402
-from fastgrok.step import keep_freed_memory  # noqa: E402
-from fastgrok.trainer import resolve_device  # noqa: E402
+from fastgrok.bench.sections import meta  # noqa: E402
+from fastgrok.bench.ensemble import goal_lines, markdown, section_ensemble  # noqa: E402
+from fastgrok.core.step import keep_freed_memory  # noqa: E402
+from fastgrok.train.trainer import resolve_device  # noqa: E402
 
 
 def main() -> None:
@@ -94,9 +94,9 @@ def profile(args) -> None:
     import torch._inductor.config as inductor_config
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    from fastgrok.bench import _sync, fastgrok_step, mlp_flops, mlp_table_flops
-    from fastgrok.bench_ensemble import ensemble_configs
-    from fastgrok.ensemble_baseline import EnsembleCell
+    from fastgrok.bench.sections import _sync, fastgrok_step, mlp_flops, mlp_table_flops
+    from fastgrok.bench.ensemble import ensemble_configs
+    from fastgrok.bench.ensemble_baseline import EnsembleCell
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)

@@ -21,7 +21,7 @@
 # A failing stage does not stop the next; every stage's console output is kept under $OUT (8 files, the
 # device tool's limit: session.log, gpu_check.md/.log, gpu_trainer_check.txt, pytest_gpu.txt,
 # bench_gpu.json/.txt, bench_ensemble_gpu.json; the step plot is drawn here from bench_gpu.json:
-# python -c "import json; from fastgrok.bench import plot; plot(json.load(open('bench_gpu.json')), 'bench_gpu.png')").
+# python -c "import json; from fastgrok.bench.sections import plot; plot(json.load(open('bench_gpu.json')), 'bench_gpu.png')").
 # Copy what comes back into benchmarks/results/ and the figures into benchmarks/RESULTS.md (date, GPU,
 # torch/triton versions).
 set -uo pipefail

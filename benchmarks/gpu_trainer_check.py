@@ -25,7 +25,7 @@ import torch
 
 def run(kernels: str, steps: int, device: str, compile_step: str):
     from fastgrok.config import TrainConfig
-    from fastgrok.trainer import Trainer
+    from fastgrok.train.trainer import Trainer
     torch._dynamo.reset()
     cfg = TrainConfig(p=59, seeds=2, taus=(1.0, 1.3), norm_targets=(40.0,), clamp_from=50, steps=steps,
                       eval_every=25, device=device, compile=compile_step, kernels=kernels, stop_when_grokked=False,

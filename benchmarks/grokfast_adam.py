@@ -22,10 +22,10 @@ import tempfile
 import numpy as np
 import torch
 
-import fastgrok.step as step
+import fastgrok.core.step as step
 from fastgrok.config import TrainConfig
-from fastgrok.optim import adamw, grokfast_ema
-from fastgrok.trainer import train
+from fastgrok.core.optim import adamw, grokfast_ema
+from fastgrok.train.trainer import train
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Peak memory of `fastgrok train` against its estimate (`fastgrok.memory.estimate_bytes`), on a CPU.
+"""Peak memory of `fastgrok train` against its estimate (`fastgrok.train.memory.estimate_bytes`), on a CPU.
 
 Each case runs in a fresh process (`memory.measure_peak`): 3 steps with an evaluation at every step, so
 the step, the evaluation and (compile on) a cold compilation all happen. Measured: the process's peak
@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from fastgrok.config import TrainConfig
-from fastgrok.memory import estimate_bytes, measure_peak
+from fastgrok.train.memory import estimate_bytes, measure_peak
 
 CASES = [("mlp", 59, 1, "off"), ("mlp", 59, 12, "off"), ("mlp", 97, 12, "off"), ("mlp", 97, 48, "off"),
          ("mlp", 199, 4, "off"), ("mlp", 401, 1, "off"), ("mlp", 59, 12, "on"),

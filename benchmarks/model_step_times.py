@@ -18,8 +18,8 @@ import time
 import torch
 
 from fastgrok.config import TrainConfig
-from fastgrok.sizes import _REF_WORK, _work, model_step_seconds
-from fastgrok.trainer import Trainer
+from fastgrok.grid.sizes import _REF_WORK, _work, model_step_seconds
+from fastgrok.train.trainer import Trainer
 
 CASES = {
     "study p59 M12": (TrainConfig(p=59, seeds=12), "on"),

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-import fastgrok.models as models
-from fastgrok.models import _row_product
+import fastgrok.core.models as models
+from fastgrok.core.models import _row_product
 
 
 def cost(repeats: int = 15) -> None:

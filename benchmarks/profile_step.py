@@ -28,7 +28,7 @@ def main() -> None:
     import torch._inductor.config as inductor_config
     from torch.profiler import ProfilerActivity, profile
 
-    from fastgrok.bench import fastgrok_step, mlp_table_flops
+    from fastgrok.bench.sections import fastgrok_step, mlp_table_flops
     from fastgrok.config import TrainConfig
 
     torch.set_num_threads(args.threads)

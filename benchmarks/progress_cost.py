@@ -19,9 +19,9 @@ import types
 
 import torch
 
-import fastgrok.step as step
+import fastgrok.core.step as step
 from fastgrok.config import TrainConfig
-from fastgrok.trainer import Trainer
+from fastgrok.train.trainer import Trainer
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     python benchmarks/run_length.py [--steps 3700] [--e2e-steps 0] [--threads N] [--json out.json]
 
 Trainers:
-  baseline           fastgrok.baseline (eager per-cell, the study's way): step, evaluation every 25 steps,
+  baseline           fastgrok.bench.baseline (eager per-cell, the study's way): step, evaluation every 25 steps,
                      logit-scale readout every 200; measured twice: with glibc's default allocator (as the
                      study's code runs) and with the allocator setting fastgrok applies on a CPU
                      (step.keep_freed_memory: freed memory stays in the heap, no page faults per step)
@@ -34,11 +34,11 @@ import time                 # noqa: E402
 
 import torch                # noqa: E402
 
-from fastgrok.baseline import BaselineCell  # noqa: E402
-from fastgrok.bench import meta  # noqa: E402
+from fastgrok.bench.baseline import BaselineCell  # noqa: E402
+from fastgrok.bench.sections import meta  # noqa: E402
 from fastgrok.config import TrainConfig  # noqa: E402
-from fastgrok.step import build_step_fns  # noqa: E402
-from fastgrok.trainer import Trainer  # noqa: E402
+from fastgrok.core.step import build_step_fns  # noqa: E402
+from fastgrok.train.trainer import Trainer  # noqa: E402
 
 CFG = dict(p=59, seeds=12, device="cpu", compile="off", stop_when_grokked=False)
 
@@ -113,9 +113,9 @@ import os, sys, tempfile, time
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_cold_")
 import torch
 from dataclasses import replace
-from fastgrok.baseline import run_baseline
+from fastgrok.bench.baseline import run_baseline
 from fastgrok.config import TrainConfig
-from fastgrok.trainer import Trainer
+from fastgrok.train.trainer import Trainer
 name, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 if threads:
     torch.set_num_threads(threads)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fastgrok.config import TrainConfig
-from fastgrok.trainer import Trainer
+from fastgrok.train.trainer import Trainer
 
 TINY = torch.finfo(torch.float32).tiny
 

@@ -3,12 +3,12 @@
 Command line: `fastgrok --help` (fastgrok/cli.py). From Python, the pieces a notebook uses:
 
     from fastgrok.config import TrainConfig
-    from fastgrok.trainer import train, load_config          # one batch of models -> models/curves tables
-    from fastgrok.executors import run_experiment             # a grid (built-in experiment or SPEC.toml)
-    from fastgrok.report import analyze_dir, write_report     # the study's tables, figures and report
+    from fastgrok.train.trainer import train, load_config          # one batch of models -> models/curves tables
+    from fastgrok.grid.executors import run_experiment             # a grid (built-in experiment or SPEC.toml)
+    from fastgrok.analysis.report import analyze_dir, write_report     # the study's tables, figures and report
     import fastgrok.kernels as K                              # tempered_cross_entropy, clamp_norm_
 
-Submodules load on first use (`fastgrok.report`, ...), so `import fastgrok` stays light.
+Submodules load on first use (`fastgrok.analysis.report`, ...), so `import fastgrok` stays light.
 """
 from __future__ import annotations
 

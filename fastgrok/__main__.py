@@ -1,6 +1,6 @@
 """`python -m fastgrok` = the `fastgrok` command."""
 import sys
 
-from .cli import main
+from fastgrok.cli import main
 
 sys.exit(main())

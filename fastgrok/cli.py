@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import (COMPILE, DEVICES, DTYPES, INITS, KERNELS, LOSSES, MODELS, OP_HELP, OPS, PER_MODEL, PRESETS,
+from fastgrok.config import (COMPILE, DEVICES, DTYPES, INITS, KERNELS, LOSSES, MODELS, OP_HELP, OPS, PER_MODEL, PRESETS,
                      ConfigError, TrainConfig, logit_every_for, small_test_set_warning, tiny_tau_warning)
 
 
@@ -194,7 +194,7 @@ def _extended(cfg: TrainConfig, steps: int, run_dir: Path) -> TrainConfig:
     if steps < cfg.steps:
         raise ConfigError(f"{run_dir} holds a run of {cfg.steps:,} steps: --steps can extend it "
                           f"(more than {cfg.steps:,}), not shorten it")
-    from .store import PROGRESS, read_progress
+    from fastgrok.store import PROGRESS, read_progress
     progress = run_dir / PROGRESS
     state = read_progress(progress) if progress.exists() else {}
     if state.get("done") and state.get("step", cfg.steps) < cfg.steps:
@@ -211,11 +211,11 @@ def cmd_train(args) -> int:
         if given or args.preset or args.out:
             raise ConfigError("--resume DIR continues the run with its saved config; give no other run options "
                               "(--steps N alone extends it to N steps)")
-        from .store import holds_grid_run
+        from fastgrok.store import holds_grid_run
         if holds_grid_run(args.resume):
             raise ConfigError(f"{args.resume} holds a grid run (fastgrok run); resume it by rerunning the "
                               f"`fastgrok run` command that started it, with --out {args.resume}")
-        from .trainer import load_config
+        from fastgrok.train.trainer import load_config
         cfg, run_dir, resume = load_config(args.resume), args.resume, True
         if hasattr(args, "steps") and args.steps != cfg.steps:
             cfg = _extended(cfg, args.steps, run_dir)
@@ -223,20 +223,20 @@ def cmd_train(args) -> int:
         cfg = _config_from_args(args)           # a bad flag fails here, before torch is imported
         run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         resume = False
-    from .store import holds_grid_run
-    from .summary import print_summary
-    from .trainer import DTYPES, Interrupted, check_fits, resolve_device, train
+    from fastgrok.store import holds_grid_run
+    from fastgrok.train.summary import print_summary
+    from fastgrok.train.trainer import DTYPES, Interrupted, check_fits, resolve_device, train
     import fastgrok.kernels as K
     # a CUDA request without CUDA, or kernels that cannot run here, fail now: before the banner and
     # before the run directory is created
     K.resolve_backend(cfg.kernels, resolve_device(cfg.device), DTYPES[cfg.dtype])
     if args.track:                              # its library is installed (one line naming the extra if not)
-        from .tracking import check
+        from fastgrok.train.tracking import check
         check(args.track)
     check_fits(cfg, cfg.n_models, resolve_device(cfg.device))
     snap = None
     if cfg.snapshots:                           # its size bound, refused above the cap before anything is written
-        from . import snapshots
+        from fastgrok.train import snapshots
         layout = snapshots.layout_of(cfg)
         snap = snapshots.describe(cfg, cfg.n_models, layout)
         snapshots.check_bound(cfg, snapshots.bound_bytes(cfg, cfg.n_models, layout), f"at most {snap}")
@@ -246,7 +246,7 @@ def cmd_train(args) -> int:
         raise ConfigError(f"{run_dir} holds a grid run (fastgrok run); pick another --out")
     if not resume and (run_dir / "config.json").exists():   # (train() checks too; here before the banner)
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
-    from .store import writer_lock
+    from fastgrok.store import writer_lock
     with writer_lock(run_dir):          # a second writer is refused before the banner
         print(f"fastgrok: {cfg.n_models} models ({len(cfg.cells)} cells x {cfg.seeds} seeds), p={cfg.p} "
               f"{'/'.join(cfg.values('op'))} "
@@ -308,9 +308,9 @@ def _sigterm_as_ctrl_c():
 
 
 def cmd_run(args) -> int:
-    from .executors import run_experiment
-    from .workers import WorkerDied
-    from .trainer import Interrupted
+    from fastgrok.grid.executors import run_experiment
+    from fastgrok.grid.workers import WorkerDied
+    from fastgrok.train.trainer import Interrupted
     overrides = {k: v for k, v in (("p", args.p), ("seeds", args.seeds), ("max_steps", args.max_steps),
                                    ("compile", args.compile)) if v is not None}
     try:
@@ -329,8 +329,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_experiments(args) -> int:
-    from .experiments import EXPERIMENTS, SPEC_DIR, apply_overrides, load_spec
-    from .sizes import experiment_size, fmt_duration
+    from fastgrok.grid.experiments import EXPERIMENTS, SPEC_DIR, apply_overrides, load_spec
+    from fastgrok.grid.sizes import experiment_size, fmt_duration
     where = f"at p = {args.p}" if args.p is not None else "at each spec's own p"
     rows = []                                   # all sized first: a bad --p prints its error alone
     for name in EXPERIMENTS:
@@ -351,14 +351,21 @@ def cmd_experiments(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .status import print_status
-    print_status(args.dir)
+    """A train run's lines (train.status), a grid run's table (grid.rundir)."""
+    from fastgrok import store
+    run_dir = args.dir
+    if run_dir.is_dir() and not store.holds_grid_run(run_dir) and store.holds_train_run(run_dir):
+        from fastgrok.train.status import train_status
+        print("\n".join(train_status(run_dir)))
+    else:
+        from fastgrok.grid.rundir import print_status
+        print_status(run_dir)
     return 0
 
 
 def cmd_analyze(args) -> int:
-    from .report import analyze_dir, write_report
-    from .terminal import render_terminal
+    from fastgrok.analysis.report import analyze_dir, write_report
+    from fastgrok.analysis.terminal import render_terminal
     if not args.dir.exists():
         raise ConfigError(f"{args.dir} does not exist")
     if not args.dir.is_dir():
@@ -378,7 +385,7 @@ def cmd_bench(args) -> int:
     for flag, path in (("--json", args.json), ("--plot", args.plot)):    # before minutes of measuring
         if path is not None:
             _check_out(path, flag, directory=False)
-    from .bench import run_bench
+    from fastgrok.bench.sections import run_bench
     sections = tuple(x.strip() for x in args.sections.split(",") if x.strip())
     models = None
     if args.models is not None:
@@ -392,7 +399,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from . import export
+    from fastgrok import export
     if not (args.dir / "config.json").exists() and not (args.dir / "spec.json").exists():
         raise ConfigError(f"{args.dir} holds no run (no config.json or spec.json)")
     if args.to == "safetensors":

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import snapshots, store
-from .config import ConfigError
-from .tracking import need
+from fastgrok.train import snapshots
+from fastgrok import store
+from fastgrok.config import ConfigError
+from fastgrok.train.tracking import need
 
 FORMATS = ("safetensors", "transformer-lens")
 
@@ -75,7 +76,7 @@ def model_params(run_dir: Path, model: int, step: int | None = None):
     """(TrainConfig, {name: float32 torch tensor}) of model K: from step's snapshot, else the checkpoint
     of a `fastgrok train` run (its final weights)."""
 
-    from .trainer import load_config
+    from fastgrok.train.trainer import load_config
     run_dir = Path(run_dir)
     if store.holds_grid_run(run_dir):
         if step is None:
@@ -110,9 +111,9 @@ def model_params(run_dir: Path, model: int, step: int | None = None):
 
 def grid_model_config(run_dir: Path, model: int):
     """The TrainConfig of a grid's model K: its cell's (plan.json: cells from model0, seeds of them)."""
-    from .experiments import ExperimentSpec
-    from .plan import cell_config
-    from .rundir import read_plan
+    from fastgrok.grid.experiments import ExperimentSpec
+    from fastgrok.grid.plan import cell_config
+    from fastgrok.store import read_plan
     plan = read_plan(run_dir)
     cell = next((c for c in plan["cells"] if c.get("model0", -1) <= model < c.get("model0", -1) + c["seeds"]), None)
     if cell is None:

@@ -39,6 +39,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -46,7 +47,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import ConfigError, TrainConfig
+from fastgrok.config import ConfigError, TrainConfig
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
@@ -55,6 +56,7 @@ CURVES = "curves.parquet"
 PROGRESS = "progress.json"
 SPEC_JSON = "spec.json"                 # a grid run (fastgrok run): its spec and plan
 PLAN = "plan.json"
+CALIBRATION = "calibration.json"       # a grid run's clamp calibration per setting
 LOCK = ".lock"
 
 
@@ -109,7 +111,7 @@ HOW_FIELDS = ("steps", "device", "kernels", "compile", "checkpoint_every", "snap
 def config_fingerprint(cfg: dict) -> str:
     """The fingerprint of a `fastgrok train` run's config (config.json or TrainConfig.to_dict()), less
     HOW_FIELDS and the fields added since at their old value (config.without_defaults)."""
-    from .config import without_defaults
+    from fastgrok.config import without_defaults
     d = json.loads(json.dumps(cfg, default=str))           # tuples as saved: lists
     return fingerprint({k: v for k, v in without_defaults(d).items() if k not in HOW_FIELDS})
 
@@ -615,3 +617,45 @@ def load_checkpoint(run_dir: Path) -> dict | None:
     if not isinstance(rec, dict) or any(not isinstance(rec.get(k), torch.Tensor) for k in RECORD_KEYS if k != "stop"):
         raise state_error(path, "not a fastgrok checkpoint (its records are not a run's)")
     return ck
+
+
+# ---------------------------------------------------------------------------------------------
+# A grid run's plan and calibration (written by grid.rundir; read by the grid and the analysis)
+# ---------------------------------------------------------------------------------------------
+def read_plan(run_dir: Path) -> dict:
+    """plan.json, checked for the fields the grid reads and for belonging to the run (its "run"
+    fingerprint, when it has one, is the spec's); a StateError naming it otherwise."""
+    p = Path(run_dir) / PLAN
+    plan = read_json(p)
+    check_identity(p, plan.get("run") if isinstance(plan.get("run"), str) else None, run_dir)
+    try:
+        cell_ids = {c["cell"] for c in plan["cells"]}
+        ok = (all(isinstance(c["seeds"], int) and isinstance(c.get("budget", 0), int) for c in plan["cells"])
+              and all(isinstance(b["id"], str) and set(b["cells"]) <= cell_ids for b in plan["batches"])
+              and isinstance(plan.get("calibrations", []), list))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise state_error(p, "not a grid plan (cells with seeds and budget, batches of cells)")
+    return plan
+
+
+def read_calibration(run_dir: Path) -> dict:
+    """calibration.json: {key: {"w_c", "source", "n_grokked", "seeds"}} ({} if none yet)."""
+    p = Path(run_dir) / CALIBRATION
+    if not p.exists():
+        return {}
+    cal = read_json(p)
+    for v in cal.values():
+        if not (isinstance(v, dict) and isinstance(v.get("w_c"), (int, float)) and not isinstance(v["w_c"], bool)
+                and math.isfinite(v["w_c"]) and v["w_c"] > 0 and isinstance(v.get("n_grokked"), int)
+                and isinstance(v.get("seeds"), int) and isinstance(v.get("source"), str)):
+            raise state_error(p, "not a calibration record (w_c > 0, source, n_grokked, seeds per setting)")
+    return cal
+
+
+def cells_complete(models: pd.DataFrame, plan: dict) -> set[int]:
+    """The planned cells with all their seeds in `models` (a run's models.parquet, written from finished
+    batches only): done, even where parts/ is gone (a run directory copied without it)."""
+    have = models.groupby("cell")["seed"].nunique() if len(models) else pd.Series(dtype=int)
+    return {c["cell"] for c in plan["cells"] if int(have.get(c["cell"], 0)) >= c["seeds"]}

@@ -2,7 +2,7 @@
 tests)."""
 import pandas as pd
 
-from fastgrok import report as R
+from fastgrok.analysis import report as R
 
 
 def parse_tables(text):

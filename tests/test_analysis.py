@@ -5,12 +5,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fastgrok import analysis as A
-from fastgrok.interventions import has_interventions, interventions_table
-from fastgrok.mediation import (interp_t2, mediation, mediation_from_run, mediation_gap, mediation_gaps, pick_rho_high,
+from fastgrok.analysis import statistics as A
+from fastgrok.analysis.interventions import has_interventions, interventions_table
+from fastgrok.analysis.mediation import (interp_t2, mediation, mediation_from_run, mediation_gap, mediation_gaps, pick_rho_high,
                                 tau_sweep_rhos)
-from fastgrok.phases import majority_phase, phase_diagrams, phase_table, seed_phases
-from fastgrok.regressions import (collapse_grid, collapse_r2, dose_groups, dose_law, ols_r2, spans_collapse_grid,
+from fastgrok.analysis.phases import majority_phase, phase_diagrams, phase_table, seed_phases
+from fastgrok.analysis.regressions import (collapse_grid, collapse_r2, dose_groups, dose_law, ols_r2, spans_collapse_grid,
                                   with_norm)
 
 NA = None

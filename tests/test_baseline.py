@@ -6,11 +6,11 @@ import tempfile
 import pytest
 import torch
 
-from fastgrok.baseline import BaselineCell, run_baseline
+from fastgrok.bench.baseline import BaselineCell, run_baseline
 from fastgrok.config import TrainConfig
-from fastgrok.models import MLP, _scatter_rows, _segment_sum, segment_plan
-from fastgrok.step import make_lossfn
-from fastgrok.trainer import Trainer
+from fastgrok.core.models import MLP, _scatter_rows, _segment_sum, segment_plan
+from fastgrok.core.step import make_lossfn
+from fastgrok.train.trainer import Trainer
 
 TINY = dict(p=13, d_embed=16, hidden=32, seeds=3, device="cpu", compile="off")
 

@@ -86,7 +86,7 @@ def _knob_rows(knobs, seed=0):
 @pytest.fixture(scope="module")
 def knobs_batch_and_solo(tmp_path_factory):
     from fastgrok.config import quick_cpu
-    from fastgrok.trainer import Trainer
+    from fastgrok.train.trainer import Trainer
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("knobs")
     cfg = quick_cpu()
@@ -137,7 +137,7 @@ def test_each_per_model_knob_trains_bit_for_bit_as_alone(knobs_batch_and_solo):
 def _padded_and_unpadded_grads(model_cfg, per_model, threads):
     """One model's gradient from n rows, and from the same rows followed by 400 rows whose dL/dz is 0 (a
     padded model's), through the model's own loss_and_grads."""
-    from fastgrok.models import build_model
+    from fastgrok.core.models import build_model
     m = build_model(model_cfg)
     g = torch.Generator().manual_seed(5)
     M, n, pad, p = 2, 1000, 400, model_cfg.p
@@ -180,7 +180,7 @@ def test_rows_padded_with_zero_gradient_change_no_bit_of_the_gradient(kind, thre
 
 def test_the_transformer_blocked_backward_is_the_gradient():
     """row_linear and the lookup (custom backward) against autograd of plain einsum / indexing, float64."""
-    from fastgrok.models import _Lookup, row_linear
+    from fastgrok.core.models import _Lookup, row_linear
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 700, 3, 17, dtype=torch.float64, generator=g, requires_grad=True)
     W = torch.randn(3, 17, 11, dtype=torch.float64, generator=g, requires_grad=True)
@@ -202,7 +202,7 @@ def test_a_padded_transformer_trains_bit_for_bit_as_alone(tmp_path):
     equals its solo run's, bitwise (end to end; at this size one BLAS call per sum also matched here: the
     gradient-level test above is the one that fails without the blocked sums)."""
     from fastgrok.config import TrainConfig
-    from fastgrok.trainer import Trainer
+    from fastgrok.train.trainer import Trainer
     torch.set_num_threads(1)
     knobs = [{}, {"train_frac": 0.3}, {"train_frac": 0.45, "lr": 2e-3}]
     cfg = TrainConfig(model="transformer", p=31, d_model=32, d_mlp=64, n_heads=2, steps=40, eval_every=10,

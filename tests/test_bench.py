@@ -74,7 +74,7 @@ def test_bench_quick_cpu_writes_every_section(tmp_path, capsys):
 def test_step_flop_counts_by_hand():
     """The study's MLP at p = 59 (d 128, H 256, 1,392 train pairs): the direct form's 3 products per layer
     and the table form's, counted by hand (2 FLOPs per multiply-add)."""
-    from fastgrok.bench import mlp_flops, mlp_table_flops
+    from fastgrok.bench.sections import mlp_flops, mlp_table_flops
     from fastgrok.config import TrainConfig
     cfg = TrainConfig(p=59)
     assert cfg.n_train == 1392
@@ -102,7 +102,8 @@ def test_step_section_stops_at_the_first_m_that_does_not_fit(monkeypatch, capsys
     section with a message, keeping the rows measured so far (a GPU's OOM is handled alike)."""
     import torch
 
-    from fastgrok import bench, memory
+    from fastgrok.bench import sections as bench
+    from fastgrok.train import memory
     cfg = bench.step_config(quick=True)
     one = memory.estimate_bytes(cfg, 1, torch.device("cpu"))
     monkeypatch.setattr(memory, "device_memory", lambda device: one + 1)    # room for M = 1, not 4
@@ -117,7 +118,7 @@ def test_step_section_stops_at_the_first_m_that_does_not_fit(monkeypatch, capsys
 def test_a_failing_section_is_reported_and_the_next_runs(tmp_path, monkeypatch, capsys):
     """One section raising (say a compile failure on a new torch) costs that section only: the others
     run and are written, the JSON names the failure, the exit code is 1."""
-    from fastgrok import bench
+    from fastgrok.bench import sections as bench
 
     def broken(*a, **kw):
         raise RuntimeError("inductor could not compile the reference")
@@ -131,7 +132,7 @@ def test_a_failing_section_is_reported_and_the_next_runs(tmp_path, monkeypatch, 
 
 
 def test_models_option_reaches_the_step_section(tmp_path, monkeypatch, capsys):
-    from fastgrok import bench
+    from fastgrok.bench import sections as bench
     seen = {}
 
     def fake_step(device, quick, on_rows=None, models=None):

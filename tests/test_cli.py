@@ -24,10 +24,10 @@ import torch
 
 from fastgrok import store
 from fastgrok.config import TrainConfig
-from fastgrok.data import all_pairs
-from fastgrok.models import MLP
-from fastgrok.models import build_model
-from fastgrok.step import eval_metrics
+from fastgrok.core.data import all_pairs
+from fastgrok.core.models import MLP
+from fastgrok.core.models import build_model
+from fastgrok.core.step import eval_metrics
 
 from cli_runner import ENV, FASTGROK, checkpointed, fastgrok
 

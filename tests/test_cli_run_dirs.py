@@ -31,7 +31,7 @@ import pandas as pd
 import pytest
 
 from fastgrok import store
-from fastgrok.experiments import apply_overrides, load_experiment, to_toml
+from fastgrok.grid.experiments import apply_overrides, load_experiment, to_toml
 
 _SCRIPT = Path(sys.executable).with_name("fastgrok")
 FASTGROK = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "fastgrok.cli"]
@@ -293,7 +293,7 @@ def test_clamp_that_never_starts_warns(tmp_path):
 
 
 def test_plain_progress_lines_when_not_a_terminal(tmp_path, monkeypatch, capsys):
-    from fastgrok import trainer
+    from fastgrok.train import trainer
     from fastgrok.config import TrainConfig
     monkeypatch.setattr(trainer._Progress, "PLAIN_EVERY_S", 0.0)
     cfg = TrainConfig(p=17, seeds=1, d_embed=8, hidden=16, steps=60, eval_every=20, compile="off", device="cpu")
@@ -331,7 +331,7 @@ def test_run_warns_even_quiet_when_the_clamp_never_starts(spec_path, tmp_path):
 
 def test_resume_from_python_checks_the_config(tmp_path):
     from fastgrok.config import ConfigError, TrainConfig
-    from fastgrok.trainer import load_config, train
+    from fastgrok.train.trainer import load_config, train
     cfg = TrainConfig(p=17, seeds=1, d_embed=8, hidden=16, steps=20, eval_every=10, compile="off", device="cpu")
     train(cfg, tmp_path / "new", resume=True, progress=False)        # nothing to resume: a fresh run
     assert load_config(tmp_path / "new") == cfg
@@ -347,7 +347,7 @@ def test_unknown_override_is_a_config_error():
 
 def test_package_and_python_dash_m():
     import fastgrok
-    assert fastgrok.__version__ != "unknown" and fastgrok.report.analyze_dir is not None
+    assert fastgrok.__version__ != "unknown" and fastgrok.analysis.report.analyze_dir is not None
     r = subprocess.run([sys.executable, "-m", "fastgrok", "experiments"], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0 and r.stdout.splitlines()[1].startswith("mediation")     # under the header
 
@@ -373,7 +373,7 @@ def test_train_warns_about_options_it_does_not_use(tmp_path):
 def test_analyze_of_an_interrupted_train_run_says_it_is_unfinished(train_run, tmp_path, capsys):
     """A `train` run stopped by a signal (here: the stop a worker's SIGTERM leaves pending) is analysed as
     what it is: the terminal and report.md say at which step of how many it stopped, and how to go on."""
-    from fastgrok import trainer
+    from fastgrok.train import trainer
     from fastgrok.cli import main
     out = tmp_path / "run"
     trainer.PENDING_STOP = signal.SIGTERM
@@ -476,7 +476,7 @@ def test_a_refused_run_leaves_no_lock_behind(tmp_path):
     """A run refused before writing (too big) leaves no directory, not even the lock's."""
     out = tmp_path / "new" / "big"
     one_line_error(fastgrok("train", "--p", "200000", "--out", out), "GiB")
-    from fastgrok import trainer
+    from fastgrok.train import trainer
     from fastgrok.config import TrainConfig
     with pytest.raises(Exception, match="already holds a run|GiB"):
         trainer.train(TrainConfig(p=200000), out)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastgrok.config import OPS, ConfigError, TrainConfig, symmetric_group_degree
-from fastgrok.data import all_pairs, make_task, op_table
+from fastgrok.core.data import all_pairs, make_task, op_table
 
 
 def _by_hand(op: str, p: int, a: int, b: int) -> int:
@@ -73,7 +73,7 @@ def test_sub_mul_and_div_each_grok(tmp_path):
     """The three modular ops beside the study's add, in one batch at the quick preset (p = 31, fraction
     0.6): every model memorises, then reaches 90% test accuracy later."""
     from fastgrok.config import quick_cpu
-    from fastgrok.trainer import train
+    from fastgrok.train.trainer import train
     torch.set_num_threads(1)
     cfg = dataclasses.replace(quick_cpu(), op=("sub", "mul", "div"), seeds=2, steps=4000)
     df = train(cfg, tmp_path / "ops", progress=False)
@@ -87,7 +87,7 @@ def test_each_new_task_groks(tmp_path, op, p, frac):
     cubic need a larger p: their runs are test_quad_groks_at_p_67 and test_cubic_groks_at_p_67, gated for
     their length."""
     from fastgrok.config import quick_cpu
-    from fastgrok.trainer import train
+    from fastgrok.train.trainer import train
     torch.set_num_threads(1)
     cfg = dataclasses.replace(quick_cpu(), p=p, op=op, train_frac=frac, seeds=2, steps=6000)
     df = train(cfg, tmp_path / op, progress=False)
@@ -97,8 +97,8 @@ def test_each_new_task_groks(tmp_path, op, p, frac):
 def mirror_split_accuracy(run_dir, cfg: TrainConfig) -> tuple[float, float]:
     """Test accuracy of the run's one model at its T_grok snapshot, over the test pairs whose mirror (b, a)
     is a train pair and over those whose mirror is held out too: commutativity answers the first kind only."""
-    from fastgrok.models import build_model
-    from fastgrok.snapshots import read_index_rows
+    from fastgrok.core.models import build_model
+    from fastgrok.train.snapshots import read_index_rows
     snaps = run_dir / "snapshots"
     at_grok = [r for r in read_index_rows(snaps) if "t_grok" in r["reason"]]
     with np.load(snaps / at_grok[0]["file"]) as z:
@@ -117,7 +117,7 @@ def test_quad_groks_at_p_67(tmp_path):
     """quad groks only where p is large enough for its circuit to beat memorising (README, Tasks): at
     p = 67, one model, fraction 0.9, lr 1e-2, wd 1. Generalizing must go beyond commutativity: the test
     pairs whose mirror (b, a) is held out too are answered far above chance (1/p)."""
-    from fastgrok.trainer import train
+    from fastgrok.train.trainer import train
     torch.set_num_threads(1)
     cfg = TrainConfig(p=67, op="quad", train_frac=0.9, lr=1e-2, wd=1.0, d_embed=64, hidden=512, seeds=1,
                       steps=10000, eval_every=250, logit_every=250, compile="on", snapshots=2)
@@ -135,7 +135,7 @@ def test_cubic_groks_at_p_67(tmp_path):
     d_embed 128, hidden 1024, lr 7e-3, wd 1. The delay is long: test accuracy is near chance at T_mem.
     cubic is not commutative (a³ + ab against b³ + ab), so no mirror pair answers a test pair: 90% of the
     held-out pairs is the general solution."""
-    from fastgrok.trainer import train
+    from fastgrok.train.trainer import train
     torch.set_num_threads(1)
     cfg = TrainConfig(p=67, op="cubic", train_frac=0.98, lr=7e-3, wd=1.0, d_embed=128, hidden=1024,
                       taus=(2.0,), seeds=1, steps=30000, eval_every=250, logit_every=250, compile="on")
@@ -149,7 +149,7 @@ def test_cubic_groks_at_p_67(tmp_path):
 def test_the_random_table_does_not_generalize(tmp_path):
     """The control: memorised, test accuracy near chance (1/p)."""
     from fastgrok.config import quick_cpu
-    from fastgrok.trainer import train
+    from fastgrok.train.trainer import train
     torch.set_num_threads(1)
     cfg = dataclasses.replace(quick_cpu(), p=23, op="random", train_frac=0.6, seeds=1, steps=1500)
     df = train(cfg, tmp_path / "random", progress=False)

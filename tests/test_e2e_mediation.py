@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from fastgrok import report as R
+from fastgrok.analysis import report as R
 from fastgrok import store
-from fastgrok.executors import run_experiment
+from fastgrok.grid.executors import run_experiment
 
 from report_tables import check_tables
 

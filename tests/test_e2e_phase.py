@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fastgrok import report as R
+from fastgrok.analysis import report as R
 from fastgrok.cli import main
-from fastgrok.executors import run_experiment
+from fastgrok.grid.executors import run_experiment
 
 from report_tables import check_tables
 

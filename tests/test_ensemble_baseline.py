@@ -1,4 +1,4 @@
-"""The torch.func ensemble (fastgrok.ensemble_baseline) trains what fastgrok trains: the comparison of
+"""The torch.func ensemble (fastgrok.bench.ensemble_baseline) trains what fastgrok trains: the comparison of
 `fastgrok bench --sections ensemble` is of equal work."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from fastgrok.config import TrainConfig, quick_cpu
-from fastgrok.ensemble_baseline import EnsembleCell, build_module
-from fastgrok.trainer import Trainer
+from fastgrok.bench.ensemble_baseline import EnsembleCell, build_module
+from fastgrok.train.trainer import Trainer
 
 TINY = {"mlp": dict(p=13, d_embed=16, hidden=32),
         "transformer": dict(model="transformer", p=13, d_model=32, d_mlp=64)}

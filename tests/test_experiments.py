@@ -15,13 +15,14 @@ import tomllib
 import numpy as np
 import pytest
 
-from fastgrok import grid, rundir, store
+from fastgrok.grid import jobs as grid, rundir
+from fastgrok import store
 from fastgrok.cli import main
 from fastgrok.config import ConfigError
-from fastgrok.executors import run_experiment
-from fastgrok.experiments import (EXPERIMENTS, Budget, ExperimentSpec, apply_overrides,
+from fastgrok.grid.executors import run_experiment
+from fastgrok.grid.experiments import (EXPERIMENTS, Budget, ExperimentSpec, apply_overrides,
                                   list_experiments, load_experiment, load_spec, to_toml)
-from fastgrok.plan import CALIB_AXES, cell_config, expand, make_plan, shape_of
+from fastgrok.grid.plan import CALIB_AXES, cell_config, expand, make_plan, shape_of
 
 BUILT_IN = ("mediation", "collapse", "dose", "mse", "float64", "samestate", "alloc", "transformer", "phase",
             "interventions")
@@ -342,7 +343,7 @@ def test_cli_bad_spec_exits_2_with_one_line(tmp_path):
 
 def test_budget_steps_alone_keeps_the_study_ratio():
     """`[budget] steps` without steps_ref scales the rho = 1.15 budget by the study's 137k / 20k."""
-    from fastgrok.experiments import Budget
+    from fastgrok.grid.experiments import Budget
     assert Budget().at(1.15) == 137000 and Budget().at(1.0) == 20000
     b = Budget(steps=1500)
     assert b.at(1.0) == 1500 and b.at(1.15) == round(1500 * 137000 / 20000)
@@ -367,7 +368,7 @@ def test_cpu_time_charges_each_model_its_batchs_padded_rows_and_each_compiled_ba
     rows (padding), a compiled batch adds its compilation, and calibration controls are counted; the
     per-step time is the measured fit (sizes.py: 4.16 ms at the study's p = 59 MLP, 0.75 ms at p = 31,
     compiled; uncompiled 2.1x)."""
-    from fastgrok import sizes
+    from fastgrok.grid import sizes
     from fastgrok.config import TrainConfig
     assert sizes.model_step_seconds(TrainConfig()) == pytest.approx(4.16e-3, rel=0.05)
     assert sizes.model_step_seconds(TrainConfig(p=31, train_frac=0.6, d_embed=64, hidden=128)) == \

@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from fastgrok import snapshots, store
+from fastgrok.train import snapshots
+from fastgrok import store
 from fastgrok.config import TrainConfig
-from fastgrok.models import build_model
-from fastgrok.trainer import train
+from fastgrok.core.models import build_model
+from fastgrok.train.trainer import train
 
 from fastgrok.cli import main
 
@@ -141,7 +142,7 @@ def test_mistakes_are_one_line(runs, tmp_path, capsys, args, says):
 
 def test_a_grid_models_snapshot_exports_as_its_cells_transformer(tmp_path):
     """A grid keeps no final checkpoint: its model K exports from a snapshot, built as its cell's config."""
-    from fastgrok.experiments import to_toml
+    from fastgrok.grid.experiments import to_toml
     from fastgrok.export import load_transformer_lens
     spec = {"name": "export_grid", "seeds": 2, "p": [11], "model": ["transformer"], "lr": [3e-3],
             "train": {"d_model": 16, "n_heads": 2, "d_mlp": 32, "eval_every": 25, "compile": "off",

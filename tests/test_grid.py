@@ -25,12 +25,13 @@ import pandas as pd
 import pytest
 import torch
 
-from fastgrok import grid, rundir, store
+from fastgrok.grid import jobs as grid, rundir
+from fastgrok import store
 from fastgrok.cli import main
 from fastgrok.config import ConfigError, TrainConfig
-from fastgrok.executors import run_experiment
-from fastgrok.experiments import ExperimentSpec, to_toml
-from fastgrok.trainer import Trainer
+from fastgrok.grid.executors import run_experiment
+from fastgrok.grid.experiments import ExperimentSpec, to_toml
+from fastgrok.train.trainer import Trainer
 
 SHAPE = {"p": [17], "train_frac": [0.8], "lr": [0.02], "wd": [2.0]}
 TRAIN = {"d_embed": 16, "hidden": 32, "eval_every": 10, "logit_every": 50, "clamp_from": 100, "compile": "off"}
@@ -90,10 +91,10 @@ def packed(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------ mediation
 def test_mediation_packed_equals_cells_run_separately(packed, tmp_path, capsys, monkeypatch):
-    plan = store.read_json(packed / rundir.PLAN)
+    plan = store.read_json(packed / store.PLAN)
     assert [b["cells"] for b in plan["batches"]] == [[0, 1, 2, 3]]            # one batch of 12 models
     sep = run_experiment(spec_of(MEDIATION, max_models=3), out=tmp_path / "sep", progress=False)
-    assert [b["cells"] for b in store.read_json(sep / rundir.PLAN)["batches"]] == [[0], [1], [2], [3]]
+    assert [b["cells"] for b in store.read_json(sep / store.PLAN)["batches"]] == [[0], [1], [2], [3]]
     assert_same_results(packed, sep)
     assert_no_duplicates(packed)
 
@@ -108,9 +109,9 @@ def test_mediation_packed_equals_cells_run_separately(packed, tmp_path, capsys, 
     assert rm["t_grok"].notna().all()
     end = int(rm["t_grok"].max())
     w_c = float(np.median([wn[(m, end)] for m in rm["model"]]))
-    (cal,) = rundir.read_calibration(packed).values()
+    (cal,) = store.read_calibration(packed).values()
     assert cal == {"w_c": w_c, "source": "last grok", "step": end, "n_grokked": 3, "seeds": 3}
-    (key,) = rundir.read_calibration(packed)
+    (key,) = store.read_calibration(packed)
     assert f"w_c[{key}] = {w_c:.4g} (3/3 grokked" in _status(packed, capsys, monkeypatch)   # key not eaten as markup
     np.testing.assert_array_equal(models["norm_target"], models["rho"] * w_c)
     np.testing.assert_allclose(models["weight_norm"], models["norm_target"], rtol=1e-5)   # the clamp held
@@ -319,9 +320,9 @@ def test_forks_start_from_the_parent_state(tmp_path, monkeypatch, capsys):
         return tr
     monkeypatch.setattr(grid, "_fork_trainer", capture)
     a = run_experiment(spec_of(FORKS), out=tmp_path / "a", progress=False)
-    assert len(store.read_json(a / rundir.PLAN)["batches"]) == 1 and len(starts) == 1
+    assert len(store.read_json(a / store.PLAN)["batches"]) == 1 and len(starts) == 1
     b = run_experiment(spec_of(FORKS, max_models=8), out=tmp_path / "b", progress=False)
-    assert len(store.read_json(b / rundir.PLAN)["batches"]) == 2 and len(starts) == 3
+    assert len(store.read_json(b / store.PLAN)["batches"]) == 2 and len(starts) == 3
     assert_same_results(a, b)                   # reproducible, whatever the packing
     assert_no_duplicates(a)
 
@@ -412,7 +413,7 @@ def test_status_counts_the_cells_that_finished_inside_a_running_batch(tmp_path, 
 def test_status_shows_a_started_batch_before_its_first_checkpoint(tmp_path, monkeypatch, capsys):
     """A batch whose trainer has started (no checkpoint yet: the first comes after checkpoint_every steps)
     reads as at its step, not "pending"."""
-    from fastgrok.trainer import Trainer
+    from fastgrok.train.trainer import Trainer
     spec = spec_of({**MEDIATION, "seeds": 2, "calibration": {"w_c": 20.0}})
     plan = rundir.init_run_dir(spec, tmp_path, "cpu")
     assert set(rundir.status_table(tmp_path)["state"]) == {"pending"}
@@ -490,7 +491,7 @@ def test_lr_wd_fraction_op_and_init_scale_cells_pack_into_one_batch_with_solo_re
     """Cells differing in lr, wd, train fraction, op and init scale are ONE batch; each cell's models equal
     the same cell run as its own spec (T_mem, T_grok, steps, accuracies exactly; losses to rounding),
     also when finished models are dropped (compaction trims the padding no kept model needs)."""
-    from fastgrok.plan import make_plan
+    from fastgrok.grid.plan import make_plan
     spec = spec_of(PHASE, compact_frac=compact)
     plan = make_plan(spec, "cpu")
     assert len(plan["cells"]) == 5 and len(plan["batches"]) == 1

@@ -11,12 +11,12 @@ import math
 import pytest
 import torch
 
-from fastgrok import grid
+from fastgrok.grid import jobs as grid
 from fastgrok.config import ConfigError, TrainConfig
-from fastgrok.experiments import load_experiment
-from fastgrok.models import MLP
-from fastgrok.plan import make_plan
-from fastgrok.trainer import Trainer
+from fastgrok.grid.experiments import load_experiment
+from fastgrok.core.models import MLP
+from fastgrok.grid.plan import make_plan
+from fastgrok.train.trainer import Trainer
 
 
 def _study_draw(seed0: int, S: int, p: int, d: int = 128, H: int = 256) -> dict:

@@ -632,7 +632,7 @@ def test_trainer_with_triton_kernels_matches_torch_kernels(tmp_path):
     import numpy as np
 
     from fastgrok.config import TrainConfig
-    from fastgrok.trainer import Trainer
+    from fastgrok.train.trainer import Trainer
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

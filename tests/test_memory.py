@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
-from fastgrok import memory
+from fastgrok.train import memory
 from fastgrok.cli import main
 from fastgrok.config import TrainConfig
-from fastgrok.experiments import to_toml
+from fastgrok.grid.experiments import to_toml
 
 CPU = torch.device("cpu")
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fastgrok.config import TrainConfig
-from fastgrok.models import MLP
-from fastgrok.optim import grokfast_ema, orthograd
+from fastgrok.core.models import MLP
+from fastgrok.core.optim import grokfast_ema, orthograd
 
 
 def _layout():
@@ -75,7 +75,7 @@ def test_a_run_with_grokfast_and_orthograd_resumes_exactly(tmp_path):
     import pandas as pd
 
     from fastgrok.config import quick_cpu
-    from fastgrok.trainer import train
+    from fastgrok.train.trainer import train
     torch.set_num_threads(1)
     cfg = dataclasses.replace(quick_cpu(), seeds=1, steps=300, orthograd=(False, True), grokfast_lambda=(0.0, 2.0))
     whole = train(cfg, tmp_path / "whole", progress=False)
@@ -92,7 +92,7 @@ def test_a_run_with_grokfast_and_orthograd_resumes_exactly(tmp_path):
 def test_finite_rows_is_isfinite_all(dtype):
     """The step's divergence mask (step.finite_rows: row max and min finite) is isfinite(x).all(1) exactly:
     a NaN, +inf or -inf anywhere in a row, alone or together, at the edges too; huge finite values pass."""
-    from fastgrok.step import finite_rows
+    from fastgrok.core.step import finite_rows
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 97, generator=g, dtype=dtype) * 1e3
     x[1, 0], x[2, 96], x[3, 50] = float("nan"), float("inf"), -float("inf")

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from fastgrok import store
 from fastgrok.cli import main
 from fastgrok.config import TrainConfig, without_defaults
-from fastgrok.progress import K_FREQ, fourier_stats
-from fastgrok.step import EVAL_METRICS, eval_metrics
-from fastgrok.trainer import Trainer, train
+from fastgrok.core.measures import K_FREQ, fourier_stats
+from fastgrok.core.step import EVAL_METRICS, eval_metrics
+from fastgrok.train.trainer import Trainer, train
 
 TINY = dict(p=13, train_frac=0.6, lr=1e-2, d_embed=16, hidden=32, device="cpu", compile="off", kernels="torch")
 
@@ -252,8 +252,8 @@ def test_curves_parquet_holds_the_progress_measures(tmp_path, flag):
 
 
 def test_a_specs_train_table_turns_it_on_without_a_calibration_of_its_own():
-    from fastgrok.experiments import ExperimentSpec
-    from fastgrok.plan import calib_key, cell_config, expand
+    from fastgrok.grid.experiments import ExperimentSpec
+    from fastgrok.grid.plan import calib_key, cell_config, expand
     d = {"name": "x", "p": [11], "rho": [1.0, 1.1], "tau": [1.0]}
     spec = ExperimentSpec.from_dict({**d, "train": {"restricted_loss": True}})
     cells = expand(spec)

@@ -28,7 +28,7 @@ import torch
 
 from fastgrok.cli import main
 from fastgrok.config import ConfigError, TrainConfig
-from fastgrok.experiments import to_toml
+from fastgrok.grid.experiments import to_toml
 
 from cli_runner import ENV, FASTGROK, fastgrok
 
@@ -132,7 +132,7 @@ def test_a_spec_name_too_long_for_a_directory_leaves_nothing(tmp_path, capsys, m
     refused(capsys, ["run", spec_file(tmp_path, name="x" * 300)], "name: is 300 bytes long")
     assert not (tmp_path / "runs").exists()
     refused(capsys, ["run", spec_file(tmp_path, name="é" * 128)], "name: is 256 bytes long")
-    from fastgrok.experiments import load_spec
+    from fastgrok.grid.experiments import load_spec
     assert load_spec(spec_file(tmp_path, name="é" * 127)).name == "é" * 127      # 254 bytes: a file name
 
 
@@ -190,7 +190,7 @@ def test_bench_refuses_a_model_count_that_cannot_fit_before_building_it(tmp_path
                         "--json", str(out)], capture_output=True, text=True, env=ENV, timeout=120, preexec_fn=limited)
     one_line_error(r, "--models 100000000: 100000000 model(s) at p = 59")
     assert not out.exists()
-    from fastgrok import bench
+    from fastgrok.bench import sections as bench
     t0 = time.perf_counter()
     with pytest.raises(ConfigError, match="--models 100000000"):
         bench.check_models_fit((1, 10**8), torch.device("cpu"), quick=False)
@@ -287,7 +287,7 @@ def test_the_memory_check_honours_the_address_space_limit(tmp_path):
 # file), then waits (argv[2] "kill") or exits normally ("exit")
 _DRIVER = r"""
 import subprocess, sys, time
-from fastgrok import watchdog
+from fastgrok.grid import watchdog
 w = watchdog.start()
 subprocess.Popen(["bash", "-c", f"trap '' TERM; sleep 600 & echo $! > {sys.argv[1]}.tmp; mv {sys.argv[1]}.tmp {sys.argv[1]}; wait"],
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -349,7 +349,7 @@ def test_a_local_ray_cluster_goes_with_its_killed_driver(tmp_path):
     (Ray's GCS, raylet, dashboard, workers, and the raylet's two agents, which stayed ~65 s) is gone
     within seconds (measured: ~3 s, the watchdog's SIGTERM grace included)."""
     pytest.importorskip("ray")
-    from fastgrok.watchdog import _processes, descendants
+    from fastgrok.grid.watchdog import _processes, descendants
     spec, out = spec_file(tmp_path, budget={"steps": 10**6}), tmp_path / "run"
     proc = subprocess.Popen([*FASTGROK, "run", str(spec), "--out", str(out), "--quiet", "--executor", "ray"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fastgrok import figures
-from fastgrok import report as R
-from fastgrok.terminal import column_groups, column_width, render_terminal
+from fastgrok.analysis import figures
+from fastgrok.analysis import report as R
+from fastgrok.analysis.terminal import column_groups, column_width, render_terminal
 
 from report_tables import check_tables, parse_tables
 
@@ -222,7 +222,7 @@ def test_skipped_mediation_names_the_setting(tmp_path):
 
 def _write_calibration(d, key, t_grok):
     """calibration.json through the grid's own writer: 3 seeds, ‖W‖ = 40, 41, 42 at every step."""
-    from fastgrok import rundir
+    from fastgrok.grid import rundir
     models = pd.DataFrame({"model": [0, 1, 2], "t_grok": t_grok, "weight_norm": [40.0, 41.0, 42.0],
                            "steps": 300})
     curves = pd.DataFrame([dict(model=m, step=s, metric="weight_norm", value=40.0 + m)
@@ -437,7 +437,7 @@ def test_curves_log_axis_has_no_minor_labels(tmp_path, monkeypatch):
 def test_mediation_caution_notes():
     """A mediation row with a non-counting cell, an extrapolated T2 or failed resamples gets a note each;
     a clean row none."""
-    from fastgrok.report import mediation_caution_notes
+    from fastgrok.analysis.report import mediation_caution_notes
     cells = pd.DataFrame({"cell": [0, 1, 2, 3], "p": [59, 59, 97, 97], "rho": [1.0, 1.15] * 2, "tau": [1.0] * 4})
     clean = dict(p=59, L0=20.0, all_count=True, extrapolated=False, n_boot_ok=4000)
     assert mediation_caution_notes(pd.DataFrame([clean]), cells, n_boot=4000) == []
@@ -455,7 +455,7 @@ def test_mediation_caution_notes():
 
 
 def test_fork_caution_note_when_the_same_arm_does_not_count():
-    from fastgrok.report import fork_caution_notes
+    from fastgrok.analysis.report import fork_caution_notes
     forks = pd.DataFrame({"p": [17] * 4, "tau": [1.0] * 4, "fork_step": [100] * 4,
                           "arm": ["same", "raised", "same", "raised"], "n_seeds": [3, 3, 4, 4],
                           "n_grokked": [1, 3, 3, 1]})

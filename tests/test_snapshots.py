@@ -24,9 +24,9 @@ import torch
 
 from fastgrok import store
 from fastgrok.config import TrainConfig, quick_cpu
-from fastgrok.experiments import ExperimentSpec
-from fastgrok.snapshots import layout_of, log_steps, read_index
-from fastgrok.trainer import Trainer
+from fastgrok.grid.experiments import ExperimentSpec
+from fastgrok.train.snapshots import layout_of, log_steps, read_index
+from fastgrok.train.trainer import Trainer
 
 from cli_runner import ENV, FASTGROK, checkpointed, fastgrok
 
@@ -144,7 +144,7 @@ def test_a_batched_models_snapshots_equal_its_solo_runs(ref, tmp_path):
 
 
 def test_grid_snapshots_survive_the_batch_cleanup(tmp_path):
-    from fastgrok.executors import run_experiment
+    from fastgrok.grid.executors import run_experiment
     torch.set_num_threads(1)
     spec = ExperimentSpec.from_dict({
         "name": "snap", "seeds": 2, "p": [17], "train_frac": [0.8], "lr": [0.02], "wd": [2.0],

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastgrok.cli import main
-from fastgrok.experiments import to_toml
+from fastgrok.grid.experiments import to_toml
 
 TRAIN = ["--p", "17", "--d-embed", "8", "--hidden", "16", "--steps", "30", "--eval-every", "10",
          "--no-compile", "--quiet"]

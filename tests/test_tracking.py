@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 import torch
 
-from fastgrok import tracking
+from fastgrok.train import tracking
 from fastgrok.cli import main
 from fastgrok.config import TrainConfig
-from fastgrok.trainer import train
+from fastgrok.train.trainer import train
 
 CFG = dict(p=11, d_embed=8, hidden=16, seeds=3, lr=(0.01,), taus=(1.0, 1.5), steps=200, eval_every=25, compile="off")
 """2 cells x 3 tiny MLPs; they memorise (T_mem 75-100) and do not grok in 200 steps."""
@@ -152,8 +152,8 @@ def test_a_missing_library_is_one_line_naming_the_extra(tmp_path, monkeypatch, c
 
 def test_a_grid_of_200_models_logs_210_series_as_its_parquet_results_say(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from fastgrok.executors import run_experiment
-    from fastgrok.experiments import ExperimentSpec
+    from fastgrok.grid.executors import run_experiment
+    from fastgrok.grid.experiments import ExperimentSpec
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     spec = ExperimentSpec.from_dict({
@@ -177,8 +177,8 @@ def test_a_grid_of_200_models_logs_210_series_as_its_parquet_results_say(tmp_pat
 
 
 def test_a_wandb_grid_is_one_run_and_a_rerun_continues_it(tmp_path, offline):
-    from fastgrok.executors import run_experiment
-    from fastgrok.experiments import ExperimentSpec
+    from fastgrok.grid.executors import run_experiment
+    from fastgrok.grid.experiments import ExperimentSpec
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     spec = ExperimentSpec.from_dict({
@@ -200,7 +200,7 @@ def test_a_wandb_grid_is_one_run_and_a_rerun_continues_it(tmp_path, offline):
 
 
 def test_engine_track_is_checked():
-    from fastgrok.experiments import ExperimentSpec
+    from fastgrok.grid.experiments import ExperimentSpec
     from fastgrok.config import ConfigError
     with pytest.raises(ConfigError, match="engine.track"):
         ExperimentSpec.from_dict({"name": "x", "seeds": 1, "p": [11], "engine": {"track": "mlflow"}})

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 
 from fastgrok import store
 from fastgrok.config import TrainConfig, quick_cpu
-from fastgrok.data import all_pairs, make_task, split_indices
-from fastgrok.models import MLP
-from fastgrok.optim import adamw
-from fastgrok.step import make_lossfn
-from fastgrok.trainer import Trainer, train
+from fastgrok.core.data import all_pairs, make_task, split_indices
+from fastgrok.core.models import MLP
+from fastgrok.core.optim import adamw
+from fastgrok.core.step import make_lossfn
+from fastgrok.train.trainer import Trainer, train
 
 TINY = dict(p=13, d_embed=16, hidden=32, device="cpu", compile="off")
 """A few steps of this take milliseconds (clamp, float64 tests)."""
@@ -486,7 +486,7 @@ def test_nan_in_one_model_leaves_the_others_bit_identical(tmp_path, clean_run, w
 def test_trainer_and_baseline_restore_full_float32_matmuls(tmp_path):
     """A process that lowered float32 matmul precision (TF32 on CUDA, bf16 passes in oneDNN on a CPU)
     gets full float32 back when a Trainer or the baseline is built."""
-    from fastgrok.baseline import BaselineCell
+    from fastgrok.bench.baseline import BaselineCell
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium")
@@ -504,7 +504,7 @@ def test_a_signal_during_the_final_checkpoint_still_stops_the_caller(tmp_path, m
     raises Interrupted so a grid does not go on to its next batch."""
     import os
     import signal
-    from fastgrok.trainer import Interrupted
+    from fastgrok.train.trainer import Interrupted
     tr = Trainer(TrainConfig(**TINY, seeds=1, steps=30, eval_every=10, logit_every=10), tmp_path, progress=False)
     checkpoint = Trainer.checkpoint
 

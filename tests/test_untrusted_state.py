@@ -24,7 +24,7 @@ import torch
 
 from fastgrok import store
 from fastgrok.cli import main
-from fastgrok.experiments import to_toml
+from fastgrok.grid.experiments import to_toml
 
 from cli_runner import fastgrok
 
@@ -136,7 +136,7 @@ def test_a_crafted_pickle_in_any_other_state_file_runs_nothing(runs, tmp_path, n
 
 def test_a_crafted_pickle_as_a_snapshot_index_is_refused_by_its_reader(runs, tmp_path):
     """fastgrok itself never reads index.json back (it is rebuilt from the files); its reader refuses it."""
-    from fastgrok.snapshots import read_index
+    from fastgrok.train.snapshots import read_index
     d = copy(runs, "train", tmp_path)
     marker = tmp_path / "pwned"
     crafted_pickle(d / "snapshots" / "index.json", marker, through_torch=False)

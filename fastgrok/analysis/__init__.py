@@ -1,0 +1,6 @@
+"""Tables, figures and the report from a run directory's results.
+
+statistics (the per-cell table, the paired bootstrap, forks), mediation, regressions, phases,
+interventions, report, display, figures, terminal. Pandas, numpy and matplotlib only: no torch and no
+training code; it reads run directories through config and store.
+"""

@@ -1,0 +1,204 @@
+"""The report's figures: one function per figure (`fig_*`), each writing STEM.png and STEM.pdf.
+
+Matplotlib draws to files only (the Agg backend, set on import; safe on headless workers), and a PDF
+carries no timestamp, so the same run gives the same bytes. Every number on a figure goes through
+`display.format_value`, as in report.md. `report.write_report` calls these.
+"""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never open a window (also safe on headless workers)
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from fastgrok.analysis import statistics as A  # noqa: E402
+from fastgrok.analysis.display import format_value  # noqa: E402
+
+LABEL_COLS = ("experiment", "p", "loss", "arch", "dtype", "arm", "rho", "tau", "norm_target",
+              "layer_fracs")
+"""Describing columns used to label cells in figures (those that vary)."""
+
+
+def _select(df: pd.DataFrame, keys: dict) -> pd.DataFrame:
+    """Rows of df whose columns equal keys (NaN matching NaN)."""
+    mask = np.ones(len(df), bool)
+    for k, v in keys.items():
+        col = df[k]
+        mask &= (col.isna() if pd.isna(v) else (col == v)).to_numpy()
+    return df.loc[mask]
+
+
+def _keys(row: pd.Series) -> dict:
+    return {k: row[k] for k in A.SETTING_COLS if k in row.index}
+
+
+def _title(keys: dict, width: int = 50) -> str:
+    """The setting as `k=v` pairs, wrapped to lines of about `width` characters (a figure's width)."""
+    text = ", ".join(f"{k}={format_value(v)}" for k, v in keys.items() if not pd.isna(v)) or "run"
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def _save(fig, stem: Path) -> list[Path]:
+    for ax in fig.axes:                             # settings' titles are long: keep them inside the panel
+        ax.title.set_fontsize(9)
+    fig.tight_layout()
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    fig.savefig(paths[0], dpi=120)
+    fig.savefig(paths[1], metadata={"CreationDate": None})   # no timestamp: the same run gives the same bytes
+    plt.close(fig)
+    return paths
+
+
+def _panels(n: int, w: float = 4.5, h: float = 3.5):
+    fig, axes = plt.subplots(1, n, figsize=(w * n, h), squeeze=False)
+    return fig, axes[0]
+
+
+def fig_mediation(med: pd.DataFrame, cells: pd.DataFrame, stem: Path) -> list[Path]:
+    """Median T_grok vs L over the τ sweep per setting, with T0, T1 and the interpolated T2."""
+    fig, axes = _panels(len(med))
+    for ax, (_, r) in zip(axes, med.iterrows()):
+        c = _select(cells.loc[~A.is_fork(cells)], _keys(r))
+        sw = c.loc[A.match_value(c["rho"], r["rho_high"])].sort_values("L_grok")
+        ax.plot(sw["L_grok"], sw["T_grok"], "o-", color="C0", label=f"ρ={format_value(r['rho_high'])} τ sweep")
+        for _, s in sw.iterrows():
+            ax.annotate(f"τ={format_value(s['tau'])}", (s["L_grok"], s["T_grok"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.plot([r["L0"]], [r["T0"]], "*", ms=12, color="C2", label="T0 baseline")
+        ax.plot([r["L1"]], [r["T1"]], "s", ms=8, mfc="none", color="C3", label="T1")
+        ax.plot([r["L0"]], [r["T2"]], "D", color="C1", label="T2 at L0")
+        ax.axvline(r["L0"], ls=":", color="gray")
+        ax.set(xlabel="L at grok", ylabel="median T_grok", title=f"{_title(_keys(r))}\nrecovery "
+               f"{format_value(r['recovery'])} [{format_value(r['ci_low'])}, {format_value(r['ci_high'])}]")
+        ax.legend(fontsize=7)
+    return _save(fig, stem)
+
+
+def fig_collapse(col: pd.DataFrame, cells: pd.DataFrame, stem: Path) -> list[Path]:
+    """log T_grok vs L, one point per counting cell, coloured by ρ."""
+    fig, axes = _panels(len(col))
+    pts = A.counting_cells(cells)
+    for ax, (_, r) in zip(axes, col.iterrows()):
+        c = _select(pts, _keys(r))
+        sc = ax.scatter(c["L_grok"], c["T_grok"], c=c["rho"], cmap="viridis")
+        ax.set_yscale("log")
+        fig.colorbar(sc, ax=ax, label="ρ")
+        ax.set(xlabel="L at grok", ylabel="median T_grok", title=f"{_title(_keys(r))}\nR² L "
+               f"{format_value(r['r2_L'])}, ρ {format_value(r['r2_rho'])}, both {format_value(r['r2_both'])}")
+    return _save(fig, stem)
+
+
+def cell_labels(cells: pd.DataFrame) -> dict:
+    """Each cell's label for figure legends: its LABEL_COLS that vary between the cells as `k=v`
+    (e.g. the layer_fracs of the alloc experiment's cells), else "cell <id>"."""
+    vary = [c for c in LABEL_COLS if c in cells.columns and cells[c].nunique() > 1]
+    return {r["cell"]: " ".join(f"{c}={format_value(r[c])}" for c in vary) or f"cell {r['cell']}"
+            for _, r in cells.iterrows()}
+
+
+def fig_curves(curves_c: pd.DataFrame, cells: pd.DataFrame, stem: Path) -> list[Path]:
+    """Train and test accuracy vs step, one line per cell (mean over seeds)."""
+    fig, axes = _panels(2, w=5.5)
+    labels, cmap = cell_labels(cells), plt.get_cmap("viridis")
+    ids = list(cells["cell"])
+    for ax, metric in zip(axes, ("train_acc", "test_acc")):
+        m = curves_c.loc[(curves_c["metric"] == metric) & (curves_c["step"] > 0)]
+        for i, cell in enumerate(ids):
+            g = m.loc[m["cell"] == cell]
+            ax.plot(g["step"], g["value"], color=cmap(i / max(len(ids) - 1, 1)), lw=1,
+                    label=labels[cell])
+        ax.set(xscale="log", xlabel="step", ylabel=metric, ylim=(-0.02, 1.02))
+        ax.xaxis.set_minor_formatter(NullFormatter())       # minor labels overlap on a short log range
+    if len(ids) <= 12:
+        axes[1].legend(fontsize=6)
+    return _save(fig, stem)
+
+
+def fig_forks(forks: pd.DataFrame, curves_c: pd.DataFrame, stem: Path) -> list[Path]:
+    """Test accuracy vs step per arm of each same-state fork (mean over seeds)."""
+    gkeys = [k for k in (*A.SETTING_COLS, "tau", "fork_step") if k in forks.columns]
+    groups = [g for _, g in forks.groupby(gkeys, dropna=False)] if gkeys else [forks]
+    fig, axes = _panels(len(groups))
+    test = curves_c.loc[curves_c["metric"] == "test_acc"]
+    for ax, g in zip(axes, groups):
+        for _, r in g.iterrows():
+            c = test.loc[test["cell"] == r["cell"]]
+            ax.plot(c["step"], c["value"], lw=1, label=f"{r['arm']} (delay {format_value(r['delay_from_fork'])})")
+        ax.axvline(g["fork_step"].iloc[0], ls=":", color="gray")
+        ax.set(xlabel="step", ylabel="test_acc", title=_title(_keys(g.iloc[0])))
+        ax.legend(fontsize=7)
+    return _save(fig, stem)
+
+
+PHASE_LETTERS = {"comprehension": "C", "grokking": "G", "memorization": "M", "confusion": "X"}
+AXIS_NAMES = {"lr": "learning rate lr", "wd": "weight decay wd", "train_frac": "train fraction"}
+
+
+def fig_phase(diagrams: list[dict], stem: Path) -> list[Path]:
+    """One panel per phase diagram (`phases.phase_diagrams`): cells on categorical axes (the values in
+    ascending order, log-spaced in the built-in spec), coloured by median T_grok on a log scale, hatched
+    grey where fewer than half the seeds grokked (the study's rule for a cell to count), a letter per cell
+    for its phase, black lines between cells of different phase."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+    from matplotlib.patheffects import withStroke
+
+    fig, axes = _panels(len(diagrams), w=5.2, h=4.6)
+    for ax, dg in zip(axes, diagrams):
+        c, y, x = dg["cells"], dg["y"], dg["x"]
+        ys, xs = sorted(c[y].unique()), sorted(c[x].unique())
+        T = np.full((len(ys), len(xs)), np.nan)                        # (Y, X) median T_grok
+        phase = np.full((len(ys), len(xs)), None, dtype=object)       # (Y, X) the cell's phase
+        for _, r in c.iterrows():
+            i, j = ys.index(r[y]), xs.index(r[x])
+            counts = 2 * r["n_grok"] >= r["n"]                         # the study's rule for a cell's T_grok
+            T[i, j], phase[i, j] = r["T_grok"] if counts else np.nan, r["phase"]
+        ok = np.isfinite(T) & (T > 0)
+        if ok.any():
+            im = ax.imshow(np.where(ok, T, np.nan), origin="lower", aspect="auto", cmap="viridis",
+                           norm=LogNorm(vmin=T[ok].min(), vmax=max(T[ok].max(), T[ok].min() * 1.01)))
+            fig.colorbar(im, ax=ax, label="median T_grok")
+        else:
+            ax.imshow(np.full(T.shape, np.nan), origin="lower", aspect="auto")
+        for i in range(len(ys)):
+            for j in range(len(xs)):
+                if phase[i, j] is None:
+                    continue
+                if not ok[i, j]:
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.85", hatch="//",
+                                           edgecolor="0.6", lw=0))
+                ax.text(j, i, PHASE_LETTERS[phase[i, j]], ha="center", va="center", fontsize=9,
+                        fontweight="bold", path_effects=[withStroke(linewidth=2.5, foreground="white")])
+                # boundaries: to the right and above, where the neighbouring cell's phase differs
+                if j + 1 < len(xs) and phase[i, j + 1] is not None and phase[i, j + 1] != phase[i, j]:
+                    ax.plot([j + 0.5, j + 0.5], [i - 0.5, i + 0.5], color="black", lw=2)
+                if i + 1 < len(ys) and phase[i + 1, j] is not None and phase[i + 1, j] != phase[i, j]:
+                    ax.plot([j - 0.5, j + 0.5], [i + 0.5, i + 0.5], color="black", lw=2)
+        ax.set_xticks(range(len(xs)), [format_value(v) for v in xs])
+        ax.set_yticks(range(len(ys)), [format_value(v) for v in ys])
+        ax.set(xlim=(-0.5, len(xs) - 0.5), ylim=(-0.5, len(ys) - 0.5), xlabel=AXIS_NAMES.get(x, x),
+               ylabel=AXIS_NAMES.get(y, y))
+        fixed, v = dg["fixed"]
+        ax.set_title(f"{_title(dg['keys'])}\n{y} × {x} at {fixed}={format_value(v)}")
+    return _save(fig, stem)
+
+
+def fig_interventions(table: pd.DataFrame, models: pd.DataFrame, curves: pd.DataFrame, stem: Path) -> list[Path]:
+    """Mean test accuracy and SC rate over each arm's seeds against the step, one line per arm."""
+    c = A.cell_curves(models, curves, metrics=("test_acc", "sc_rate"))
+    fig, axes = _panels(2)
+    for ax, metric, label in zip(axes, ("test_acc", "sc_rate"), ("test accuracy", "SC rate (softmax readout)")):
+        for row in table.itertuples():
+            x = c[(c["cell"] == row.cell) & (c["metric"] == metric)].sort_values("step")
+            ax.plot(x["step"], x["value"], label=row.arm or f"cell {row.cell}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    return _save(fig, stem)
+

@@ -1,0 +1,6 @@
+"""The math of one training step for M models at once: tensors in, tensors out.
+
+data (the task and each model's split), models (the study's MLP, the transformer), optim (AdamW and the
+field's gradient filters), measures (the Fourier and norm readouts), step (forward, fused loss, backward,
+update, clamp as one compilable function). No files, no pandas; imports only torch, config and kernels.
+"""

@@ -1,0 +1,249 @@
+"""The training step and the evaluation pass, each one function with no host synchronisation.
+
+State (all tensors with leading axis M, living on the device):
+    flat (M, P) parameters, m/v (M, P) Adam moments, t (M,) steps taken, alive (M,) bool
+Per-model settings: tau (M,), lr and lr * wd (M, 1), target (M, S) clamp targets, clamp_on (M,) bool,
+t_clamp (M,); each model's task (labels, train rows and their weights, test rows; data.py).
+
+`train_step` = forward for all M models -> fused loss and dL/dz -> backward -> per-model gradient
+transforms (⊥Grad, Grokfast-EMA) -> AdamW -> clamp, with a
+model that diverges frozen (alive = False) so the others are unaffected; the trainer records it as diverged
+at its next evaluation. Diverged: its loss, its updated parameters or its updated Adam second moment v is
+not finite. v overflows first (a gradient entry above ~1.8e19 in float32, whose square is past the dtype's
+range): the update m / sqrt(v) is then 0 and the model stops training while its loss and parameters stay
+finite (a tau of 1e-30: train loss 1e29, accuracy at chance, formerly not marked). A healthy run's v is
+many orders of magnitude below that, so the check changes none of its numbers.
+Nothing here calls .item() or .cpu(): metrics are read on the host only at evaluation steps.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import fastgrok.kernels as K
+
+from fastgrok.config import TrainConfig
+from fastgrok.core.optim import adamw, grokfast_ema, orthograd
+from fastgrok.core.measures import embedding, fourier_stats, matrix_norms, metric_names, restricted_excluded
+
+EVAL_METRICS = ("train_loss", "train_acc", "test_acc", "sc_rate", "logit_scale", "weight_norm", "test_loss")
+"""The base metrics every evaluation reads per model (the first columns of its result; test_loss last, so
+the others keep their places in checkpoints written before it). `eval_metrics` adds the progress measures."""
+N_EVAL = len(EVAL_METRICS)
+
+
+def eval_metrics(model, cfg: TrainConfig) -> tuple[str, ...]:
+    """The columns of `evaluate`'s result: EVAL_METRICS, then the progress measures (progress.py): Fourier
+    sparsity and key_freq_1..5 of the embedding, norm_<X> for each matrix of the model's layout, and with
+    cfg.restricted_loss the restricted and excluded losses. Appended at the end, so a checkpoint written
+    before them restores with NaN there."""
+    return EVAL_METRICS + metric_names(model, cfg.restricted_loss)
+
+
+@dataclass
+class Batch:
+    """Everything per-model the step reads, on the device."""
+    train_a: torch.Tensor   # (M, n_train)
+    train_b: torch.Tensor
+    train_y: torch.Tensor
+    a: torch.Tensor         # (N,) all pairs
+    b: torch.Tensor
+    y: torch.Tensor         # (N,), or (M, N) when the models' ops differ
+    train_mask: torch.Tensor  # (M, N) bool
+    test_mask: torch.Tensor   # (M, N) bool
+    tau: torch.Tensor       # (M,)
+    lr: torch.Tensor        # (M, 1) learning rates
+    lr_wd: torch.Tensor | None  # (M, 1) lr * wd (formed in float64); None when no model decays
+    clamp_on: torch.Tensor  # (M,) bool
+    t_clamp: torch.Tensor   # (M,) int64
+    kind: torch.Tensor | None = None          # (M,) each model's loss code (kernels.LOSS_KINDS); None = cfg.loss
+    orthograd: torch.Tensor | None = None     # (M,) bool: ⊥Grad on; None = no model uses it
+    gf_alpha: torch.Tensor | None = None      # (M, 1) Grokfast-EMA decay; None = no model uses Grokfast
+    gf_lambda: torch.Tensor | None = None     # (M, 1) Grokfast-EMA gain (0 = off)
+    train_weight: torch.Tensor | None = None  # (M, n_train) bool, False on padding; None = no padding
+    valid: torch.Tensor | None = None         # (M, N) bool, the pairs of each model's task; None = all
+    plan: dict | None = None  # the model's index plan for the train rows (`ensure_plan`), else None
+
+
+def strict_float32() -> None:
+    """float32 matrix products in full float32: no TF32 on CUDA, no reduced-precision oneDNN math on a
+    CPU (`torch.set_float32_matmul_precision("highest")`, PyTorch's default, set again in case the
+    process lowered it). The study's effect runs through softmax saturation: precision is not a knob."""
+    if torch.get_float32_matmul_precision() != "highest":
+        torch.set_float32_matmul_precision("highest")
+
+
+def loss_name(cfg: TrainConfig, batch: Batch) -> str:
+    """The kernels' `loss` argument: the config's one loss, or "ce" beside a per-model kind tensor."""
+    return cfg.loss if batch.kind is None else "ce"
+
+
+def make_lossfn(loss: str, backend: str, tau: torch.Tensor, mask=None, kind=None):
+    """The fused loss for the models' logits: one loss for all (kind None), else each model's kind
+    (with loss "ce": `loss_name`)."""
+
+    def lossfn(z, y):
+        return K.loss_and_grad(z, y, tau, mask, backend=backend, loss=loss, kind=kind, check_kind=False)
+    return lossfn
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """(M,) whether every entry of each row of x (M, P) is finite: its row maximum and minimum are (a NaN
+    propagates into both, +inf into the maximum, -inf into the minimum). The same mask as
+    isfinite(x).all(1) from two reductions without an (M, P) temporary (faster on a CPU: RESULTS.md)."""
+    return torch.isfinite(x.amax(1)) & torch.isfinite(x.amin(1))
+
+
+def train_step(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch) -> torch.Tensor:
+    """One optimizer step for all M models, in place on `state`. Returns the train loss (M,)."""
+    flat, m, v, t, alive = state["flat"], state["m"], state["v"], state["t"], state["alive"]
+    # forward, fused loss with readouts, backward (hand-written for the MLP, autograd otherwise)
+    lossfn = make_lossfn(loss_name(cfg, batch), backend, batch.tau, batch.train_weight, batch.kind)
+    kw = {} if batch.plan is None else {"plan": batch.plan}
+    loss, grad, _ = model.loss_and_grads(flat, batch.train_a, batch.train_b, batch.train_y, lossfn, **kw)
+    # gradient transforms, per model: ⊥Grad, then Grokfast-EMA (its filter h is state, checkpointed)
+    if batch.orthograd is not None:
+        off = model.layout.offsets
+        grad = orthograd(flat, grad, list(zip(off[:-1], off[1:])), batch.orthograd)
+    if batch.gf_lambda is not None:
+        grad, ema_new = grokfast_ema(grad, state["ema"], t, batch.gf_alpha, batch.gf_lambda)
+    # AdamW (decay on matrices only)
+    t_new = t + 1
+    new, m_new, v_new = adamw(flat, grad, m, v, t_new, lr=batch.lr, beta1=cfg.beta1, beta2=cfg.beta2,
+                              eps=cfg.eps, lr_wd=batch.lr_wd, n_mat=model.layout.n_mat)
+    # divergence: a model whose loss, update or second moment is non-finite stops updating, the others go on
+    # (v >= 0: its row maximum is finite iff every entry is, NaN included)
+    ok = alive & torch.isfinite(loss) & finite_rows(new) & torch.isfinite(v_new.amax(1))
+    keep = ok[:, None]
+    flat.copy_(torch.where(keep, new, flat))
+    m.copy_(torch.where(keep, m_new, m))
+    v.copy_(torch.where(keep, v_new, v))
+    if batch.gf_lambda is not None:
+        state["ema"].copy_(torch.where(keep, ema_new, state["ema"]))
+    t.copy_(torch.where(ok, t_new, t))
+    alive.copy_(ok)
+    # clamp: from step t_clamp on, each clamped model's matrix norm(s) set to its own target
+    active = ok & batch.clamp_on & (t_new >= batch.t_clamp)
+    K.clamp_flat_(flat, state["bounds"], state["target"], active, backend=backend)
+    return loss
+
+
+def evaluate(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch) -> torch.Tensor:
+    """All pairs through every model: (M, n) float64 of `eval_metrics(model, cfg)`. The caller syncs once to read it."""
+    flat = state["flat"]
+    z = model.logits(flat, batch.a, batch.b)                            # (M, N, V)
+    mask = batch.train_mask
+    loss, st = K.loss_and_stats(z, batch.y, batch.tau, mask, backend=backend,
+                                loss=loss_name(cfg, batch), kind=batch.kind, check_kind=False)
+    # the test loss: the mean of the same pass's per-row losses over each model's test rows
+    wdt = st.row_loss.dtype
+    test_w = batch.test_mask.to(wdt)
+    test_loss = (st.row_loss * test_w).sum(1) / test_w.sum(1).clamp_min(1.0)
+    f64 = torch.float64
+    # the rates in float64: counts over counts, so an accuracy of exactly 0.9 (999 / 1110 at p = 43) is
+    # 0.9 and passes the 0.90 threshold (in float32 it is 0.89999998 and would not)
+    train = mask.to(f64)
+    n_train = train.sum(1)
+    test = batch.test_mask.to(f64)
+    n_test = test.sum(1).clamp_min(1.0)
+    bounds = state["bounds"]
+    wn = flat[:, bounds[0]:bounds[-1]].to(wdt).square().sum(1).sqrt()
+    if batch.valid is None:                                             # L: the mean over the model's pairs
+        logit_scale = st.logit_norm.mean(1)
+    else:
+        v = batch.valid.to(wdt)
+        logit_scale = (st.logit_norm * v).sum(1) / v.sum(1)
+    # progress measures (progress.py): the embedding's Fourier sparsity and key frequencies, matrix norms,
+    # and (opt-in) the restricted and excluded losses of the MLP on a + b
+    fourier, key_freqs = fourier_stats(embedding(model, model.layout.views(flat)))
+    cols = [fourier, matrix_norms(model, flat)]
+    if cfg.restricted_loss:
+        if cfg.model == "mlp":
+            r = restricted_excluded(z, batch.a, batch.b, batch.y, key_freqs, batch.tau, mask, batch.valid,
+                                    backend=backend, loss=loss_name(cfg, batch), kind=batch.kind)
+            cols.append(torch.stack(r, 1))
+        else:
+            cols.append(torch.full((flat.shape[0], 2), float("nan"), dtype=f64, device=flat.device))
+    return torch.cat([torch.stack([
+        loss.to(f64),
+        (st.correct.to(f64) * train).sum(1) / n_train,
+        (st.correct.to(f64) * test).sum(1) / n_test,
+        (st.collapsed.to(f64) * train).sum(1) / n_train,
+        logit_scale.to(f64),
+        wn.to(f64),
+        test_loss.to(f64),
+    ], 1)] + cols, 1)
+
+
+def ensure_plan(model, batch: Batch) -> Batch:
+    """Attach the model's index plan for the batch's train rows (once; rebuilt if the rows are replaced).
+
+    The plan is the compiled step's (see models.MLP.plan): the eager step does better without it."""
+    if not hasattr(model, "plan"):
+        return batch
+    plan = batch.plan
+    if plan is None or plan["a"] is not batch.train_a or plan["b"] is not batch.train_b:
+        batch.plan = {**model.plan(batch.train_a, batch.train_b, batch.train_weight), "a": batch.train_a,
+                      "b": batch.train_b}
+    return batch
+
+
+_HEAP_KEPT = False
+
+
+def keep_freed_memory() -> bool:
+    """CPU runs: have glibc serve big blocks from the heap and keep what is freed (once per process).
+
+    By default each step's (M, N, H) buffers are fresh mmaps that the kernel page-faults and zeroes on
+    first touch, every step (~8k faults, ~10 ms of a 35 ms compiled step at p = 59, M = 12; more eager).
+    Numerics are unchanged; the process keeps its peak heap. FASTGROK_KEEP_FREED_MEMORY=0 turns it off.
+    """
+    global _HEAP_KEPT
+    off = os.environ.get("FASTGROK_KEEP_FREED_MEMORY") == "0"
+    if _HEAP_KEPT or off or not sys.platform.startswith("linux"):
+        return _HEAP_KEPT
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    _HEAP_KEPT = bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    return _HEAP_KEPT
+
+
+QUICK_STEPS = 2000
+"""compile "auto" on a CPU stays eager for runs of at most this many steps: a cold compile of the p = 59
+step costs ~45 s, about what compiling saves over 1,000-2,000 steps (benchmarks/RESULTS.md)."""
+
+
+def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    """`auto`: compile on CUDA, and on a CPU for MLP runs longer than QUICK_STEPS (measured faster there;
+    the transformer was not)."""
+    if cfg.compile != "auto":
+        return cfg.compile == "on"
+    return device.type == "cuda" or (cfg.model == "mlp" and cfg.steps > QUICK_STEPS)
+
+
+def build_step_fns(model, cfg: TrainConfig, backend: str, compile_step: bool):
+    """(step, eval) callables over (state, batch); compiled when asked.
+
+    The compiled step attaches the model's index plan to the batch, outside the compiled region. On a
+    CPU, freed memory is kept in the heap (`keep_freed_memory`).
+    """
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        keep_freed_memory()
+    step = functools.partial(train_step, model, cfg, backend)
+    ev = functools.partial(evaluate, model, cfg, backend)
+    if not compile_step:
+        return step, ev
+    inner = torch.compile(step, fullgraph=cfg.model == "mlp", dynamic=False)
+    ev = torch.compile(ev, fullgraph=cfg.model == "mlp", dynamic=False)
+
+    def compiled_step(state: dict, batch: Batch) -> torch.Tensor:
+        return inner(state, ensure_plan(model, batch))
+    return compiled_step, ev

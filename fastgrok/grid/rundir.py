@@ -1,0 +1,303 @@
+"""A grid's run directory: its layout, the plan and spec it was started with, the calibration cache,
+the parts of finished batches and their consolidation, and `fastgrok status` of a grid.
+
+    DIR/spec.toml, spec.json  the effective spec (overrides applied); a rerun must match it
+    DIR/config.json           a summary of the spec for the report's header
+    DIR/plan.json             cells (with their global model ids) and batches, fixed on the first run
+    DIR/calibration.json      w_c per setting; DIR/calibration/<key>/ holds the free control's run
+    DIR/batches/<id>/         the checkpoint of a running batch (removed once its part is written)
+    DIR/parts/<id>.{models,curves}.parquet   one pair per finished batch, written once
+    DIR/models.parquet, curves.parquet       every part so far, rewritten atomically after each batch
+    DIR/snapshots/<id>/step_*.npz            a batch's weight snapshots ([train] snapshots; written by the
+                                             batch's trainer, kept when batches/<id> goes);
+    DIR/snapshots/index.json                 all batches' so far, rewritten after each finished batch
+
+A batch is done when its part exists; a rerun skips done batches and resumes the running ones from their
+checkpoints, so nothing is lost and nothing runs twice.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fastgrok.train import snapshots
+from fastgrok import store
+from fastgrok.config import ConfigError
+from fastgrok.grid.experiments import ExperimentSpec, to_toml
+from fastgrok.grid.plan import make_plan, preflight
+
+SPEC_JSON, PLAN = store.SPEC_JSON, store.PLAN
+SPEC_TOML, CALIBRATION = "spec.toml", store.CALIBRATION
+
+
+# ---------------------------------------------------------------------------------------------
+# What a rerun reports of a changed spec; w_c from a calibration's results
+# ---------------------------------------------------------------------------------------------
+def _dict_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, one level into nested tables (train.compile, not train), each shown
+    as key (saved -> now)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict) and not prefix:
+            out += _dict_diff(a, b, prefix=f"{k}.")
+        else:
+            out.append(f"{prefix}{k} ({a!r} -> {b!r})" if len(repr(a)) + len(repr(b)) < 60 else f"{prefix}{k}")
+    return out
+
+
+def calibrate_from(models: pd.DataFrame, curves: pd.DataFrame) -> dict:
+    """w_c, the study's rule: its free control run stops at the step its LAST seed groks, and w_c is the
+    median over the seeds of ||W|| at THAT step (the study's `wn_at_grok`: each seed's norm at the end of
+    the control run, not at its own T_grok). A control whose seeds did not all grok ran to its budget:
+    the median of the norms there (source "budget"; none grokked is flagged by the report).
+    A seed whose curve ends earlier (it diverged) gives its last norm."""
+    w = curves.loc[curves["metric"] == "weight_norm"].sort_values("step")
+    t_grok = pd.to_numeric(models["t_grok"], errors="coerce")
+    n_grokked = int(t_grok.notna().sum())
+    if n_grokked == len(models):
+        end, source = int(t_grok.max()), "last grok"
+    else:
+        end, source = int(pd.to_numeric(models["steps"]).max()), "budget"
+    upto = w.loc[w["step"] <= end].groupby("model")["value"].last()       # each seed's norm at `end`
+    vals = upto.reindex(models["model"].to_numpy()).dropna().to_numpy(dtype="float64")
+    return {"w_c": float(np.median(vals)), "source": source, "step": end, "n_grokked": n_grokked,
+            "seeds": len(models)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory
+# ---------------------------------------------------------------------------------------------
+def init_run_dir(spec: ExperimentSpec, run_dir: Path, device: str, *, check: bool = True) -> dict:
+    """Write spec and plan on the first run; on a rerun check the spec matches and reuse the plan.
+    check: `preflight` the batches on `device` first (where the batches will run)."""
+    run_dir = Path(run_dir)
+    d = spec.to_dict()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"out: {run_dir} is a file; pick a directory for --out")
+    if not (run_dir / SPEC_JSON).exists() and store.holds_train_run(run_dir):
+        raise ConfigError(f"out: {run_dir} holds a `fastgrok train` run; pick another --out")
+    if (run_dir / SPEC_JSON).exists():
+        old = store.read_json(run_dir / SPEC_JSON)
+        if old != d:
+            diff = _dict_diff(old, d)
+            raise ConfigError(f"out: {run_dir} holds a run of a different spec (differs in {', '.join(diff)}); "
+                              "rerun with the same experiment and overrides to resume, or pick another --out")
+        return store.read_plan(run_dir)
+    plan = make_plan(spec, device)
+    if check:
+        preflight(spec, plan, device)                       # fails before the directory is touched
+    store.write_json(run_dir / PLAN, {**plan, "run": store.spec_fingerprint(d)})
+    store.atomic_write(run_dir / SPEC_TOML, lambda tmp: Path(tmp).write_text(to_toml(d)))
+    first = plan["cells"][0]
+
+    def values(a):                          # one value as itself, several (a packed axis swept) as a list
+        v = sorted({c[a] for c in plan["cells"]})
+        return v[0] if len(v) == 1 else v
+    store.write_json(run_dir / store.CONFIG, {
+        "experiment": spec.name, "p": sorted({c["p"] for c in plan["cells"]}), "op": values("op"),
+        "model": first["model"], "loss": sorted({c["loss"] for c in plan["cells"]}),
+        "taus": sorted({c["tau"] for c in plan["cells"]}), "seeds": spec.seeds, "lr": values("lr"),
+        "wd": values("wd"), "train_frac": values("train_frac"), "dtype": sorted({c["dtype"] for c in plan["cells"]})})
+    store.write_json(run_dir / SPEC_JSON, d)                 # last: its presence marks an initialised dir
+    return plan
+
+
+def record_calibration(run_dir: Path, key: str, models: pd.DataFrame, curves: pd.DataFrame) -> dict:
+    cal = store.read_calibration(run_dir)
+    cal[key] = calibrate_from(models, curves)
+    store.write_json(Path(run_dir) / CALIBRATION, cal)
+    return cal[key]
+
+
+def done_batches(run_dir: Path) -> set[str]:
+    """The batches whose part is written (parts/<id>.models.parquet)."""
+    parts = Path(run_dir) / "parts"
+    return {p.name.split(".")[0] for p in parts.glob("*.models.parquet")} if parts.exists() else set()
+
+
+def complete_in_results(run_dir: Path, plan: dict) -> set[str]:
+    """The batches whose every cell is complete in models.parquet (`cells_complete`)."""
+    path = Path(run_dir) / store.MODELS
+    if not path.exists():
+        return set()
+    done = store.cells_complete(store.read_parquet(path, required=("cell", "seed"), run_dir=run_dir), plan)
+    return {b["id"] for b in plan["batches"] if all(c in done for c in b["cells"])}
+
+
+def restore_parts(run_dir: Path, plan: dict) -> None:
+    """Write the parts of batches complete in models.parquet but missing from parts/, so consolidation
+    (which rebuilds the tables from parts) keeps them and a rerun does not train them again."""
+    run_dir = Path(run_dir)
+    missing = complete_in_results(run_dir, plan) - done_batches(run_dir)
+    if not missing:
+        return
+    models, curves = (store.read_parquet(run_dir / name, run_dir=run_dir) for name in (store.MODELS, store.CURVES))
+    for b in plan["batches"]:
+        if b["id"] in missing:
+            m = models.loc[models["cell"].isin(b["cells"])]
+            fp = run_fingerprint(run_dir)
+            store.write_parquet(run_dir / "parts" / f"{b['id']}.curves.parquet",
+                                curves.loc[curves["model"].isin(m["model"])].reset_index(drop=True), fingerprint=fp)
+            store.write_parquet(run_dir / "parts" / f"{b['id']}.models.parquet", m.reset_index(drop=True),
+                                fingerprint=fp)
+
+
+def run_fingerprint(run_dir: Path) -> str | None:
+    """The fingerprint of a grid run (store.spec_fingerprint of its spec.json; None: none yet). Every
+    part, the plan and the results tables carry it."""
+    p = Path(run_dir) / SPEC_JSON
+    return store.spec_fingerprint(store.read_json(p)) if p.exists() else None
+
+
+def write_part(run_dir: Path, batch_id: str, models: pd.DataFrame, curves: pd.DataFrame) -> None:
+    """A finished batch: its part (curves first; the models part marks it done), then the consolidated
+    tables, then its checkpoint directory goes."""
+    run_dir = Path(run_dir)
+    fp = run_fingerprint(run_dir)
+    store.write_parquet(run_dir / "parts" / f"{batch_id}.curves.parquet", curves, fingerprint=fp)
+    store.write_parquet(run_dir / "parts" / f"{batch_id}.models.parquet", models, fingerprint=fp)
+    consolidate(run_dir)
+    snapshots.write_grid_index(run_dir / "snapshots")
+    shutil.rmtree(run_dir / "batches" / batch_id, ignore_errors=True)
+
+
+def read_part(run_dir: Path, batch_id: str, kind: str, fp: str | None, cells: set | None) -> pd.DataFrame:
+    """parts/<id>.<kind>.parquet, refused (StateError naming it) when it is unreadable, from another run
+    (its fingerprint is not the run's; a part written before fingerprints has none and is accepted), or
+    holds cells its batch does not plan."""
+    path = Path(run_dir) / "parts" / f"{batch_id}.{kind}.parquet"
+    if not path.exists():
+        raise store.state_error(path, f"missing (its batch's {kind} part)")
+    got = store.read_fingerprint(path)
+    if fp is not None and got is not None and got != fp:
+        raise store.state_error(path, "a part of another run (its fingerprint is not this run's spec.json)")
+    df = store.read_parquet(path, required=("model", "cell", "seed") if kind == "models" else
+                            ("model", "step", "metric", "value"))
+    if kind == "models" and cells is not None and not set(df["cell"].tolist()) <= cells:
+        raise store.state_error(path, f"holds cells that batch {batch_id} does not plan: a part of another run")
+    return df
+
+
+def consolidate(run_dir: Path) -> None:
+    run_dir = Path(run_dir)
+    ids = sorted(done_batches(run_dir))
+    if not ids:
+        return
+    fp = run_fingerprint(run_dir)
+    plan = store.read_plan(run_dir) if (run_dir / PLAN).exists() else None
+    planned = {b["id"]: set(b["cells"]) for b in plan["batches"]} if plan else {}
+    models = pd.concat([read_part(run_dir, i, "models", fp, planned.get(i)) for i in ids], ignore_index=True)
+    curves = pd.concat([read_part(run_dir, i, "curves", fp, None) for i in ids], ignore_index=True)
+    store.write_parquet(run_dir / store.MODELS, models.sort_values("model", kind="stable").reset_index(drop=True),
+                        fingerprint=fp)
+    store.write_parquet(run_dir / store.CURVES, curves.sort_values(["model", "step"], kind="stable")
+                        .reset_index(drop=True), fingerprint=fp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Status
+# ---------------------------------------------------------------------------------------------
+def _dose_label(cell: dict) -> str | float:
+    """The cell's clamp: its rho, an absolute target ("||W|| 20"), or "free"."""
+    if cell["rho"] is not None:
+        return cell["rho"]
+    return f"||W|| {cell['norm_target']:g}" if cell.get("norm_target") is not None else "free"
+
+
+def status_table(run_dir: Path) -> pd.DataFrame:
+    """Per cell: its parameters, models done / total, grokked, median T_grok so far, batch state."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"dir: {run_dir} does not exist" if not run_dir.exists() else f"dir: {run_dir} is a file")
+    if not (run_dir / PLAN).exists() and (run_dir / store.PROGRESS).exists():
+        pr = store.read_progress(run_dir / store.PROGRESS)
+        raise ConfigError(f"dir: {run_dir} holds a `fastgrok train` run (not a grid): step {pr['step']} of "
+                          f"{pr.get('steps', '?')}, {'done' if pr.get('done') else 'not done'}")
+    if not (run_dir / PLAN).exists():
+        raise ConfigError(f"dir: {run_dir} holds no grid run (no {PLAN})")
+    plan = store.read_plan(run_dir)
+    done = done_batches(run_dir) | complete_in_results(run_dir, plan)
+    frames = [store.read_parquet(run_dir / store.MODELS, required=("cell", "t_grok"), run_dir=run_dir)] \
+        if (run_dir / store.MODELS).exists() else []
+    state = {}
+    for b in plan["batches"]:
+        st = "done" if b["id"] in done else "pending"
+        bdir = run_dir / "batches" / b["id"]
+        if st == "pending":
+            # the batch's trainer (a fork batch: its arms, after the parents in parent/)
+            for d, label in ((bdir, "step"), (bdir / "parent", "fork parent, step")):
+                if (d / store.PROGRESS).exists():
+                    pr = store.read_progress(d / store.PROGRESS)
+                    st = f"{label} {pr['step']}" + (f"/{pr['steps']}" if "steps" in pr else "")
+                    break
+                if (d / store.CHECKPOINT).exists():
+                    st = "running"
+                    break
+            if (bdir / store.MODELS).exists():
+                frames.append(store.read_parquet(bdir / store.MODELS, required=("cell", "t_grok"))
+                              .assign(_running=True))
+        for c in b["cells"]:
+            state[c] = st
+    models = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["cell", "t_grok"])
+    spec = store.read_json(run_dir / SPEC_JSON) if (run_dir / SPEC_JSON).exists() else {}
+    stops_when_grokked = spec.get("train", {}).get("stop_when_grokked", True)
+    rows = []
+    for c in plan["cells"]:
+        m = models.loc[models["cell"] == c["cell"]]
+        finished = len(m) if state[c["cell"]] == "done" or _cell_finished(m, c, stops_when_grokked) else 0
+        tg = pd.to_numeric(m["t_grok"], errors="coerce").dropna()
+        rows.append({"cell": c["cell"], "p": c["p"], "arch": c["model"], "loss": c["loss"], "dtype": c["dtype"],
+                     "rho": _dose_label(c), "tau": c["tau"], "arm": c["arm"] or "",
+                     "done": f"{finished}/{c['seeds']}", "grokked": f"{len(tg)}/{c['seeds']}",
+                     "median T_grok": float(tg.median()) if len(tg) else float("nan"), "state": state[c["cell"]]})
+    return pd.DataFrame(rows)
+
+
+def _cell_finished(m: pd.DataFrame, cell: dict, stops_when_grokked: bool) -> bool:
+    """Whether a cell of a running batch has stopped, from the batch's last saved results: every seed
+    saved, and at its budget, or (when cells stop once grokked) every seed grokked or diverged."""
+    if len(m) < cell["seeds"] or "steps" not in m.columns:
+        return False
+    if (pd.to_numeric(m["steps"]) >= cell["budget"]).all():
+        return True
+    ended = m["t_grok"].notna() | m.get("diverged", pd.Series(False, index=m.index)).astype(bool)
+    return bool(stops_when_grokked and ended.all())
+
+
+def print_status(run_dir) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    run_dir = Path(run_dir)
+    df = status_table(run_dir)
+    spec = store.read_json(run_dir / SPEC_JSON) if (run_dir / SPEC_JSON).exists() else {}
+    cal = store.read_calibration(run_dir)
+    n_done = sum(a == b for a, b in (x.split("/") for x in df["done"]))   # as the rows count (running batches too)
+    # settings shared by every cell go in the title, so the table fits a terminal without truncation
+    shared = [c for c in ("p", "arch", "loss", "dtype", "rho", "tau") if len(df) > 1 and df[c].nunique() == 1]
+    common = ", ".join(f"{c} {df[c].iloc[0]:g}" if isinstance(df[c].iloc[0], float) else f"{c} {df[c].iloc[0]}"
+                       for c in shared)
+    t = Table(title=f"{spec.get('name', run_dir.name)}: {n_done}/{len(df)} cells done" + (f" ({common})" if common else ""))
+    cols = [c for c in df.columns if c not in shared and not (c == "arm" and not df["arm"].any())]
+    for c in cols:
+        t.add_column(c, justify="right", overflow="fold")
+    for r in df[cols].itertuples(index=False):
+        t.add_row(*("-" if isinstance(v, float) and math.isnan(v) else f"{v:g}" if isinstance(v, float) else str(v)
+                    for v in r))
+    con = Console()
+    con.print(t)
+    for k, v in cal.items():
+        con.print(f"w_c[{k}] = {v['w_c']:.4g} ({v['n_grokked']}/{v['seeds']} grokked, from {v['source']})"
+                  + ("  WARNING: no calibration model grokked" if v["n_grokked"] == 0 else ""),
+                  markup=False, highlight=False)         # the key's [...] is text, not rich markup
+    cal_dir = run_dir / "calibration"
+    for d in sorted(cal_dir.iterdir()) if cal_dir.is_dir() else []:
+        if d.name not in cal and (d / store.PROGRESS).exists():
+            pr = store.read_progress(d / store.PROGRESS)
+            con.print(f"calibration {d.name}: step {pr['step']}/{pr.get('steps', '?')} (the cells wait for its w_c)")

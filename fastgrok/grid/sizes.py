@@ -1,0 +1,96 @@
+"""What an experiment costs before it runs (`fastgrok experiments`): its cells, models, step budgets and a
+CPU time, every model trained to its budget (cells stop once their seeds grok, so runs are usually shorter).
+
+The time of one model-step, measured with `fastgrok train` (evaluations every 25 steps; the difference
+between a 700- and a 200-step run, so start-up and compilation cancel) on one thread of the 2-core CPU
+machine (2026-12-02, `benchmarks/model_step_times.py`, benchmarks/RESULTS.md), fitted as FIXED_S + WORK_S x (the step's work / the study
+MLP's at p = 59): MLP p = 59 M 12: 4.16 ms; p = 31 M 36 (the quick preset's size): 0.75 ms; p = 31, train
+fraction 0.9, M 4: 1.20 ms; checked at p = 97 M 4: 10.96 ms measured, 11.6 predicted. Work scaling
+alone (the estimate before) put the p = 31 model at 0.43 ms: small models pay per-step costs beyond
+their matmuls. The transformer (eager, as `--compile auto` runs it on a CPU) took 98 ms at p = 59 M 4,
+TRANSFORMER x the MLP fit. The MLP uncompiled (`--compile auto` for runs of at most step.QUICK_STEPS) took
+EAGER x as long at p = 59 (8.78 ms). A batch's models are padded to its most train rows, so each model
+costs its batch's work; compiling adds COMPILE_S per compiled batch. Checked end to end (one thread,
+other jobs on the other core): `fastgrok run interventions` (compiled) estimated 4 min, took 4 min 16 s;
+`fastgrok run phase` (eager, 216 models) estimated 10 min, took 7 min 22 s (its cells stop as their
+seeds grok; the estimate runs every model to its budget). Two threads run faster (the p = 59 MLP
+compiled: 2.46 ms). float64 takes FLOAT64 x as long (p = 59 M 12 compiled: 10.31 against 3.51 ms, measured
+side by side with another job on the other core).
+"""
+from __future__ import annotations
+
+from fastgrok.config import TrainConfig
+from fastgrok.grid.experiments import ExperimentSpec
+
+WORK_S = 3.73e-3
+"""Seconds per model-step per unit of the study MLP's work at p = 59 (one thread, compiled)."""
+FIXED_S = 0.34e-3
+"""Seconds per model-step whatever its size: the optimizer, the evaluations, per-row elementwise work."""
+TRANSFORMER = 3.5
+"""The transformer's model-step time over the MLP fit's at the same work (98.4 / 28.0 ms at p = 59)."""
+EAGER = 2.1
+"""The uncompiled MLP's model-step time over the compiled one's (8.78 / 4.16 ms at p = 59)."""
+FLOAT64 = 2.9
+"""A float64 model-step's time over a float32 one's (10.31 / 3.51 ms, the study MLP at p = 59, compiled)."""
+COMPILE_S = 45.0
+"""Seconds to compile one batch's step and evaluation on a CPU (p = 59 MLP; more at large train fractions)."""
+
+
+def _work(cfg: TrainConfig) -> float:
+    """Multiply-adds of one model's step, up to a constant: train pairs x weights each pair uses."""
+    if cfg.model == "mlp":
+        per_pair = 2 * cfg.d_embed * cfg.hidden + cfg.hidden * cfg.p
+    else:
+        d = cfg.d_model
+        per_pair = 3 * (4 * d * d + 2 * d * cfg.d_mlp) * cfg.n_layers + d * cfg.p
+    return cfg.n_train * per_pair
+
+
+_REF_WORK = _work(TrainConfig())
+
+
+def model_step_seconds(cfg: TrainConfig, compiled: bool = True) -> float:
+    """One model-step of cfg (a batch's config: its most train rows) on one CPU thread."""
+    t = (FIXED_S + WORK_S * _work(cfg) / _REF_WORK) * (FLOAT64 if cfg.dtype == "float64" else 1.0)
+    if cfg.model == "transformer":
+        return t * TRANSFORMER
+    return t * (1.0 if compiled else EAGER)
+
+
+def experiment_size(spec: ExperimentSpec) -> dict:
+    """cells, models (calibration controls included), the smallest and largest step budget, model-steps
+    (every model to its budget) and the CPU seconds they would take (`model_step_seconds` for each batch
+    of the plan, plus compilation)."""
+    import torch
+
+    from fastgrok.grid.plan import batch_config, calibration_steps, make_plan, resolve_compile
+    from fastgrok.core.step import use_compile
+    plan = make_plan(spec, "cpu")
+    cells = {c["cell"]: c for c in plan["cells"]}
+    mode = resolve_compile(spec, plan)
+    jobs = []                                         # (config, models, model-steps): one trainer each
+    for b in plan["batches"]:
+        members = [cells[i] for i in b["cells"]]
+        jobs.append((batch_config(spec, members, compile=mode), sum(c["seeds"] for c in members),
+                     sum(c["seeds"] * c["budget"] for c in members)))
+    n_cal = spec.calibration.seeds or spec.seeds
+    for cal in plan["calibrations"]:                  # the free controls that set w_c, one batch per setting
+        jobs.append((spec.base_config(**cal["shape"], compile=mode), n_cal, n_cal * calibration_steps(spec)))
+    seconds = 0.0
+    for cfg, _, n in jobs:
+        comp = use_compile(cfg, torch.device("cpu"))
+        seconds += n * model_step_seconds(cfg, comp) + (COMPILE_S if comp else 0.0)
+    models, model_steps = sum(j[1] for j in jobs), sum(j[2] for j in jobs)
+    budgets = [c["budget"] for c in plan["cells"]]
+    return {"cells": len(cells), "models": models, "min_steps": min(budgets), "max_steps": max(budgets),
+            "model_steps": model_steps, "cpu_s": seconds}
+
+
+def fmt_duration(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 90 * 60:
+        return f"{s / 60:.0f} min"
+    if s < 48 * 3600:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"

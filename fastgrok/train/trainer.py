@@ -1,0 +1,706 @@
+"""The training loop: evaluation, grokking detection, checkpoints, resume, progress.
+
+One screen of loop (`Trainer.run`): evaluate every `eval_every` steps (the only host sync), record
+T_mem/T_grok per model, checkpoint every `checkpoint_every` steps and on SIGINT/SIGTERM; each model
+stops (is frozen) when it has grokked or diverged, or at the budget, and the run ends when all have. Training is full batch and deterministic, so a
+run resumed from its checkpoint ends with exactly the results of an uninterrupted one.
+
+`Trainer(cfg, dir)` trains cfg's product of cells x seeds, each model stopping at its own end (its
+T_grok, divergence or the budget), so every number it reports equals that of the model trained alone
+(`--seeds 1 --seed0 K`). `Trainer(cfg, dir, table=rows)` trains an
+explicit list of models (the grid engine's packed batches): each row carries its own seed, tau,
+norm_target, t_clamp, step `budget` and `cell`, and a model stops at its own budget, when it diverges,
+or when every model of its cell has grokked (the study's per-cell rule) -- never because of another
+cell, so its results do not depend on the batch it trained in. Stopped models are frozen; with
+`compact_frac`, once that fraction of the batch has stopped their rows are dropped from every tensor
+(index_select on the model axis) and the rest run alone. Records keep the full model axis (NaN for rows
+no longer in the batch); `self.rows` maps batch rows to table rows.
+
+With `cfg.snapshots`, the running models' parameters are saved at evaluations (their log-spaced steps,
+T_mem and T_grok; snapshots.py) into `snapshot_dir` (default DIR/snapshots; a grid batch's is
+DIR/snapshots/<id>).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import fastgrok.kernels as K
+
+from fastgrok.train import snapshots
+from fastgrok import store
+from fastgrok.config import PER_MODEL, ConfigError, TrainConfig, default_lr, with_defaults, without_defaults
+from fastgrok.core.data import PAD_ROWS, make_task
+from fastgrok.train.memory import bytes_per_model, check_fits, device_memory, estimate_bytes  # noqa: F401 (plan, cli)
+from fastgrok.core.models import build_model
+from fastgrok.core.step import QUICK_STEPS, EVAL_METRICS, Batch, build_step_fns, eval_metrics, strict_float32, use_compile  # noqa: F401
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+I_TRAIN_ACC, I_TEST_ACC, I_LOGIT = EVAL_METRICS.index("train_acc"), EVAL_METRICS.index("test_acc"), \
+    EVAL_METRICS.index("logit_scale")
+I_TEST_LOSS = EVAL_METRICS.index("test_loss")
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Signals on which a running Trainer checkpoints and raises Interrupted (a grid's worker processes
+leave SIGINT to their driver, which stops them with SIGTERM)."""
+PENDING_STOP: int | None = None
+"""A stop signal a worker process received outside Trainer.run (workers._note_stop): the next run of
+the process checkpoints and stops at its first chance instead of training its batch."""
+
+
+class Interrupted(Exception):
+    """Raised after a checkpoint was written because the process was asked to stop."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' requested but no CUDA device is available on this machine")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+PROGRESS_EVERY_S = 2.0
+"""progress.json (what `fastgrok status` shows) is rewritten at the first evaluation this long after the
+last write, besides at every checkpoint: a live view at the cost of one small atomic write per interval."""
+
+
+@dataclass
+class Records:
+    """Host-side results so far (saved in checkpoints)."""
+    steps: list            # evaluated steps
+    evals: list            # (M, N_EVAL) numpy per evaluated step (NaN: the model had left the batch)
+    t_mem: np.ndarray      # (M,) int, -1 = not yet
+    t_grok: np.ndarray
+    diverged: np.ndarray   # (M,) bool
+    stop: np.ndarray | None = None   # (M,) int: the step a model stopped at, -1 = running
+
+    def to_payload(self, n_metrics: int) -> dict:
+        """The records as tensors (a checkpoint holds no other objects: store.load_checkpoint)."""
+        M = len(self.t_mem)
+        return {"steps": torch.as_tensor(np.asarray(self.steps, dtype=np.int64)),
+                "evals": torch.from_numpy(np.stack(self.evals) if self.evals else np.zeros((0, M, n_metrics))),
+                **{k: torch.from_numpy(np.asarray(getattr(self, k))) for k in ("t_mem", "t_grok", "diverged")},
+                "stop": None if self.stop is None else torch.from_numpy(np.asarray(self.stop))}
+
+    @classmethod
+    def from_payload(cls, d: dict) -> "Records":
+        return cls([int(s) for s in d["steps"].tolist()], list(d["evals"].numpy()),
+                   *(d[k].numpy().copy() for k in ("t_mem", "t_grok", "diverged")),
+                   None if d.get("stop") is None else d["stop"].numpy().copy())
+
+
+ROW_ONLY = ("t_clamp", "budget", "layer_fracs", "cell_seed0", "cell_seeds")
+"""Table-row keys the trainer consumes and does not copy into results()."""
+
+
+def _checkpoint_rows(ck: dict, M: int) -> np.ndarray:
+    """The table rows a checkpoint's state holds (all M when it predates compaction)."""
+    return np.asarray(ck["rows"]) if ck.get("rows") is not None else np.arange(M)
+
+
+def per_model_values(cfg: TrainConfig, table: list[dict]) -> dict[str, list]:
+    """Each per-model field (config.PER_MODEL) as one value per table row: the row's, else the config's
+    (which must then be one value). lr None is the model's default."""
+    out = {}
+    for name in PER_MODEL:
+        default = cfg.values(name)
+        vals = []
+        for r in table:
+            v = r.get(name)
+            if v is None:
+                if len(default) > 1:
+                    raise ConfigError(f"table: model {r.get('model')} has no {name} and the config gives "
+                                      f"several ({list(default)})")
+                v = default[0]
+            vals.append(v)
+        out[name] = vals
+    out["lr"] = [default_lr(cfg.model) if v is None else v for v in out["lr"]]
+    return out
+
+
+def _column(values: list[float], dtype, device) -> torch.Tensor:
+    """(M, 1) per-model values, rounded once from float64."""
+    return torch.tensor(values, dtype=torch.float64)[:, None].to(dtype).to(device)
+
+
+def rows_config(cfg: TrainConfig, per: dict[str, list]) -> TrainConfig:
+    """cfg with its per-model fields set to the values the rows use (`per_model_values`; validated as a
+    config: a row's bad lr or fraction is a ConfigError; `n_train` is the batch's most train rows)."""
+    return dataclasses.replace(cfg, **{k: tuple(dict.fromkeys(v)) for k, v in per.items()})
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path | str, *, progress: bool = True,
+                 table: list[dict] | None = None, compact_frac: float = 0.0, snapshot_dir: Path | str | None = None):
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.device = resolve_device(cfg.device)
+        strict_float32()
+        self.dtype = DTYPES[cfg.dtype]
+        self.backend = K.resolve_backend(cfg.kernels, self.device, self.dtype)
+        self.independent = table is not None        # per-cell stopping, per-model budgets, compaction
+        self.table = [dict(r) for r in table] if table is not None else cfg.model_table()
+        M = len(self.table)
+        if M == 0:
+            raise ConfigError("table: no models to train")
+        self.per = per = per_model_values(cfg, self.table)     # op, train_frac, lr, wd, ...: one value per row
+        check_fits(rows_config(cfg, per), M, self.device)
+        self.budget = np.array([r.get("budget", cfg.steps) for r in self.table], dtype=np.int64)
+        # what a model waits for before it stops once grokked: its cell (a grid's cells are never split
+        # across batches), or (`train`, where `--seeds 1 --seed0 K` makes a cell of one) nothing but itself
+        self.group = np.array([r["cell"] for r in self.table]) if self.independent else np.arange(M)
+        self.compact_frac = compact_frac if self.independent else 0.0
+        self.rows = np.arange(M)                    # table row of each batch row
+        seeds = [r["seed"] for r in self.table]
+        dev = self.device
+        self.task = make_task(cfg.p, per["op"], per["train_frac"], seeds, dev)
+        self.model = build_model(cfg)
+        self.metrics = eval_metrics(self.model, cfg)          # evaluate's columns: EVAL_METRICS first
+        lay = self.model.layout
+        self.snapshots = None                       # cfg.snapshots > 0: snapshots.py, under snapshot_dir
+        if cfg.snapshots:
+            snapshots.check_bound(cfg, snapshots.bound_bytes(cfg, M, lay), f"at most {snapshots.describe(cfg, M, lay)}")
+            self.snapshots = snapshots.Snapshots(cfg, snapshot_dir or self.run_dir / "snapshots", lay,
+                                                 [r["model"] for r in self.table], self.budget)
+        tgt = torch.tensor([r["norm_target"] or 0.0 for r in self.table], dtype=torch.float64)
+        S = lay.n_matrices if cfg.clamp_mode == "layer" else 1
+        fracs = torch.tensor([(r.get("layer_fracs") or cfg.layer_fracs or [1.0 / S] * S) if S > 1 else [1.0]
+                              for r in self.table], dtype=torch.float64)                  # (M, S)
+        task = self.task
+        ta, tb = task.a[task.train_idx], task.b[task.train_idx]
+        ty = task.y[task.train_idx] if task.y.dim() == 1 else torch.gather(task.y, 1, task.train_idx)
+        lr_wd = [a * b for a, b in zip(per["lr"], per["wd"])]             # in float64, as lr * wd in Python
+        self.batch = Batch(
+            train_a=ta, train_b=tb, train_y=ty, a=task.a, b=task.b, y=task.y, train_mask=task.train_mask,
+            test_mask=task.test_mask, train_weight=task.train_weight, valid=task.valid,
+            tau=torch.tensor([r["tau"] for r in self.table], dtype=self.dtype, device=dev),
+            lr=_column(per["lr"], self.dtype, dev),
+            lr_wd=_column(lr_wd, self.dtype, dev) if any(lr_wd) else None,
+            orthograd=torch.tensor(per["orthograd"], device=dev) if any(per["orthograd"]) else None,
+            gf_alpha=_column(per["grokfast_alpha"], self.dtype, dev) if any(per["grokfast_lambda"]) else None,
+            gf_lambda=_column(per["grokfast_lambda"], self.dtype, dev) if any(per["grokfast_lambda"]) else None,
+            clamp_on=torch.tensor([r["norm_target"] is not None for r in self.table], device=dev),
+            t_clamp=torch.tensor([r.get("t_clamp", cfg.t_clamp_of(loss)) for r, loss in zip(self.table, per["loss"])],
+                                 dtype=torch.int64, device=dev),
+            # each model's loss: None when all share the config's ce or mse (the code paths that predate
+            # kinds, bit for bit), else a kernel code per model (kernels.LOSS_KINDS)
+            kind=None if set(per["loss"]) <= {cfg.loss} and cfg.loss in ("ce", "mse") else
+            torch.tensor([K.LOSS_KINDS[loss] for loss in per["loss"]], dtype=torch.int64, device=dev))
+        cells = None
+        if cfg.init == "study":     # each model's cell: its first seed and seed count (train: seed0, seeds)
+            cells = [(r.get("cell_seed0", cfg.seed0), r.get("cell_seeds", cfg.seeds)) for r in self.table]
+        flat = lay.init(seeds, self.dtype, dev, cells=cells, scales=per["init_scale"])
+        self.state = {
+            "flat": flat, "m": torch.zeros_like(flat), "v": torch.zeros_like(flat),
+            "t": torch.zeros(M, dtype=torch.int64, device=dev),
+            "alive": torch.ones(M, dtype=torch.bool, device=dev),
+            "target": (tgt[:, None] * fracs.sqrt()).to(self.dtype).to(dev),
+            "bounds": lay.bounds if cfg.clamp_mode == "layer" else [lay.bounds[0], lay.bounds[-1]],
+        }
+        if self.batch.gf_lambda is not None:        # Grokfast-EMA's filter h, per model (set at its first step)
+            self.state["ema"] = torch.zeros_like(flat)
+        self.capture_shares = (cfg.clamp_mode == "layer" and not cfg.layer_fracs
+                               and not any(r.get("layer_fracs") for r in self.table))
+        self.records = Records([], [], np.full(M, -1), np.full(M, -1), np.zeros(M, bool), np.full(M, -1))
+        self.step_idx = 0
+        self.done = False
+        self._build_fns()
+        self._stop_signal = None
+        self._progress_t = 0.0
+        self._checkpoint_step = None
+        self.tracker = None                         # tracking.Safe: set by train(track=...)
+
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint(self) -> None:
+        tensors = {k: v.detach().cpu() for k, v in self.state.items() if isinstance(v, torch.Tensor)}
+        store.save_checkpoint(self.run_dir, {
+            "step": self.step_idx, "state": tensors, "records": self.records.to_payload(len(self.metrics)),
+            "done": self.done, "capture_shares": self.capture_shares, "rows": torch.as_tensor(self.rows),
+            "fingerprint": self.fingerprint,
+            "snapshots": self.snapshots.written if self.snapshots is not None else None})
+        self.write_results()
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of what determines this batch's results: the config and the models' table, less what
+        only says how or how long it runs (device, kernels, compile, checkpoint interval; the step
+        budgets, which a run may extend)."""
+        cfg = {k: v for k, v in without_defaults(self.cfg.to_dict()).items() if k not in store.HOW_FIELDS}
+        # a row's per-model value equal to the config's one value is left out, as rows were written
+        # before these fields were per model (a checkpoint of then still resumes)
+        same = {k: v for k, v in self.cfg.to_dict().items() if k in PER_MODEL and not isinstance(v, tuple)}
+        table = [{k: v for k, v in r.items() if k != "budget" and not (k in same and v == same[k])}
+                 for r in self.table]
+        return store.fingerprint({"config": cfg, "table": table})
+
+    @functools.cached_property
+    def run_id(self) -> str:
+        """The fingerprint this trainer's results tables and progress carry: a `fastgrok train` run's
+        config (store.config_fingerprint, which readers compute from config.json), a batch's own
+        `fingerprint` when it trains a given table (a grid batch)."""
+        return self.fingerprint if self.independent else store.config_fingerprint(self.cfg.to_dict())
+
+    def check_checkpoint(self, ck: dict) -> None:
+        """A StateError naming the checkpoint unless it belongs to this run: its fingerprint, or (a
+        checkpoint written before fingerprints) its tensors' and records' shapes."""
+        path = self.run_dir / store.CHECKPOINT
+        fp = ck.get("fingerprint")
+        if fp is not None and fp != self.fingerprint:
+            raise store.state_error(path, "its configuration fingerprint is not this run's (a checkpoint of "
+                                          "another run, or the run's config.json or spec was edited)")
+        M, P = len(self.table), self.model.layout.n_params
+        rows = _checkpoint_rows(ck, M)
+        try:
+            flat, rec = ck["state"]["flat"], ck["records"]
+            ok = (tuple(flat.shape) == (len(rows), P) and len(rec["t_grok"]) == M and len(rec["t_mem"]) == M
+                  and len(rec["steps"]) == len(rec["evals"]) and (len(rows) == 0 or int(rows.max()) < M))
+        except (KeyError, AttributeError, TypeError):
+            ok = False
+        if not ok:
+            raise store.state_error(path, f"a checkpoint of another run (its tensors are not those of {M} "
+                                          f"model(s) of {P} parameters)")
+
+    def restore(self, ck: dict) -> None:
+        self.check_checkpoint(ck)
+        for k, v in ck["state"].items():
+            self.state[k] = v.to(self.device)
+        self.step_idx, self.records, self.done = ck["step"], Records.from_payload(ck["records"]), ck["done"]
+        self._checkpoint_step = ck["step"]
+        if self.snapshots is not None:
+            self.snapshots.restore(ck.get("snapshots"), self.run_dir / store.CHECKPOINT, ck["step"])
+        self.capture_shares = ck["capture_shares"]
+        if self.records.stop is None:               # a checkpoint from before per-model stopping
+            self.records.stop = np.full(len(self.table), -1)
+        # a checkpoint from before test_loss (6 metrics) or the progress measures: NaN there
+        n = len(self.metrics)
+        self.records.evals = [e if e.shape[1] == n else np.concatenate([e, np.full((e.shape[0], n - e.shape[1]), np.nan)], 1)
+                              for e in self.records.evals]
+        rows = _checkpoint_rows(ck, len(self.table))
+        if len(rows) < len(self.table):             # the state was saved compacted: compact the batch too
+            self.batch = _select_batch(self.batch, torch.as_tensor(rows, device=self.device))
+        self.rows = rows
+
+    def extend(self, old_steps: int) -> None:
+        """After `restore`: a run saved with a budget of old_steps continues to cfg.steps (larger).
+
+        Models that stopped at the old budget run on (frozen ones stay frozen), and the evaluation the
+        old budget forced between regular ones is dropped with what it detected: the run goes on exactly
+        as one started with the longer budget (with the same compile mode). A run that stopped because
+        every model grokked or diverged stays finished."""
+        r = self.records
+        if self.independent or self.cfg.steps <= old_steps:
+            return
+        at_budget = r.stop == old_steps
+        forced = bool(r.steps) and r.steps[-1] == old_steps and old_steps % self.cfg.eval_every != 0
+        if not forced:                              # a divergence seen at a regular evaluation stands
+            at_budget &= ~r.diverged
+        if not at_budget.any():
+            return
+        if forced:
+            r.steps.pop()
+            r.evals.pop()
+            r.t_mem[r.t_mem == old_steps] = -1
+            r.t_grok[r.t_grok == old_steps] = -1
+            r.diverged[at_budget] = False           # seen again at the next regular evaluation
+        r.stop[at_budget] = -1
+        self.done = False
+        pos = np.nonzero(at_budget[self.rows])[0]
+        if len(pos):
+            alive = self.state["alive"]
+            alive[torch.as_tensor(pos, device=self.device)] = torch.as_tensor(~r.diverged[self.rows][pos],
+                                                                              device=self.device)
+
+    def compact(self) -> None:
+        """Drop the stopped models' rows from every state and batch tensor (the model axis)."""
+        keep = np.nonzero(self.records.stop[self.rows] < 0)[0]
+        idx = torch.as_tensor(keep, device=self.device)
+        for k, v in self.state.items():
+            if isinstance(v, torch.Tensor):
+                self.state[k] = v.index_select(0, idx)
+        self.batch = _select_batch(self.batch, idx)
+        self.rows = self.rows[keep]
+        self._build_fns()                           # a new M: compiled anew, from empty caches
+
+    def _build_fns(self) -> None:
+        """The step and evaluation callables. Compiled ones start from empty dynamo caches: every
+        torch.compile'd step of the process shares one code object and its recompile limit (8), so
+        trainers built one after another (a grid's batches, compactions) would otherwise exhaust it."""
+        compiled = use_compile(self.cfg, self.device)
+        if compiled:
+            torch._dynamo.reset()
+        self.step_fn, self.eval_fn = build_step_fns(self.model, self.cfg, self.backend, compiled)
+
+    # ---------------------------------------------------------------- the loop
+    def _evaluate(self) -> None:
+        ev = self.eval_fn(self.state, self.batch).double().cpu().numpy()    # sync point: once per eval
+        r, cfg, s, rows = self.records, self.cfg, self.step_idx, self.rows
+        out = np.full((len(self.table), ev.shape[1]), np.nan)               # (M, N_EVAL) over the whole table
+        out[rows] = ev
+        r.steps.append(s)
+        r.evals.append(out)
+        running = np.zeros(len(self.table), bool)
+        running[rows] = r.stop[rows] < 0
+        running &= self._scheduled(np.array([s]))[0]    # another cell's budget step is not this model's
+        alive = np.ones(len(self.table), bool)
+        alive[rows] = self.state["alive"].cpu().numpy()
+        r.diverged |= running & ~alive
+        with np.errstate(invalid="ignore"):
+            mem = running & (r.t_mem < 0) & (out[:, I_TRAIN_ACC] >= cfg.mem_threshold) & ~r.diverged
+            grok = running & (r.t_grok < 0) & (out[:, I_TEST_ACC] >= cfg.grok_threshold) & ~r.diverged
+        r.t_mem[mem] = s
+        r.t_grok[grok] = s
+        if self.snapshots is not None:
+            self._snapshot(s, running)
+        if self.tracker is not None:                # the models this step counts for: their curves' rows
+            self.tracker.evaluation(s, [t["model"] for t in self.table], np.array([t["cell"] for t in self.table]),
+                                    running, self.metrics, out, s % cfg.logit_every == 0)
+        # who stops here: its own budget, its divergence, or every model of its group (its cell in a
+        # grid, itself in `train`) grokked or diverged
+        stop = running & ((s >= self.budget) | r.diverged)
+        if cfg.stop_when_grokked:
+            fin = (r.t_grok >= 0) | r.diverged
+            open_groups = np.unique(self.group[~fin])
+            stop |= running & ~np.isin(self.group, open_groups)
+        r.stop[stop] = s
+        self.done = bool((r.stop >= 0).all())
+        if stop.any() and not self.done:           # freeze the stopped models (a sync-free mask update)
+            pos = np.nonzero(stop[rows])[0]
+            self.state["alive"][torch.as_tensor(pos, device=self.device)] = False
+
+    def _snapshot(self, s: int, running: np.ndarray) -> None:
+        """The running models' parameters at this evaluation, where their schedule or T_mem/T_grok says
+        (snapshots.py); copied to the host only then."""
+        due = self.snapshots.due(s, running, self.records.t_mem, self.records.t_grok)
+        if due:
+            where = {int(t): k for k, t in enumerate(self.rows)}         # table row -> batch row
+            pos = torch.as_tensor([where[i] for i, _ in due], device=self.device)
+            self.snapshots.save(s, due, self.state["flat"].index_select(0, pos).cpu().numpy())   # (K, P)
+
+    def _eval_due(self, s: int) -> bool:
+        if self.records.steps and self.records.steps[-1] == s:
+            return False
+        running = self.rows[self.records.stop[self.rows] < 0]
+        return s % self.cfg.eval_every == 0 or bool((self.budget[running] == s).any())
+
+    def _scheduled(self, steps: np.ndarray) -> np.ndarray:
+        """(T, M) whether each step is one of each model's own evaluations: every eval_every steps and
+        at its own budget. An evaluation forced by another model's budget is recorded for all, but
+        counts (T_mem, T_grok, stopping, curves, final values) only for the models it is scheduled for,
+        so a model's results do not depend on the budgets of the cells it is packed with."""
+        steps = np.asarray(steps)
+        return (steps % self.cfg.eval_every == 0)[:, None] | (steps[:, None] == self.budget[None, :])
+
+    def _capture_layer_targets(self) -> None:
+        """Per-layer clamp with no fixed shares: each matrix keeps its share of ||W||^2 from now on."""
+        flat, b = self.state["flat"], self.state["bounds"]
+        sq = torch.stack([flat[:, lo:hi].double().square().sum(1) for lo, hi in zip(b[:-1], b[1:])], 1)
+        total = torch.tensor([self.table[i]["norm_target"] or 0.0 for i in self.rows], dtype=torch.float64,
+                             device=flat.device)
+        self.state["target"] = (total[:, None] * (sq / sq.sum(1, keepdim=True)).sqrt()).to(self.dtype)
+        self.capture_shares = False
+
+    def run(self) -> pd.DataFrame:
+        cfg = self.cfg
+        self._install_signals()
+        bar = _Progress(cfg.steps, len(self.table), enabled=self.progress)
+        if self.step_idx == 0 and use_compile(cfg, self.device):
+            bar.note("compiling the training step and the evaluation (one-off: ~45 s on a CPU at p = 59, "
+                     "seconds once cached; --no-compile skips it)")
+        last_checkpoint = self.step_idx
+        if not (self.run_dir / store.PROGRESS).exists():   # `status` shows a started run from its first step
+            self._write_progress()
+        if self.snapshots is not None and self._checkpoint_step is None:
+            self.snapshots.clear()                  # a start from scratch: an earlier start's files go
+        try:
+            with bar:
+                while not self.done:
+                    s = self.step_idx
+                    if self._eval_due(s):
+                        self._evaluate()                    # also decides who stops here (and done)
+                        bar.update(s, self.records)
+                        if time.monotonic() - self._progress_t >= PROGRESS_EVERY_S:
+                            self._write_progress()          # for `fastgrok status`: a small file, seconds apart
+                        n_stopped = int((self.records.stop[self.rows] >= 0).sum())
+                        if not self.done and self.compact_frac and n_stopped >= self.compact_frac * len(self.rows):
+                            self.compact()                  # results are per model: unchanged by this
+                        if s // cfg.checkpoint_every > last_checkpoint // cfg.checkpoint_every:
+                            self.checkpoint()               # the first evaluation at or after each multiple
+                            last_checkpoint = s
+                    if self.done:
+                        break
+                    if self._stop_signal is not None:
+                        self.checkpoint()
+                        raise Interrupted(f"stopped by signal {self._stop_signal} at step {s}")
+                    if self.capture_shares and s + 1 >= cfg.t_clamp:
+                        self._capture_layer_targets()
+                    self.step_fn(self.state, self.batch)
+                    self.step_idx = s + 1
+                    if self.step_idx % cfg.eval_every:
+                        bar.update(self.step_idx, None)
+            if self.records.steps[-1] != self.step_idx:      # the budget ended between evaluations
+                self._evaluate()
+            self.checkpoint()
+            if self.tracker is not None:
+                self.tracker.finish(self.results())
+            early = self.step_idx < int(self.budget.max())
+            bar.finish(self.step_idx, self.records, "the step budget" if not early else
+                       "every model grokked or diverged" if not self.independent else
+                       "every model grokked, diverged or reached its own budget")
+            if self._stop_signal is not None:
+                # the signal came during the last evaluation or checkpoint: the run is saved whole, and
+                # the caller (a grid about to start its next batch) is told to stop too
+                raise Interrupted(f"stopped by signal {self._stop_signal} at step {self.step_idx} "
+                                  "(this run had finished)")
+        finally:
+            self._restore_signals()
+            if self.tracker is not None:
+                self.tracker.close()
+        return self.results()
+
+    # ---------------------------------------------------------------- results
+    def _ends(self) -> np.ndarray:
+        """(M,) each model's last evaluated step: where it stopped, else its latest own evaluation."""
+        steps = np.asarray(self.records.steps)
+        own = self._scheduled(steps)                                    # (T, M); step 0 is everyone's
+        latest = steps[own.shape[0] - 1 - np.argmax(own[::-1], axis=0)]
+        return np.where(self.records.stop >= 0, self.records.stop, latest)
+
+    def results(self) -> pd.DataFrame:
+        r, cfg = self.records, self.cfg
+        ev = np.stack(r.evals)                                  # (T, M, N_EVAL)
+        steps = np.asarray(r.steps)
+        ends = self._ends()
+        rows = []
+        for i, row in enumerate(self.table):
+            tg = int(r.t_grok[i])
+            last = ev[np.searchsorted(steps, ends[i])]          # (M, N_EVAL) at this model's last step
+            # L at grok: the model's own evaluation at T_grok (every evaluation computes L), so it does
+            # not depend on how long the batch ran; the study's cell-level rule (L at the logged step
+            # nearest the cell's median T_grok) is analysis.cell_logit_scale's, from the curves
+            at_grok = ev[np.searchsorted(steps, tg), i] if tg >= 0 else np.full(ev.shape[2], np.nan)  # (N_EVAL,)
+            rows.append({**{k: v for k, v in row.items() if k not in ROW_ONLY},
+                         **{k: self.per[k][i] for k in PER_MODEL}, "rho": row.get("rho"),
+                         "t_mem": int(r.t_mem[i]) if r.t_mem[i] >= 0 else None,
+                         "t_grok": tg if tg >= 0 else None, "logit_scale_at_grok": float(at_grok[I_LOGIT]),
+                         "test_loss_at_grok": float(at_grok[I_TEST_LOSS]),
+                         **{m: float(last[i, k]) for k, m in enumerate(EVAL_METRICS) if m != "logit_scale"},
+                         "diverged": bool(r.diverged[i]), "steps": int(ends[i])})
+        df = pd.DataFrame(rows)
+        for c in ("t_mem", "t_grok"):
+            df[c] = df[c].astype("Int64")
+        for c in ("norm_target", "rho"):
+            df[c] = df[c].astype("float64")
+        return df
+
+    def curves(self) -> pd.DataFrame:
+        r, cfg = self.records, self.cfg
+        ev = np.stack(r.evals)                                  # (T, M, N_EVAL)
+        T, M, K_ = ev.shape
+        steps = np.repeat(np.asarray(r.steps), M * K_).reshape(T, M, K_)
+        ids = np.array([row["model"] for row in self.table])
+        model = np.broadcast_to(ids[None, :, None], (T, M, K_))
+        metric = np.broadcast_to(np.arange(K_)[None, None, :], (T, M, K_))
+        own = self._scheduled(np.asarray(r.steps))[:, :, None]        # (T, M, 1)
+        keep = ((metric != I_LOGIT) | (steps % cfg.logit_every == 0)) & (steps <= self._ends()[None, :, None]) & own
+        return pd.DataFrame({"model": model[keep], "step": steps[keep],
+                             "metric": np.asarray(self.metrics)[metric[keep]], "value": ev[keep]})
+
+    def write_results(self) -> None:
+        if not self.records.evals:
+            return
+        store.write_parquet(self.run_dir / store.MODELS, self.results(), fingerprint=self.run_id)
+        store.write_parquet(self.run_dir / store.CURVES, self.curves(), fingerprint=self.run_id)
+        self._write_progress(checkpoint=True)
+
+    def _write_progress(self, checkpoint: bool = False) -> None:
+        """progress.json: the step reached, whether the run is done, the budget, the step of the last
+        checkpoint (what a resume starts from), and how many models memorized, grokked and diverged."""
+        r = self.records
+        if checkpoint:
+            self._checkpoint_step = self.step_idx
+        store.write_json(self.run_dir / store.PROGRESS, {
+            "step": self.step_idx, "done": self.done, "steps": int(self.budget.max()),
+            "checkpoint": self._checkpoint_step, "models": len(self.table),
+            "memorized": int((r.t_mem >= 0).sum()), "grokked": int((r.t_grok >= 0).sum()),
+            "diverged": int(r.diverged.sum()), "run": self.run_id})
+        self._progress_t = time.monotonic()
+
+    # ---------------------------------------------------------------- signals
+    def _install_signals(self) -> None:
+        self._old = {}
+        if PENDING_STOP is not None:
+            self._stop_signal = PENDING_STOP
+        try:
+            for sig in STOP_SIGNALS:
+                self._old[sig] = signal.signal(sig, self._on_signal)
+        except ValueError:          # not the main thread: no handlers, checkpoints still happen
+            self._old = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:       # second signal: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
+    def _restore_signals(self) -> None:
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+
+
+_SHARED = ("a", "b", "y")
+"""Batch fields without a model axis (y has one when the models' ops differ)."""
+
+
+def _select_batch(batch: Batch, idx: torch.Tensor) -> Batch:
+    """The batch restricted to rows idx of the model axis (derived non-tensor fields are reset)."""
+    kw = {}
+    for f in dataclasses.fields(batch):
+        v = getattr(batch, f.name)
+        if f.name in _SHARED and v.dim() == 1:
+            kw[f.name] = v
+        elif isinstance(v, torch.Tensor):
+            kw[f.name] = v.index_select(0, idx)
+        else:
+            kw[f.name] = None
+    w = kw["train_weight"]
+    if w is not None and w.shape[0]:
+        # padding no kept model needs: drop whole blocks of 16 past the most real rows left (bit for bit the
+        # same training, data.PAD_ROWS)
+        n = -(-int(w.sum(1).max()) // PAD_ROWS) * PAD_ROWS
+        if n < w.shape[1]:
+            for k in ("train_a", "train_b", "train_y", "train_weight"):
+                kw[k] = kw[k][:, :n]
+    return Batch(**kw)
+
+
+class _Progress:
+    """Progress: step, mean train/test accuracy, models grokked. A rich bar on a terminal; elsewhere (a log
+    file, nohup) one plain line per PLAIN_EVERY_S seconds, at evaluation steps."""
+
+    PLAIN_EVERY_S = 30.0
+
+    def __init__(self, total: int, n_models: int, enabled: bool):
+        self.enabled, self.n, self.total = enabled, n_models, total
+        self.live = False
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            console = Console()
+            self.live = console.is_terminal
+            if self.live:                           # on a narrow terminal (80 columns): no elapsed time, a short bar
+                wide = console.width >= 110
+                cols = [TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=40 if wide else 10)]
+                cols += [TimeElapsedColumn()] if wide else []
+                self.p = Progress(*cols, TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+                self.task = self.p.add_task("train", total=total, info="")
+        self.last = 0.0
+        self.t0 = time.monotonic()
+        self.last_plain = self.t0
+
+    def __enter__(self):
+        if self.live:
+            self.p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live:
+            self.p.__exit__(*exc)
+
+    def note(self, msg: str) -> None:
+        if self.live:
+            self.p.console.print(msg)
+        elif self.enabled:
+            print(msg, flush=True)
+
+    def finish(self, step: int, records: Records, why: str) -> None:
+        """A closing line: where the run ended and why (an early stop leaves the bar short of the budget)."""
+        if not self.enabled:
+            return
+        msg = (f"done at step {step}/{self.total} ({why}): grokked {(records.t_grok >= 0).sum()}/{self.n}"
+               + (f", diverged {records.diverged.sum()}" if records.diverged.any() else "")
+               + f" ({time.monotonic() - self.t0:.0f} s)")
+        if self.live:
+            self.p.console.print(msg, markup=False, highlight=False)
+        else:
+            print(msg, flush=True)
+
+    def update(self, step: int, records: Records | None) -> None:
+        if not self.enabled:
+            return
+        info = ""
+        if records is not None:
+            ev = records.evals[-1]
+            info = (f"train {np.nanmean(ev[:, I_TRAIN_ACC]):.3f}  test {np.nanmean(ev[:, I_TEST_ACC]):.3f}  "
+                    f"grokked {(records.t_grok >= 0).sum()}/{self.n}"
+                    + (f"  diverged {records.diverged.sum()}" if records.diverged.any() else ""))
+        now = time.monotonic()
+        if not self.live:
+            if records is not None and now - self.last_plain >= self.PLAIN_EVERY_S:
+                print(f"step {step}/{self.total}  {info}  ({now - self.t0:.0f} s)", flush=True)
+                self.last_plain = now
+            return
+        if records is not None or now - self.last > 0.2:
+            self.p.update(self.task, completed=step, **({"info": info} if info else {}))
+            self.last = now
+
+
+def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, progress: bool = True,
+          track: str | None = None) -> pd.DataFrame:
+    """Train `cfg` into run_dir (resuming from its checkpoint when asked); returns models' results.
+
+    Resuming with a config that differs from the saved one only in a larger `steps` extends the run
+    (`Trainer.extend`); its config.json then records the new budget. The run directory's writer lock is
+    held throughout (`store.writer_lock`): a second writer is refused. `track`: "wandb" or "tensorboard"
+    (tracking.py; a resumed tracked run goes on tracking without it)."""
+    with store.writer_lock(run_dir):
+        return _train(cfg, Path(run_dir), resume, progress, track)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, track: str | None = None) -> pd.DataFrame:
+    saved = run_dir / store.CONFIG
+    if saved.exists() and not resume:
+        raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+    old_steps = None
+    if saved.exists():
+        # tuples as saved: lists; fields added since the run was saved at the value it had
+        old, new = with_defaults(store.read_json(saved)), json.loads(json.dumps(cfg.to_dict()))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff and diff != ["steps"]:
+            raise ConfigError(f"{run_dir} holds a run of another config (differs in {', '.join(diff)}); resume it "
+                              f"with its own: train(load_config(dir), dir, resume=True)")
+        if diff:
+            old_steps = int(old["steps"])
+            if cfg.steps < old_steps:
+                raise ConfigError(f"{run_dir} holds a run of {old_steps:,} steps: a run can be extended "
+                                  f"(steps > {old_steps:,}), not shortened")
+    trainer = Trainer(cfg, run_dir, progress=progress)       # fails (too big, bad device) before any file
+    if resume:
+        ck = store.load_checkpoint(run_dir)
+        if ck is not None:
+            trainer.restore(ck)
+            if old_steps is not None:
+                trainer.extend(old_steps)
+    if not saved.exists() or old_steps is not None:
+        store.write_json(saved, cfg.to_dict())
+    from fastgrok.train.tracking import open_tracker
+    trainer.tracker = open_tracker(track, run_dir, cfg.to_dict())
+    return trainer.run()
+
+
+def load_config(run_dir: Path | str) -> TrainConfig:
+    path = Path(run_dir) / store.CONFIG
+    if not path.exists():
+        raise ConfigError(f"{run_dir} holds no run (no {store.CONFIG})")
+    return store.read_config(path)
