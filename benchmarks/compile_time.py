@@ -48,11 +48,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(p=args.p, seeds=args.seeds, device="cpu", compile="off")
-    step, tr = fastgrok_step(cfg, torch.device("cpu"), compile_step=True)
+    step, evaluate = fastgrok_step(cfg, torch.device("cpu"), compile_step=True)
     t0 = time.perf_counter()
     step()
     t1 = time.perf_counter()
-    tr.eval_fn(tr.state, tr.batch)
+    evaluate()
     t2 = time.perf_counter()
     print(f"p = {args.p}, M = {args.seeds}, {args.threads} thread(s), cache {cache}")
     print(f"first step {t1 - t0:.1f} s, first evaluation {t2 - t1:.1f} s, together {t2 - t0:.1f} s; of which "

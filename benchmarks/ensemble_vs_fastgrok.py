@@ -33,7 +33,7 @@ import torch                # noqa: E402
 from fastgrok.bench.sections import meta  # noqa: E402
 from fastgrok.bench.ensemble import goal_lines, markdown, section_ensemble  # noqa: E402
 from fastgrok.core.step import keep_freed_memory  # noqa: E402
-from fastgrok.train.trainer import resolve_device  # noqa: E402
+from fastgrok.train.state import resolve_device  # noqa: E402
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import torch
 
 import fastgrok.core.step as step
 from fastgrok.config import TrainConfig
-from fastgrok.train.trainer import Trainer
+from fastgrok.train.state import build_state
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(p=args.p, seeds=args.seeds, model=args.model, device=args.device,
                       compile="on" if args.compile else "off", restricted_loss=True)
-    tr = Trainer(cfg, "/nonexistent-progress-cost", progress=False)   # never written: no run() call
+    tr = build_state(cfg)                       # the models' state: no run directory
 
     # the evaluation before the progress measures: evaluate's code with their Fourier and norm columns
     # empty (a copy of the function with its own globals; the restricted losses are off in "base")
@@ -57,12 +57,12 @@ def main() -> None:
     sync = torch.cuda.synchronize if tr.device.type == "cuda" else (lambda: None)
     for k, fn in fns.items():          # warm up (and compile)
         for _ in range(3):
-            fn(tr.state, tr.batch)
+            fn(tr.tensors, tr.batch)
     for _ in range(args.reps):
         for k, fn in fns.items():
             sync()
             t0 = time.perf_counter()
-            fn(tr.state, tr.batch).cpu()
+            fn(tr.tensors, tr.batch).cpu()
             sync()
             times[k].append(time.perf_counter() - t0)
     base = statistics.median(times["base"])

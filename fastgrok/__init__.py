@@ -21,14 +21,26 @@ try:
 except PackageNotFoundError:                    # run from a source tree that was never installed
     __version__ = "unknown"
 
-_SUBMODULES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))) + ("kernels",)
-"""Every module of the package, found on disk (so none is left out), and the kernels subpackage."""
+def _submodules_on_first_use(package: str, path) -> tuple:
+    """(__getattr__, names) for a package whose modules and subpackages, found on disk (so none is left
+    out), load on first use: `fastgrok.analysis.report` works after a bare `import fastgrok`."""
+    names = tuple(sorted(m.name for m in pkgutil.iter_modules(path) if not m.name.startswith("_")))
+
+    def __getattr__(name: str):
+        if name in names:
+            return importlib.import_module(f"{package}.{name}")
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    return __getattr__, names
 
 
-def __getattr__(name: str):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, _found = _submodules_on_first_use(__name__, __path__)
+_SUBMODULES = _found + ("kernels",)
+"""Every module and subpackage of the package, and the kernels subpackage (installed from kernels/)."""
+_kernels_getattr = __getattr__
+
+
+def __getattr__(name: str):         # noqa: F811 (the kernels subpackage lives outside this directory)
+    return importlib.import_module(f"{__name__}.kernels") if name == "kernels" else _kernels_getattr(name)
 
 
 __all__ = ["__version__", *_SUBMODULES]

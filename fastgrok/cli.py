@@ -225,11 +225,14 @@ def cmd_train(args) -> int:
         resume = False
     from fastgrok.store import holds_grid_run
     from fastgrok.train.summary import print_summary
-    from fastgrok.train.trainer import DTYPES, Interrupted, check_fits, resolve_device, train
+    from fastgrok.train.memory import check_fits
+    from fastgrok.train.signals import Interrupted
+    from fastgrok.train.state import TORCH_DTYPES, resolve_device
+    from fastgrok.train.trainer import train
     import fastgrok.kernels as K
     # a CUDA request without CUDA, or kernels that cannot run here, fail now: before the banner and
     # before the run directory is created
-    K.resolve_backend(cfg.kernels, resolve_device(cfg.device), DTYPES[cfg.dtype])
+    K.resolve_backend(cfg.kernels, resolve_device(cfg.device), TORCH_DTYPES[cfg.dtype])
     if args.track:                              # its library is installed (one line naming the extra if not)
         from fastgrok.train.tracking import check
         check(args.track)
@@ -310,7 +313,7 @@ def _sigterm_as_ctrl_c():
 def cmd_run(args) -> int:
     from fastgrok.grid.executors import run_experiment
     from fastgrok.grid.workers import WorkerDied
-    from fastgrok.train.trainer import Interrupted
+    from fastgrok.train.signals import Interrupted
     overrides = {k: v for k, v in (("p", args.p), ("seeds", args.seeds), ("max_steps", args.max_steps),
                                    ("compile", args.compile)) if v is not None}
     try:

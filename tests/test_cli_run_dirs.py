@@ -293,9 +293,9 @@ def test_clamp_that_never_starts_warns(tmp_path):
 
 
 def test_plain_progress_lines_when_not_a_terminal(tmp_path, monkeypatch, capsys):
-    from fastgrok.train import trainer
+    from fastgrok.train import progress_bar, trainer
     from fastgrok.config import TrainConfig
-    monkeypatch.setattr(trainer._Progress, "PLAIN_EVERY_S", 0.0)
+    monkeypatch.setattr(progress_bar.ProgressBar, "PLAIN_EVERY_S", 0.0)
     cfg = TrainConfig(p=17, seeds=1, d_embed=8, hidden=16, steps=60, eval_every=20, compile="off", device="cpu")
     trainer.Trainer(cfg, tmp_path / "run", progress=True).run()
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
@@ -373,15 +373,15 @@ def test_train_warns_about_options_it_does_not_use(tmp_path):
 def test_analyze_of_an_interrupted_train_run_says_it_is_unfinished(train_run, tmp_path, capsys):
     """A `train` run stopped by a signal (here: the stop a worker's SIGTERM leaves pending) is analysed as
     what it is: the terminal and report.md say at which step of how many it stopped, and how to go on."""
-    from fastgrok.train import trainer
+    from fastgrok.train import signals
     from fastgrok.cli import main
     out = tmp_path / "run"
-    trainer.PENDING_STOP = signal.SIGTERM
+    signals.note_stop(signal.SIGTERM)
     try:
         assert main(["train", "--p", "17", "--seeds", "1", "--d-embed", "8", "--hidden", "16", "--steps", "200",
                      "--no-compile", "--quiet", "--out", str(out)]) == 130
     finally:
-        trainer.PENDING_STOP = None
+        signals.note_stop(None)
     progress = json.loads((out / "progress.json").read_text())
     assert progress["done"] is False and progress["step"] < 200
     capsys.readouterr()

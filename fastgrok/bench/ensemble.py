@@ -57,8 +57,8 @@ class _Provider:
 
 
 def _fastgrok(cfg: TrainConfig, device, compiled: bool = True) -> _Provider:
-    step, tr = fastgrok_step(cfg, device, compile_step=compiled)      # builds reset dynamo: all before any call
-    return _Provider(FASTGROK if compiled else EAGER, step, lambda: tr.eval_fn(tr.state, tr.batch)[:, 1:3].cpu())
+    step, evaluate = fastgrok_step(cfg, device, compile_step=compiled)   # builds reset dynamo: all before any call
+    return _Provider(FASTGROK if compiled else EAGER, step, lambda: evaluate()[:, 1:3].cpu())
 
 
 def _ensemble(cfg: TrainConfig, device) -> _Provider:

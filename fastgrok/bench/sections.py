@@ -230,14 +230,13 @@ def _scratch_dir() -> str:
 
 
 def fastgrok_step(cfg: TrainConfig, device, compile_step: bool):
-    """(step callable, trainer) for cfg on device; state lives in the trainer, whose `eval_fn` is the
-    evaluation built alike (compiled with the step, or not)."""
-    from fastgrok.train.trainer import Trainer
+    """(step, evaluate): callables that run fastgrok's training step, and its evaluation built alike
+    (compiled with the step, or not), on one state of cfg's models on device (train.state.build_state)."""
+    from fastgrok.train.state import build_state
     torch._dynamo.reset()
-    tr = Trainer(replace(cfg, device=device.type, compile="off"), _scratch_dir(),
-                 progress=False)
-    step, tr.eval_fn = build_step_fns(tr.model, tr.cfg, tr.backend, compile_step)
-    return (lambda: step(tr.state, tr.batch)), tr
+    st = build_state(replace(cfg, device=device.type, compile="off"))
+    step, eval_fn = build_step_fns(st.model, st.cfg, st.backend, compile_step)
+    return (lambda: step(st.tensors, st.batch)), (lambda: eval_fn(st.tensors, st.batch))
 
 
 def section_step(device, quick: bool, on_rows=None, models: tuple[int, ...] | None = None) -> list[dict]:
@@ -287,10 +286,10 @@ def _step_rows(base: TrainConfig, M: int, device, reps: int, peak: float | None)
     fns = {"baseline": (cell.step, r), "baseline eval": (cell.evaluate, r), "baseline logit": (cell.logit_scale, r)}
     # eager first: building a step resets dynamo, which would throw away the compiled one's code
     for compiled in (False, True) if M <= 12 else (True,):
-        fn, tr = fastgrok_step(cfg, device, compile_step=compiled)
+        fn, evaluate = fastgrok_step(cfg, device, compile_step=compiled)
         name = f"fastgrok {'compiled' if compiled else 'eager'}"
         fns[name] = (fn, reps if compiled else r)
-        fns[name + " eval"] = ((lambda tr=tr: tr.eval_fn(tr.state, tr.batch).sum().item()), r)
+        fns[name + " eval"] = ((lambda evaluate=evaluate: evaluate().sum().item()), r)
     t_all = _measure_alternating(fns, device, warmup=3)                # every provider, alternating
     tb = {k: (v * n_cells if k.endswith("_s") else v) for k, v in t_all["baseline"].items()}
     # per step: evaluation every 25 steps and the logit readout every 200, per cell
@@ -544,7 +543,7 @@ def run_bench(quick: bool, device: str, json_path: Path, plot_path: Path | None,
     results. The JSON is rewritten after each section and each M of the step section. A section that
     fails is reported (stderr, and `errors` in the JSON) and the next one runs. `models`: the step
     section's M values (default 1, 12, 96 on a CPU; up to 3072 on a GPU)."""
-    from fastgrok.train.trainer import resolve_device
+    from fastgrok.train.state import resolve_device
     sections = tuple(dict.fromkeys(sections))       # each section once, in the order first given
     unknown = [x for x in sections if x not in SECTIONS]
     if unknown or not sections:

@@ -31,7 +31,7 @@ from fastgrok.config import DTYPES, ConfigError, small_test_set_warning, tiny_ta
 from fastgrok.grid.experiments import apply_overrides, load_experiment
 from fastgrok.grid.plan import batch_config, calibration_steps, clamp_never_starts, resolve_compile, snapshot_bytes
 from fastgrok.train.snapshots import human
-from fastgrok.train.trainer import resolve_device
+from fastgrok.train.state import resolve_device
 from fastgrok.grid.workers import PoolMapper
 
 EXECUTORS = ("local", "ray")

@@ -15,7 +15,8 @@ import torch
 from fastgrok import store
 from fastgrok.grid.experiments import CONFIG_AXES, PACKED_AXES, ExperimentSpec
 from fastgrok.grid.plan import batch_config, calib_key, calibration_steps
-from fastgrok.train.trainer import Records, Trainer
+from fastgrok.train.state import Records
+from fastgrok.train.trainer import Trainer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,14 +136,13 @@ def _fork_trainer(job: dict, cfg, d: Path, progress: bool) -> Trainer:
         tr.restore(ck)
         return tr
     idx = torch.as_tensor(idx_np, device=tr.device)
-    for k in ("flat", "m", "v", "t", "alive", "ema"):     # ema: Grokfast's filter, where a model uses it
-        if k in ps and k in tr.state:
-            tr.state[k] = ps[k].index_select(0, idx).clone()
     pr = parent.records
-    tr.records = Records(list(pr.steps), [e[idx_np] for e in pr.evals], pr.t_mem[idx_np].copy(),
-                         pr.t_grok[idx_np].copy(), pr.diverged[idx_np].copy(), np.full(len(rows), -1))
-    tr.state["alive"] = ~torch.as_tensor(tr.records.diverged, device=tr.device)
-    tr.step_idx = parent.step_idx
+    records = Records(list(pr.steps), [e[idx_np] for e in pr.evals], pr.t_mem[idx_np].copy(),
+                      pr.t_grok[idx_np].copy(), pr.diverged[idx_np].copy(), np.full(len(rows), -1))
+    # each arm from its parent's rows (ema: Grokfast's filter, where a model uses it); diverged parents' arms frozen
+    tensors = {k: ps[k].index_select(0, idx).clone() for k in ("flat", "m", "v", "t", "ema") if k in ps}
+    tensors["alive"] = ~torch.as_tensor(records.diverged, device=tr.device)
+    tr.start_from(tensors, records, parent.step_idx)
     return tr
 
 

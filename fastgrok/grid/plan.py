@@ -18,8 +18,9 @@ from __future__ import annotations
 from fastgrok.train import snapshots
 from fastgrok.config import ADDED_DEFAULTS, GRID_AXES, TrainConfig
 from fastgrok.grid.experiments import ARMS, CONFIG_AXES, PACKED_AXES, SHAPE_AXES, ExperimentSpec
-from fastgrok.train.trainer import DTYPES, QUICK_STEPS, check_fits, device_memory, resolve_device
-from fastgrok.train.trainer import bytes_per_model as trainer_bytes_per_model
+from fastgrok.core.step import QUICK_STEPS
+from fastgrok.train.memory import bytes_per_model as trainer_bytes_per_model, check_fits, device_memory
+from fastgrok.train.state import TORCH_DTYPES, resolve_device
 
 CALIB_AXES = tuple(a for a in GRID_AXES if a != "dtype")
 """w_c is measured per setting in float32 (the study's precision); a float64 cell uses its float32 w_c."""
@@ -147,7 +148,7 @@ def preflight(spec: ExperimentSpec, plan: dict, device: str) -> None:
     cells = {c["cell"]: c for c in plan["cells"]}
     for b in plan["batches"]:
         cfg = batch_config(spec, [cells[c] for c in b["cells"]], device=device)
-        K.resolve_backend(cfg.kernels, dev, DTYPES[cfg.dtype])
+        K.resolve_backend(cfg.kernels, dev, TORCH_DTYPES[cfg.dtype])
         check_fits(cfg, sum(cells[c]["seeds"] for c in b["cells"]), dev)
     total = snapshot_bytes(spec, plan)
     if total:

@@ -19,7 +19,7 @@ from multiprocessing import resource_tracker
 import torch
 
 from fastgrok.grid import jobs as grid
-from fastgrok.train import trainer as trainer_mod
+from fastgrok.train import signals as stop_signals
 
 
 class WorkerDied(RuntimeError):
@@ -46,10 +46,10 @@ def _worker_main(index, driver_pid, conn, devices, threads, stopping) -> None:
     # trainer (idle, or setting a batch up) SIGTERM is noted for the next trainer (see _note_stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # (a Ctrl-C held since start-up is dropped here)
     signal.signal(signal.SIGTERM, _note_stop)
-    trainer_mod.STOP_SIGNALS = (signal.SIGTERM,)
+    stop_signals.only(signal.SIGTERM)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)   # held since start-up: a SIGTERM is noted now
     if stopping.value:                          # stopped while this worker started up (belt and braces)
-        trainer_mod.PENDING_STOP = signal.SIGTERM
+        stop_signals.note_stop(signal.SIGTERM)
     while True:
         try:
             job = conn.recv()
@@ -93,7 +93,7 @@ def _note_stop(signum, frame) -> None:
     outright) has no one to serve: it exits at once (a running trainer's own handler checkpoints first)."""
     if _DRIVER_PID is not None and os.getppid() != _DRIVER_PID:
         os._exit(128 + signum)
-    trainer_mod.PENDING_STOP = signum
+    stop_signals.note_stop(signum)
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}

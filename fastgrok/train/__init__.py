@@ -5,3 +5,6 @@ stopping, checkpoints, result tables, progress.json), snapshots, memory (will it
 of a train run, tracking (W&B / TensorBoard). Imports core, config, store and kernels; never grid or
 analysis.
 """
+from fastgrok import _submodules_on_first_use
+
+__getattr__, __all__ = _submodules_on_first_use(__name__, __path__)

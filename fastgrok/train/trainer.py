@@ -22,84 +22,31 @@ DIR/snapshots/<id>).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import math
-import os
-import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-import fastgrok.kernels as K
-
-from fastgrok.train import snapshots
 from fastgrok import store
-from fastgrok.config import PER_MODEL, ConfigError, TrainConfig, default_lr, with_defaults, without_defaults
-from fastgrok.core.data import PAD_ROWS, make_task
-from fastgrok.train.memory import bytes_per_model, check_fits, device_memory, estimate_bytes  # noqa: F401 (plan, cli)
-from fastgrok.core.models import build_model
-from fastgrok.core.step import QUICK_STEPS, EVAL_METRICS, Batch, build_step_fns, eval_metrics, strict_float32, use_compile  # noqa: F401
+from fastgrok.config import PER_MODEL, ConfigError, TrainConfig, with_defaults, without_defaults
+from fastgrok.core.step import EVAL_METRICS, build_step_fns, use_compile
+from fastgrok.train import snapshots
+from fastgrok.train.progress_bar import ProgressBar
+from fastgrok.train.signals import Interrupted, StopSignals
+from fastgrok.train.state import Records, build_state, select_batch
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 I_TRAIN_ACC, I_TEST_ACC, I_LOGIT = EVAL_METRICS.index("train_acc"), EVAL_METRICS.index("test_acc"), \
     EVAL_METRICS.index("logit_scale")
 I_TEST_LOSS = EVAL_METRICS.index("test_loss")
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-"""Signals on which a running Trainer checkpoints and raises Interrupted (a grid's worker processes
-leave SIGINT to their driver, which stops them with SIGTERM)."""
-PENDING_STOP: int | None = None
-"""A stop signal a worker process received outside Trainer.run (workers._note_stop): the next run of
-the process checkpoints and stops at its first chance instead of training its batch."""
-
-
-class Interrupted(Exception):
-    """Raised after a checkpoint was written because the process was asked to stop."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' requested but no CUDA device is available on this machine")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 PROGRESS_EVERY_S = 2.0
 """progress.json (what `fastgrok status` shows) is rewritten at the first evaluation this long after the
 last write, besides at every checkpoint: a live view at the cost of one small atomic write per interval."""
-
-
-@dataclass
-class Records:
-    """Host-side results so far (saved in checkpoints)."""
-    steps: list            # evaluated steps
-    evals: list            # (M, N_EVAL) numpy per evaluated step (NaN: the model had left the batch)
-    t_mem: np.ndarray      # (M,) int, -1 = not yet
-    t_grok: np.ndarray
-    diverged: np.ndarray   # (M,) bool
-    stop: np.ndarray | None = None   # (M,) int: the step a model stopped at, -1 = running
-
-    def to_payload(self, n_metrics: int) -> dict:
-        """The records as tensors (a checkpoint holds no other objects: store.load_checkpoint)."""
-        M = len(self.t_mem)
-        return {"steps": torch.as_tensor(np.asarray(self.steps, dtype=np.int64)),
-                "evals": torch.from_numpy(np.stack(self.evals) if self.evals else np.zeros((0, M, n_metrics))),
-                **{k: torch.from_numpy(np.asarray(getattr(self, k))) for k in ("t_mem", "t_grok", "diverged")},
-                "stop": None if self.stop is None else torch.from_numpy(np.asarray(self.stop))}
-
-    @classmethod
-    def from_payload(cls, d: dict) -> "Records":
-        return cls([int(s) for s in d["steps"].tolist()], list(d["evals"].numpy()),
-                   *(d[k].numpy().copy() for k in ("t_mem", "t_grok", "diverged")),
-                   None if d.get("stop") is None else d["stop"].numpy().copy())
 
 
 ROW_ONLY = ("t_clamp", "budget", "layer_fracs", "cell_seed0", "cell_seeds")
@@ -111,116 +58,43 @@ def _checkpoint_rows(ck: dict, M: int) -> np.ndarray:
     return np.asarray(ck["rows"]) if ck.get("rows") is not None else np.arange(M)
 
 
-def per_model_values(cfg: TrainConfig, table: list[dict]) -> dict[str, list]:
-    """Each per-model field (config.PER_MODEL) as one value per table row: the row's, else the config's
-    (which must then be one value). lr None is the model's default."""
-    out = {}
-    for name in PER_MODEL:
-        default = cfg.values(name)
-        vals = []
-        for r in table:
-            v = r.get(name)
-            if v is None:
-                if len(default) > 1:
-                    raise ConfigError(f"table: model {r.get('model')} has no {name} and the config gives "
-                                      f"several ({list(default)})")
-                v = default[0]
-            vals.append(v)
-        out[name] = vals
-    out["lr"] = [default_lr(cfg.model) if v is None else v for v in out["lr"]]
-    return out
-
-
-def _column(values: list[float], dtype, device) -> torch.Tensor:
-    """(M, 1) per-model values, rounded once from float64."""
-    return torch.tensor(values, dtype=torch.float64)[:, None].to(dtype).to(device)
-
-
-def rows_config(cfg: TrainConfig, per: dict[str, list]) -> TrainConfig:
-    """cfg with its per-model fields set to the values the rows use (`per_model_values`; validated as a
-    config: a row's bad lr or fraction is a ConfigError; `n_train` is the batch's most train rows)."""
-    return dataclasses.replace(cfg, **{k: tuple(dict.fromkeys(v)) for k, v in per.items()})
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path | str, *, progress: bool = True,
                  table: list[dict] | None = None, compact_frac: float = 0.0, snapshot_dir: Path | str | None = None):
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
-        self.device = resolve_device(cfg.device)
-        strict_float32()
-        self.dtype = DTYPES[cfg.dtype]
-        self.backend = K.resolve_backend(cfg.kernels, self.device, self.dtype)
-        self.independent = table is not None        # per-cell stopping, per-model budgets, compaction
-        self.table = [dict(r) for r in table] if table is not None else cfg.model_table()
+        st = build_state(cfg, table)                # the models' state: fails (too big, bad device) before any file
+        self.device, self.dtype, self.backend = st.device, st.dtype, st.backend
+        self.table, self.per, self.budget = st.table, st.per, st.budget
+        self.task, self.model, self.metrics, self.batch = st.task, st.model, st.metrics, st.batch
+        self.state, self.records, self.rows, self.capture_shares = st.tensors, st.records, st.rows, st.capture_shares
+        self.step_idx = 0
         M = len(self.table)
-        if M == 0:
-            raise ConfigError("table: no models to train")
-        self.per = per = per_model_values(cfg, self.table)     # op, train_frac, lr, wd, ...: one value per row
-        check_fits(rows_config(cfg, per), M, self.device)
-        self.budget = np.array([r.get("budget", cfg.steps) for r in self.table], dtype=np.int64)
+        self.independent = table is not None        # per-cell stopping, per-model budgets, compaction
         # what a model waits for before it stops once grokked: its cell (a grid's cells are never split
         # across batches), or (`train`, where `--seeds 1 --seed0 K` makes a cell of one) nothing but itself
         self.group = np.array([r["cell"] for r in self.table]) if self.independent else np.arange(M)
         self.compact_frac = compact_frac if self.independent else 0.0
-        self.rows = np.arange(M)                    # table row of each batch row
-        seeds = [r["seed"] for r in self.table]
-        dev = self.device
-        self.task = make_task(cfg.p, per["op"], per["train_frac"], seeds, dev)
-        self.model = build_model(cfg)
-        self.metrics = eval_metrics(self.model, cfg)          # evaluate's columns: EVAL_METRICS first
-        lay = self.model.layout
         self.snapshots = None                       # cfg.snapshots > 0: snapshots.py, under snapshot_dir
         if cfg.snapshots:
+            lay = self.model.layout
             snapshots.check_bound(cfg, snapshots.bound_bytes(cfg, M, lay), f"at most {snapshots.describe(cfg, M, lay)}")
             self.snapshots = snapshots.Snapshots(cfg, snapshot_dir or self.run_dir / "snapshots", lay,
                                                  [r["model"] for r in self.table], self.budget)
-        tgt = torch.tensor([r["norm_target"] or 0.0 for r in self.table], dtype=torch.float64)
-        S = lay.n_matrices if cfg.clamp_mode == "layer" else 1
-        fracs = torch.tensor([(r.get("layer_fracs") or cfg.layer_fracs or [1.0 / S] * S) if S > 1 else [1.0]
-                              for r in self.table], dtype=torch.float64)                  # (M, S)
-        task = self.task
-        ta, tb = task.a[task.train_idx], task.b[task.train_idx]
-        ty = task.y[task.train_idx] if task.y.dim() == 1 else torch.gather(task.y, 1, task.train_idx)
-        lr_wd = [a * b for a, b in zip(per["lr"], per["wd"])]             # in float64, as lr * wd in Python
-        self.batch = Batch(
-            train_a=ta, train_b=tb, train_y=ty, a=task.a, b=task.b, y=task.y, train_mask=task.train_mask,
-            test_mask=task.test_mask, train_weight=task.train_weight, valid=task.valid,
-            tau=torch.tensor([r["tau"] for r in self.table], dtype=self.dtype, device=dev),
-            lr=_column(per["lr"], self.dtype, dev),
-            lr_wd=_column(lr_wd, self.dtype, dev) if any(lr_wd) else None,
-            orthograd=torch.tensor(per["orthograd"], device=dev) if any(per["orthograd"]) else None,
-            gf_alpha=_column(per["grokfast_alpha"], self.dtype, dev) if any(per["grokfast_lambda"]) else None,
-            gf_lambda=_column(per["grokfast_lambda"], self.dtype, dev) if any(per["grokfast_lambda"]) else None,
-            clamp_on=torch.tensor([r["norm_target"] is not None for r in self.table], device=dev),
-            t_clamp=torch.tensor([r.get("t_clamp", cfg.t_clamp_of(loss)) for r, loss in zip(self.table, per["loss"])],
-                                 dtype=torch.int64, device=dev),
-            # each model's loss: None when all share the config's ce or mse (the code paths that predate
-            # kinds, bit for bit), else a kernel code per model (kernels.LOSS_KINDS)
-            kind=None if set(per["loss"]) <= {cfg.loss} and cfg.loss in ("ce", "mse") else
-            torch.tensor([K.LOSS_KINDS[loss] for loss in per["loss"]], dtype=torch.int64, device=dev))
-        cells = None
-        if cfg.init == "study":     # each model's cell: its first seed and seed count (train: seed0, seeds)
-            cells = [(r.get("cell_seed0", cfg.seed0), r.get("cell_seeds", cfg.seeds)) for r in self.table]
-        flat = lay.init(seeds, self.dtype, dev, cells=cells, scales=per["init_scale"])
-        self.state = {
-            "flat": flat, "m": torch.zeros_like(flat), "v": torch.zeros_like(flat),
-            "t": torch.zeros(M, dtype=torch.int64, device=dev),
-            "alive": torch.ones(M, dtype=torch.bool, device=dev),
-            "target": (tgt[:, None] * fracs.sqrt()).to(self.dtype).to(dev),
-            "bounds": lay.bounds if cfg.clamp_mode == "layer" else [lay.bounds[0], lay.bounds[-1]],
-        }
-        if self.batch.gf_lambda is not None:        # Grokfast-EMA's filter h, per model (set at its first step)
-            self.state["ema"] = torch.zeros_like(flat)
-        self.capture_shares = (cfg.clamp_mode == "layer" and not cfg.layer_fracs
-                               and not any(r.get("layer_fracs") for r in self.table))
-        self.records = Records([], [], np.full(M, -1), np.full(M, -1), np.zeros(M, bool), np.full(M, -1))
-        self.step_idx = 0
         self.done = False
         self._build_fns()
-        self._stop_signal = None
+        self._stop = None                           # signals.StopSignals while run() runs
         self._progress_t = 0.0
         self._checkpoint_step = None
         self.tracker = None                         # tracking.Safe: set by train(track=...)
+
+    def start_from(self, tensors: dict, records: Records, step: int) -> None:
+        """Begin at `step` from the given tensors (those this state holds: flat, m, v, t, alive, ema) and
+        records, instead of from scratch or a checkpoint: a fork's arms from their parents' state at the
+        fork step. Call before run()."""
+        for k, v in tensors.items():
+            if k in self.state:
+                self.state[k] = v
+        self.records, self.step_idx = records, step
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint(self) -> None:
@@ -289,7 +163,7 @@ class Trainer:
                               for e in self.records.evals]
         rows = _checkpoint_rows(ck, len(self.table))
         if len(rows) < len(self.table):             # the state was saved compacted: compact the batch too
-            self.batch = _select_batch(self.batch, torch.as_tensor(rows, device=self.device))
+            self.batch = select_batch(self.batch, torch.as_tensor(rows, device=self.device))
         self.rows = rows
 
     def extend(self, old_steps: int) -> None:
@@ -329,7 +203,7 @@ class Trainer:
         for k, v in self.state.items():
             if isinstance(v, torch.Tensor):
                 self.state[k] = v.index_select(0, idx)
-        self.batch = _select_batch(self.batch, idx)
+        self.batch = select_batch(self.batch, idx)
         self.rows = self.rows[keep]
         self._build_fns()                           # a new M: compiled anew, from empty caches
 
@@ -413,8 +287,8 @@ class Trainer:
 
     def run(self) -> pd.DataFrame:
         cfg = self.cfg
-        self._install_signals()
-        bar = _Progress(cfg.steps, len(self.table), enabled=self.progress)
+        self._stop = StopSignals().__enter__()
+        bar = ProgressBar(cfg.steps, len(self.table), enabled=self.progress)
         if self.step_idx == 0 and use_compile(cfg, self.device):
             bar.note("compiling the training step and the evaluation (one-off: ~45 s on a CPU at p = 59, "
                      "seconds once cached; --no-compile skips it)")
@@ -440,9 +314,9 @@ class Trainer:
                             last_checkpoint = s
                     if self.done:
                         break
-                    if self._stop_signal is not None:
+                    if self._stop.signal is not None:
                         self.checkpoint()
-                        raise Interrupted(f"stopped by signal {self._stop_signal} at step {s}")
+                        raise Interrupted(f"stopped by signal {self._stop.signal} at step {s}")
                     if self.capture_shares and s + 1 >= cfg.t_clamp:
                         self._capture_layer_targets()
                     self.step_fn(self.state, self.batch)
@@ -458,13 +332,13 @@ class Trainer:
             bar.finish(self.step_idx, self.records, "the step budget" if not early else
                        "every model grokked or diverged" if not self.independent else
                        "every model grokked, diverged or reached its own budget")
-            if self._stop_signal is not None:
+            if self._stop.signal is not None:
                 # the signal came during the last evaluation or checkpoint: the run is saved whole, and
                 # the caller (a grid about to start its next batch) is told to stop too
-                raise Interrupted(f"stopped by signal {self._stop_signal} at step {self.step_idx} "
+                raise Interrupted(f"stopped by signal {self._stop.signal} at step {self.step_idx} "
                                   "(this run had finished)")
         finally:
-            self._restore_signals()
+            self._stop.__exit__(None, None, None)
             if self.tracker is not None:
                 self.tracker.close()
         return self.results()
@@ -536,124 +410,6 @@ class Trainer:
             "memorized": int((r.t_mem >= 0).sum()), "grokked": int((r.t_grok >= 0).sum()),
             "diverged": int(r.diverged.sum()), "run": self.run_id})
         self._progress_t = time.monotonic()
-
-    # ---------------------------------------------------------------- signals
-    def _install_signals(self) -> None:
-        self._old = {}
-        if PENDING_STOP is not None:
-            self._stop_signal = PENDING_STOP
-        try:
-            for sig in STOP_SIGNALS:
-                self._old[sig] = signal.signal(sig, self._on_signal)
-        except ValueError:          # not the main thread: no handlers, checkpoints still happen
-            self._old = {}
-
-    def _on_signal(self, signum, frame) -> None:
-        if self._stop_signal is not None:       # second signal: stop now
-            raise KeyboardInterrupt
-        self._stop_signal = signum
-
-    def _restore_signals(self) -> None:
-        for sig, h in self._old.items():
-            signal.signal(sig, h)
-
-
-_SHARED = ("a", "b", "y")
-"""Batch fields without a model axis (y has one when the models' ops differ)."""
-
-
-def _select_batch(batch: Batch, idx: torch.Tensor) -> Batch:
-    """The batch restricted to rows idx of the model axis (derived non-tensor fields are reset)."""
-    kw = {}
-    for f in dataclasses.fields(batch):
-        v = getattr(batch, f.name)
-        if f.name in _SHARED and v.dim() == 1:
-            kw[f.name] = v
-        elif isinstance(v, torch.Tensor):
-            kw[f.name] = v.index_select(0, idx)
-        else:
-            kw[f.name] = None
-    w = kw["train_weight"]
-    if w is not None and w.shape[0]:
-        # padding no kept model needs: drop whole blocks of 16 past the most real rows left (bit for bit the
-        # same training, data.PAD_ROWS)
-        n = -(-int(w.sum(1).max()) // PAD_ROWS) * PAD_ROWS
-        if n < w.shape[1]:
-            for k in ("train_a", "train_b", "train_y", "train_weight"):
-                kw[k] = kw[k][:, :n]
-    return Batch(**kw)
-
-
-class _Progress:
-    """Progress: step, mean train/test accuracy, models grokked. A rich bar on a terminal; elsewhere (a log
-    file, nohup) one plain line per PLAIN_EVERY_S seconds, at evaluation steps."""
-
-    PLAIN_EVERY_S = 30.0
-
-    def __init__(self, total: int, n_models: int, enabled: bool):
-        self.enabled, self.n, self.total = enabled, n_models, total
-        self.live = False
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
-            console = Console()
-            self.live = console.is_terminal
-            if self.live:                           # on a narrow terminal (80 columns): no elapsed time, a short bar
-                wide = console.width >= 110
-                cols = [TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=40 if wide else 10)]
-                cols += [TimeElapsedColumn()] if wide else []
-                self.p = Progress(*cols, TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-                self.task = self.p.add_task("train", total=total, info="")
-        self.last = 0.0
-        self.t0 = time.monotonic()
-        self.last_plain = self.t0
-
-    def __enter__(self):
-        if self.live:
-            self.p.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.live:
-            self.p.__exit__(*exc)
-
-    def note(self, msg: str) -> None:
-        if self.live:
-            self.p.console.print(msg)
-        elif self.enabled:
-            print(msg, flush=True)
-
-    def finish(self, step: int, records: Records, why: str) -> None:
-        """A closing line: where the run ended and why (an early stop leaves the bar short of the budget)."""
-        if not self.enabled:
-            return
-        msg = (f"done at step {step}/{self.total} ({why}): grokked {(records.t_grok >= 0).sum()}/{self.n}"
-               + (f", diverged {records.diverged.sum()}" if records.diverged.any() else "")
-               + f" ({time.monotonic() - self.t0:.0f} s)")
-        if self.live:
-            self.p.console.print(msg, markup=False, highlight=False)
-        else:
-            print(msg, flush=True)
-
-    def update(self, step: int, records: Records | None) -> None:
-        if not self.enabled:
-            return
-        info = ""
-        if records is not None:
-            ev = records.evals[-1]
-            info = (f"train {np.nanmean(ev[:, I_TRAIN_ACC]):.3f}  test {np.nanmean(ev[:, I_TEST_ACC]):.3f}  "
-                    f"grokked {(records.t_grok >= 0).sum()}/{self.n}"
-                    + (f"  diverged {records.diverged.sum()}" if records.diverged.any() else ""))
-        now = time.monotonic()
-        if not self.live:
-            if records is not None and now - self.last_plain >= self.PLAIN_EVERY_S:
-                print(f"step {step}/{self.total}  {info}  ({now - self.t0:.0f} s)", flush=True)
-                self.last_plain = now
-            return
-        if records is not None or now - self.last > 0.2:
-            self.p.update(self.task, completed=step, **({"info": info} if info else {}))
-            self.last = now
 
 
 def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, progress: bool = True,
