@@ -747,7 +747,9 @@ def write_curves_part(path: Path, curves: pd.DataFrame, fingerprint: str | None)
     if fingerprint is not None:
         meta[FINGERPRINT_KEY] = fingerprint.encode()
     table = table.replace_schema_metadata(meta)
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"), seal=True)
+    # statistics for the keys only: per-metric min/max in every small part's footer cost more than its values
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", write_statistics=list(CURVE_KEYS)),
+                 seal=True)
 
 
 class Results:
