@@ -327,7 +327,7 @@ def cmd_run(args) -> int:
     except WorkerDied as e:                      # not a user mistake: exit 1, one line
         print(f"fastgrok: error: {e}", file=sys.stderr)
         return 1
-    print(f"results: {run_dir}/models.parquet, {run_dir}/curves.parquet; tables and report: fastgrok analyze {run_dir}")
+    print(f"results: {run_dir}/parts/models/, {run_dir}/parts/curves/; tables and report: fastgrok analyze {run_dir}")
     return 0
 
 
@@ -369,12 +369,13 @@ def cmd_status(args) -> int:
 def cmd_analyze(args) -> int:
     from fastgrok.analysis.report import analyze_dir, write_report
     from fastgrok.analysis.terminal import render_terminal
+    from fastgrok import store
     if not args.dir.exists():
         raise ConfigError(f"{args.dir} does not exist")
     if not args.dir.is_dir():
         raise ConfigError(f"{args.dir} is a file; give the run directory (fastgrok run/train --out)")
-    if not (args.dir / "models.parquet").exists():
-        raise ConfigError(f"{args.dir} holds no results (no models.parquet)")
+    if not (args.dir / "models.parquet").exists() and not store.part_files(args.dir, "models"):
+        raise ConfigError(f"{args.dir} holds no results (no models.parquet, no parts/)")
     result = analyze_dir(args.dir)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a file; give a directory for the report")

@@ -659,3 +659,226 @@ def cells_complete(models: pd.DataFrame, plan: dict) -> set[int]:
     batches only): done, even where parts/ is gone (a run directory copied without it)."""
     have = models.groupby("cell")["seed"].nunique() if len(models) else pd.Series(dtype=int)
     return {c["cell"] for c in plan["cells"] if int(have.get(c["cell"], 0)) >= c["seeds"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's results as one dataset: a grid's parts (written once per finished batch), or a train run's
+# tables. Readers query it (DuckDB, pyarrow); nothing concatenates every curve in pandas.
+# ---------------------------------------------------------------------------------------------
+PARTS = "parts"
+KINDS = ("models", "curves")
+CURVE_KEYS = ("model", "step")
+"""A wide curves part: one row per (model, evaluation step), one float64 column per metric, null where the
+metric was not recorded (logit_scale between its logit_every steps) and NaN where it was recorded as NaN."""
+
+
+def part_path(run_dir: Path, batch_id: str, kind: str) -> Path:
+    """Where a finished batch's part goes: DIR/parts/models/<id>.parquet, DIR/parts/curves/<id>.parquet."""
+    return Path(run_dir) / PARTS / kind / f"{batch_id}.parquet"
+
+
+def legacy_part_path(run_dir: Path, batch_id: str, kind: str) -> Path:
+    """A part written before 2026-12-07 (issue 29): DIR/parts/<id>.<kind>.parquet, long-format curves."""
+    return Path(run_dir) / PARTS / f"{batch_id}.{kind}.parquet"
+
+
+def part_files(run_dir: Path, kind: str) -> dict[str, Path]:
+    """batch id -> its `kind` part, the new layout's where a batch has both (a migration cut short)."""
+    root = Path(run_dir) / PARTS
+    out = {p.name.split(".")[0]: p for p in root.glob(f"*.{kind}.parquet")} if root.is_dir() else {}
+    if (root / kind).is_dir():
+        out.update({p.stem: p for p in (root / kind).glob("*.parquet") if not p.name.startswith(".")})
+    return dict(sorted(out.items()))
+
+
+def curves_to_wide(curves: pd.DataFrame):
+    """A long curves table (model, step, metric, value; the trainer's) as a wide arrow table: a row per
+    (model, step), sorted, a float64 column per metric in order of first appearance, null where absent.
+    Lossless: `curves_to_long` gives the rows back (NaN values included)."""
+    import numpy as np
+    import pyarrow as pa
+    model = curves["model"].to_numpy(dtype="int64")
+    step = curves["step"].to_numpy(dtype="int64")
+    metrics, mcode = np.unique(curves["metric"].to_numpy(dtype=object), return_inverse=True)
+    first = np.full(len(metrics), len(curves))
+    np.minimum.at(first, mcode, np.arange(len(curves)))
+    order = np.argsort(first, kind="stable")                 # columns in order of first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    keys, row = np.unique(np.stack([model, step], 1), axis=0, return_inverse=True)     # sorted (model, step)
+    row = row.reshape(-1)
+    vals = np.full((len(keys), len(metrics)), np.nan)          # (R, K)
+    have = np.zeros((len(keys), len(metrics)), bool)
+    vals[row, rank[mcode]] = curves["value"].to_numpy(dtype="float64")
+    have[row, rank[mcode]] = True
+    cols = {"model": pa.array(keys[:, 0]), "step": pa.array(keys[:, 1])}
+    for j, k in enumerate(order):
+        cols[str(metrics[k])] = pa.array(vals[:, j], mask=~have[:, j])
+    return pa.table(cols)
+
+
+def curves_to_long(table) -> pd.DataFrame:
+    """A wide curves table (arrow or a pandas frame read from it with its nulls) as the long format:
+    model, step, metric, value, sorted by (model, step) and the metric's column, absent values left out."""
+    import numpy as np
+    import pyarrow as pa
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    names = [n for n in table.column_names if n not in CURVE_KEYS]
+    R, K = table.num_rows, len(names)
+    vals = np.empty((R, K))                                     # (R, K)
+    have = np.empty((R, K), bool)
+    for j, n in enumerate(names):
+        col = table.column(n)
+        vals[:, j] = col.to_numpy(zero_copy_only=False)
+        have[:, j] = col.is_valid().to_numpy(zero_copy_only=False)
+    r, k = np.nonzero(have)                                     # row-major: (model, step), then metric
+    return pd.DataFrame({"model": table.column("model").to_numpy()[r], "step": table.column("step").to_numpy()[r],
+                         "metric": pd.array(np.asarray(names, dtype=object)[k], dtype="str"),
+                         "value": vals[r, k]})
+
+
+def write_curves_part(path: Path, curves: pd.DataFrame, fingerprint: str | None) -> None:
+    """A wide curves part (from the long table, or already a wide arrow table), sealed and fingerprinted
+    (`write_parquet`'s seal and metadata; zstd)."""
+    import pyarrow.parquet as pq
+    table = curves if not isinstance(curves, pd.DataFrame) else curves_to_wide(curves)
+    meta = {SEAL_KEY.encode(): SEAL_PLACEHOLDER.encode(), b"fastgrok.layout": b"wide"}
+    if fingerprint is not None:
+        meta[FINGERPRINT_KEY] = fingerprint.encode()
+    table = table.replace_schema_metadata(meta)
+    # statistics for the keys only: per-metric min/max in every small part's footer cost more than its values
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", write_statistics=list(CURVE_KEYS)),
+                 seal=True)
+
+
+class Results:
+    """A run directory's results as one dataset, every file checked once on opening (its seal, its
+    fingerprint against the run's, its columns; a StateError naming the first bad one).
+
+    A grid's are its parts (DIR/parts/models|curves/<batch>.parquet, and those of before 2026-12-07,
+    DIR/parts/<batch>.models|curves.parquet); a grid copied without parts/ and a `fastgrok train` run have
+    DIR/models.parquet and DIR/curves.parquet. `models()` is the models table (small: a row per model);
+    curves are queried (`metric`, `cell_means`, `at_steps`) through DuckDB, never loaded whole, unless a
+    caller asks for them (`curves()`).
+    """
+
+    MODEL_COLUMNS = ("model", "cell", "seed")
+
+    def __init__(self, run_dir: Path, models_required: tuple[str, ...] = MODEL_COLUMNS, curves: bool = True):
+        self.run_dir = d = Path(run_dir)
+        models = part_files(d, "models")
+        self.from_parts = bool(models)
+        if self.from_parts:
+            self.model_files = list(models.values())
+            curves_of = part_files(d, "curves") if curves else {}
+            self.curve_files = [curves_of[b] for b in models if b in curves_of]
+        else:
+            self.model_files = [d / MODELS] if (d / MODELS).exists() else []
+            self.curve_files = [d / CURVES] if curves and (d / CURVES).exists() else []
+        self._frames = [self._read(p, models_required) for p in self.model_files]
+        self.wide, self.long, self.columns = [], [], set()
+        for p in self.curve_files:
+            schema = self._check(p)
+            names = set(schema.names)
+            if (schema.metadata or {}).get(b"fastgrok.layout") == b"wide":
+                self.wide.append(p)
+                self.columns |= names - set(CURVE_KEYS)
+            elif {"model", "step", "metric", "value"} <= names:
+                self.long.append(p)
+            else:
+                missing = [c for c in ("model", "step", "metric", "value") if c not in names]
+                raise state_error(p, f"lacks column(s) {', '.join(missing)}: not a fastgrok results table")
+        self._con = None
+
+    def _check(self, path: Path):
+        """The schema of a results file whose seal and fingerprint are this run's (StateError otherwise)."""
+        import pyarrow.parquet as pq
+        data = read_verified(path)
+        try:
+            schema = pq.read_schema(_buffer(data))
+        except Exception as e:                          # a torn or foreign file: pyarrow's errors vary
+            raise _parquet_error(path, e) from None
+        fp = (schema.metadata or {}).get(FINGERPRINT_KEY)
+        check_identity(path, fp.decode() if fp is not None else None, self.run_dir)
+        return schema
+
+    def _read(self, path: Path, required) -> pd.DataFrame:
+        return read_parquet(path, required=required, run_dir=self.run_dir)
+
+    def models(self) -> pd.DataFrame:
+        """Every model's row, sorted by model id (as the consolidated models.parquet was)."""
+        if not self._frames:
+            return pd.DataFrame(columns=list(self.MODEL_COLUMNS))
+        df = self._frames[0] if len(self._frames) == 1 else pd.concat(self._frames, ignore_index=True)
+        return df.sort_values("model", kind="stable").reset_index(drop=True)
+
+    @property
+    def empty(self) -> bool:
+        return not self.curve_files
+
+    @property
+    def con(self):
+        if self._con is None:
+            import duckdb
+            self._con = duckdb.connect()
+            self._con.execute(f"SET threads TO {max(1, min(4, os.cpu_count() or 1))}")
+        return self._con
+
+    def metric(self, name: str) -> str:
+        """SQL of (model, step, value) for one metric over every part (rows where it was recorded)."""
+        q = []
+        if self.wide and name in self.columns:
+            files = ", ".join(_sql_str(p) for p in self.wide)
+            q.append(f'SELECT model, step, "{name}" AS value FROM read_parquet([{files}], union_by_name=true) '
+                     f'WHERE "{name}" IS NOT NULL')
+        if self.long:
+            files = ", ".join(_sql_str(p) for p in self.long)
+            q.append(f"SELECT model, step, value FROM read_parquet([{files}]) WHERE metric = {_sql_str(name)}")
+        return " UNION ALL ".join(q) if q else "SELECT 0::BIGINT AS model, 0::BIGINT AS step, 0.0 AS value LIMIT 0"
+
+    def cell_means(self, cells: pd.DataFrame, metrics) -> pd.DataFrame:
+        """Per (cell, metric, step): the mean over the cell's models (cells: model, cell) of the metric's
+        values, NaN values left out (pandas' mean). Columns cell, metric, step, value."""
+        con = self.con
+        con.register("cells_of", cells[["model", "cell"]])
+        out = []
+        for m in metrics:
+            df = con.execute(
+                f"SELECT c.cell, {_sql_str(m)} AS metric, v.step, "
+                f"fsum(v.value) FILTER (WHERE NOT isnan(v.value)) / count(*) FILTER (WHERE NOT isnan(v.value)) "
+                f"AS value FROM ({self.metric(m)}) v JOIN cells_of c USING (model) "
+                f"GROUP BY c.cell, v.step ORDER BY c.cell, v.step").df()
+            out.append(df)
+        con.unregister("cells_of")
+        df = pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=["cell", "metric", "step", "value"])
+        df["value"] = df["value"].astype("float64")
+        return df.sort_values(["cell", "metric", "step"], kind="stable").reset_index(drop=True)
+
+    def at_steps(self, metric: str, at: pd.DataFrame) -> pd.DataFrame:
+        """The metric's value of each (model, step) in `at` that was recorded: columns model, step, value."""
+        con = self.con
+        con.register("at_steps", at[["model", "step"]].astype("int64"))
+        df = con.execute(f"SELECT v.model, v.step, v.value FROM ({self.metric(metric)}) v "
+                         f"JOIN at_steps a USING (model, step) ORDER BY v.model, v.step").df()
+        con.unregister("at_steps")
+        return df
+
+    def curves(self) -> pd.DataFrame:
+        """Every curve in the long format (model, step, metric, value), sorted by (model, step): the
+        consolidated curves.parquet of before. Loads them all: for a small run or a caller that needs rows."""
+        import pyarrow.parquet as pq
+        frames = []
+        for p in self.curve_files:
+            if p in self.wide:
+                frames.append(curves_to_long(pq.read_table(_buffer(read_verified(p)))))
+            else:
+                frames.append(read_parquet(p))
+        if not frames:
+            return pd.DataFrame({"model": [], "step": [], "metric": [], "value": []})
+        df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+        return df.sort_values(["model", "step"], kind="stable").reset_index(drop=True)
+
+
+def _sql_str(x) -> str:
+    return "'" + str(x).replace("'", "''") + "'"

@@ -45,6 +45,14 @@ SPEC = {"name": "dirs_tiny", "seeds": 2, "p": [17], "train_frac": [0.8], "lr": [
 """Two batches of one cell (2 models) each, 1,500 steps: long enough to be interrupted mid-batch."""
 
 
+def same_results(a, b) -> None:
+    """Run directories a and b hold exactly the same results, read as datasets (store.Results: a grid's
+    parts, a train run's tables)."""
+    ra, rb = store.Results(a), store.Results(b)
+    pd.testing.assert_frame_equal(ra.models(), rb.models(), check_exact=True)
+    pd.testing.assert_frame_equal(ra.curves(), rb.curves(), check_exact=True)
+
+
 def fastgrok(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*FASTGROK, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300, **kw)
 
@@ -184,9 +192,7 @@ def test_ctrl_c_during_run_then_the_same_command_resumes(spec_path, reference, t
 
     r = fastgrok("run", spec_path, "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
-    for name in (store.MODELS, store.CURVES):
-        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(reference / name),
-                                      check_exact=True)
+    same_results(out, reference)
 
 
 CALIBRATED = {"name": "cal_tiny", "seeds": 3, "p": [17], "train_frac": [0.8], "lr": [0.02], "wd": [2.0],
@@ -216,9 +222,7 @@ def test_ctrl_c_while_a_worker_starts_up_stops_promptly_then_resumes(tmp_path):
     _assert_group_empties(proc)
     r = fastgrok("run", spec, "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
-    for name in (store.MODELS, store.CURVES):
-        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(tmp_path / "ref" / name),
-                                      check_exact=True)
+    same_results(out, tmp_path / "ref")
 
 
 def _assert_group_empties(proc, wait_s: float = 10):
@@ -254,9 +258,7 @@ def test_workers_of_a_killed_driver_checkpoint_and_exit(spec_path, reference, tm
             os.killpg(proc.pid, signal.SIGKILL)
     r = fastgrok("run", spec_path, "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
-    for name in (store.MODELS, store.CURVES):
-        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(reference / name),
-                                      check_exact=True)
+    same_results(out, reference)
 
 
 def test_sigterm_to_the_driver_stops_the_workers_then_resumes(spec_path, reference, tmp_path):
@@ -270,9 +272,7 @@ def test_sigterm_to_the_driver_stops_the_workers_then_resumes(spec_path, referen
     _assert_group_empties(proc)
     r = fastgrok("run", spec_path, "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
-    for name in (store.MODELS, store.CURVES):
-        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(reference / name),
-                                      check_exact=True)
+    same_results(out, reference)
 
 
 # ----------------------------------------------------------------------------- files and messages
@@ -306,20 +306,23 @@ def test_plain_progress_lines_when_not_a_terminal(tmp_path, monkeypatch, capsys)
 # ----------------------------------------------------------------------------- review 2
 
 def test_a_copy_without_parts_is_done_and_not_trained_again(spec_path, reference, tmp_path):
-    """A finished grid copied without parts/ (as docs/mediation_p31): status counts it done, and the
-    same command trains nothing and keeps the results."""
+    """A finished grid copied as docs/mediation_p31 is (its results as models.parquet and curves.parquet, as
+    grids wrote them before 2026-12-07; no parts/): status counts it done, and the same command trains
+    nothing, turns the tables back into parts and keeps the results."""
     import shutil
     copy = tmp_path / "copy"
     shutil.copytree(reference, copy)
+    res, fp = store.Results(reference), store.run_identity(reference)
+    store.write_parquet(copy / store.MODELS, res.models(), fingerprint=fp)
+    store.write_parquet(copy / store.CURVES, res.curves(), fingerprint=fp)
     shutil.rmtree(copy / "parts")
     r = fastgrok("status", copy)
     assert r.returncode == 0 and "2/2 cells done" in r.stdout, r.stdout + r.stderr
     r = fastgrok("run", spec_path, "--out", copy, "--quiet")
     assert r.returncode == 0 and "every batch is already done" in r.stderr, r.stderr
     assert not (copy / "batches").exists() or not any((copy / "batches").iterdir())
-    for name in (store.MODELS, store.CURVES):
-        pd.testing.assert_frame_equal(pd.read_parquet(copy / name), pd.read_parquet(reference / name),
-                                      check_exact=True)
+    assert store.Results(copy).from_parts and not (copy / store.MODELS).exists()
+    same_results(copy, reference)
 
 
 def test_run_warns_even_quiet_when_the_clamp_never_starts(spec_path, tmp_path):
@@ -577,6 +580,4 @@ def test_a_worker_killed_mid_batch_stops_the_run_then_it_resumes(reference, tmp_
     assert "rerun the same command" in last
     r = fastgrok("run", spec_path, "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
-    for name in (store.MODELS, store.CURVES):
-        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(reference / name),
-                                      check_exact=True)
+    same_results(out, reference)

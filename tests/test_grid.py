@@ -48,7 +48,8 @@ def spec_of(d: dict, **engine) -> ExperimentSpec:
 
 
 def tables(run_dir):
-    return pd.read_parquet(run_dir / "models.parquet"), pd.read_parquet(run_dir / "curves.parquet")
+    res = store.Results(run_dir)
+    return res.models(), res.curves()
 
 
 def assert_same_results(a, b):
@@ -198,8 +199,8 @@ def test_ray_executor_matches_local(packed, tmp_path, monkeypatch):
     assert inits == [None]                         # one local cluster for calibration and batches
     assert crash.exists()                          # a worker died, its task ran again
     assert_same_results(packed, run)
-    assert sorted(p.name for p in (run / "parts").iterdir()) == \
-        sorted(f"b00{i}.{k}.parquet" for i in range(4) for k in ("models", "curves"))
+    assert sorted(p.relative_to(run / "parts").as_posix() for p in (run / "parts").rglob("*.parquet")) == \
+        sorted(f"{k}/b00{i}.parquet" for i in range(4) for k in ("models", "curves"))
 
 
 def test_local_workers_match_one_process(packed, tmp_path, monkeypatch):
@@ -244,7 +245,7 @@ def test_kill_9_mid_grid_then_resume(tmp_path, capsys, monkeypatch):
     b001 = out / "batches" / "b001"
     deadline = time.monotonic() + 240
     try:   # kill once batch b000 is done and b001 has checkpointed (progress.json past step 0: its last file)
-        while not ((out / "parts" / "b000.models.parquet").exists() and (b001 / store.CHECKPOINT).exists()
+        while not (store.part_path(out, "b000", "models").exists() and (b001 / store.CHECKPOINT).exists()
                    and (b001 / store.PROGRESS).exists() and store.read_json(b001 / store.PROGRESS)["step"] > 0):
             assert proc.poll() is None, f"fastgrok run ended before it was killed: {proc.stderr.read()}"
             assert time.monotonic() < deadline, "no batch checkpoint appeared"
@@ -256,7 +257,7 @@ def test_kill_9_mid_grid_then_resume(tmp_path, capsys, monkeypatch):
     assert proc.returncode == -signal.SIGKILL
     step_at_kill = store.load_checkpoint(b001)["step"]
     assert 0 < step_at_kill < 600                                  # killed inside batch b001
-    part0 = out / "parts" / "b000.models.parquet"
+    part0 = store.part_path(out, "b000", "models")
     stamp = (part0.stat().st_mtime_ns, part0.read_bytes())
 
     # the partial directory: cell 0 done, cell 1 running from its checkpoint, cell 2 pending
@@ -456,7 +457,7 @@ def test_a_grid_extended_with_a_larger_max_steps_equals_the_longer_run(tmp_path,
     spec = spec_of(MEDIATION, max_models=3)          # one cell per batch: b000 rho 1, b001-b003 rho 1.15
     out = tmp_path / "run"
     run_experiment(spec, overrides={"max_steps": 1500}, out=out, progress=False)
-    part0 = out / "parts" / "b000.models.parquet"
+    part0 = store.part_path(out, "b000", "models")
     stamp = (part0.stat().st_mtime_ns, (out / "calibration.json").stat().st_mtime_ns)
     ran = []
     real = grid.run_job
@@ -496,13 +497,13 @@ def test_lr_wd_fraction_op_and_init_scale_cells_pack_into_one_batch_with_solo_re
     plan = make_plan(spec, "cpu")
     assert len(plan["cells"]) == 5 and len(plan["batches"]) == 1
     run_experiment(spec, out=tmp_path / "packed", device="cpu", progress=False)
-    packed = pd.read_parquet(tmp_path / "packed" / "models.parquet")
+    packed = store.Results(tmp_path / "packed").models()
     assert packed.t_grok.notna().any() and packed.t_mem.notna().all()
     for c in plan["cells"]:
         one = {**PHASE, "name": f"cell{c['cell']}", "grid": [{k: [c[k]] for k in
                                                              ("lr", "wd", "train_frac", "op", "init_scale")}]}
         run_experiment(spec_of(one), out=tmp_path / f"c{c['cell']}", device="cpu", progress=False)
-        alone = pd.read_parquet(tmp_path / f"c{c['cell']}" / "models.parquet").iloc[0]
+        alone = store.Results(tmp_path / f"c{c['cell']}").models().iloc[0]
         mine = packed[packed.cell == c["cell"]].iloc[0]
         for k in ("lr", "wd", "train_frac", "op", "init_scale"):
             assert mine[k] == alone[k] == c[k]

@@ -103,13 +103,15 @@ CASES = [
     ("grid", "calibration.json", _truncate, "status {d}"),
     ("grid", "calibration.json", _json({"p=17": {"w_c": "big"}}), "run {spec} --out {d} --quiet"),
     ("grid", "calibration.json", _garbage, "analyze {d}"),
-    ("grid", "parts/b000.models.parquet", _truncate, "run {spec} --out {d} --quiet"),
-    ("grid", "parts/b001.curves.parquet", _garbage, "run {spec} --out {d} --quiet"),
-    ("grid", "parts/b000.models.parquet", _other("other_grid", "parts/b000.models.parquet"),
+    ("grid", "parts/models/b000.parquet", _truncate, "run {spec} --out {d} --quiet"),
+    ("grid", "parts/curves/b001.parquet", _garbage, "run {spec} --out {d} --quiet"),
+    ("grid", "parts/curves/b001.parquet", _garbage, "analyze {d}"),
+    ("grid", "parts/models/b000.parquet", _other("other_grid", "parts/models/b000.parquet"),
      "run {spec} --out {d} --quiet"),
-    ("grid", "models.parquet", _garbage, "status {d}"),
-    ("grid", "models.parquet", _truncate, "analyze {d}"),
-    ("grid", "models.parquet", _garbage, "run {spec} --out {d} --quiet"),
+    ("grid", "parts/curves/b000.parquet", _other("other_grid", "parts/curves/b000.parquet"), "analyze {d}"),
+    ("grid", "parts/models/b000.parquet", _garbage, "status {d}"),
+    ("grid", "parts/models/b001.parquet", _truncate, "analyze {d}"),
+    ("grid", "parts/models/b001.parquet", _garbage, "run {spec} --out {d} --quiet"),
 ]
 
 
@@ -127,7 +129,7 @@ def test_bad_state_file_is_one_line_naming_it(runs, tmp_path, capsys, run, name,
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("fastgrok: error:")]
     assert rc == 2, err
-    assert len(errors) == 1 and name in errors[0], err
+    assert len(errors) == 1 and str(d / name) in errors[0], err
     assert "Traceback" not in err
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
+from fastgrok import store
 from fastgrok.train import tracking
 from fastgrok.cli import main
 from fastgrok.config import TrainConfig
@@ -165,8 +166,8 @@ def test_a_grid_of_200_models_logs_210_series_as_its_parquet_results_say(tmp_pat
         out = run_experiment(spec, out=tmp_path / "grid", progress=False)
     finally:
         torch.set_num_threads(n)
-    models, curves = pd.read_parquet(out / "models.parquet"), pd.read_parquet(out / "curves.parquet")
-    assert len(models) == 200 and len(list((out / "parts").glob("*.models.parquet"))) == 2      # 2 batches
+    models, curves = store.Results(out).models(), store.Results(out).curves()
+    assert len(models) == 200 and len(list((out / "parts" / "models").glob("*.parquet"))) == 2      # 2 batches
     ea = EventAccumulator(str(out / "tensorboard"))
     ea.Reload()
     tags = ea.Tags()["scalars"]
@@ -191,7 +192,7 @@ def test_a_wandb_grid_is_one_run_and_a_rerun_continues_it(tmp_path, offline):
             out = run_experiment(spec, out=tmp_path / "grid", progress=False)
     finally:
         torch.set_num_threads(n)
-    models, curves = pd.read_parquet(out / "models.parquet"), pd.read_parquet(out / "curves.parquet")
+    models, curves = store.Results(out).models(), store.Results(out).curves()
     runs, summary = wandb_history(out)
     assert len(runs) == 1 and len(list(out.glob("wandb/offline-run-*"))) == 2
     check_logged({(k, row["step"]): v for row in next(iter(runs.values())) for k, v in row.items()

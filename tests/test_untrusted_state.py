@@ -114,7 +114,7 @@ def test_a_crafted_pickle_checkpoint_runs_nothing_and_is_refused(runs, tmp_path,
         r = fastgrok("train", "--resume", d, "--steps", "80", "--quiet")
     else:
         d = copy(runs, "grid", tmp_path)
-        for f in ("parts/b001.models.parquet", "models.parquet", "curves.parquet"):
+        for f in ("parts/models/b001.parquet", "parts/curves/b001.parquet"):
             (d / f).unlink()                                # batch b001 is running again, from its checkpoint
         (d / "batches" / "b001").mkdir(parents=True)
         crafted_pickle(d / "batches" / "b001" / "checkpoint.pt", marker, through_torch=True)
@@ -188,11 +188,12 @@ def flip(path: Path, where: float) -> None:
     ("train", "curves.parquet", "analyze {d}"),
     ("train", "progress.json", "status {d}"),
     ("train", "snapshots/step_000010.npz", "train --resume {d} --steps 80 --quiet"),
-    ("grid", "parts/b000.curves.parquet", "run {spec} --out {d} --quiet"),
-    ("grid", "parts/b001.models.parquet", "run {spec} --out {d} --quiet"),
+    ("grid", "parts/curves/b000.parquet", "run {spec} --out {d} --quiet"),
+    ("grid", "parts/models/b001.parquet", "run {spec} --out {d} --quiet"),
     ("grid", "plan.json", "status {d}"),
-    ("grid", "models.parquet", "analyze {d}"),
-    ("grid", "curves.parquet", "analyze {d}"),
+    ("grid", "parts/models/b000.parquet", "analyze {d}"),
+    ("grid", "parts/curves/b001.parquet", "analyze {d}"),
+    ("grid", "parts/models/b001.parquet", "status {d}"),
     ("grid", "spec.json", "status {d}"),
 ], ids=lambda x: x if "{" not in x else None)
 @pytest.mark.parametrize("where", [0.6])
@@ -208,7 +209,8 @@ def test_a_flipped_byte_is_one_line_naming_the_file_and_changes_nothing(runs, tm
     ("train", "other", "models.parquet", "analyze {d}"),
     ("train", "other", "curves.parquet", "analyze {d}"),
     ("train", "other", "progress.json", "status {d}"),
-    ("grid", "other_grid", "models.parquet", "analyze {d}"),
+    ("grid", "other_grid", "parts/models/b000.parquet", "analyze {d}"),
+    ("grid", "other_grid", "parts/curves/b001.parquet", "analyze {d}"),
     ("grid", "other_grid", "plan.json", "status {d}"),
     ("grid", "other_grid", "plan.json", "run {spec} --out {d} --quiet"),
 ])
@@ -281,16 +283,28 @@ def test_a_train_run_written_before_resumes_to_todays_results(tmp_path):
 
 def test_a_grid_stopped_before_resumes_to_todays_results(tmp_path):
     """The legacy grid (batch b000 done, b001 checkpointed at step 109 in format 1) shows its status, and the
-    same command finishes it with bitwise the tables of the grid run whole today."""
+    same command finishes it with the results of the grid run whole today: its parts move to today's layout
+    (parts/models|curves/<batch>.parquet), the consolidated tables of before go, and the dataset read of
+    each (store.Results) equals today's exactly; before the rerun, analyze reads the old layout."""
     d = tmp_path / "legacy"
     shutil.copytree(LEGACY / "grid_run", d)
     spec = LEGACY / "legacy_tiny.toml"
     r = fastgrok("status", d)
     assert r.returncode == 0 and "step 109/400" in r.stdout, r.stdout + r.stderr
+    old = store.Results(d)                                  # the old layout, read as one dataset
+    pd.testing.assert_frame_equal(old.models(), store.read_parquet(d / "models.parquet"), check_exact=True)
+    pd.testing.assert_frame_equal(old.curves(), store.read_parquet(d / "curves.parquet"), check_exact=True)
+    assert fastgrok("analyze", d, "--out", tmp_path / "rep").returncode == 0
     assert fastgrok("run", spec, "--out", d, "--quiet").returncode == 0
     assert fastgrok("run", spec, "--out", tmp_path / "fresh", "--quiet").returncode == 0
-    for name in ("models.parquet", "curves.parquet"):
-        assert (d / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+    assert not (d / "models.parquet").exists() and not (d / "curves.parquet").exists()
+    assert sorted(p.relative_to(d).as_posix() for p in (d / "parts").rglob("*.parquet")) == \
+        ["parts/curves/b000.parquet", "parts/curves/b001.parquet", "parts/models/b000.parquet", "parts/models/b001.parquet"]
+    new, fresh = store.Results(d), store.Results(tmp_path / "fresh")
+    pd.testing.assert_frame_equal(new.models(), fresh.models(), check_exact=True)
+    pd.testing.assert_frame_equal(new.curves(), fresh.curves(), check_exact=True)
+    b000 = new.models()["cell"].isin(store.read_plan(d)["batches"][0]["cells"])
+    pd.testing.assert_frame_equal(new.models().loc[b000].reset_index(drop=True), old.models(), check_exact=True)
     assert fastgrok("analyze", d).returncode == 0
 
 

@@ -102,15 +102,24 @@ def cell_labels(cells: pd.DataFrame) -> dict:
             for _, r in cells.iterrows()}
 
 
+MAX_LINES = 200
+"""The most cells `fig_curves` draws."""
+
+
 def fig_curves(curves_c: pd.DataFrame, cells: pd.DataFrame, stem: Path) -> list[Path]:
-    """Train and test accuracy vs step, one line per cell (mean over seeds)."""
+    """Train and test accuracy vs step, one line per cell (mean over seeds); of a grid of more than
+    MAX_LINES cells, MAX_LINES evenly spaced ones (more lines are unreadable and slow to draw)."""
     fig, axes = _panels(2, w=5.5)
+    if len(cells) > MAX_LINES:
+        cells = cells.iloc[np.linspace(0, len(cells) - 1, MAX_LINES).round().astype(int)]
     labels, cmap = cell_labels(cells), plt.get_cmap("viridis")
     ids = list(cells["cell"])
+    empty = curves_c.iloc[:0]
     for ax, metric in zip(axes, ("train_acc", "test_acc")):
         m = curves_c.loc[(curves_c["metric"] == metric) & (curves_c["step"] > 0)]
+        by_cell = dict(tuple(m.groupby("cell", sort=False)))            # one pass, not a scan per cell
         for i, cell in enumerate(ids):
-            g = m.loc[m["cell"] == cell]
+            g = by_cell.get(cell, empty)
             ax.plot(g["step"], g["value"], color=cmap(i / max(len(ids) - 1, 1)), lw=1,
                     label=labels[cell])
         ax.set(xscale="log", xlabel="step", ylabel=metric, ylim=(-0.02, 1.02))

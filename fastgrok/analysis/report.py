@@ -43,10 +43,10 @@ def markdown_table(df: pd.DataFrame) -> str:
 # Analysis of a directory
 # ---------------------------------------------------------------------------------------------
 def load_checked(d: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """`analysis.load_run`, with a file it cannot use (torn, foreign, missing columns, no or repeated
+    """`analysis.open_run`, with a file it cannot use (torn, foreign, missing columns, no or repeated
     rows) reported as one StateError naming the file."""
     try:
-        return A.load_run(d)
+        return A.open_run(d)
     except ValueError as e:                     # analysis.check_models: no rows, repeated models
         raise store.state_error(d / store.MODELS, str(e)) from None
 
@@ -386,7 +386,7 @@ def write_report(run_dir, result: dict | None = None, out=None) -> Path:
     src = Path(run_dir)
     d = Path(out) if out is not None else src
     result = result if result is not None else analyze_dir(src)
-    models, curves, _ = A.load_run(src)
+    models, curves, _ = A.open_run(src)
     cells, figs = result["cells"], {}
     (d / "figures").mkdir(parents=True, exist_ok=True)
     curves_c = A.cell_curves(models, curves)

@@ -53,20 +53,25 @@ RESULT_COLUMNS = {"models": ("model", "cell", "seed", "t_mem", "t_grok"), "curve
 # ---------------------------------------------------------------------------------------------
 # Loading and small helpers
 # ---------------------------------------------------------------------------------------------
-def load_run(run_dir) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Read `models.parquet`, `curves.parquet` (optional) and `config.json` (optional) of a run, each
-    checked (store.read_parquet, store.read_json: a damaged file or a table of another run is a
-    StateError naming it)."""
+def open_run(run_dir) -> tuple[pd.DataFrame, "store.Results", dict]:
+    """A run's models table, its results dataset (store.Results: every file checked, the curves queried per
+    cell by `cell_curves` and `cell_table`, never loaded whole) and its `config.json` (optional). A grid's
+    results are its parts (or, copied without them, models.parquet and curves.parquet); a damaged file or
+    a table of another run is a StateError naming it."""
     d = Path(run_dir)
-    if not (d / "models.parquet").exists():
-        raise FileNotFoundError(f"{d} has no models.parquet; is it a fastgrok run directory?")
-    models = store.read_parquet(d / "models.parquet", required=RESULT_COLUMNS["models"], run_dir=d)
-    curves = (store.read_parquet(d / "curves.parquet", required=RESULT_COLUMNS["curves"], run_dir=d)
-              if (d / "curves.parquet").exists()
-              else pd.DataFrame({"model": [], "step": [], "metric": [], "value": []}))
+    if not (d / "models.parquet").exists() and not store.part_files(d, "models"):
+        raise FileNotFoundError(f"{d} has no models.parquet and no parts/; is it a fastgrok run directory?")
+    results = store.Results(d, models_required=RESULT_COLUMNS["models"])
+    models = results.models()
     config = store.read_json(d / "config.json") if (d / "config.json").exists() else {}
     check_models(models)
-    return models, curves, config
+    return models, results, config
+
+
+def load_run(run_dir) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """`open_run` with the curves loaded as one long table (model, step, metric, value): for a small run."""
+    models, results, config = open_run(run_dir)
+    return models, results.curves(), config
 
 
 def check_models(models: pd.DataFrame) -> None:
@@ -147,12 +152,10 @@ def need_rho(cells: pd.DataFrame, what: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Per-cell table
 # ---------------------------------------------------------------------------------------------
-def cell_logit_scale(models: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+def cell_logit_scale(models: pd.DataFrame, curves) -> pd.DataFrame:
     """A cell's L per logged step: mean over its models of `logit_scale`. Columns cell, step, L."""
-    lc = curves.loc[curves["metric"] == "logit_scale", ["model", "step", "value"]]
-    lc = lc.merge(models[["model", "cell"]], on="model")
-    out = lc.groupby(["cell", "step"], as_index=False)["value"].mean()
-    return out.rename(columns={"value": "L"})
+    out = cell_curves(models, curves, metrics=("logit_scale",))
+    return out.drop(columns="metric").rename(columns={"value": "L"})
 
 
 def nearest_step_value(steps, values, t: float) -> float:
@@ -165,15 +168,28 @@ def nearest_step_value(steps, values, t: float) -> float:
     return float(values[order][i])
 
 
-def cell_curves(models: pd.DataFrame, curves: pd.DataFrame,
-                metrics=("train_acc", "test_acc")) -> pd.DataFrame:
-    """Per-cell mean over seeds of each metric per step. Columns cell, metric, step, value."""
+def cell_curves(models: pd.DataFrame, curves, metrics=("train_acc", "test_acc")) -> pd.DataFrame:
+    """Per-cell mean over seeds of each metric per step. Columns cell, metric, step, value. curves: a long
+    DataFrame, or a run's store.Results (a grouped query over its parts)."""
+    if not isinstance(curves, pd.DataFrame):
+        return curves.cell_means(models, metrics)
     c = curves.loc[curves["metric"].isin(list(metrics)), ["model", "step", "metric", "value"]]
     c = c.merge(models[["model", "cell"]], on="model")
     return c.groupby(["cell", "metric", "step"], as_index=False)["value"].mean()
 
 
-def cell_table(models: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.DataFrame:
+def values_at(models: pd.DataFrame, curves, metric: str, col: str = "t_grok") -> pd.DataFrame:
+    """Each model's `metric` at the step in its `col` (an evaluation step, so an exact match); models
+    without one left out. Columns model, cell, step, value."""
+    at = models[["model", "cell"]].assign(step=numeric(models[col])).dropna(subset=["step"])
+    if not isinstance(curves, pd.DataFrame):
+        got = curves.at_steps(metric, at.astype({"step": "int64"}))
+        return at.merge(got.astype({"step": "float64"}), on=["model", "step"])
+    w = curves.loc[curves["metric"] == metric, ["model", "step", "value"]]
+    return at.merge(w.assign(step=w["step"].astype("float64")), on=["model", "step"])
+
+
+def cell_table(models: pd.DataFrame, curves=None) -> pd.DataFrame:
     """One row per cell: describing columns, n_seeds, n_grokked, n_diverged, counts, T_mem,
     T_grok, delay, L_grok, sc_rate (mean final), W_final (median final ‖W‖) and W_grok (median
     over grokked seeds of ‖W‖ at their T_grok: w_c when the cell is a free control)."""
@@ -210,10 +226,7 @@ def cell_table(models: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.D
         for c, t in zip(cells["cell"], cells["T_grok"])]
 
     # ‖W‖ at each grokked seed's own T_grok (an evaluation step, so an exact match).
-    w = curves.loc[curves["metric"] == "weight_norm", ["model", "step", "value"]]
-    at = models[["model", "cell"]].assign(step=numeric(models["t_grok"])).dropna(subset=["step"])
-    at = at.merge(w.assign(step=w["step"].astype("float64")), on=["model", "step"])
-    wg = at.groupby("cell")["value"].median()
+    wg = values_at(models, curves, "weight_norm").groupby("cell")["value"].median()
     cells["W_grok"] = cells["cell"].map(wg).astype("float64")
     return cells[order]
 

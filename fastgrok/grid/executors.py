@@ -120,8 +120,8 @@ def _run_plan(spec, plan, run_dir, device, compile_mode, mapper, progress, bar) 
         w_c = {k: v["w_c"] for k, v in store.read_calibration(run_dir).items()}
 
         # 2. the packed batches
-        rundir.restore_parts(run_dir, plan)     # a run directory copied without parts/ keeps its results
-        rundir.consolidate(run_dir)             # repairs a crash between a part and the consolidation
+        rundir.migrate(run_dir, plan)           # a run directory copied without parts/, or of before parts/
+        rundir.check_parts(run_dir, plan)       # a damaged or foreign part is refused here, in one line
         done = rundir.done_batches(run_dir)
         jobs = [grid.batch_job(spec, plan, b, w_c, run_dir, device, compile_mode)
                 for b in plan["batches"] if b["id"] not in done]
@@ -134,7 +134,7 @@ def _run_plan(spec, plan, run_dir, device, compile_mode, mapper, progress, bar) 
             bar.batch_done(job["id"], models)
             tracker and tracker.results(models, curves, n_models)
         if tracker:
-            tracker.finish(store.read_parquet(run_dir / store.MODELS))
+            tracker.finish(store.Results(run_dir, curves=False).models())
             tracker.close()
 
 
@@ -241,9 +241,8 @@ class GridProgress:
         self.cells_done = sum(len(self.cells_of[b]) for b in done if b in self.cells_of)
         self.start_cells = self.cells_done
         self.grokked = 0
-        if done and (Path(run_dir) / "models.parquet").exists():
-            from fastgrok.store import read_parquet
-            self.grokked = int(read_parquet(Path(run_dir) / "models.parquet", required=("t_grok",))["t_grok"]
+        if done:
+            self.grokked = int(store.Results(run_dir, models_required=("t_grok",), curves=False).models()["t_grok"]
                                .notna().sum())
         self.t0 = time.monotonic()
         if enabled:

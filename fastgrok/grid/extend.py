@@ -55,8 +55,9 @@ def extend(spec: ExperimentSpec, run_dir: Path, say) -> None:
                                                                  and calib_key(new) in redo_cal):
                 redo.add(b["id"])
     for bid in sorted(redo):
-        for kind in ("models", "curves"):
-            (run_dir / "parts" / f"{bid}.{kind}.parquet").unlink(missing_ok=True)
+        for kind in ("models", "curves"):                       # models first: it marks the batch done
+            store.part_path(run_dir, bid, kind).unlink(missing_ok=True)
+            store.legacy_part_path(run_dir, bid, kind).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "batches" / bid, ignore_errors=True)
         shutil.rmtree(run_dir / "snapshots" / bid, ignore_errors=True)
     _drop_results(run_dir, plan, redo)
@@ -74,8 +75,8 @@ def extend(spec: ExperimentSpec, run_dir: Path, say) -> None:
 
 
 def _drop_results(run_dir: Path, plan: dict, redo: set[str]) -> None:
-    """models/curves.parquet without the cells of the batches trained again (they are rebuilt from the
-    parts as batches finish; left in, a copy without parts/ would count those cells done)."""
+    """A copied or older run's models/curves.parquet without the cells of the batches trained again (left
+    in, they would count those cells done)."""
     path = run_dir / store.MODELS
     if not path.exists():
         return

@@ -1,13 +1,16 @@
 """A grid's run directory: its layout, the plan and spec it was started with, the calibration cache,
-the parts of finished batches and their consolidation, and `fastgrok status` of a grid.
+the parts of finished batches (the results), and `fastgrok status` of a grid.
 
     DIR/spec.toml, spec.json  the effective spec (overrides applied); a rerun must match it
     DIR/config.json           a summary of the spec for the report's header
     DIR/plan.json             cells (with their global model ids) and batches, fixed on the first run
     DIR/calibration.json      w_c per setting; DIR/calibration/<key>/ holds the free control's run
     DIR/batches/<id>/         the checkpoint of a running batch (removed once its part is written)
-    DIR/parts/<id>.{models,curves}.parquet   one pair per finished batch, written once
-    DIR/models.parquet, curves.parquet       every part so far, rewritten atomically after each batch
+    DIR/parts/curves/<id>.parquet            a finished batch's curves, wide (a row per model and
+                                             evaluation, a column per metric), written once
+    DIR/parts/models/<id>.parquet            its models (a row each), written once, after its curves:
+                                             the results are these parts, read as one dataset
+                                             (store.Results); nothing rewrites them
     DIR/snapshots/<id>/step_*.npz            a batch's weight snapshots ([train] snapshots; written by the
                                              batch's trainer, kept when batches/<id> goes);
     DIR/snapshots/index.json                 all batches' so far, rewritten after each finished batch
@@ -117,13 +120,13 @@ def record_calibration(run_dir: Path, key: str, models: pd.DataFrame, curves: pd
 
 
 def done_batches(run_dir: Path) -> set[str]:
-    """The batches whose part is written (parts/<id>.models.parquet)."""
-    parts = Path(run_dir) / "parts"
-    return {p.name.split(".")[0] for p in parts.glob("*.models.parquet")} if parts.exists() else set()
+    """The batches whose models part is written (parts/models/<id>.parquet, or a part of before 2026-12-07,
+    parts/<id>.models.parquet): the part that marks a batch done."""
+    return set(store.part_files(run_dir, "models"))
 
 
 def complete_in_results(run_dir: Path, plan: dict) -> set[str]:
-    """The batches whose every cell is complete in models.parquet (`cells_complete`)."""
+    """The batches whose every cell is complete in a copied run's models.parquet (`cells_complete`)."""
     path = Path(run_dir) / store.MODELS
     if not path.exists():
         return set()
@@ -132,8 +135,8 @@ def complete_in_results(run_dir: Path, plan: dict) -> set[str]:
 
 
 def restore_parts(run_dir: Path, plan: dict) -> None:
-    """Write the parts of batches complete in models.parquet but missing from parts/, so consolidation
-    (which rebuilds the tables from parts) keeps them and a rerun does not train them again."""
+    """Write the parts of batches complete in models.parquet (a run directory copied without parts/, or
+    written before parts were the store) but without a part, so a rerun does not train them again."""
     run_dir = Path(run_dir)
     missing = complete_in_results(run_dir, plan) - done_batches(run_dir)
     if not missing:
@@ -142,11 +145,49 @@ def restore_parts(run_dir: Path, plan: dict) -> None:
     for b in plan["batches"]:
         if b["id"] in missing:
             m = models.loc[models["cell"].isin(b["cells"])]
-            fp = run_fingerprint(run_dir)
-            store.write_parquet(run_dir / "parts" / f"{b['id']}.curves.parquet",
-                                curves.loc[curves["model"].isin(m["model"])].reset_index(drop=True), fingerprint=fp)
-            store.write_parquet(run_dir / "parts" / f"{b['id']}.models.parquet", m.reset_index(drop=True),
-                                fingerprint=fp)
+            write_part(run_dir, b["id"], m.reset_index(drop=True),
+                       curves.loc[curves["model"].isin(m["model"])].reset_index(drop=True))
+
+
+def migrate(run_dir: Path, plan: dict) -> None:
+    """A run directory written before parts were the store (2026-12-07), on its first rerun: the batches
+    only models.parquet holds get parts, each part of the old layout (parts/<id>.<kind>.parquet, long
+    curves) moves to parts/<kind>/<id>.parquet (wide curves), and models.parquet and curves.parquet, now
+    copies of the parts that would go stale, go. Every step is atomic and repeatable: a kill midway leaves
+    parts that readers take in either layout, and the next rerun finishes the job."""
+    run_dir = Path(run_dir)
+    restore_parts(run_dir, plan)
+    fp = run_fingerprint(run_dir)
+    cells = {b["id"]: set(b["cells"]) for b in plan["batches"]}
+    for bid, old in store.part_files(run_dir, "curves").items():
+        if old.parent.name == store.PARTS:
+            new = store.part_path(run_dir, bid, "curves")
+            if not new.exists():
+                store.write_curves_part(new, read_part(run_dir, bid, "curves", fp, None), fp)
+    for bid, old in store.part_files(run_dir, "models").items():
+        if old.parent.name == store.PARTS:
+            read_part(run_dir, bid, "models", fp, cells.get(bid))          # checked before it moves
+            store.part_path(run_dir, bid, "models").parent.mkdir(parents=True, exist_ok=True)
+            old.replace(store.part_path(run_dir, bid, "models"))
+    for old in (run_dir / store.PARTS).glob("*.curves.parquet"):
+        if store.part_path(run_dir, old.name.split(".")[0], "curves").exists():
+            old.unlink()
+    if (run_dir / store.MODELS).exists() and complete_in_results(run_dir, plan) <= done_batches(run_dir):
+        for name in (store.CURVES, store.MODELS):                   # models.parquet last: it says what is done
+            (run_dir / name).unlink(missing_ok=True)
+
+
+def check_parts(run_dir: Path, plan: dict) -> store.Results:
+    """Every part checked (seal, fingerprint, columns; each models part's cells are its batch's planned
+    ones): the run's results, or a StateError naming the first bad part. A rerun calls it once, first."""
+    res = store.Results(run_dir)
+    planned = {b["id"]: set(b["cells"]) for b in plan["batches"]}
+    if res.from_parts:
+        for path, df in zip(res.model_files, res._frames):
+            bid = path.stem if path.parent.name == "models" else path.name.split(".")[0]
+            if not set(df["cell"].tolist()) <= planned.get(bid, set()):
+                raise store.state_error(path, f"holds cells that batch {bid} does not plan: a part of another run")
+    return res
 
 
 def run_fingerprint(run_dir: Path) -> str | None:
@@ -157,48 +198,35 @@ def run_fingerprint(run_dir: Path) -> str | None:
 
 
 def write_part(run_dir: Path, batch_id: str, models: pd.DataFrame, curves: pd.DataFrame) -> None:
-    """A finished batch: its part (curves first; the models part marks it done), then the consolidated
-    tables, then its checkpoint directory goes."""
+    """A finished batch's results, written once: its curves part (wide), then its models part (which marks
+    the batch done), each atomic and sealed with the run's fingerprint; then its checkpoint directory goes.
+    Nothing else is read or rewritten, so a batch costs the same however many are done."""
     run_dir = Path(run_dir)
     fp = run_fingerprint(run_dir)
-    store.write_parquet(run_dir / "parts" / f"{batch_id}.curves.parquet", curves, fingerprint=fp)
-    store.write_parquet(run_dir / "parts" / f"{batch_id}.models.parquet", models, fingerprint=fp)
-    consolidate(run_dir)
+    store.write_curves_part(store.part_path(run_dir, batch_id, "curves"), curves, fingerprint=fp)
+    store.write_parquet(store.part_path(run_dir, batch_id, "models"), models, fingerprint=fp)
     snapshots.write_grid_index(run_dir / "snapshots")
     shutil.rmtree(run_dir / "batches" / batch_id, ignore_errors=True)
 
 
 def read_part(run_dir: Path, batch_id: str, kind: str, fp: str | None, cells: set | None) -> pd.DataFrame:
-    """parts/<id>.<kind>.parquet, refused (StateError naming it) when it is unreadable, from another run
-    (its fingerprint is not the run's; a part written before fingerprints has none and is accepted), or
-    holds cells its batch does not plan."""
-    path = Path(run_dir) / "parts" / f"{batch_id}.{kind}.parquet"
+    """A batch's `kind` part (either layout; curves in the long format), refused (StateError naming it) when
+    it is unreadable, from another run (its fingerprint is not the run's; a part written before fingerprints
+    has none and is accepted), or holds cells its batch does not plan."""
+    path = store.part_files(run_dir, kind).get(batch_id, store.part_path(run_dir, batch_id, kind))
     if not path.exists():
         raise store.state_error(path, f"missing (its batch's {kind} part)")
     got = store.read_fingerprint(path)
     if fp is not None and got is not None and got != fp:
         raise store.state_error(path, "a part of another run (its fingerprint is not this run's spec.json)")
+    if kind == "curves" and path.parent.name == "curves":
+        import pyarrow.parquet as pq
+        return store.curves_to_long(pq.read_table(store._buffer(store.read_verified(path))))
     df = store.read_parquet(path, required=("model", "cell", "seed") if kind == "models" else
                             ("model", "step", "metric", "value"))
     if kind == "models" and cells is not None and not set(df["cell"].tolist()) <= cells:
         raise store.state_error(path, f"holds cells that batch {batch_id} does not plan: a part of another run")
     return df
-
-
-def consolidate(run_dir: Path) -> None:
-    run_dir = Path(run_dir)
-    ids = sorted(done_batches(run_dir))
-    if not ids:
-        return
-    fp = run_fingerprint(run_dir)
-    plan = store.read_plan(run_dir) if (run_dir / PLAN).exists() else None
-    planned = {b["id"]: set(b["cells"]) for b in plan["batches"]} if plan else {}
-    models = pd.concat([read_part(run_dir, i, "models", fp, planned.get(i)) for i in ids], ignore_index=True)
-    curves = pd.concat([read_part(run_dir, i, "curves", fp, None) for i in ids], ignore_index=True)
-    store.write_parquet(run_dir / store.MODELS, models.sort_values("model", kind="stable").reset_index(drop=True),
-                        fingerprint=fp)
-    store.write_parquet(run_dir / store.CURVES, curves.sort_values(["model", "step"], kind="stable")
-                        .reset_index(drop=True), fingerprint=fp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,14 +251,14 @@ def status_table(run_dir: Path) -> pd.DataFrame:
     if not (run_dir / PLAN).exists():
         raise ConfigError(f"dir: {run_dir} holds no grid run (no {PLAN})")
     plan = store.read_plan(run_dir)
-    done = done_batches(run_dir) | complete_in_results(run_dir, plan)
-    frames = [store.read_parquet(run_dir / store.MODELS, required=("cell", "t_grok"), run_dir=run_dir)] \
-        if (run_dir / store.MODELS).exists() else []
+    results = store.Results(run_dir, models_required=("cell", "t_grok"), curves=False)
+    done = done_batches(run_dir) | (complete_in_results(run_dir, plan) if not results.from_parts else set())
+    frames = [results.models()]
     state = {}
     for b in plan["batches"]:
         st = "done" if b["id"] in done else "pending"
         bdir = run_dir / "batches" / b["id"]
-        if st == "pending":
+        if st == "pending" and bdir.is_dir():
             # the batch's trainer (a fork batch: its arms, after the parents in parent/)
             for d, label in ((bdir, "step"), (bdir / "parent", "fork parent, step")):
                 if (d / store.PROGRESS).exists():
@@ -245,12 +273,15 @@ def status_table(run_dir: Path) -> pd.DataFrame:
                               .assign(_running=True))
         for c in b["cells"]:
             state[c] = st
-    models = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["cell", "t_grok"])
+    models = pd.concat(frames, ignore_index=True)
+    models = models.reindex(columns=["cell", "t_grok", *(c for c in ("steps", "diverged") if c in models)])
     spec = store.read_json(run_dir / SPEC_JSON) if (run_dir / SPEC_JSON).exists() else {}
     stops_when_grokked = spec.get("train", {}).get("stop_when_grokked", True)
+    by_cell = dict(tuple(models.groupby("cell", sort=False)))           # one pass, not one scan per cell
+    empty = models.iloc[:0]
     rows = []
     for c in plan["cells"]:
-        m = models.loc[models["cell"] == c["cell"]]
+        m = by_cell.get(c["cell"], empty)
         finished = len(m) if state[c["cell"]] == "done" or _cell_finished(m, c, stops_when_grokked) else 0
         tg = pd.to_numeric(m["t_grok"], errors="coerce").dropna()
         rows.append({"cell": c["cell"], "p": c["p"], "arch": c["model"], "loss": c["loss"], "dtype": c["dtype"],
