@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from fastgrok.bench.baseline import BaselineCell
-from fastgrok.bench.sections import fastgrok_step, meta, mlp_flops, step_config
+from fastgrok.bench.sections import fastgrok_step, meta, step_config
+from fastgrok.core.models import step_flops
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CFG = replace(step_config(quick=False), seeds=12)                    # the study's MLP, p = 59
@@ -53,7 +54,7 @@ def steps():
 
 def _record(benchmark, provider, extra=None):
     benchmark.extra_info.update({"op": "train_step", "provider": provider, "p": CFG.p, "M": CFG.seeds,
-                                 "flops_per_step": mlp_flops(CFG) * CFG.seeds, **meta(DEV, quick=False),
+                                 "flops_per_step": step_flops(CFG) * CFG.seeds, **meta(DEV, quick=False),
                                  **(extra or {})})
 
 

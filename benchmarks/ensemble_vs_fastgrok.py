@@ -94,7 +94,8 @@ def profile(args) -> None:
     import torch._inductor.config as inductor_config
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    from fastgrok.bench.sections import _sync, fastgrok_step, mlp_flops, mlp_table_flops
+    from fastgrok.bench.sections import _sync, fastgrok_step, mlp_table_flops
+    from fastgrok.core.models import step_flops
     from fastgrok.bench.ensemble import ensemble_configs
     from fastgrok.bench.ensemble_baseline import EnsembleCell
     if args.threads:
@@ -110,7 +111,7 @@ def profile(args) -> None:
     ens = EnsembleCell(cfg, device=dev)
     mlp = kind == "mlp"                             # FLOPs counted for the MLP only
     steps = {"fastgrok compiled": (fg, mlp_table_flops(cfg) if mlp else 0),
-             "torch.func ensemble": (ens.step, mlp_flops(cfg) if mlp else 0)}
+             "torch.func ensemble": (ens.step, step_flops(cfg) if mlp else 0)}
     times = {k: [] for k in steps}
     for i in range(13):                              # 3 warm-up rounds (compiles), then 10 alternating
         for k, (fn, _) in steps.items():

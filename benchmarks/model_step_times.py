@@ -18,7 +18,8 @@ import time
 import torch
 
 from fastgrok.config import TrainConfig
-from fastgrok.grid.sizes import _REF_WORK, _work, model_step_seconds
+from fastgrok.core.models import step_flops
+from fastgrok.grid.sizes import REF_FLOPS, model_step_seconds
 from fastgrok.train.trainer import Trainer
 
 CASES = {
@@ -51,7 +52,7 @@ def main() -> None:
         t = measure(cfg, mode)
         est = model_step_seconds(cfg, compiled=mode == "on")
         print(f"{name}: {t * 1e3:.2f} ms per model-step (estimate {est * 1e3:.2f} ms), work / the study MLP's "
-              f"{_work(cfg) / _REF_WORK:.3f}", flush=True)
+              f"{step_flops(cfg) / REF_FLOPS:.3f}", flush=True)
 
 
 if __name__ == "__main__":

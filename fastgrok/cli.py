@@ -1,6 +1,6 @@
 """The `fastgrok` command: argument parsing and error reporting only; it calls the library.
 
-A user mistake (ConfigError, BackendError) prints one line on stderr and exits with code 2.
+A user mistake (ConfigError, store.Locked) prints one line on stderr and exits with code 2.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from fastgrok.store import Locked
 from fastgrok.config import (COMPILE, DEVICES, DTYPES, INITS, KERNELS, MODELS, PER_MODEL, PER_MODEL_META, PRESETS,
                      ConfigError, TrainConfig, logit_every_for, small_test_set_warning, tiny_tau_warning)
 
@@ -223,32 +224,17 @@ def cmd_train(args) -> int:
         cfg = _config_from_args(args)           # a bad flag fails here, before torch is imported
         run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         resume = False
-    from fastgrok.store import holds_grid_run
     from fastgrok.train.summary import print_summary
-    from fastgrok.train.memory import check_fits
     from fastgrok.train.signals import Interrupted
-    from fastgrok.train.state import TORCH_DTYPES, resolve_device
-    from fastgrok.train.trainer import train
-    import fastgrok.kernels as K
-    # a CUDA request without CUDA, or kernels that cannot run here, fail now: before the banner and
-    # before the run directory is created
-    K.resolve_backend(cfg.kernels, resolve_device(cfg.device), TORCH_DTYPES[cfg.dtype])
+    from fastgrok.train.trainer import preflight, train
     if args.track:                              # its library is installed (one line naming the extra if not)
         from fastgrok.train.tracking import check
         check(args.track)
-    check_fits(cfg, cfg.n_models, resolve_device(cfg.device))
-    snap = None
-    if cfg.snapshots:                           # its size bound, refused above the cap before anything is written
-        from fastgrok.train import snapshots
-        layout = snapshots.layout_of(cfg)
-        snap = snapshots.describe(cfg, cfg.n_models, layout)
-        snapshots.check_bound(cfg, snapshots.bound_bytes(cfg, cfg.n_models, layout), f"at most {snap}")
     if not resume:
         _check_out(run_dir, "--out", directory=True)
-    if not resume and holds_grid_run(run_dir):
-        raise ConfigError(f"{run_dir} holds a grid run (fastgrok run); pick another --out")
-    if not resume and (run_dir / "config.json").exists():   # (train() checks too; here before the banner)
-        raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+    # a CUDA request without CUDA, kernels that cannot run here, too many models, snapshots over their cap,
+    # another run's directory: refused now, before the banner and before the run directory is created
+    snap = preflight(cfg, run_dir, resume)
     from fastgrok.store import writer_lock
     with writer_lock(run_dir):          # a second writer is refused before the banner
         print(f"fastgrok: {cfg.n_models} models ({len(cfg.cells)} cells x {cfg.seeds} seeds), p={cfg.p} "
@@ -458,12 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_error(e: Exception) -> bool:
-    """ConfigError, or the kernels' BackendError (only raised once fastgrok.kernels was imported)."""
-    kernels = sys.modules.get("fastgrok.kernels")
-    store = sys.modules.get("fastgrok.store")
-    if store is not None and isinstance(e, store.Locked):      # a second writer of a run directory
-        return True
-    return isinstance(e, ConfigError) or (kernels is not None and isinstance(e, kernels.BackendError))
+    """A user's mistake: a ConfigError (bad input, kernels that cannot run here), or a second writer of
+    a run directory (store.Locked)."""
+    return isinstance(e, (ConfigError, Locked))
 
 
 def _out_of_memory(e: Exception) -> bool:

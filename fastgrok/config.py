@@ -20,7 +20,12 @@ a * b, a / b mod p (div: p prime, b = 0 in neither split); quad = a^2 + ab + b^2
 (Power et al. 2022); perm = composition in the permutation group S_n, p = n! symbols (S5: p = 120);
 random = a fixed random table (seeded by p: nothing to generalize, a control)."""
 MODELS = ("mlp", "transformer")
-LOSSES = ("ce", "mse", "stablemax")
+LOSS_INFO = {"ce": ("CE", "softmax cross-entropy on z/tau, the study's"),
+             "mse": ("MSE", "sum over classes of (z/tau - onehot)^2, the study's control"),
+             "stablemax": ("StableMax", "Prieto et al. 2025's StableMax cross-entropy on z/tau")}
+"""Each loss: its label in tables and figures, and what it is (the CLI's help). Its code in the kernels is
+kernels.LOSS_KINDS (a test holds the two lists of names equal)."""
+LOSSES = tuple(LOSS_INFO)
 DTYPES = ("float32", "float64")
 DTYPE_MAX = {"float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}
 """The largest finite value of each dtype (torch.finfo(...).max; here without importing torch)."""
@@ -44,8 +49,7 @@ SPLIT_SEED_OFFSET = 1000
 MAX_STEPS = 10**18
 """Largest step count or period (steps, eval_every, logit_every, checkpoint_every, clamp_from, a spec's
 budgets): steps are held in int64 tensors and arrays (at most 9.2e18), and a sum of a few such counts must
-not overflow either. A larger value is refused in one line (before: an OverflowError from the first array
-that held it)."""
+not overflow either. A larger value is refused in one line."""
 
 
 
@@ -215,7 +219,7 @@ class TrainConfig:
     """Grokfast-EMA's gain lambda: g <- g + lambda h before AdamW; 0 is off (their algorithmic data: 2)."""
     loss: str | tuple[str, ...] = per_model(
         "ce", choices=LOSSES, rule="one of " + ", ".join(LOSSES), ok=lambda v: v in LOSSES,
-        help="loss(es): ce, mse (the study's control), stablemax (Prieto et al. 2025); several make cells")
+        help="loss(es): " + "; ".join(f"{k}: {v[1]}" for k, v in LOSS_INFO.items()) + "; several make cells")
     """`ce` (cross-entropy on z/tau), `mse` (sum over classes of (z/tau - onehot)^2) or `stablemax`
     (Prieto et al. 2025's StableMax cross-entropy on z/tau); several make cells (one kernel launch)."""
     beta1: float = 0.9
@@ -501,11 +505,8 @@ def study_mlp_p59() -> TrainConfig:
 def quick_cpu() -> TrainConfig:
     """A configuration that groks in seconds on a 2-core CPU (see README).
 
-    Measured on the 2-core CPU machine (2026-12-02, E / sqrt(d) init): `fastgrok train --preset quick`
-    memorises at step 50 and groks 4/4 (median T_grok 575). Its run is too short to repay
-    compilation: 6.7 s wall eager (4.1 s training) vs ~43 s with torch.compile, so the preset
-    runs eager (`--compile on` to override). The study's width (d 128, H 256), train fraction 0.5 or
-    lr 3e-3 take several times as many steps."""
+    p = 31, 4 seeds, a smaller MLP, lr 1e-2, train fraction 0.6. It runs eager (`--compile on` to
+    override): a run this short does not repay a compilation (benchmarks/RESULTS.md)."""
     return TrainConfig(p=31, train_frac=0.6, lr=1e-2, seeds=4, steps=5000, d_embed=64, hidden=128, compile="off")
 
 

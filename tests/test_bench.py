@@ -74,11 +74,12 @@ def test_bench_quick_cpu_writes_every_section(tmp_path, capsys):
 def test_step_flop_counts_by_hand():
     """The study's MLP at p = 59 (d 128, H 256, 1,392 train pairs): the direct form's 3 products per layer
     and the table form's, counted by hand (2 FLOPs per multiply-add)."""
-    from fastgrok.bench.sections import mlp_flops, mlp_table_flops
+    from fastgrok.bench.sections import mlp_table_flops
+    from fastgrok.core.models import step_flops
     from fastgrok.config import TrainConfig
     cfg = TrainConfig(p=59)
     assert cfg.n_train == 1392
-    assert mlp_flops(cfg) == 2 * (3 * 1392 * 256 * 256 + 3 * 1392 * 256 * 59)          # 673.5 M
+    assert step_flops(cfg) == 2 * (3 * 1392 * 256 * 256 + 3 * 1392 * 256 * 59)          # 673.5 M
     assert mlp_table_flops(cfg) == 2 * (3 * 1392 * 256 * 59 + 6 * 59 * 128 * 256)      # 149.4 M
 
 

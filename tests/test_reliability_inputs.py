@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
+
+from fastgrok import store
 import pytest
 import torch
 
@@ -163,7 +165,7 @@ def test_run_warns_of_a_tiny_test_set_and_a_tiny_tau(tmp_path, capsys, one_threa
     assert main(["run", str(spec_file(tmp_path, grid=[{"tau": [1e-30, 1.0]}])), "--out", str(out), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "fastgrok: warning: tau 1e-30 is so small" in err and "test pair" not in err, err
-    models = pd.read_parquet(out / "models.parquet").sort_values("tau")
+    models = store.Results(out).models().sort_values("tau")
     assert models["diverged"].tolist() == [True, False]
 
 
@@ -254,11 +256,11 @@ def test_a_stop_while_workers_start_stops_the_run_then_it_resumes(tmp_path, sig,
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "rerun the same command" in err.strip().splitlines()[-1], err
     assert not _live_in_group(proc.pid), _live_in_group(proc.pid)
-    assert not (out / "models.parquet").exists()
+    assert not (out / "parts" / "models").exists() or not any((out / "parts" / "models").iterdir())
     if group:                                           # (once is enough: the stop came before any job)
         r = fastgrok(*args)
         assert r.returncode == 0, r.stderr
-        assert len(pd.read_parquet(out / "models.parquet")) == 2
+        assert len(store.Results(out).models()) == 2
 
 
 # ----------------------------------------------------------------------------- resource limits

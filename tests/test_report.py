@@ -437,7 +437,7 @@ def test_curves_log_axis_has_no_minor_labels(tmp_path, monkeypatch):
 def test_mediation_caution_notes():
     """A mediation row with a non-counting cell, an extrapolated T2 or failed resamples gets a note each;
     a clean row none."""
-    from fastgrok.analysis.report import mediation_caution_notes
+    from fastgrok.analysis.mediation import mediation_caution_notes
     cells = pd.DataFrame({"cell": [0, 1, 2, 3], "p": [59, 59, 97, 97], "rho": [1.0, 1.15] * 2, "tau": [1.0] * 4})
     clean = dict(p=59, L0=20.0, all_count=True, extrapolated=False, n_boot_ok=4000)
     assert mediation_caution_notes(pd.DataFrame([clean]), cells, n_boot=4000) == []

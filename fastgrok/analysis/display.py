@@ -55,3 +55,10 @@ def display_table(df: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
         else:
             shown.append(c)
     return consts, df[shown]
+
+
+def for_setting(keys: dict, names: list[str]) -> str:
+    """" for k=v, ..." naming a setting by the columns `names` (from `statistics.varying_setting_cols`); empty
+    when none varies (the run has one setting)."""
+    text = ", ".join(f"{k}={format_value(keys[k])}" for k in names if k in keys)
+    return f" for {text}" if text else ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pandas as pd
 
 from fastgrok.analysis.statistics import numeric, is_fork
+from fastgrok.config import LOSS_INFO
 
 INTERVENTION_COLS = ("loss", "wd", "lr", "rho", "orthograd", "grokfast_lambda")
 """What tells the arms of an interventions run apart (the columns that vary are named in each arm)."""
@@ -26,7 +27,7 @@ def arm_name(row: pd.Series, varying: list[str]) -> str:
     for c in varying:
         v = row.get(c)
         if c == "loss":
-            parts.append({"ce": "CE", "mse": "MSE", "stablemax": "StableMax"}.get(v, str(v)))
+            parts.append(LOSS_INFO[v][0] if v in LOSS_INFO else str(v))
         elif c == "orthograd":
             parts.append("⊥Grad" if bool(v) else "")
         elif c == "grokfast_lambda":

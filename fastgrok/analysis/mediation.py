@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from fastgrok.analysis.display import for_setting, format_value
 from fastgrok.analysis.statistics import (ATOL, N_BOOT, nanmedian, need_rho, numeric, cell_table, has_values, is_fork,
-                               match_value, paired_bootstrap, seed_matrix, setting_groups)
+                                          match_value, paired_bootstrap, seed_matrix, setting_groups,
+                                          varying_setting_cols)
 
 STUDY_RHO_HIGH = 1.15
 """The study's raised dose: the mediation's rho_high when several doses have a tau sweep."""
@@ -149,3 +151,76 @@ def mediation_from_run(models: pd.DataFrame, curves: pd.DataFrame, rho_high: flo
     """Cell table + `mediation_table` straight from a run's models and curves."""
     return mediation_table(cell_table(models, curves), models, rho_high=rho_high,
                            baseline=baseline, n_boot=n_boot, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which rho_high, and the notes the report gives with the mediation table
+# ---------------------------------------------------------------------------------------------
+def several_taus(cells: pd.DataFrame) -> bool:
+    """Whether the cells have more than one tau."""
+    return "tau" in cells.columns and cells["tau"].nunique() > 1
+
+
+def some_setting_sweeps_tau(cells: pd.DataFrame) -> bool:
+    """Whether some setting's non-fork cells have several taus: a tau sweep was attempted."""
+    return any(several_taus(g) for _, g in setting_groups(cells.loc[~is_fork(cells)]))
+
+
+def choose_rho_high(cells: pd.DataFrame, *, baseline_rho: float = 1.0) -> tuple[float | None, str | None]:
+    """The mediation's raised dose picked from the cells (`tau_sweep_rhos`, `pick_rho_high`) and
+    a note when the choice needs one: none to pick (the mediation is skipped) or several."""
+    rhos = tau_sweep_rhos(cells, baseline_rho=baseline_rho)
+    rho_high = pick_rho_high(rhos)
+    if rho_high is None:
+        return None, (f"Mediation skipped: no rho above the baseline's ({format_value(baseline_rho)}) "
+                      "has a tau sweep (>= 2 taus, tau = 1 among them).")
+    if len(rhos) > 1:
+        return rho_high, (f"Mediation at rho_high = {format_value(rho_high)}, chosen among the rhos "
+                          f"with a tau sweep ({', '.join(format_value(r) for r in rhos)}): the "
+                          f"study's {format_value(STUDY_RHO_HIGH)} if present, else the largest; "
+                          "analyze_dir(rho_high=...) picks another.")
+    return rho_high, None
+
+
+def mediation_caution_notes(med: pd.DataFrame, cells: pd.DataFrame, *, n_boot: int) -> list[str]:
+    """Notes on mediation rows to read with care: a cell in it that does not count (a minority of its
+    seeds grokked: its median is over those few), L0 outside the sweep's L (T2 extrapolated), bootstrap
+    resamples without a recovery (T1 = T0 in them, or no grokked seed in a cell)."""
+    names = varying_setting_cols(cells.loc[~is_fork(cells)])
+    notes = []
+    for _, r in med.iterrows():
+        where = for_setting(r.to_dict(), names)
+        if not r["all_count"]:
+            notes.append(f"Mediation{where}: some of its cells do not count (a minority of their seeds "
+                         "grokked); their median T_grok is over the seeds that did, so read the recovery "
+                         "with care.")
+        if r["extrapolated"]:
+            notes.append(f"Mediation{where}: the baseline's L0 = {format_value(r['L0'])} lies outside the "
+                         "sweep's L, so T2 is the sweep's end value (np.interp does not extrapolate).")
+        T0, T1 = r.get("T0"), r.get("T1")
+        for T, v, cell in (("T0", T0, "baseline ρ = 1, τ = 1"), ("T1", T1, f"ρ = {format_value(r.get('rho_high'))}, τ = 1")):
+            if "T0" in r and pd.isna(v):
+                notes.append(f"Mediation{where}: no recovery, {T} is missing: no seed of the {cell} cell "
+                             "grokked within its budget.")
+        if "T0" in r and not pd.isna(T0) and not pd.isna(T1) and T1 == T0:
+            notes.append(f"Mediation{where}: no recovery: T1 = T0 (no delay to recover).")
+        if r["n_boot_ok"] < n_boot:
+            notes.append(f"Mediation{where}: {n_boot - int(r['n_boot_ok'])} of {n_boot} bootstrap resamples "
+                         "gave no recovery and are left out of the CI.")
+    return notes
+
+
+def mediation_skip_notes(cells: pd.DataFrame, *, rho_high: float, baseline=(1.0, 1.0),
+                         only_swept: bool = False) -> list[str]:
+    """One note per setting the mediation table leaves out, saying what it lacks (the setting named
+    by `for_setting`). only_swept: only for the settings with several taus (where a sweep was attempted)."""
+    plain = cells.loc[~is_fork(cells)]
+    names = varying_setting_cols(plain)
+    notes = []
+    for keys, g in setting_groups(plain):
+        if only_swept and not several_taus(g):
+            continue
+        gap = mediation_gap(g, rho_high=rho_high, baseline=baseline)
+        if gap is not None:
+            notes.append(f"Mediation skipped{for_setting(keys, names)}: {gap}.")
+    return notes

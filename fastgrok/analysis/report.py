@@ -18,7 +18,7 @@ import pandas as pd
 from fastgrok.analysis import statistics as A
 from fastgrok.analysis import interventions, mediation, phases, regressions
 from fastgrok import store
-from fastgrok.analysis.display import TABLES, display_table, format_value
+from fastgrok.analysis.display import TABLES, display_table, for_setting, format_value
 from fastgrok.analysis.figures import fig_collapse, fig_curves, fig_forks, fig_interventions, fig_mediation, fig_phase
 
 CONFIG_KEYS = ("experiment", "p", "op", "model", "loss", "taus", "norm_targets", "seeds", "steps",
@@ -55,7 +55,7 @@ def analyze_dir(run_dir, *, rho_high: float | None = None, baseline=(1.0, 1.0),
                 n_boot: int = A.N_BOOT) -> dict:
     """All analyses that apply to the run's cells. Keys: dir, config, warnings, notes, cells, and
     when present calibration, mediation, collapse, dose_law, memorization, forks (DataFrames).
-    rho_high: the mediation's raised dose; None picks it from the cells (`choose_rho_high`)."""
+    rho_high: the mediation's raised dose; None picks it from the cells (`mediation.choose_rho_high`)."""
     d = Path(run_dir)
     models, curves, config = load_checked(d)
     cells = A.cell_table(models, curves)
@@ -66,7 +66,7 @@ def analyze_dir(run_dir, *, rho_high: float | None = None, baseline=(1.0, 1.0),
     if len(calibration):
         out["calibration"] = calibration
     plain = cells.loc[~A.is_fork(cells)]
-    swept = some_setting_sweeps_tau(plain)
+    swept = mediation.some_setting_sweeps_tau(plain)
     if A.has_values(plain, "rho"):
         add_mediation(out, cells, models, rho_high=rho_high, baseline=baseline, n_boot=n_boot)
         collapse = collapse_table(plain)
@@ -161,109 +161,25 @@ def collapse_table(cells: pd.DataFrame) -> pd.DataFrame:
     return regressions.collapse_r2(grid) if len(grid) else pd.DataFrame()
 
 
-def several_taus(cells: pd.DataFrame) -> bool:
-    """Whether the cells have more than one tau."""
-    return "tau" in cells.columns and cells["tau"].nunique() > 1
-
-
-def some_setting_sweeps_tau(cells: pd.DataFrame) -> bool:
-    """Whether some setting's non-fork cells have several taus: a tau sweep was attempted."""
-    return any(several_taus(g) for _, g in A.setting_groups(cells.loc[~A.is_fork(cells)]))
-
-
 def add_mediation(out: dict, cells: pd.DataFrame, models: pd.DataFrame, *, rho_high, baseline,
                   n_boot: int) -> None:
     """Put the mediation table (when some setting has what it needs) and its notes into `out`.
-    rho_high None: picked from the cells (`choose_rho_high`), and a skipped mediation is noted only
+    rho_high None: picked from the cells (`mediation.choose_rho_high`), and a skipped mediation is noted only
     where a tau sweep was attempted (a setting with several taus); a rho_high the caller asked for
     gets a note for every setting it cannot be computed for."""
     asked = rho_high is not None
     if not asked:
-        rho_high, note = choose_rho_high(cells, baseline_rho=baseline[0])
-        if note and some_setting_sweeps_tau(cells):
+        rho_high, note = mediation.choose_rho_high(cells, baseline_rho=baseline[0])
+        if note and mediation.some_setting_sweeps_tau(cells):
             out["notes"].append(note)
     if rho_high is None:
         return
     med = mediation.mediation_table(cells, models, rho_high=rho_high, baseline=baseline, n_boot=n_boot)
     if len(med):
         out["mediation"] = med
-        out["notes"] += mediation_caution_notes(med, cells, n_boot=n_boot)
-    out["notes"] += mediation_skip_notes(cells, rho_high=rho_high, baseline=baseline,
+        out["notes"] += mediation.mediation_caution_notes(med, cells, n_boot=n_boot)
+    out["notes"] += mediation.mediation_skip_notes(cells, rho_high=rho_high, baseline=baseline,
                                          only_swept=not asked)
-
-
-def choose_rho_high(cells: pd.DataFrame, *, baseline_rho: float = 1.0) -> tuple[float | None, str | None]:
-    """The mediation's raised dose picked from the cells (`mediation.tau_sweep_rhos`, `mediation.pick_rho_high`) and
-    a note when the choice needs one: none to pick (the mediation is skipped) or several."""
-    rhos = mediation.tau_sweep_rhos(cells, baseline_rho=baseline_rho)
-    rho_high = mediation.pick_rho_high(rhos)
-    if rho_high is None:
-        return None, (f"Mediation skipped: no rho above the baseline's ({format_value(baseline_rho)}) "
-                      "has a tau sweep (>= 2 taus, tau = 1 among them).")
-    if len(rhos) > 1:
-        return rho_high, (f"Mediation at rho_high = {format_value(rho_high)}, chosen among the rhos "
-                          f"with a tau sweep ({', '.join(format_value(r) for r in rhos)}): the "
-                          f"study's {format_value(mediation.STUDY_RHO_HIGH)} if present, else the largest; "
-                          "analyze_dir(rho_high=...) picks another.")
-    return rho_high, None
-
-
-def mediation_caution_notes(med: pd.DataFrame, cells: pd.DataFrame, *, n_boot: int) -> list[str]:
-    """Notes on mediation rows to read with care: a cell in it that does not count (a minority of its
-    seeds grokked: its median is over those few), L0 outside the sweep's L (T2 extrapolated), bootstrap
-    resamples without a recovery (T1 = T0 in them, or no grokked seed in a cell)."""
-    names = varying_setting_cols(cells.loc[~A.is_fork(cells)])
-    notes = []
-    for _, r in med.iterrows():
-        where = for_setting(r.to_dict(), names)
-        if not r["all_count"]:
-            notes.append(f"Mediation{where}: some of its cells do not count (a minority of their seeds "
-                         "grokked); their median T_grok is over the seeds that did, so read the recovery "
-                         "with care.")
-        if r["extrapolated"]:
-            notes.append(f"Mediation{where}: the baseline's L0 = {format_value(r['L0'])} lies outside the "
-                         "sweep's L, so T2 is the sweep's end value (np.interp does not extrapolate).")
-        T0, T1 = r.get("T0"), r.get("T1")
-        for T, v, cell in (("T0", T0, "baseline ρ = 1, τ = 1"), ("T1", T1, f"ρ = {format_value(r.get('rho_high'))}, τ = 1")):
-            if "T0" in r and pd.isna(v):
-                notes.append(f"Mediation{where}: no recovery, {T} is missing: no seed of the {cell} cell "
-                             "grokked within its budget.")
-        if "T0" in r and not pd.isna(T0) and not pd.isna(T1) and T1 == T0:
-            notes.append(f"Mediation{where}: no recovery: T1 = T0 (no delay to recover).")
-        if r["n_boot_ok"] < n_boot:
-            notes.append(f"Mediation{where}: {n_boot - int(r['n_boot_ok'])} of {n_boot} bootstrap resamples "
-                         "gave no recovery and are left out of the CI.")
-    return notes
-
-
-def mediation_skip_notes(cells: pd.DataFrame, *, rho_high: float, baseline=(1.0, 1.0),
-                         only_swept: bool = False) -> list[str]:
-    """One note per setting the mediation table leaves out, saying what it lacks (the setting named
-    by `for_setting`). only_swept: only for the settings with several taus (where a sweep was attempted)."""
-    plain = cells.loc[~A.is_fork(cells)]
-    names = varying_setting_cols(plain)
-    notes = []
-    for keys, g in A.setting_groups(plain):
-        if only_swept and not several_taus(g):
-            continue
-        gap = mediation.mediation_gap(g, rho_high=rho_high, baseline=baseline)
-        if gap is not None:
-            notes.append(f"Mediation skipped{for_setting(keys, names)}: {gap}.")
-    return notes
-
-
-def varying_setting_cols(cells: pd.DataFrame, extra: tuple[str, ...] = ()) -> list[str]:
-    """The setting columns (and `extra`) whose values differ between the cells: the ones that tell
-    the run's settings apart."""
-    return [k for k in (*A.SETTING_COLS, *extra)
-            if k in cells.columns and cells[k].nunique(dropna=False) > 1]
-
-
-def for_setting(keys: dict, names: list[str]) -> str:
-    """" for k=v, ..." naming a setting by the columns `names` (from `varying_setting_cols`); empty
-    when none varies (the run has one setting)."""
-    text = ", ".join(f"{k}={format_value(keys[k])}" for k in names if k in keys)
-    return f" for {text}" if text else ""
 
 
 def missing_fit_notes(cells: pd.DataFrame) -> list[str]:
@@ -287,7 +203,7 @@ def collapse_skip_notes(cells: pd.DataFrame) -> list[str]:
     counting cells give no regression (`regressions.collapse_r2` needs >= 4 with an L at grok, spanning the
     grid)."""
     plain = cells.loc[~A.is_fork(cells)]
-    names = varying_setting_cols(plain)
+    names = A.varying_setting_cols(plain)
     notes = []
     for keys, g in A.setting_groups(plain):
         if regressions.spans_collapse_grid(g) and len(collapse_table(g)) == 0:
@@ -301,7 +217,7 @@ def dose_law_skip_notes(cells: pd.DataFrame) -> list[str]:
     """A note per setting and tau whose cells span >= 3 distinct ‖W‖ (`regressions.dose_groups`) but whose
     counting cells do not, so `regressions.dose_law` leaves it out."""
     plain = cells.loc[~A.is_fork(cells)]
-    names = varying_setting_cols(plain, extra=("tau",))
+    names = A.varying_setting_cols(plain, extra=("tau",))
     return [f"Dose law missing{for_setting(keys, names)}: {_counting_line(g)}; the fit needs >= 3 "
             "distinct ‖W‖ among them."
             for keys, g in regressions.dose_groups(plain) if len(regressions.dose_law(g)) == 0]

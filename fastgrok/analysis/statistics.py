@@ -330,3 +330,10 @@ def fork_table(models: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0) -> 
                 row["ratio"], row["ci_low"], row["ci_high"], row["n_both"] = fork_ratio(D, n_boot=n_boot, seed=seed)
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def varying_setting_cols(cells: pd.DataFrame, extra: tuple[str, ...] = ()) -> list[str]:
+    """The setting columns (and `extra`) whose values differ between the cells: the ones that tell
+    the run's settings apart."""
+    return [k for k in (*SETTING_COLS, *extra)
+            if k in cells.columns and cells[k].nunique(dropna=False) > 1]

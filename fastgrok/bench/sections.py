@@ -24,7 +24,7 @@ mask 1, row loss 4, correct 1, collapsed 1, norm 4); the clamp reads the matrice
 once. The fraction of copy bandwidth compares with a large copy (1 GiB on CUDA): operands that fit in a
 cache (the study's shapes, the clamp) can read above 100% -- read it at the large shape, or use
 benchmarks/gpu_check.py on a GPU (L2 flushed between calls). FLOPs: what each provider executes per
-model and step (the step only, evaluations excluded): the baseline's direct form (`mlp_flops`), fastgrok's
+model and step (the step only, evaluations excluded): the baseline's direct form (`core.models.step_flops`), fastgrok's
 table form (`mlp_table_flops`, ~4.5x fewer at p = 59); `nominal_flop_per_s` in the JSON is the direct
 form's count over fastgrok's time.
 """
@@ -49,6 +49,7 @@ from fastgrok.kernels.reference import tempered_ce_reference
 
 from fastgrok.bench.baseline import BaselineCell
 from fastgrok.config import ConfigError, TrainConfig
+from fastgrok.core.models import step_flops
 from fastgrok.core.step import build_step_fns, keep_freed_memory
 
 # float32 (non-tensor-core) peaks, TFLOP/s, by a substring of torch.cuda.get_device_name()
@@ -190,12 +191,6 @@ def step_config(quick: bool) -> TrainConfig:
     return TrainConfig(p=59, seeds=1, device="cpu", compile="off")
 
 
-def mlp_flops(cfg: TrainConfig) -> float:
-    """Nominal FLOPs of one model's training step (forward + backward, direct form): what the study's
-    way executes, 3 products of N x (2d x H) and 3 of N x (H x V)."""
-    return 6.0 * cfg.n_train * (2 * cfg.d_embed * cfg.hidden + cfg.hidden * cfg.p)
-
-
 def mlp_table_flops(cfg: TrainConfig) -> float:
     """FLOPs fastgrok's MLP step executes (the table form of the first layer): 3 products of N x (H x V)
     plus 6 of the p-row tables (p x d x H: E W1 halves forward, dW1 and dE halves backward)."""
@@ -295,7 +290,7 @@ def _step_rows(base: TrainConfig, M: int, device, reps: int, peak: float | None)
     # per step: evaluation every 25 steps and the logit readout every 200, per cell
     ev_b = n_cells * (t_all["baseline eval"]["median_s"] / base.eval_every
                       + t_all["baseline logit"]["median_s"] / base.logit_every)
-    results = [("eager per-cell baseline", tb, 0.0, ev_b, mlp_flops(base))]
+    results = [("eager per-cell baseline", tb, 0.0, ev_b, step_flops(base))]
     for name in ("fastgrok compiled", "fastgrok eager"):
         if name not in fns:
             continue
@@ -310,7 +305,7 @@ def _step_rows(base: TrainConfig, M: int, device, reps: int, peak: float | None)
                      "runs_per_hour": M * 3600.0 / (RUN_STEPS * per_step), "run_steps": RUN_STEPS,
                      "run_speedup_vs_baseline": (tb["median_s"] + ev_b) / per_step,
                      "flops_per_step": flops * M, "flop_per_s": flops * M / t["median_s"],
-                     "nominal_flop_per_s": mlp_flops(base) * M / t["median_s"],
+                     "nominal_flop_per_s": step_flops(base) * M / t["median_s"],
                      "frac_fp32_peak": flops * M / t["median_s"] / peak if peak else None,
                      "compile_s": compile_s, "baseline_cells": n_cells if "baseline" in name else None})
     return rows

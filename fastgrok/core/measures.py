@@ -1,4 +1,4 @@
-"""Progress measures, computed inside the evaluation pass (issue 17 item 3): columns of `evaluate`'s one
+"""Measures of a model's progress toward generalizing, computed inside the evaluation pass: columns of `evaluate`'s one
 (M, n) tensor, after the base metrics, so they cost no host synchronisation of their own.
 
 Per model, with E the (p, d) token embedding (the MLP's E; the transformer's first p rows of W_E, its

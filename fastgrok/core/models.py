@@ -390,3 +390,17 @@ class Transformer:
 
 def build_model(cfg: TrainConfig):
     return MLP(cfg) if cfg.model == "mlp" else Transformer(cfg)
+
+
+def step_flops(cfg: TrainConfig) -> float:
+    """Nominal FLOPs of one model's training step in the direct form (no table tricks): per train pair,
+    forward and backward, 3 products with each weight matrix it uses (2 FLOPs a multiply-add): the MLP's
+    2d x H and H x V, the transformer's attention and MLP on its 3 tokens and the unembedding on the last.
+    The one cost model of time: `fastgrok experiments` scales its CPU time by it (grid.sizes) and
+    `fastgrok bench` reports FLOP/s against it (bench.sections)."""
+    if cfg.model == "mlp":
+        per_pair = 2 * cfg.d_embed * cfg.hidden + cfg.hidden * cfg.p
+    else:
+        d = cfg.d_model
+        per_pair = 3 * (4 * d * d + 2 * d * cfg.d_mlp) * cfg.n_layers + d * cfg.p
+    return 6.0 * cfg.n_train * per_pair

@@ -1,9 +1,8 @@
 """The study's experiments as specs: `kw_only` dataclasses validated on construction, stored as TOML.
 
-A spec is a union of products. Its top-level axes (p, op, model, loss, dtype, lr, wd, train_frac,
-init_scale, orthograd, grokfast_alpha, grokfast_lambda, rho, norm_target, tau, layer_fracs, seeds) are
-defaults; each `[[grid]]` block overrides some of them, and
-the spec's cells are the union (in order, duplicates dropped) of every block's product. With no block
+A spec is a union of products. Its top-level axes (AXES: p, model, dtype, every per-model setting of
+config.PER_MODEL, rho, norm_target, tau, layer_fracs; and seeds) are defaults; each `[[grid]]` block
+overrides some of them, and the spec's cells are the union (in order, duplicates dropped) of every block's product. With no block
 the top-level axes form one product. A cell is clamped to `rho * w_c` (rho "free" = no clamp; w_c from
 a free calibration run, see rundir.calibrate_from) or to an absolute `norm_target`.
 

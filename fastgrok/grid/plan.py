@@ -4,12 +4,11 @@ A cell is one point of the spec's grid (its shape, rho/norm_target/tau/layer_fra
 forks give one cell per arm. `make_plan` expands the spec into cells, packs them into batches, and lists
 the calibrations (one free control per setting) that the clamped cells need.
 
-Packing: cells that share a shape (p, model, loss, dtype; the widths come from the spec's [train]) go
-into one batch of M = sum of their seeds models, each with its own op, lr, wd, train fraction, init
-scale, gradient transforms, tau, clamp target, seed, split and step budget (experiments.PACKED_AXES; until
-2026-12-02 op, lr, wd and train_frac split batches), split into several batches when over the memory
-budget. A cell
-is never split, and a fork's parent travels with all its arms. Every model's results are independent
+Packing: cells that share a shape (experiments.SHAPE_AXES: p, model, dtype; the widths come from the spec's
+[train]) go into one batch of M = sum of their seeds models, each with its own per-model settings (op,
+loss, lr, wd, train fraction, init scale, gradient transforms: experiments.PACKED_AXES), tau, clamp
+target, seed, split and step budget, split into several batches when over the memory budget. A cell is
+never split, and a fork's parent travels with all its arms. Every model's results are independent
 of its batch (the trainer stops a model by its own cell), so packing, compaction and the executor never
 change a result.
 """
@@ -20,7 +19,7 @@ from fastgrok.config import ADDED_DEFAULTS, GRID_AXES, TrainConfig
 from fastgrok.grid.experiments import ARMS, CONFIG_AXES, PACKED_AXES, SHAPE_AXES, ExperimentSpec
 from fastgrok.core.step import QUICK_STEPS
 from fastgrok.train.memory import bytes_per_model as trainer_bytes_per_model, check_fits, device_memory
-from fastgrok.train.state import TORCH_DTYPES, resolve_device
+from fastgrok.train.state import TORCH_DTYPES, kernel_backend, resolve_device
 
 CALIB_AXES = tuple(a for a in GRID_AXES if a != "dtype")
 """w_c is measured per setting in float32 (the study's precision); a float64 cell uses its float32 w_c."""
@@ -143,12 +142,11 @@ def make_plan(spec: ExperimentSpec, device: str) -> dict:
 def preflight(spec: ExperimentSpec, plan: dict, device: str) -> None:
     """What a batch's trainer would refuse, checked for every batch before anything is written: kernels
     that cannot run on the device, a batch too big for its memory (one cell alone can be)."""
-    import fastgrok.kernels as K
     dev = resolve_device(device)
     cells = {c["cell"]: c for c in plan["cells"]}
     for b in plan["batches"]:
         cfg = batch_config(spec, [cells[c] for c in b["cells"]], device=device)
-        K.resolve_backend(cfg.kernels, dev, TORCH_DTYPES[cfg.dtype])
+        kernel_backend(cfg.kernels, dev, TORCH_DTYPES[cfg.dtype])
         check_fits(cfg, sum(cells[c]["seeds"] for c in b["cells"]), dev)
     total = snapshot_bytes(spec, plan)
     if total:

@@ -1,25 +1,17 @@
 """What an experiment costs before it runs (`fastgrok experiments`): its cells, models, step budgets and a
 CPU time, every model trained to its budget (cells stop once their seeds grok, so runs are usually shorter).
 
-The time of one model-step, measured with `fastgrok train` (evaluations every 25 steps; the difference
-between a 700- and a 200-step run, so start-up and compilation cancel) on one thread of the 2-core CPU
-machine (2026-12-02, `benchmarks/model_step_times.py`, benchmarks/RESULTS.md), fitted as FIXED_S + WORK_S x (the step's work / the study
-MLP's at p = 59): MLP p = 59 M 12: 4.16 ms; p = 31 M 36 (the quick preset's size): 0.75 ms; p = 31, train
-fraction 0.9, M 4: 1.20 ms; checked at p = 97 M 4: 10.96 ms measured, 11.6 predicted. Work scaling
-alone (the estimate before) put the p = 31 model at 0.43 ms: small models pay per-step costs beyond
-their matmuls. The transformer (eager, as `--compile auto` runs it on a CPU) took 98 ms at p = 59 M 4,
-TRANSFORMER x the MLP fit. The MLP uncompiled (`--compile auto` for runs of at most step.QUICK_STEPS) took
-EAGER x as long at p = 59 (8.78 ms). A batch's models are padded to its most train rows, so each model
-costs its batch's work; compiling adds COMPILE_S per compiled batch. Checked end to end (one thread,
-other jobs on the other core): `fastgrok run interventions` (compiled) estimated 4 min, took 4 min 16 s;
-`fastgrok run phase` (eager, 216 models) estimated 10 min, took 7 min 22 s (its cells stop as their
-seeds grok; the estimate runs every model to its budget). Two threads run faster (the p = 59 MLP
-compiled: 2.46 ms). float64 takes FLOAT64 x as long (p = 59 M 12 compiled: 10.31 against 3.51 ms, measured
-side by side with another job on the other core).
+The CPU time of one model-step is FIXED_S + WORK_S x (the step's FLOPs / the study MLP's at p = 59; core.models.step_flops), times
+EAGER for an uncompiled MLP (`--compile auto` runs of at most step.QUICK_STEPS steps), TRANSFORMER for the
+transformer (eager on a CPU), FLOAT64 in float64; plus COMPILE_S per compiled batch. A batch's models are
+padded to its most train rows, so each model costs its batch's work. The constants are fitted to
+`benchmarks/model_step_times.py` on one thread of the 2-core CPU machine; benchmarks/RESULTS.md ("Model-step
+times behind `fastgrok experiments`' CPU time") holds the measurements and the end-to-end checks.
 """
 from __future__ import annotations
 
 from fastgrok.config import TrainConfig
+from fastgrok.core.models import step_flops
 from fastgrok.grid.experiments import ExperimentSpec
 
 WORK_S = 3.73e-3
@@ -36,22 +28,13 @@ COMPILE_S = 45.0
 """Seconds to compile one batch's step and evaluation on a CPU (p = 59 MLP; more at large train fractions)."""
 
 
-def _work(cfg: TrainConfig) -> float:
-    """Multiply-adds of one model's step, up to a constant: train pairs x weights each pair uses."""
-    if cfg.model == "mlp":
-        per_pair = 2 * cfg.d_embed * cfg.hidden + cfg.hidden * cfg.p
-    else:
-        d = cfg.d_model
-        per_pair = 3 * (4 * d * d + 2 * d * cfg.d_mlp) * cfg.n_layers + d * cfg.p
-    return cfg.n_train * per_pair
-
-
-_REF_WORK = _work(TrainConfig())
+REF_FLOPS = step_flops(TrainConfig())
+"""The study MLP's step at p = 59: the unit of WORK_S."""
 
 
 def model_step_seconds(cfg: TrainConfig, compiled: bool = True) -> float:
     """One model-step of cfg (a batch's config: its most train rows) on one CPU thread."""
-    t = (FIXED_S + WORK_S * _work(cfg) / _REF_WORK) * (FLOAT64 if cfg.dtype == "float64" else 1.0)
+    t = (FIXED_S + WORK_S * step_flops(cfg) / REF_FLOPS) * (FLOAT64 if cfg.dtype == "float64" else 1.0)
     if cfg.model == "transformer":
         return t * TRANSFORMER
     return t * (1.0 if compiled else EAGER)

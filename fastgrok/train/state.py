@@ -88,6 +88,15 @@ def rows_config(cfg: TrainConfig, per: dict[str, list]) -> TrainConfig:
     return dataclasses.replace(cfg, **{k: tuple(dict.fromkeys(v)) for k, v in per.items()})
 
 
+def kernel_backend(kernels: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The loss/clamp implementation for config.kernels on device (kernels.resolve_backend); kernels that
+    cannot run here (no triton, float64 on Triton, ...) are a ConfigError, a user's mistake."""
+    try:
+        return K.resolve_backend(kernels, device, dtype)
+    except K.BackendError as e:
+        raise ConfigError(str(e)) from None
+
+
 @dataclass
 class TrainState:
     """One batch of M models, ready to train: what `build_state` draws. The step reads `batch` and
@@ -117,7 +126,7 @@ def build_state(cfg: TrainConfig, table: list[dict] | None = None) -> TrainState
     device = resolve_device(cfg.device)
     strict_float32()
     dtype = TORCH_DTYPES[cfg.dtype]
-    backend = K.resolve_backend(cfg.kernels, device, dtype)
+    backend = kernel_backend(cfg.kernels, device, dtype)
     table = [dict(r) for r in table] if table is not None else cfg.model_table()
     M = len(table)
     if M == 0:

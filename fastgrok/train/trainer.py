@@ -37,7 +37,8 @@ from fastgrok.core.step import EVAL_METRICS, build_step_fns, use_compile
 from fastgrok.train import snapshots
 from fastgrok.train.progress_bar import ProgressBar
 from fastgrok.train.signals import Interrupted, StopSignals
-from fastgrok.train.state import Records, build_state, select_batch
+from fastgrok.train.memory import check_fits
+from fastgrok.train.state import TORCH_DTYPES, Records, build_state, kernel_backend, resolve_device, select_batch
 
 I_TRAIN_ACC, I_TEST_ACC, I_LOGIT = EVAL_METRICS.index("train_acc"), EVAL_METRICS.index("test_acc"), \
     EVAL_METRICS.index("logit_scale")
@@ -424,10 +425,29 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, progre
         return _train(cfg, Path(run_dir), resume, progress, track)
 
 
-def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, track: str | None = None) -> pd.DataFrame:
-    saved = run_dir / store.CONFIG
-    if saved.exists() and not resume:
+def preflight(cfg: TrainConfig, run_dir: Path | str, resume: bool) -> str | None:
+    """What a train run checks before anything is written (the CLI before its banner, `train` again):
+    the device and kernels, the memory, the snapshots' size bound, and a run directory that is not a
+    grid's, nor (unless resuming) another run's. Returns the snapshots' description (None: none kept)."""
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    kernel_backend(cfg.kernels, device, TORCH_DTYPES[cfg.dtype])
+    check_fits(cfg, cfg.n_models, device)
+    described = None
+    if cfg.snapshots:
+        layout = snapshots.layout_of(cfg)
+        described = snapshots.describe(cfg, cfg.n_models, layout)
+        snapshots.check_bound(cfg, snapshots.bound_bytes(cfg, cfg.n_models, layout), f"at most {described}")
+    if not resume and store.holds_grid_run(run_dir):
+        raise ConfigError(f"{run_dir} holds a grid run (fastgrok run); pick another --out")
+    if not resume and (run_dir / store.CONFIG).exists():
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+    return described
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, track: str | None = None) -> pd.DataFrame:
+    preflight(cfg, run_dir, resume)
+    saved = run_dir / store.CONFIG
     old_steps = None
     if saved.exists():
         # tuples as saved: lists; fields added since the run was saved at the value it had
