@@ -48,7 +48,8 @@ def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str
 
     The local executor runs `workers` processes, one per device: by default one per CUDA device (one on
     a CPU); with one worker, jobs run in this process. Workers change where a batch runs, not its results.
-    `slurm`: the SLURM executor's options (slurm.SlurmOptions), over the spec's [engine] fields.
+    `slurm`: the SLURM executor's options (slurm.SlurmOptions), over the spec's [engine] fields; with
+    wait False it raises slurm.Submitted once the jobs of the next stage are in SLURM.
     """
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")

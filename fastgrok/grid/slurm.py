@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -252,7 +253,7 @@ class SlurmMapper:
     def __init__(self, run_dir: Path, opts: SlurmOptions, spec_name: str):
         self.run_dir, self.opts = Path(run_dir), opts
         self.folder = self.run_dir / FOLDER
-        self.job_name = f"fastgrok-{spec_name}"[:64]
+        self.job_name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"fastgrok-{spec_name}")[:64]   # squeue -n splits at ","
         self.time_limit = opts.minutes if opts.minutes is not None else check(opts).minutes
 
     def __enter__(self):
@@ -400,8 +401,8 @@ def _failure_line(failed: dict, folder: Path) -> str:
     log = folder / f"{first_id}_0_log.err"
     why = ""
     if log.exists():
-        lines = [ln for ln in log.read_text(errors="replace").splitlines()
-                 if ln.strip() and "submitit" not in ln and not ln.startswith(" ")]
+        lines = [ln for ln in log.read_text(errors="replace").splitlines()      # the job's, not SLURM's
+                 if ln.strip() and not ln.startswith((" ", "submitit", "srun", "slurmstepd"))]
         why = f"; its log's last line: {lines[-1][:200]!r}" if lines else ""
     jobs = ", ".join(f"{k} ({jid}, {state})" for k, (jid, state) in list(failed.items())[:6])
     more = f" and {len(failed) - 6} more" if len(failed) > 6 else ""
