@@ -272,10 +272,23 @@ def _add_run(sub):
                    help="torch.compile the step (default: the spec's [train] compile, else auto)")
     g.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
     p.add_argument("--out", type=_path, default=None, help="run directory (default runs/<experiment>)")
-    p.add_argument("--executor", default="local", choices=("local", "ray"))
+    p.add_argument("--executor", default="local", choices=("local", "ray", "slurm"))
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--workers", type=int, default=None,
                    help="local executor: worker processes (default one per CUDA device; one on a CPU)")
+    s = p.add_argument_group("--executor slurm (each overrides the spec's [engine] field of the same name)")
+    s.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default)")
+    s.add_argument("--time-limit", type=int, default=None, metavar="MIN",
+                   help="minutes per array task (default: the partition's); at the limit a task checkpoints "
+                        "and requeues")
+    s.add_argument("--gpus-per-job", type=int, default=None, metavar="N", help="GPUs per array task (default 0)")
+    s.add_argument("--cpus-per-job", type=int, default=None, metavar="N", help="CPUs per array task (default 1)")
+    s.add_argument("--array-parallelism", type=int, default=None, metavar="N",
+                   help="array tasks running at once (default 256)")
+    s.add_argument("--batches-per-job", type=int, default=None, metavar="N",
+                   help="batches each array task trains in turn (default 1)")
+    s.add_argument("--no-wait", dest="wait", action="store_false", default=None,
+                   help="submit and exit; the same command later collects the results and submits the next stage")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -298,21 +311,28 @@ def _sigterm_as_ctrl_c():
 
 def cmd_run(args) -> int:
     from fastgrok.grid.executors import run_experiment
+    from fastgrok.grid.slurm import JobsFailed, Submitted
     from fastgrok.grid.workers import WorkerDied
     from fastgrok.train.signals import Interrupted
     overrides = {k: v for k, v in (("p", args.p), ("seeds", args.seeds), ("max_steps", args.max_steps),
                                    ("compile", args.compile)) if v is not None}
+    slurm = {k: v for k in ("partition", "time_limit", "gpus_per_job", "cpus_per_job", "array_parallelism",
+                            "batches_per_job", "wait") if (v := getattr(args, k)) is not None}
     try:
         with _sigterm_as_ctrl_c():
             run_dir = run_experiment(args.experiment, overrides=overrides, out=args.out, executor=args.executor,
-                                     device=args.device, progress=not args.quiet, workers=args.workers)
+                                     device=args.device, progress=not args.quiet, workers=args.workers,
+                                     slurm=slurm or None)
     except (Interrupted, KeyboardInterrupt) as e:
         why = str(e) or "interrupted"
         print(f"fastgrok: {why}; finished batches are kept: rerun the same command to resume", file=sys.stderr)
         return 130
-    except WorkerDied as e:                      # not a user mistake: exit 1, one line
+    except (WorkerDied, JobsFailed) as e:        # not a user mistake: exit 1, one line
         print(f"fastgrok: error: {e}", file=sys.stderr)
         return 1
+    except Submitted as e:                       # --no-wait
+        print(f"fastgrok: {e}", file=sys.stderr)
+        return 0
     print(f"results: {run_dir}/parts/models/, {run_dir}/parts/curves/; tables and report: fastgrok analyze {run_dir}")
     return 0
 
@@ -333,7 +353,7 @@ def cmd_experiments(args) -> int:
     print(f"{'name':12s} {'cells':>5s} {'models':>6s} {'steps (budget)':>16s} {'CPU time':>10s}  description")
     print("\n".join(rows))
     print(f"({where}; models include the calibration controls; CPU time: every model to its budget on one "
-          "thread of a 2-core CPU, from model-step times measured there (fastgrok/sizes.py), compilation "
+          "thread of a 2-core CPU, from model-step times measured there (fastgrok/grid/sizes.py), compilation "
           "included; runs are shorter where cells stop once their seeds grok, two threads are faster, and a "
           "GPU is many times faster)")
     return 0

@@ -19,3 +19,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A single-node SLURM cluster for the whole session (tests/slurm_cluster.py: munged, slurmctld, slurmd
+    with every file under a temp dir), SLURM_CONF pointing at it; its daemons stopped by PID at the end.
+    Skipped where SLURM is not installed, unless FASTGROK_REQUIRE_SLURM=1 (.ci/run), where that fails."""
+    from slurm_cluster import Cluster, available
+    why = available()
+    if why is None:
+        try:
+            import submitit  # noqa: F401
+        except ImportError:
+            why = "submitit is not installed (pip install -e '.[dev]')"
+    if why is not None:
+        (pytest.fail if os.environ.get("FASTGROK_REQUIRE_SLURM") == "1" else pytest.skip)(why)
+    cluster = Cluster(tmp_path_factory.mktemp("slurm"))
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.start()["SLURM_CONF"])
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old

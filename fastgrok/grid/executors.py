@@ -12,6 +12,9 @@ one (shut down at the end). Each batch is one task pinned to one GPU when the cl
 one CPU; a task that fails (a lost worker, a CUDA error) is retried up to `MAX_RETRIES` times and
 resumes from its checkpoint (the run directory must be on storage every node sees). A local cluster the
 driver started does not outlive it, even after kill -9 (fastgrok/watchdog.py).
+
+SLURM (grid/slurm.py, through submitit): the jobs as one job array; the driver may exit, and a rerun
+collects what finished and resubmits what no live job holds.
 """
 from __future__ import annotations
 
@@ -34,17 +37,19 @@ from fastgrok.train.snapshots import human
 from fastgrok.train.state import resolve_device
 from fastgrok.grid.workers import PoolMapper
 
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "ray", "slurm")
 MAX_RETRIES = 3
 
 
 def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str | None = None,
                    executor: str = "local", device: str = "auto", progress: bool = True,
-                   workers: int | None = None) -> Path:
+                   workers: int | None = None, slurm: dict | None = None) -> Path:
     """Run (or resume) an experiment into `out` (default runs/<name>); returns the run directory.
 
     The local executor runs `workers` processes, one per device: by default one per CUDA device (one on
     a CPU); with one worker, jobs run in this process. Workers change where a batch runs, not its results.
+    `slurm`: the SLURM executor's options (slurm.SlurmOptions), over the spec's [engine] fields; with
+    wait False it raises slurm.Submitted once the jobs of the next stage are in SLURM.
     """
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
@@ -52,8 +57,16 @@ def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str
         raise ConfigError(f"workers must be an integer >= 1; got {workers!r}")
     if workers is not None and executor != "local":
         raise ConfigError("workers is an option of the local executor; Ray places its tasks itself")
+    if slurm and executor != "slurm":
+        flag = next(iter(slurm)).replace("_", "-").replace("wait", "no-wait")
+        raise ConfigError(f"--{flag} is an option of the SLURM executor (--executor slurm)")
     spec = apply_overrides(load_experiment(experiment), **(overrides or {}))
-    if executor == "local":
+    slurm_opts = None
+    if executor == "slurm":
+        from fastgrok.grid import slurm as slurm_mod
+        slurm_opts = slurm_mod.check(slurm_mod.options(spec.engine, **(slurm or {})))   # before any write
+        workers = 1
+    elif executor == "local":
         dev = resolve_device(device)           # a CUDA request without CUDA fails here, before any work
         n_dev = torch.cuda.device_count() if dev.type == "cuda" else 1
         workers = workers or n_dev
@@ -63,18 +76,18 @@ def run_experiment(experiment, *, overrides: dict | None = None, out: Path | str
     run_dir = Path(out) if out is not None else Path("runs") / spec.name
     with store.writer_lock(run_dir):            # one writer per run directory (a second is refused)
         return _run_locked(spec, run_dir, executor, device, progress, workers,
-                           n_dev if executor == "local" else 1, dev if executor == "local" else None)
+                           n_dev if executor == "local" else 1, dev if executor == "local" else None, slurm_opts)
 
 
-def _run_locked(spec, run_dir, executor, device, progress, workers, n_dev, dev) -> Path:
-    local = executor == "local"                 # Ray's workers may have other devices: no preflight here
+def _run_locked(spec, run_dir, executor, device, progress, workers, n_dev, dev, slurm_opts=None) -> Path:
+    local = executor == "local"                 # Ray's and SLURM's may have other devices: no preflight here
     spec.engine.track and tracking.check(spec.engine.track)     # its library is there (one line if not)
     saved = run_dir / rundir.SPEC_JSON
     if saved.is_file() and extend.is_extension(store.read_json(saved), spec.to_dict()):
         extend.extend(spec, run_dir, lambda msg: print(f"fastgrok: {msg}", file=sys.stderr, flush=True))
     plan = rundir.init_run_dir(spec, run_dir, device if local else "cpu", check=local)
     compile_mode = resolve_compile(spec, plan)
-    pooled = executor == "ray" or workers > 1
+    pooled = executor != "local" or workers > 1
     bar = GridProgress(plan, run_dir, enabled=progress, live=pooled)
     snap = snapshot_bytes(spec, plan)
     if snap:
@@ -92,6 +105,9 @@ def _run_locked(spec, run_dir, executor, device, progress, workers, n_dev, dev) 
                  f"<= clamp start {late[0][2]}): they train unclamped")
     if executor == "ray":
         mapper = _RayMapper()
+    elif executor == "slurm":
+        from fastgrok.grid.slurm import SlurmMapper
+        mapper = SlurmMapper(run_dir, slurm_opts, spec.name)
     elif workers > 1:
         mapper = PoolMapper(workers, devices=list(range(n_dev)) if dev.type == "cuda" else None)
     else:

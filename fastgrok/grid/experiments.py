@@ -329,7 +329,42 @@ class Fork:
 
 
 @dataclass(kw_only=True)
-class Engine:
+class SlurmFields:
+    """The SLURM executor's options (`--executor slurm`, grid/slurm.py): [engine] fields, each overridden by
+    the CLI flag of the same name (--time-limit for time_limit). They never change a result."""
+    partition: str | None = None
+    """SLURM partition of the jobs (default: the cluster's default partition)."""
+    time_limit: int | None = None
+    """Minutes per array task (default: the partition's); at the limit a task checkpoints and requeues."""
+    gpus_per_job: int | None = None
+    """GPUs per array task (default: none)."""
+    cpus_per_job: int | None = None
+    """CPUs per array task (default: SLURM's, one); the task trains on that many threads."""
+    array_parallelism: int | None = None
+    """Array tasks running at once (default: submitit's, 256)."""
+    batches_per_job: int | None = None
+    """Batches per array task, trained one after another (default 1: one array task per batch)."""
+
+    def check_slurm(self, name) -> None:
+        """A ConfigError naming the field (name(field): engine.partition, --partition) for a bad value."""
+        for f in dataclasses.fields(SlurmFields):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            if f.name == "partition":
+                if not (isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.\-]+", v)):
+                    raise _err(name(f.name), f"must be a partition name (letters, digits, '_', '.', '-'), got {v!r}")
+                continue
+            low = 0 if f.name == "gpus_per_job" else 1
+            if not (_is_int(v) and low <= v <= 10**9):
+                raise _err(name(f.name), f"must be an integer >= {low}, got {v!r}")
+
+
+SLURM_FIELDS = tuple(f.name for f in dataclasses.fields(SlurmFields))
+
+
+@dataclass(kw_only=True)
+class Engine(SlurmFields):
     """How cells are packed and run (never changes a model's results)."""
     max_models: int | None = None
     """Cap on models per batch (default: only the memory budget limits a batch)."""
@@ -340,8 +375,8 @@ class Engine:
     Each compaction recompiles the step for the new M (tens of seconds on a CPU), so it waits for half."""
     track: str | None = None
     """Track the grid in "wandb" or "tensorboard" (fastgrok/tracking.py); None: no tracking."""
-
     def __post_init__(self) -> None:
+        self.check_slurm(lambda f: f"engine.{f}")
         if self.track is not None and self.track not in ("wandb", "tensorboard"):
             raise _err("engine.track", f"must be \"wandb\" or \"tensorboard\", got {self.track!r}")
         if self.max_models is not None and (not _is_int(self.max_models) or self.max_models < 1):

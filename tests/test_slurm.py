@@ -1,0 +1,201 @@
+"""The SLURM executor (fastgrok/grid/slurm.py) against a real single-node SLURM (the session's
+`slurm_cluster`: munged, slurmctld and slurmd, 2 CPUs), no mocks; tiny grids (p = 13, widths 16/32, eager):
+
+- a grid with a calibration stage, submitted with --no-wait and then collected, 2 batches per array task,
+  gives exactly the local executor's results;
+- a task cancelled mid-batch (scancel): the driver names it and exits 1; the same command resubmits it,
+  which resumes from its checkpoint: exactly the local results;
+- the driver killed (kill -9) while its jobs run: the same command waits for the live jobs (it does not
+  submit them again) and collects them: exactly the local results;
+- SLURM's time-limit/preemption signal (USR2) to a running task: it checkpoints, submitit requeues it, it
+  resumes: exactly the local results, the driver never noticing;
+- one-line errors: no submitit, no SLURM on PATH, a bad partition, a SLURM flag with another executor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from cli_runner import ENV, FASTGROK, checkpointed
+from fastgrok.config import ConfigError
+from fastgrok.grid.executors import run_experiment
+from fastgrok.grid.experiments import ExperimentSpec, to_toml
+from fastgrok.grid.slurm import Submitted
+
+TRAIN = {"d_embed": 16, "hidden": 32, "eval_every": 10, "logit_every": 50, "clamp_from": 100, "compile": "off"}
+SHAPE = {"p": [13], "train_frac": [0.8], "lr": [0.02], "wd": [2.0]}
+# calibration, then 3 clamped cells x 2 seeds in 3 batches (max_models 2)
+MED = {"name": "slurm_med", "seeds": 2, **SHAPE, "train": TRAIN, "budget": {"steps": 300, "steps_ref": 400},
+       "calibration": {"steps": 200}, "engine": {"compact_frac": 0.0, "max_models": 2},
+       "grid": [{"rho": [1.0], "tau": [1.0]}, {"rho": [1.15], "tau": [1.0, 1.5]}]}
+# 3 free batches long enough to be caught mid-batch (checkpoints every 100 steps)
+LONG = {"name": "slurm_long", "seeds": 2, **SHAPE, "rho": ["free"], "tau": [1.0, 1.5, 2.0],
+        "train": {**TRAIN, "stop_when_grokked": False, "checkpoint_every": 100},
+        "budget": {"steps": 2000}, "engine": {"compact_frac": 0.0, "max_models": 2}}
+
+
+def tables(run_dir):
+    return pd.read_parquet(run_dir / "models.parquet"), pd.read_parquet(run_dir / "curves.parquet")
+
+
+def assert_same_results(a, b):
+    for x, y in zip(tables(a), tables(b)):
+        pd.testing.assert_frame_equal(x, y, check_exact=True)
+    models, curves = tables(b)
+    assert models["model"].is_unique and not curves.duplicated(["model", "step", "metric"]).any()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)                # as the tasks (--cpus-per-job 1): the same numerics
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def long_local(tmp_path_factory):
+    return run_experiment(ExperimentSpec.from_dict(LONG), out=tmp_path_factory.mktemp("long") / "local",
+                          progress=False)
+
+
+def _env():
+    return {**ENV, "SLURM_CONF": os.environ["SLURM_CONF"]}
+
+
+def _driver(spec_path, run, *extra):
+    return subprocess.Popen([*FASTGROK, "run", str(spec_path), "--out", str(run), "--executor", "slurm",
+                             "--cpus-per-job", "1", "--quiet", *extra], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _spec_file(tmp_path, d):
+    path = tmp_path / f"{d['name']}.toml"
+    path.write_text(to_toml(d))
+    return path
+
+
+def _job_of(run, batch: str, proc) -> str:
+    """The SLURM job (array task) of `batch` once it has checkpointed past step 0 (mid-batch)."""
+    for _ in range(1200):
+        assert proc.poll() is None, f"the driver ended early: {proc.communicate()[1]}"
+        rec = run / "slurm" / "jobs.json"
+        if rec.exists() and checkpointed(run / "batches" / batch):
+            return json.loads(rec.read_text())["jobs"][f"batch-{batch}"]["job"]
+        time.sleep(0.1)
+    raise AssertionError(f"{batch} never checkpointed")
+
+
+def _log(run, job: str) -> str:
+    """The task's logs (submitit's: stdout, then stderr)."""
+    return "".join((run / "slurm" / f"{job}_0_log.{k}").read_text() for k in ("out", "err"))
+
+
+def _rerun(spec_path, run):
+    return subprocess.run([*FASTGROK, "run", str(spec_path), "--out", str(run), "--executor", "slurm",
+                           "--cpus-per-job", "1", "--quiet"], env=_env(), capture_output=True, text=True,
+                          timeout=600)
+
+
+# ------------------------------------------------------------------------------------------ results
+def test_slurm_grid_matches_local(slurm_cluster, tmp_path, capsys):
+    spec = ExperimentSpec.from_dict(MED)
+    local = run_experiment(spec, out=tmp_path / "local", progress=False)
+    run = tmp_path / "slurm"
+    opts = {"cpus_per_job": 1, "batches_per_job": 2, "poll_s": 0.5}
+    with pytest.raises(Submitted, match="rerun the same command to collect"):   # --no-wait: the calibration
+        run_experiment(spec, out=run, executor="slurm", progress=True, slurm={**opts, "wait": False})
+    (cal,) = json.loads((run / "slurm" / "jobs.json").read_text())["jobs"]
+    assert cal.startswith("calibration-") and not (run / "calibration.json").exists()
+    run_experiment(spec, out=run, executor="slurm", progress=True, slurm=opts)    # collects, then the batches
+    err = capsys.readouterr().err
+    assert "fastgrok: slurm: submitted 3 batch job(s) as 2 array task(s)" in err   # 2 batches per task
+    assert "running" in err                                                       # progress while it waits
+    assert_same_results(local, run)
+    assert sorted(p.name for p in (run / "parts").iterdir()) == \
+        sorted(f"b00{i}.{k}.parquet" for i in range(3) for k in ("models", "curves"))
+    assert not list(run.glob("batches/*/slurm-result-*"))            # every result moved into its part
+    record = (run / "slurm" / "jobs.json").read_bytes()
+    run_experiment(spec, out=run, executor="slurm", progress=False, slurm=opts)   # all done: nothing submitted
+    assert (run / "slurm" / "jobs.json").read_bytes() == record
+
+
+# ------------------------------------------------------------------------------------------ interruptions
+def test_scancel_mid_batch_then_rerun(slurm_cluster, long_local, tmp_path):
+    spec_path, run = _spec_file(tmp_path, LONG), tmp_path / "run"
+    proc = _driver(spec_path, run)
+    job = _job_of(run, "b000", proc)
+    subprocess.run(["scancel", job], env=_env(), check=True)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err
+    last = err.strip().splitlines()[-1]                                          # the error: one line
+    assert last.startswith(f"fastgrok: error: 1 job(s) ended in SLURM without results: batch-b000 ({job}, "
+                           "CANCELLED)") and "the same command resubmits them" in last, err
+    assert "batch-b000: stopped by signal 15 at step" in _log(run, job)         # checkpointed mid-batch
+    assert (run / "parts" / "b001.models.parquet").exists()                      # the others finished
+    r = _rerun(spec_path, run)
+    assert r.returncode == 0, r.stderr
+    assert_same_results(long_local, run)
+
+
+def test_killed_driver_then_rerun_collects(slurm_cluster, long_local, tmp_path):
+    spec_path, run = _spec_file(tmp_path, LONG), tmp_path / "run"
+    proc = _driver(spec_path, run)
+    _job_of(run, "b000", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    submitted = json.loads((run / "slurm" / "jobs.json").read_text())["jobs"]
+    r = _rerun(spec_path, run)                  # while the jobs still run: it waits for them
+    assert r.returncode == 0, r.stderr
+    assert "already queued or running in SLURM" in r.stderr
+    assert json.loads((run / "slurm" / "jobs.json").read_text())["jobs"] == submitted   # nothing resubmitted
+    assert_same_results(long_local, run)
+
+
+def test_time_limit_signal_checkpoints_and_requeues(slurm_cluster, long_local, tmp_path):
+    spec_path, run = _spec_file(tmp_path, LONG), tmp_path / "run"
+    proc = _driver(spec_path, run)
+    job = _job_of(run, "b000", proc)
+    # what SLURM sends before a time limit or a preemption (submitit's --signal=USR2@90)
+    subprocess.run(["scancel", "--signal=USR2", job], env=_env(), check=True)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    log = _log(run, job)
+    assert "batch-b000: stopped by signal 12 at step" in log and "Calling checkpoint method" in log
+    assert f"Requeued job {job}" in log and "Job completed successfully" in log  # submitit requeued it
+    assert_same_results(long_local, run)
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_one_line_errors(tmp_path, monkeypatch):
+    spec_path = _spec_file(tmp_path, MED)
+    base = [*FASTGROK, "run", str(spec_path), "--out", str(tmp_path / "run")]
+    r = subprocess.run([*base, "--partition", "gpu"], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "fastgrok: error: --partition is an option of the SLURM executor (--executor slurm)"
+    pytest.importorskip("submitit")
+    bare = {**ENV, "PATH": os.path.dirname(sys.executable)}                       # no SLURM commands
+    r = subprocess.run([*base, "--executor", "slurm"], env=bare, capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "sinfo is not on PATH" in r.stderr
+    assert not (tmp_path / "run").exists()                                        # refused before any write
+    monkeypatch.setitem(sys.modules, "submitit", None)                           # as if not installed
+    with pytest.raises(ConfigError, match=r"needs submitit: pip install 'fastgrok\[slurm\]'"):
+        run_experiment(ExperimentSpec.from_dict(MED), out=tmp_path / "run", executor="slurm")
+
+
+def test_bad_partition_is_one_line(slurm_cluster, tmp_path):
+    with pytest.raises(ConfigError, match=r"--partition: 'nope' is not a partition of this cluster \(debug\)"):
+        run_experiment(ExperimentSpec.from_dict(MED), out=tmp_path / "run", executor="slurm",
+                       slurm={"partition": "nope"})
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="engine.time_limit: must be an integer >= 1"):
+        ExperimentSpec.from_dict({**MED, "engine": {"time_limit": 0}})
