@@ -21,10 +21,13 @@ import sys
 import time
 
 import pandas as pd
+
+from fastgrok import store
 import pytest
 
 from cli_runner import ENV, FASTGROK, checkpointed
 from fastgrok.config import ConfigError
+from fastgrok.grid import rundir
 from fastgrok.grid.executors import run_experiment
 from fastgrok.grid.experiments import ExperimentSpec, to_toml
 from fastgrok.grid.slurm import Submitted
@@ -42,7 +45,10 @@ LONG = {"name": "slurm_long", "seeds": 2, **SHAPE, "rho": ["free"], "tau": [1.0,
 
 
 def tables(run_dir):
-    return pd.read_parquet(run_dir / "models.parquet"), pd.read_parquet(run_dir / "curves.parquet")
+    """The run's models and curves (its parts, read as one dataset), in model order."""
+    res = store.Results(run_dir)
+    return (res.models().sort_values("model").reset_index(drop=True),
+            res.curves().sort_values(["model", "step", "metric"]).reset_index(drop=True))
 
 
 def assert_same_results(a, b):
@@ -120,8 +126,9 @@ def test_slurm_grid_matches_local(slurm_cluster, tmp_path, capsys):
     assert "fastgrok: slurm: submitted 3 batch job(s) as 2 array task(s)" in err   # 2 batches per task
     assert "running" in err                                                       # progress while it waits
     assert_same_results(local, run)
-    assert sorted(p.name for p in (run / "parts").iterdir()) == \
-        sorted(f"b00{i}.{k}.parquet" for i in range(3) for k in ("models", "curves"))
+    assert rundir.done_batches(run) == {"b000", "b001", "b002"}
+    assert sorted(p.relative_to(run / "parts").as_posix() for p in (run / "parts").rglob("*.parquet")) == \
+        sorted(f"{k}/b00{i}.parquet" for i in range(3) for k in ("models", "curves"))
     assert not list(run.glob("batches/*/slurm-result-*"))            # every result moved into its part
     record = (run / "slurm" / "jobs.json").read_bytes()
     run_experiment(spec, out=run, executor="slurm", progress=False, slurm=opts)   # all done: nothing submitted
@@ -140,7 +147,7 @@ def test_scancel_mid_batch_then_rerun(slurm_cluster, long_local, tmp_path):
     assert last.startswith(f"fastgrok: error: 1 job(s) ended in SLURM without results: batch-b000 ({job}, "
                            "CANCELLED)") and "the same command resubmits them" in last, err
     assert "batch-b000: stopped by signal 15 at step" in _log(run, job)         # checkpointed mid-batch
-    assert (run / "parts" / "b001.models.parquet").exists()                      # the others finished
+    assert "b001" in rundir.done_batches(run)                                    # the others finished
     r = _rerun(spec_path, run)
     assert r.returncode == 0, r.stderr
     assert_same_results(long_local, run)
