@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from fastgrok.config import (COMPILE, DEVICES, DTYPES, INITS, KERNELS, LOSSES, MODELS, OP_HELP, OPS, PER_MODEL, PRESETS,
+from fastgrok.config import (COMPILE, DEVICES, DTYPES, INITS, KERNELS, MODELS, PER_MODEL, PER_MODEL_META, PRESETS,
                      ConfigError, TrainConfig, logit_every_for, small_test_set_warning, tiny_tau_warning)
 
 
@@ -32,14 +32,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"fastgrok: error: {message}\n")
 
 
+def _on_off(v: str) -> bool:
+    if v not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {v!r}")
+    return v == "on"
+
+
+def _per_model_kwargs(name: str) -> dict:
+    """A per-model setting's flag, from its declaration (config.PerModel): several values make cells; a
+    true/false one takes on|off (alone: on)."""
+    meta, default = PER_MODEL_META[name], TrainConfig.__dataclass_fields__[name].default
+    if isinstance(default, bool):
+        return dict(type=_on_off, nargs="*", metavar="on|off", help=meta.help)
+    if meta.choices:
+        return dict(choices=meta.choices, nargs="+", metavar=name.upper(), help=meta.help)
+    return dict(type=float, nargs="+", help=meta.help)
+
+
 # flag -> (TrainConfig field, argparse kwargs). Defaults come from the preset (TrainConfig() unless
 # --preset), so only the flags a user gives override it.
 _TRAIN_FLAGS = {
     "--p": ("p", dict(type=int, help="modulus")),
-    "--op": ("op", dict(choices=OPS, nargs="+", metavar="OP", help="task(s): " + "; ".join(f"{k}: {v}" for k, v in OP_HELP.items()) + "; several make cells (per model, one batch)")),
+    **{f"--{name.replace('_', '-')}": (name, _per_model_kwargs(name)) for name in PER_MODEL},
     "--model": ("model", dict(choices=MODELS)),
-    "--loss": ("loss", dict(choices=LOSSES, nargs="+", help="loss(es): ce, mse (the study's control), stablemax "
-                                                           "(Prieto et al. 2025); several make cells")),
     "--seeds": ("seeds", dict(type=int, help="models per cell")),
     "--seed0": ("seed0", dict(type=int)),
     "--tau": ("taus", dict(type=float, nargs="+", help="temperature(s); several make cells")),
@@ -48,16 +63,6 @@ _TRAIN_FLAGS = {
     "--clamp-mode": ("clamp_mode", dict(choices=("total", "layer"))),
     "--steps": ("steps", dict(type=int, help="step budget")),
     "--eval-every": ("eval_every", dict(type=int)),
-    "--train-frac": ("train_frac", dict(type=float, nargs="+", help="train fraction(s); several make cells")),
-    "--lr": ("lr", dict(type=float, nargs="+", help="learning rate(s); several make cells (default: the study's, "
-                                                  "1e-3 for the MLP, 5e-4 for the transformer)")),
-    "--wd": ("wd", dict(type=float, nargs="+", help="weight decay(s); several make cells")),
-    "--orthograd": ("orthograd", dict(type=lambda v: _on_off(v), nargs="*", metavar="on|off",
-                                      help="⊥Grad before AdamW (Prieto et al. 2025); alone: on; `off on` makes cells")),
-    "--grokfast-alpha": ("grokfast_alpha", dict(type=float, nargs="+", help="Grokfast-EMA decay (Lee et al. 2024)")),
-    "--grokfast-lambda": ("grokfast_lambda", dict(type=float, nargs="+", help="Grokfast-EMA gain; 0 = off")),
-    "--init-scale": ("init_scale", dict(type=float, nargs="+", help="init scale(s) alpha: every initial matrix "
-                                                                    "times alpha; several make cells")),
     "--d-embed": ("d_embed", dict(type=int, help="MLP embedding width")),
     "--hidden": ("hidden", dict(type=int, help="MLP hidden width")),
     "--d-model": ("d_model", dict(type=int, help="transformer width")),
@@ -113,12 +118,6 @@ def _add_train(sub):
                         "TensorBoard (DIR/tensorboard); a resumed tracked run continues its tracked run")
 
 
-def _on_off(v: str) -> bool:
-    if v not in ("on", "off"):
-        raise argparse.ArgumentTypeError(f"expected on or off, got {v!r}")
-    return v == "on"
-
-
 def _flag_of(field: str) -> str:
     return next((f for f, (name, kw) in _TRAIN_FLAGS.items() if name == field and "action" not in kw),
                 f"--{field.replace('_', '-')}")
@@ -139,8 +138,9 @@ def _differs(cfg: TrainConfig, base: TrainConfig) -> list[str]:
 def _config_from_args(args) -> TrainConfig:
     base = PRESETS[args.preset]() if args.preset else TrainConfig()
     given = {field: getattr(args, field) for field, _ in _TRAIN_FLAGS.values() if hasattr(args, field)}
-    if given.get("orthograd") == []:            # `--orthograd` alone: on
-        given["orthograd"] = [True]
+    for name in PER_MODEL:                      # `--orthograd` alone: on
+        if given.get(name) == []:
+            given[name] = [True]
     for k in ("taus", "norm_targets", *PER_MODEL):
         if k in given:
             given[k] = tuple(given[k])

@@ -11,14 +11,14 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-OPS = ("add", "sub", "mul", "div", "quad", "cubic", "perm", "random")
+OP_HELP = {"add": "a + b mod p", "sub": "a - b mod p", "mul": "a * b mod p", "div": "a / b mod p (p prime)",
+           "quad": "a^2 + ab + b^2 mod p", "cubic": "a^3 + ab mod p", "perm": "composition in S_n, p = n! (S5: 120)",
+           "random": "a fixed random table (control)"}
+OPS = tuple(OP_HELP)
 """The tasks, each a binary operation on p symbols given as a p x p table (data.op_table): a + b, a - b,
 a * b, a / b mod p (div: p prime, b = 0 in neither split); quad = a^2 + ab + b^2 and cubic = a^3 + ab mod p
 (Power et al. 2022); perm = composition in the permutation group S_n, p = n! symbols (S5: p = 120);
 random = a fixed random table (seeded by p: nothing to generalize, a control)."""
-OP_HELP = {"add": "a + b mod p", "sub": "a - b mod p", "mul": "a * b mod p", "div": "a / b mod p (p prime)",
-           "quad": "a^2 + ab + b^2 mod p", "cubic": "a^3 + ab mod p", "perm": "composition in S_n, p = n! (S5: 120)",
-           "random": "a fixed random table (control)"}
 MODELS = ("mlp", "transformer")
 LOSSES = ("ce", "mse", "stablemax")
 DTYPES = ("float32", "float64")
@@ -47,16 +47,42 @@ budgets): steps are held in int64 tensors and arrays (at most 9.2e18), and a sum
 not overflow either. A larger value is refused in one line (before: an OverflowError from the first array
 that held it)."""
 
-PER_MODEL = ("op", "train_frac", "lr", "wd", "init_scale", "orthograd", "grokfast_alpha", "grokfast_lambda", "loss")
-"""Fields that may hold several values (a tuple): each model of the batch takes one, and the cells are
-their product with taus and norm_targets. One value is stored as a scalar (as configs have always been)."""
-ADDED_DEFAULTS = {"init_scale": 1.0, "orthograd": False, "grokfast_alpha": 0.98, "grokfast_lambda": 0.0}
-"""Fields added after runs were saved without them, and the value such a run had (`with_defaults`). These
-are grid axes (plan.CALIB_AXES measures w_c per setting of each); ADDED_READOUTS holds the others."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-model settings: declared once, as TrainConfig fields made with `per_model(...)`
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PerModel:
+    """What a per-model setting is beyond its TrainConfig field: the metadata from which its validation,
+    CLI flag (`--init-scale`), spec axis (`init_scale = [...]`), packing into one batch, result column and
+    calibration key all derive. Each model of a batch holds its own value; several values make cells."""
+    rule: str
+    """The valid values in words, for errors: "finite and > 0"."""
+    ok: object
+    """One value -> valid? (type and range; relations with other fields are TrainConfig's own checks)."""
+    help: str
+    """The CLI flag's help."""
+    choices: tuple = ()
+    """The allowed values of a text setting."""
+    added: bool = False
+    """Added after runs were saved without it: its default is the value such runs had (`with_defaults`),
+    and a calibration key names it only off that default (grid.plan.calib_key)."""
+
+
+def per_model(default, *, rule: str, ok, help: str, choices: tuple = (), added: bool = False):
+    """A TrainConfig field holding one value per model (or several: cells), with its PerModel metadata."""
+    return field(default=default, metadata={"per_model": PerModel(rule, ok, help, choices, added)})
+
+
+def _number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
 ADDED_READOUTS = {"restricted_loss": False, "snapshots": 0, "snapshot_cap_gib": 2.0}
 """Fields added since that change what is recorded, not how a model trains (not axes, no calibration of
 their own), and the value a run saved before them had; `with_defaults` and `without_defaults` treat them
-as ADDED_DEFAULTS."""
+as the per-model settings added since (ADDED_DEFAULTS)."""
 
 
 def n_pairs_of(p: int, op: str) -> int:
@@ -110,10 +136,13 @@ class TrainConfig:
     # --- task ---
     p: int = 59
     """Modulus; the task is `a op b mod p`, a p-way classification."""
-    op: str | tuple[str, ...] = "add"
+    op: str | tuple[str, ...] = per_model(
+        "add", choices=OPS, rule="one of " + ", ".join(OPS), ok=lambda v: v in OPS,
+        help="task(s): " + "; ".join(f"{k}: {v}" for k, v in OP_HELP.items()) + "; several make cells")
     """One of add, sub, mul, div (div needs a prime p; pairs with b = 0 belong to neither split), or
     several (per-model: product cells)."""
-    train_frac: float | tuple[float, ...] = 0.4
+    train_frac: float | tuple[float, ...] = per_model(
+        0.4, rule="in (0, 1)", ok=lambda v: _number(v) and 0.0 < v < 1.0, help="train fraction(s); several make cells")
     """Fraction of the pairs in each model's training split, n_train = int(train_frac * n_pairs); several
     values make cells (models of one batch then hold different numbers of train rows)."""
 
@@ -139,10 +168,6 @@ class TrainConfig:
     alone); `study` is the study's cell-level draw (one generator seeded with the cell's first seed draws
     all its seeds' matrices; the weights depend on the cell's seed0 and seed count). See models.py."""
 
-    init_scale: float | tuple[float, ...] = 1.0
-    """Every matrix of the initial draw multiplied by this (Omnigrok's `initialization_scale`); several
-    values make cells."""
-
     # --- cells and seeds ---
     seeds: int = 12
     """Models per cell; model s of a cell uses seed seed0 + s (init and split both derive from it)."""
@@ -161,25 +186,41 @@ class TrainConfig:
     the clamp's first step."""
 
     # --- optimisation ---
-    loss: str | tuple[str, ...] = "ce"
-    """`ce` (cross-entropy on z/tau), `mse` (sum over classes of (z/tau - onehot)^2) or `stablemax`
-    (Prieto et al. 2025's StableMax cross-entropy on z/tau); several make cells (one kernel launch)."""
     steps: int = 20000
     """Budget of optimizer steps."""
-    lr: float | tuple[float, ...] | None = None
+    lr: float | tuple[float, ...] | None = per_model(
+        None, rule="finite and > 0", ok=lambda v: _number(v) and v > 0,
+        help="learning rate(s); several make cells (default: the study's, 1e-3 for the MLP, 5e-4 for the transformer)")
     """Adam's learning rate; None means the study's for the model (`learning_rate`); several make cells."""
-    wd: float | tuple[float, ...] = 1.0
+    wd: float | tuple[float, ...] = per_model(
+        1.0, rule="finite and >= 0", ok=lambda v: _number(v) and v >= 0, help="weight decay(s); several make cells")
     """Decoupled weight decay, on matrices only, applied after the Adam update; several make cells."""
+    init_scale: float | tuple[float, ...] = per_model(
+        1.0, rule="finite and > 0", ok=lambda v: _number(v) and v > 0, added=True,
+        help="init scale(s) alpha: every initial matrix times alpha; several make cells")
+    """Every matrix of the initial draw multiplied by this (Omnigrok's `initialization_scale`); several
+    values make cells."""
+    orthograd: bool | tuple[bool, ...] = per_model(
+        False, rule="true or false", ok=lambda v: isinstance(v, bool), added=True,
+        help="⊥Grad before AdamW (Prieto et al. 2025); alone: on; `off on` makes cells")
+    """Prieto et al. 2025's ⊥Grad before AdamW: each parameter tensor's gradient loses its component along
+    the weights, rescaled to the gradient's norm (optim.orthograd); both values make cells."""
+    grokfast_alpha: float | tuple[float, ...] = per_model(
+        0.98, rule="in [0, 1)", ok=lambda v: _number(v) and 0.0 <= v < 1.0, added=True,
+        help="Grokfast-EMA decay (Lee et al. 2024)")
+    """Grokfast-EMA's decay alpha (Lee et al. 2024; their algorithmic-data setting): h <- alpha h + (1 - alpha) g."""
+    grokfast_lambda: float | tuple[float, ...] = per_model(
+        0.0, rule="finite and >= 0", ok=lambda v: _number(v) and v >= 0, added=True,
+        help="Grokfast-EMA gain; 0 = off")
+    """Grokfast-EMA's gain lambda: g <- g + lambda h before AdamW; 0 is off (their algorithmic data: 2)."""
+    loss: str | tuple[str, ...] = per_model(
+        "ce", choices=LOSSES, rule="one of " + ", ".join(LOSSES), ok=lambda v: v in LOSSES,
+        help="loss(es): ce, mse (the study's control), stablemax (Prieto et al. 2025); several make cells")
+    """`ce` (cross-entropy on z/tau), `mse` (sum over classes of (z/tau - onehot)^2) or `stablemax`
+    (Prieto et al. 2025's StableMax cross-entropy on z/tau); several make cells (one kernel launch)."""
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    orthograd: bool | tuple[bool, ...] = False
-    """Prieto et al. 2025's ⊥Grad before AdamW: each parameter tensor's gradient loses its component along
-    the weights, rescaled to the gradient's norm (optim.orthograd); both values make cells."""
-    grokfast_alpha: float | tuple[float, ...] = 0.98
-    """Grokfast-EMA's decay alpha (Lee et al. 2024; their algorithmic-data setting): h <- alpha h + (1 - alpha) g."""
-    grokfast_lambda: float | tuple[float, ...] = 0.0
-    """Grokfast-EMA's gain lambda: g <- g + lambda h before AdamW; 0 is off (their algorithmic data: 2)."""
 
     # --- readouts ---
     eval_every: int = 25
@@ -215,13 +256,12 @@ class TrainConfig:
         self.taus = tuple(float(t) for t in self.taus)
         self.norm_targets = tuple(float(t) for t in self.norm_targets)
         self.layer_fracs = tuple(float(t) for t in self.layer_fracs)
-        for name in PER_MODEL:
+        for name, meta in PER_MODEL_META.items():       # each value of each per-model setting, by its rule
             setattr(self, name, _one_or_many(name, getattr(self, name)))
-        for op in self.values("op"):
-            _choice("op", op, OPS)
+            for v in self.values(name):
+                if not meta.ok(v):
+                    raise ConfigError(f"{name} must be {meta.rule}, got {v!r}")
         _choice("model", self.model, MODELS)
-        for loss in self.values("loss"):
-            _choice("loss", loss, LOSSES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
         _choice("kernels", self.kernels, KERNELS)
@@ -236,8 +276,6 @@ class TrainConfig:
             if op == "perm" and symmetric_group_degree(self.p) is None:
                 raise ConfigError(f"op 'perm' needs p = n! symbols (6, 24, 120 for S3, S4, S5), got p={self.p}")
         for f in self.values("train_frac"):
-            if _not_number(f) or not (0.0 < f < 1.0) or not math.isfinite(f):
-                raise ConfigError(f"train_frac must be in (0, 1), got {f!r}")
             for op in self.values("op"):
                 n, n_train = n_pairs_of(self.p, op), n_train_of(self.p, op, f)
                 if n_train < 1 or n_train >= n:
@@ -285,28 +323,10 @@ class TrainConfig:
             raise ConfigError(f"logit_every ({self.logit_every}) must be a multiple of eval_every ({self.eval_every})")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        for lr in self.values("lr"):
-            if _not_number(lr) or not math.isfinite(lr) or lr <= 0:
-                raise ConfigError(f"lr must be finite and > 0, got {lr!r}")
         if _not_number(self.eps) or not math.isfinite(self.eps) or self.eps <= 0:
             raise ConfigError(f"eps must be finite and > 0, got {self.eps!r}")
-        for wd in self.values("wd"):
-            if _not_number(wd) or not math.isfinite(wd) or wd < 0:
-                raise ConfigError(f"wd must be finite and >= 0, got {wd!r}")
         if not isinstance(self.restricted_loss, bool):
             raise ConfigError(f"restricted_loss must be true or false, got {self.restricted_loss!r}")
-        for v in self.values("orthograd"):
-            if not isinstance(v, bool):
-                raise ConfigError(f"orthograd must be true or false, got {v!r}")
-        for v in self.values("grokfast_alpha"):
-            if _not_number(v) or not 0.0 <= v < 1.0:
-                raise ConfigError(f"grokfast_alpha must be in [0, 1), got {v!r}")
-        for v in self.values("grokfast_lambda"):
-            if _not_number(v) or not math.isfinite(v) or v < 0:
-                raise ConfigError(f"grokfast_lambda must be finite and >= 0, got {v!r}")
-        for a in self.values("init_scale"):
-            if _not_number(a) or not math.isfinite(a) or a <= 0:
-                raise ConfigError(f"init_scale must be finite and > 0, got {a!r}")
         for name in ("beta1", "beta2"):
             if not (0.0 <= getattr(self, name) < 1.0):
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -390,6 +410,21 @@ class TrainConfig:
             if isinstance(d.get(k), list):
                 d[k] = tuple(d[k])
         return cls(**d)
+
+
+PER_MODEL_META = {f.name: f.metadata["per_model"] for f in dataclasses.fields(TrainConfig) if "per_model" in f.metadata}
+"""Each per-model setting's PerModel, in field order (the order a train run's cells are the product in)."""
+PER_MODEL = tuple(PER_MODEL_META)
+"""The per-model settings' names (op, train_frac, lr, wd, init_scale, ...), derived from the declarations."""
+ADDED_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                  if "per_model" in f.metadata and f.metadata["per_model"].added}
+"""Per-model settings added after runs were saved without them, and the value such a run had."""
+GRID_AXES = ("p", "op", "model", "loss", "dtype", "lr", "wd", "train_frac",
+             *(n for n in PER_MODEL if n not in ("op", "loss", "lr", "wd", "train_frac")))
+"""The TrainConfig fields a spec may make axes of, in the order a block's product runs (the last fastest):
+the shape axes p, model, dtype and every per-model setting. The first eight keep the order specs were
+expanded in before the others existed (so plans, cells and calibration keys of earlier runs stay the same);
+a new per-model setting joins at the end, in field order."""
 
 
 def logit_every_for(eval_every: int) -> int:

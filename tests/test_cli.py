@@ -87,7 +87,7 @@ BAD_SPECS = {
     "mem threshold nan": ("[train]\nmem_threshold = nan\n", "train.mem_threshold: mem_threshold must be in (0, 1]"),
     "mem threshold zero": ("[train]\nmem_threshold = 0.0\n", "train.mem_threshold"),
     "an lr axis with a zero": ("lr = [1e-3, 0.0]\n", "spec.lr"),
-    "a negative wd axis": ("wd = [-1.0]\n", "wd must be finite and >= 0"),
+    "a negative wd axis": ("wd = [-1.0]\n", "spec.wd: bad value -1.0 (must be finite and >= 0)"),
     "div at a p not prime": ('[[grid]]\np = [8]\nop = ["div"]\n', "op 'div' needs a prime p"),
     "init scale zero": ("init_scale = [0.0]\n", "spec.init_scale"),
     "lr in [train]": ("[train]\nlr = 1e-3\n", "train.lr"),

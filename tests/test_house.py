@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import pkgutil
 import sys
@@ -10,7 +11,10 @@ from pathlib import Path
 import fastgrok
 import fastgrok.kernels
 from fastgrok import analysis
+import pytest
+
 from fastgrok.cli import main
+from fastgrok.config import ConfigError
 from fastgrok.train.status import train_status
 
 
@@ -119,3 +123,70 @@ def test_the_import_rule_catches_an_upward_import(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "_modules", lambda: [*real, (path, "fastgrok.core.leak")])
     assert _bad_imports() == ["fastgrok.core.leak imports fastgrok.grid.plan",
                               "fastgrok.core.leak imports fastgrok.train"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One declaration per concept: a per-model setting is a TrainConfig field made with config.per_model(...);
+# its CLI flag, spec axis, packing, result column and calibration key derive from it.
+# ---------------------------------------------------------------------------------------------------------
+def test_every_per_model_setting_derives_from_its_declaration(tmp_path):
+    from fastgrok.analysis.statistics import SETTING_COLS
+    from fastgrok.cli import _TRAIN_FLAGS
+    from fastgrok.config import ADDED_DEFAULTS, GRID_AXES, PER_MODEL, PER_MODEL_META, TrainConfig
+    from fastgrok.grid.experiments import AXES, PACKED_AXES, Axes
+    from fastgrok.grid.plan import CALIB_AXES
+    declared = [f.name for f in dataclasses.fields(TrainConfig) if "per_model" in f.metadata]
+    assert list(PER_MODEL) == declared == list(PER_MODEL_META) and len(declared) >= 9
+    assert ADDED_DEFAULTS == {n: getattr(TrainConfig(), n) for n in declared if PER_MODEL_META[n].added}
+    flags = {field: flag for flag, (field, _) in _TRAIN_FLAGS.items()}
+    axes_fields = {f.name for f in dataclasses.fields(Axes)}
+    for name in declared:
+        assert flags[name] == "--" + name.replace("_", "-")
+        assert GRID_AXES.count(name) == AXES.count(name) == PACKED_AXES.count(name) == 1, name
+        assert name in axes_fields and name in CALIB_AXES and name in SETTING_COLS
+    # a bad value is refused by the rule of the declaration, in a config, a spec and on the command line
+    for name in declared:
+        bad = "x" if not PER_MODEL_META[name].choices else "nonsense"
+        with pytest.raises(ConfigError, match=name):
+            TrainConfig(**{name: bad})
+        with pytest.raises(ConfigError, match=name):
+            Axes.from_dict({name: [bad]}, "spec")
+    # and every per-model setting is a column of the models table
+    out = tmp_path / "run"
+    assert main(["train", "--p", "11", "--seeds", "1", "--d-embed", "8", "--hidden", "8", "--steps", "2",
+                 "--no-compile", "--quiet", "--out", str(out)]) == 0
+    import pandas as pd
+    assert set(declared) <= set(pd.read_parquet(out / "models.parquet").columns)
+
+
+def _literal_lists_of_per_model_names() -> list[str]:
+    """Literal tuples, lists, sets and dict keys outside config.py that name at least two thirds of the
+    per-model settings: a second declaration, which a new setting would be missing from."""
+    from fastgrok.config import PER_MODEL
+    names, out = set(PER_MODEL), []
+    for path, module in _modules():
+        if module == "fastgrok.config":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            elts = (node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else
+                    [k for k in node.keys if k is not None] if isinstance(node, ast.Dict) else [])
+            hit = {e.value for e in elts if isinstance(e, ast.Constant) and e.value in names}
+            if 3 * len(hit) >= 2 * len(names):
+                out.append(f"{module}:{node.lineno}")
+    return out
+
+
+def test_no_second_list_of_the_per_model_settings():
+    assert _literal_lists_of_per_model_names() == []
+
+
+def test_losses_and_tasks_are_declared_once():
+    """The loss names (config.LOSSES) are the kernels' codes' names (kernels.LOSS_KINDS, the one table of
+    codes); the tasks are config.OP_HELP's keys and each has its table in data.py."""
+    from fastgrok.config import LOSSES, OP_HELP, OPS
+    from fastgrok.core.data import op_table
+    assert set(LOSSES) == set(fastgrok.kernels.LOSS_KINDS)
+    assert OPS == tuple(OP_HELP)
+    for op in OPS:
+        p = {"perm": 6, "div": 7}.get(op, 7)
+        assert op_table(p, op).shape == (p, p)

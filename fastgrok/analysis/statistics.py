@@ -33,9 +33,9 @@ import numpy as np
 import pandas as pd
 
 from fastgrok import store
+from fastgrok.config import GRID_AXES
 
-SETTING_COLS = ("experiment", "p", "op", "arch", "loss", "lr", "wd", "train_frac", "init_scale", "orthograd",
-                "grokfast_alpha", "grokfast_lambda", "dtype")
+SETTING_COLS = ("experiment", *("arch" if a == "model" else a for a in GRID_AXES if a != "dtype"), "dtype")
 """Columns that define a setting; multi-cell analyses run once per distinct combination."""
 CELL_COLS = SETTING_COLS + ("arm", "fork_step", "rho", "tau", "norm_target", "layer_fracs")
 """Columns that describe a cell (layer_fracs: the per-matrix clamp shares, e.g. "0.4,0.5,0.1");

@@ -32,8 +32,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastgrok.config import (CLAMP_MODES, DTYPES, LOSSES, MAX_STEPS, MODELS, OPS, ConfigError, TrainConfig,
-                     default_lr, logit_every_for, steps_problem)
+from fastgrok.config import (DTYPES, GRID_AXES, MAX_STEPS, MODELS, PER_MODEL, PER_MODEL_META, ConfigError,
+                             TrainConfig, default_lr, logit_every_for, steps_problem)
 
 try:
     import tomllib
@@ -49,16 +49,15 @@ NAME_MAX = 255
 FREE = "free"
 SHAPE_AXES = ("p", "model", "dtype")
 """Axes that change the batch's tensor shapes or its step: cells differing in one never share a batch."""
-PACKED_AXES = ("op", "loss", "lr", "wd", "train_frac", "init_scale", "orthograd", "grokfast_alpha",
-               "grokfast_lambda")
-"""Settings of the task and optimizer held per model (config.PER_MODEL): cells differing in them pack
-into one batch (before 2026-12-02 op, loss, lr, wd and train_frac were shape axes)."""
+PACKED_AXES = tuple(a for a in GRID_AXES if a in PER_MODEL)
+"""The per-model settings (config.PER_MODEL, in the spec's order): cells differing in them pack into one batch."""
 CONFIG_AXES = SHAPE_AXES + PACKED_AXES
 """The axes that are TrainConfig fields: a cell's config is the spec's [train] with these."""
-CELL_AXES = PACKED_AXES + ("rho", "norm_target", "tau", "layer_fracs")
+CLAMP_AXES = ("rho", "norm_target", "tau", "layer_fracs")
+"""The axes of the clamp and the temperature (per model, not TrainConfig fields: each model's row)."""
+CELL_AXES = PACKED_AXES + CLAMP_AXES
 """Per-model axes: cells differing only in these pack into one batch of M models."""
-AXES = ("p", "op", "model", "loss", "dtype", "lr", "wd", "train_frac", "init_scale", "orthograd", "grokfast_alpha",
-        "grokfast_lambda", "rho", "norm_target", "tau", "layer_fracs")
+AXES = GRID_AXES + CLAMP_AXES
 """Every axis, in the order a block's product runs (the last fastest)."""
 ARMS = {"same": lambda f: 1.0, "raised": lambda f: f, "lowered": lambda f: 1.0 / f, "free": lambda f: None}
 """Fork arms: the clamp target as a multiple of the norm at the fork (None = no clamp)."""
@@ -179,44 +178,32 @@ def _train_type_error(name: str, v) -> str | None:
     return None if ok else f"expected {want}, got {v!r}"
 
 
-_CONV = {"p": _int, "op": _choice(OPS), "model": _choice(MODELS), "loss": _choice(LOSSES),
-         "dtype": _choice(DTYPES), "lr": _positive, "wd": _float, "train_frac": _float, "init_scale": _positive,
-         "orthograd": _bool, "grokfast_alpha": _float, "grokfast_lambda": _float,
-         "rho": _rho,
-         "norm_target": _positive, "tau": _positive, "layer_fracs": _fracs}
+def _per_model(name: str):
+    """A per-model setting's converter, from its declaration (config.PerModel): the type of its default,
+    then its rule."""
+    meta, default = PER_MODEL_META[name], TrainConfig.__dataclass_fields__[name].default
+    kind = _bool if isinstance(default, bool) else _choice(meta.choices) if meta.choices else _float
+
+    def conv(x):
+        x = kind(x)
+        if not meta.ok(x):
+            raise ValueError(f"must be {meta.rule}")
+        return x
+    return conv
 
 
-@dataclass(kw_only=True)
-class Axes:
-    """One product of settings; None means 'inherit' (from the spec's top level, then the defaults)."""
-    p: tuple[int, ...] | None = None
-    """Moduli."""
-    op: tuple[str, ...] | None = None
-    model: tuple[str, ...] | None = None
-    """`mlp` or `transformer` (stored as the `arch` column)."""
-    loss: tuple[str, ...] | None = None
-    dtype: tuple[str, ...] | None = None
-    lr: tuple[float, ...] | None = None
-    wd: tuple[float, ...] | None = None
-    train_frac: tuple[float, ...] | None = None
-    init_scale: tuple[float, ...] | None = None
-    """Initialisation scales alpha (every initial matrix times alpha)."""
-    orthograd: tuple[bool, ...] | None = None
-    """⊥Grad before AdamW (true/false)."""
-    grokfast_alpha: tuple[float, ...] | None = None
-    grokfast_lambda: tuple[float, ...] | None = None
-    """Grokfast-EMA's decay and gain (gain 0: off)."""
-    rho: tuple[float | None, ...] | None = None
-    """Clamp doses, target = rho * w_c; None ("free" in TOML) is an unclamped cell."""
-    norm_target: tuple[float, ...] | None = None
-    """Absolute clamp targets (instead of rho; no calibration needed)."""
-    tau: tuple[float, ...] | None = None
-    """Temperatures (> 0)."""
-    layer_fracs: tuple[tuple[float, ...], ...] | None = None
-    """Per-layer clamp (train.clamp_mode = "layer"): squared-norm shares of the matrices, summing to 1."""
-    seeds: int | None = None
-    """Models per cell (seed ids seed0 .. seed0 + seeds - 1, the same ids in every cell)."""
-    where: str = field(default="spec", repr=False, compare=False)
+_CONV = {"p": _int, "model": _choice(MODELS), "dtype": _choice(DTYPES), **{n: _per_model(n) for n in PER_MODEL},
+         "rho": _rho, "norm_target": _positive, "tau": _positive, "layer_fracs": _fracs}
+
+
+class _AxesMethods:
+    """One product of settings (a spec's top level or one [[grid]] block); None means 'inherit' (from the
+    spec's top level, then the defaults). A field per axis (AXES, each a tuple of values or None):
+    p (moduli), model (`mlp` or `transformer`, stored as the `arch` column), dtype, every per-model setting
+    (config.PER_MODEL: op, loss, lr, ...), rho (clamp doses, target = rho * w_c; None, "free" in TOML, is an
+    unclamped cell), norm_target (absolute clamp targets instead of rho: no calibration), tau (> 0),
+    layer_fracs (train.clamp_mode = "layer": squared-norm shares of the matrices, summing to 1); and seeds
+    (models per cell: seed ids seed0 .. seed0 + seeds - 1, the same ids in every cell)."""
 
     def __post_init__(self) -> None:
         for name in AXES:
@@ -247,6 +234,14 @@ class Axes:
                 out[name] = [FREE if x is None else (list(x) if isinstance(x, tuple) else x) for x in v] \
                     if isinstance(v, tuple) else v
         return out
+
+
+Axes = dataclasses.make_dataclass(
+    "Axes", [*((name, "tuple | None", field(default=None)) for name in AXES),
+             ("seeds", "int | None", field(default=None)),
+             ("where", str, field(default="spec", repr=False, compare=False))],
+    bases=(_AxesMethods,), kw_only=True)
+Axes.__module__, Axes.__doc__ = __name__, _AxesMethods.__doc__     # (make_dataclass's module= is 3.12+)
 
 
 STUDY_BUDGET_RATIO = 137000 / 20000

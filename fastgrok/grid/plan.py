@@ -16,12 +16,12 @@ change a result.
 from __future__ import annotations
 
 from fastgrok.train import snapshots
-from fastgrok.config import ADDED_DEFAULTS, TrainConfig
+from fastgrok.config import ADDED_DEFAULTS, GRID_AXES, TrainConfig
 from fastgrok.grid.experiments import ARMS, CONFIG_AXES, PACKED_AXES, SHAPE_AXES, ExperimentSpec
 from fastgrok.train.trainer import DTYPES, QUICK_STEPS, check_fits, device_memory, resolve_device
 from fastgrok.train.trainer import bytes_per_model as trainer_bytes_per_model
 
-CALIB_AXES = ("p", "op", "model", "loss", "lr", "wd", "train_frac", *(a for a in ADDED_DEFAULTS if a in PACKED_AXES))
+CALIB_AXES = tuple(a for a in GRID_AXES if a != "dtype")
 """w_c is measured per setting in float32 (the study's precision); a float64 cell uses its float32 w_c."""
 
 
