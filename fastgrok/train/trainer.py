@@ -165,7 +165,7 @@ class Trainer:
         self.rows = np.arange(M)                    # table row of each batch row
         seeds = [r["seed"] for r in self.table]
         dev = self.device
-        self.task = make_task(cfg.p, per["op"], per["train_frac"], seeds, dev)
+        self.task = make_task(cfg.p, per["op"], per["train_frac"], seeds, dev, label_noise=per["label_noise"])
         self.model = build_model(cfg)
         self.metrics = eval_metrics(self.model, cfg)          # evaluate's columns: EVAL_METRICS first
         lay = self.model.layout
