@@ -222,6 +222,11 @@ class TrainConfig:
         help="loss(es): " + "; ".join(f"{k}: {v[1]}" for k, v in LOSS_INFO.items()) + "; several make cells")
     """`ce` (cross-entropy on z/tau), `mse` (sum over classes of (z/tau - onehot)^2) or `stablemax`
     (Prieto et al. 2025's StableMax cross-entropy on z/tau); several make cells (one kernel launch)."""
+    label_noise: float | tuple[float, ...] = per_model(
+        0.0, rule="in [0, 1)", ok=lambda v: _number(v) and 0.0 <= v < 1.0, added=True,
+        help="label-noise fraction(s): that share of each model's train labels replaced by random ones; several make cells")
+    """The fraction of a model's train labels replaced by labels uniform over the p classes, drawn from its
+    own split generator after its split (data.make_task); test labels untouched; 0 is off."""
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8

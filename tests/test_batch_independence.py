@@ -69,12 +69,12 @@ def test_each_model_stops_at_its_t_grok_with_l_from_that_evaluation(batch_and_so
 
 # ----------------------------------------------------------------------------- per-model knobs
 BASE = dict(op="add", train_frac=0.6, lr=1e-2, wd=1.0, init_scale=1.0, orthograd=False, grokfast_alpha=0.98,
-            grokfast_lambda=0.0, loss="ce")
+            grokfast_lambda=0.0, loss="ce", label_noise=0.0)
 KNOBS = [{}, {"lr": 5e-3}, {"wd": 0.3}, {"init_scale": 1.5}, {"train_frac": 0.45}, {"op": "div"},
          {"orthograd": True}, {"grokfast_lambda": 2.0}, {"grokfast_lambda": 5.0, "grokfast_alpha": 0.9},
-         {"loss": "stablemax"}, {"loss": "mse", "lr": 3e-3},
+         {"loss": "stablemax"}, {"loss": "mse", "lr": 3e-3}, {"label_noise": 0.15},
          {"op": "sub", "train_frac": 0.5, "lr": 2e-2, "wd": 0.5, "init_scale": 0.7, "orthograd": True,
-          "grokfast_lambda": 1.0}]
+          "grokfast_lambda": 1.0, "label_noise": 0.1}]
 """The quick preset's model, then one knob changed at a time, then all at once."""
 
 
@@ -101,11 +101,14 @@ def knobs_batch_and_solo(tmp_path_factory):
 
 
 def test_each_per_model_knob_gives_the_solo_result(knobs_batch_and_solo):
-    """lr, wd, init scale, train fraction and op mixed in one batch (padded train rows, (M, N) labels,
+    """lr, wd, init scale, train fraction, op and label noise mixed in one batch (padded train rows, (M, N) labels,
     a div model among p * p pairs): each model's T_mem, T_grok, stop step and final accuracies equal its
     run alone exactly, its losses, L and norm to float rounding (summed over other row layouts)."""
     models, curves, solo = knobs_batch_and_solo
     assert models.t_grok.nunique() >= 3 and models.t_grok.isna().any()          # they differ
+    noisy = KNOBS.index({"label_noise": 0.15})                                   # the noise reaches training
+    assert models.iloc[noisy].label_noise == 0.15
+    assert models.iloc[noisy].steps > models.iloc[0].steps                      # the clean one groks first
     for i, k in enumerate(KNOBS):
         row, alone = models.iloc[i], solo[i][0].iloc[0]
         for c in BASE:

@@ -154,3 +154,78 @@ def test_the_random_table_does_not_generalize(tmp_path):
     cfg = dataclasses.replace(quick_cpu(), p=23, op="random", train_frac=0.6, seeds=1, steps=1500)
     df = train(cfg, tmp_path / "random", progress=False)
     assert df.t_mem.notna().all() and df.t_grok.isna().all() and (df.test_acc < 5 / 23).all()
+
+
+def _true_labels(p, op, N_rows_a, N_rows_b):
+    return op_table(p, op)[N_rows_a, N_rows_b]
+
+
+def test_label_noise_replaces_int_f_n_train_labels_and_only_train_ones():
+    """Each model's noisy rows: exactly int(f * n_train) of its train rows; labels change only there (all
+    but about 1/p of them); its split and its test rows' answers are those of the noise-free task."""
+    p, seeds, fracs, noise = 31, [0, 3, 8], [0.5, 0.3, 0.7], [0.25, 0.1, 0.45]
+    clean = make_task(p, "add", fracs, seeds)
+    task = make_task(p, "add", fracs, seeds, label_noise=noise)
+    assert task.y.shape == (3, p * p) and task.noisy.shape == (3, p * p)
+    assert torch.equal(task.train_idx, clean.train_idx) and torch.equal(task.train_mask, clean.train_mask)
+    assert torch.equal(task.test_mask, clean.test_mask)
+    truth = _true_labels(p, "add", task.a, task.b)
+    for m in range(3):
+        n_train = int(clean.train_mask[m].sum())
+        k = int(noise[m] * n_train)
+        assert int(task.noisy[m].sum()) == k > 0
+        assert not (task.noisy[m] & ~task.train_mask[m]).any()                 # train rows only
+        changed = task.y[m] != truth
+        assert not (changed & ~task.noisy[m]).any()                           # nothing else moves
+        assert int(changed.sum()) >= 0.8 * k                                   # ~(1 - 1/31) k change
+        assert torch.equal(task.y[m][task.test_mask[m]], truth[task.test_mask[m]])
+        assert int(task.y[m].min()) >= 0 and int(task.y[m].max()) < p
+
+
+def test_label_noise_draws_uniform_labels():
+    """The replaced labels of 5 models (f 0.5 of 864 train rows each) spread evenly over the 31 classes:
+    Pearson's chi-square against uniform, 30 degrees of freedom (mean 30, sd 7.7), below 80."""
+    p = 31
+    task = make_task(p, "add", 0.9, [11, 12, 13, 14, 15], label_noise=0.5)
+    drawn = task.y[task.noisy]
+    assert drawn.numel() == 5 * int(0.5 * int(0.9 * p * p))
+    counts = torch.bincount(drawn, minlength=p).double()
+    expected = drawn.numel() / p
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 80, chi2
+
+
+def test_label_noise_is_the_models_own_whatever_its_batch():
+    """A model's noisy labels depend on its seed, op, fraction and noise only: the same in a batch of 3
+    with other ops, fractions and noise as alone, and the same on every call; another seed differs."""
+    p = 31
+    solo = make_task(p, "add", 0.35, [3], label_noise=0.2)
+    batch = make_task(p, ["mul", "add", "sub"], [0.6, 0.35, 0.5], [0, 3, 9], label_noise=[0.0, 0.2, 0.3])
+    assert batch.y.shape == (3, p * p)                       # mixed ops: all p * p pairs, add's row-major list
+    assert torch.equal(batch.a, solo.a) and torch.equal(batch.b, solo.b)
+    assert torch.equal(batch.y[1], solo.y[0]) and torch.equal(batch.noisy[1], solo.noisy[0])
+    assert torch.equal(batch.train_mask[1], solo.train_mask[0])
+    assert torch.equal(batch.test_mask[1], solo.test_mask[0])
+    assert not batch.noisy[0].any()                          # f = 0 in a noisy batch: its own answers
+    assert torch.equal(batch.y[0], _true_labels(p, "mul", batch.a, batch.b))
+    again = make_task(p, "add", 0.35, [3], label_noise=0.2)
+    assert torch.equal(again.y, solo.y) and torch.equal(again.noisy, solo.noisy)
+    other = make_task(p, "add", 0.35, [4], label_noise=0.2)
+    assert not torch.equal(other.noisy, solo.noisy)
+
+
+def test_no_label_noise_is_todays_task_bit_for_bit():
+    """f = 0 (given or not, one value or per model) draws nothing: every field equal, labels still one (N,)
+    vector of the op's answers, no noisy mask; a bad fraction is a ValueError naming it."""
+    p, seeds = 31, [0, 1, 7]
+    base = make_task(p, "add", [0.4, 0.55, 0.4], seeds)
+    for zero in (0.0, [0.0, 0.0, 0.0]):
+        task = make_task(p, "add", [0.4, 0.55, 0.4], seeds, label_noise=zero)
+        for f in dataclasses.fields(task):
+            a, b = getattr(base, f.name), getattr(task, f.name)
+            assert (a is None and b is None) or torch.equal(a, b), f.name
+    assert base.y.shape == (p * p,) and base.noisy is None
+    assert torch.equal(base.y, _true_labels(p, "add", base.a, base.b))
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="label_noise"):
+            make_task(p, "add", 0.4, seeds, label_noise=bad)

@@ -10,6 +10,12 @@ ops use all p * p pairs; a div model's b = 0 rows then belong to neither of its 
 its rows are its own pair list mapped into the batch's, in the same order. Labels are (N,) when the
 ops agree, else (M, N) (0 on invalid rows, which no mask selects).
 
+Label noise (`label_noise`, a fraction f per model): after drawing its split, the model's split
+generator draws which k = int(f * n_train) of its train rows are noisy (a permutation of its train rows,
+the first k) and, for each, a label uniform over the p classes (so about k/p keep their answer by chance);
+test rows keep their answers. Labels are then (M, N) and `noisy` (M, N) marks those rows. f = 0 draws
+nothing: the task is bit for bit the one without noise.
+
 Train rows are (M, n_max), n_max the batch's most train rows rounded up to a multiple of PAD_ROWS: a
 model with fewer is padded at the end with its first train row, weighted 0 (`train_weight`, None when
 no model is padded), so its loss is the mean over its own rows. The rounding makes a padded model
@@ -42,6 +48,7 @@ class Task:
     test_mask: torch.Tensor   # (M, N) bool, each model's test rows (valid and not train)
     train_weight: torch.Tensor | None = None  # (M, n_max) bool: False on padding; None = no padding
     valid: torch.Tensor | None = None         # (M, N) bool: pairs of the model's task; None = all
+    noisy: torch.Tensor | None = None         # (M, N) bool: train rows given a random label; None = no noise
 
     @property
     def n_pairs(self) -> int:
@@ -94,17 +101,22 @@ def split_indices(n_pairs: int, n_train: int, seeds: list[int]) -> torch.Tensor:
 
 
 def make_task(p: int, ops: str | list[str], train_fracs: float | list[float], seeds: list[int],
-              device: torch.device | str = "cpu") -> Task:
-    """The batch's task for models with these seeds, ops and train fractions (one value: all models)."""
+              device: torch.device | str = "cpu", label_noise: float | list[float] = 0.0) -> Task:
+    """The batch's task for models with these seeds, ops, train fractions and label-noise fractions (one
+    value: all models)."""
     M = len(seeds)
     ops = [ops] * M if isinstance(ops, str) else list(ops)
     fracs = [train_fracs] * M if isinstance(train_fracs, (int, float)) else list(train_fracs)
+    noise = [label_noise] * M if isinstance(label_noise, (int, float)) else list(label_noise)
+    for f in noise:
+        if not 0.0 <= f < 1.0:
+            raise ValueError(f"label_noise must be in [0, 1), got {f!r}")
     # the batch's pair list, (a, b) row-major: the one op's pairs, or (ops differ) all p * p
     universe = ops[0] if len(set(ops)) == 1 else "add"
     a, b, _ = all_pairs(p, universe)
     N = a.shape[0]
-    ys, valid, idx = [], [], []
-    for seed, op, f in zip(seeds, ops, fracs):
+    ys, valid, idx, noisy = [], [], [], []
+    for seed, op, f, fn in zip(seeds, ops, fracs, noise):
         oa, ob, oy = all_pairs(p, op)                                # the model's own pairs
         rows = torch.arange(N) if op == universe else oa * p + ob   # its pairs' rows in the batch's list
         g = torch.Generator().manual_seed(SPLIT_SEED_OFFSET + int(seed))
@@ -114,6 +126,13 @@ def make_task(p: int, ops: str | list[str], train_fracs: float | list[float], se
         y[rows] = oy
         v = torch.zeros(N, dtype=torch.bool)
         v[rows] = True
+        hit = torch.zeros(N, dtype=torch.bool)
+        k = int(fn * len(perm))
+        if k:                                                        # its generator, after the split
+            pick = idx[-1][torch.randperm(len(perm), generator=g)[:k]]
+            y[pick] = torch.randint(0, p, (k,), generator=g)
+            hit[pick] = True
+        noisy.append(hit)
         ys.append(y)
         valid.append(v)
     n_max = -(-max(len(i) for i in idx) // PAD_ROWS) * PAD_ROWS
@@ -125,9 +144,10 @@ def make_task(p: int, ops: str | list[str], train_fracs: float | list[float], se
     for m, i in enumerate(idx):
         train_mask[m, i] = True
     valid = torch.stack(valid)                                       # (M, N)
-    same_op = len(set(ops)) == 1
-    y = ys[0] if same_op else torch.stack(ys)
+    shared = len(set(ops)) == 1 and not any(noise)                   # one label vector for all models
+    y = ys[0] if shared else torch.stack(ys)
     dev = lambda t: None if t is None else t.to(device)             # noqa: E731
     return Task(a=dev(a), b=dev(b), y=dev(y), train_idx=dev(train_idx), train_mask=dev(train_mask),
                 test_mask=dev(valid & ~train_mask), train_weight=None if bool(weight.all()) else dev(weight),
-                valid=None if bool(valid.all()) else dev(valid))
+                valid=None if bool(valid.all()) else dev(valid),
+                noisy=dev(torch.stack(noisy)) if any(noise) else None)

@@ -136,7 +136,7 @@ def build_state(cfg: TrainConfig, table: list[dict] | None = None) -> TrainState
     budget = np.array([r.get("budget", cfg.steps) for r in table], dtype=np.int64)
     seeds = [r["seed"] for r in table]
     dev = device
-    task = make_task(cfg.p, per["op"], per["train_frac"], seeds, dev)
+    task = make_task(cfg.p, per["op"], per["train_frac"], seeds, dev, label_noise=per["label_noise"])
     model = build_model(cfg)
     lay = model.layout
     tgt = torch.tensor([r["norm_target"] or 0.0 for r in table], dtype=torch.float64)
