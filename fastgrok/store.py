@@ -47,7 +47,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fastgrok.config import ConfigError, TrainConfig
+from fastgrok.config import ADDED_DEFAULTS, GRID_AXES, PER_MODEL, ConfigError, TrainConfig
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
@@ -752,6 +752,19 @@ def write_curves_part(path: Path, curves: pd.DataFrame, fingerprint: str | None)
                  seal=True)
 
 
+def with_added_columns(models: pd.DataFrame) -> pd.DataFrame:
+    """A models table written before a per-model setting existed, with that setting's column at the value
+    such runs had (config.ADDED_DEFAULTS), where a table written today has it (after the per-model
+    setting before it in config.GRID_AXES): old and new tables read, and concatenate, alike."""
+    axes = [a for a in GRID_AXES if a in PER_MODEL]
+    for name in axes:
+        if name in ADDED_DEFAULTS and name not in models.columns:
+            prev = [n for n in axes[:axes.index(name)] if n in models.columns]
+            at = models.columns.get_loc(prev[-1]) + 1 if prev else len(models.columns)
+            models.insert(at, name, ADDED_DEFAULTS[name])
+    return models
+
+
 class Results:
     """A run directory's results as one dataset, every file checked once on opening (its seal, its
     fingerprint against the run's, its columns; a StateError naming the first bad one).
@@ -804,7 +817,7 @@ class Results:
         return schema
 
     def _read(self, path: Path, required) -> pd.DataFrame:
-        return read_parquet(path, required=required, run_dir=self.run_dir)
+        return with_added_columns(read_parquet(path, required=required, run_dir=self.run_dir))
 
     def models(self) -> pd.DataFrame:
         """Every model's row, sorted by model id (as the consolidated models.parquet was)."""

@@ -29,7 +29,7 @@ import pandas as pd
 
 from fastgrok.train import snapshots
 from fastgrok import store
-from fastgrok.config import ADDED_DEFAULTS, GRID_AXES, PER_MODEL, ConfigError
+from fastgrok.config import ConfigError
 from fastgrok.grid.experiments import ExperimentSpec, to_toml
 from fastgrok.grid.plan import make_plan, preflight
 
@@ -226,18 +226,7 @@ def read_part(run_dir: Path, batch_id: str, kind: str, fp: str | None, cells: se
                             ("model", "step", "metric", "value"))
     if kind == "models" and cells is not None and not set(df["cell"].tolist()) <= cells:
         raise store.state_error(path, f"holds cells that batch {batch_id} does not plan: a part of another run")
-    return _with_added_columns(df) if kind == "models" else df
-
-
-def _with_added_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """A part written before a per-model setting existed: its column at the value such runs had
-    (ADDED_DEFAULTS), where a part written today has it (after the per-model axis before it, GRID_AXES)."""
-    axes = [a for a in GRID_AXES if a in PER_MODEL]
-    for name in axes:
-        if name in ADDED_DEFAULTS and name not in df.columns:
-            prev = [n for n in axes[:axes.index(name)] if n in df.columns]
-            df.insert(df.columns.get_loc(prev[-1]) + 1 if prev else len(df.columns), name, ADDED_DEFAULTS[name])
-    return df
+    return store.with_added_columns(df) if kind == "models" else df
 
 
 # ---------------------------------------------------------------------------------------------
