@@ -70,13 +70,21 @@ class PerModel:
     choices: tuple = ()
     """The allowed values of a text setting."""
     added: bool = False
-    """Added after runs were saved without it: its default is the value such runs had (`with_defaults`),
-    and a calibration key names it only off that default (grid.plan.calib_key)."""
+    """A field added after runs were saved without it: its default is the value such runs had
+    (`with_defaults`), and at that value it is left out of their fingerprints (`without_defaults`)."""
+    axis_added: bool = False
+    """Made per model after grids were run: the calibration keys (grid.plan.calib_key) and results tables
+    (store.with_added_columns) of such runs lack it, so a key names it only off its default and an old
+    table reads with its default. True for every field `added`; also for a field saved all along that
+    became per model later (as eps would)."""
 
 
-def per_model(default, *, rule: str, ok, help: str, choices: tuple = (), added: bool = False):
-    """A TrainConfig field holding one value per model (or several: cells), with its PerModel metadata."""
-    return field(default=default, metadata={"per_model": PerModel(rule, ok, help, choices, added)})
+def per_model(default, *, rule: str, ok, help: str, choices: tuple = (), added: bool = False,
+              axis_added: bool | None = None):
+    """A TrainConfig field holding one value per model (or several: cells), with its PerModel metadata
+    (axis_added: `added` unless given)."""
+    meta = PerModel(rule, ok, help, choices, added, added if axis_added is None else axis_added)
+    return field(default=default, metadata={"per_model": meta})
 
 
 def _number(v) -> bool:
@@ -428,6 +436,9 @@ PER_MODEL = tuple(PER_MODEL_META)
 ADDED_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
                   if "per_model" in f.metadata and f.metadata["per_model"].added}
 """Per-model settings added after runs were saved without them, and the value such a run had."""
+AXIS_ADDED_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                       if "per_model" in f.metadata and f.metadata["per_model"].axis_added}
+"""Per-model settings made per model after grids were run, and the value such runs had."""
 GRID_AXES = ("p", "op", "model", "loss", "dtype", "lr", "wd", "train_frac",
              *(n for n in PER_MODEL if n not in ("op", "loss", "lr", "wd", "train_frac")))
 """The TrainConfig fields a spec may make axes of, in the order a block's product runs (the last fastest):

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fastgrok.config import ADDED_DEFAULTS, GRID_AXES, PER_MODEL, ConfigError, TrainConfig
+from fastgrok.config import AXIS_ADDED_DEFAULTS, GRID_AXES, PER_MODEL, ConfigError, TrainConfig
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
@@ -754,14 +754,14 @@ def write_curves_part(path: Path, curves: pd.DataFrame, fingerprint: str | None)
 
 def with_added_columns(models: pd.DataFrame) -> pd.DataFrame:
     """A models table written before a per-model setting existed, with that setting's column at the value
-    such runs had (config.ADDED_DEFAULTS), where a table written today has it (after the per-model
+    such runs had (config.AXIS_ADDED_DEFAULTS), where a table written today has it (after the per-model
     setting before it in config.GRID_AXES): old and new tables read, and concatenate, alike."""
     axes = [a for a in GRID_AXES if a in PER_MODEL]
     for name in axes:
-        if name in ADDED_DEFAULTS and name not in models.columns:
+        if name in AXIS_ADDED_DEFAULTS and name not in models.columns:
             prev = [n for n in axes[:axes.index(name)] if n in models.columns]
             at = models.columns.get_loc(prev[-1]) + 1 if prev else len(models.columns)
-            models.insert(at, name, ADDED_DEFAULTS[name])
+            models.insert(at, name, AXIS_ADDED_DEFAULTS[name])
     return models
 
 

@@ -132,12 +132,14 @@ def test_the_import_rule_catches_an_upward_import(tmp_path, monkeypatch):
 def test_every_per_model_setting_derives_from_its_declaration(tmp_path):
     from fastgrok.analysis.statistics import SETTING_COLS
     from fastgrok.cli import _TRAIN_FLAGS
-    from fastgrok.config import ADDED_DEFAULTS, GRID_AXES, PER_MODEL, PER_MODEL_META, TrainConfig
+    from fastgrok.config import ADDED_DEFAULTS, AXIS_ADDED_DEFAULTS, GRID_AXES, PER_MODEL, PER_MODEL_META, TrainConfig
     from fastgrok.grid.experiments import AXES, PACKED_AXES, Axes
     from fastgrok.grid.plan import CALIB_AXES
     declared = [f.name for f in dataclasses.fields(TrainConfig) if "per_model" in f.metadata]
     assert list(PER_MODEL) == declared == list(PER_MODEL_META) and len(declared) >= 9
     assert ADDED_DEFAULTS == {n: getattr(TrainConfig(), n) for n in declared if PER_MODEL_META[n].added}
+    assert AXIS_ADDED_DEFAULTS == {n: getattr(TrainConfig(), n) for n in declared if PER_MODEL_META[n].axis_added}
+    assert ADDED_DEFAULTS.items() <= AXIS_ADDED_DEFAULTS.items()
     flags = {field: flag for flag, (field, _) in _TRAIN_FLAGS.items()}
     axes_fields = {f.name for f in dataclasses.fields(Axes)}
     for name in declared:

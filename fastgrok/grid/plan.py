@@ -15,7 +15,7 @@ change a result.
 from __future__ import annotations
 
 from fastgrok.train import snapshots
-from fastgrok.config import ADDED_DEFAULTS, GRID_AXES, TrainConfig
+from fastgrok.config import AXIS_ADDED_DEFAULTS, GRID_AXES, TrainConfig
 from fastgrok.grid.experiments import ARMS, CONFIG_AXES, PACKED_AXES, SHAPE_AXES, ExperimentSpec
 from fastgrok.core.step import QUICK_STEPS
 from fastgrok.train.memory import bytes_per_model as trainer_bytes_per_model, check_fits, device_memory
@@ -78,7 +78,7 @@ def calib_key(cell: dict) -> str:
     """The setting's name (a directory name): an axis added since is named only off its default, so the
     keys of earlier runs stay valid."""
     return "-".join(f"{a}={cell[a]}" for a in CALIB_AXES
-                    if not (a in ADDED_DEFAULTS and cell.get(a, ADDED_DEFAULTS[a]) == ADDED_DEFAULTS[a]))
+                    if not (a in AXIS_ADDED_DEFAULTS and cell.get(a, AXIS_ADDED_DEFAULTS[a]) == AXIS_ADDED_DEFAULTS[a]))
 
 
 def calib_shape(cell: dict) -> dict:
