@@ -34,24 +34,18 @@ import torch
 from fastgrok import store
 from fastgrok.config import PER_MODEL, ConfigError, TrainConfig, with_defaults, without_defaults
 from fastgrok.core.step import EVAL_METRICS, build_step_fns, use_compile
-from fastgrok.train import snapshots
+from fastgrok.train import results, snapshots
 from fastgrok.train.progress_bar import ProgressBar
 from fastgrok.train.signals import Interrupted, StopSignals
 from fastgrok.train.memory import check_fits
 from fastgrok.train.state import TORCH_DTYPES, Records, build_state, kernel_backend, resolve_device, select_batch
 
-I_TRAIN_ACC, I_TEST_ACC, I_LOGIT = EVAL_METRICS.index("train_acc"), EVAL_METRICS.index("test_acc"), \
-    EVAL_METRICS.index("logit_scale")
-I_TEST_LOSS = EVAL_METRICS.index("test_loss")
+I_TRAIN_ACC, I_TEST_ACC = EVAL_METRICS.index("train_acc"), EVAL_METRICS.index("test_acc")
 
 
 PROGRESS_EVERY_S = 2.0
 """progress.json (what `fastgrok status` shows) is rewritten at the first evaluation this long after the
 last write, besides at every checkpoint: a live view at the cost of one small atomic write per interval."""
-
-
-ROW_ONLY = ("t_clamp", "budget", "layer_fracs", "cell_seed0", "cell_seeds")
-"""Table-row keys the trainer consumes and does not copy into results()."""
 
 
 def _checkpoint_rows(ck: dict, M: int) -> np.ndarray:
@@ -270,12 +264,7 @@ class Trainer:
         return s % self.cfg.eval_every == 0 or bool((self.budget[running] == s).any())
 
     def _scheduled(self, steps: np.ndarray) -> np.ndarray:
-        """(T, M) whether each step is one of each model's own evaluations: every eval_every steps and
-        at its own budget. An evaluation forced by another model's budget is recorded for all, but
-        counts (T_mem, T_grok, stopping, curves, final values) only for the models it is scheduled for,
-        so a model's results do not depend on the budgets of the cells it is packed with."""
-        steps = np.asarray(steps)
-        return (steps % self.cfg.eval_every == 0)[:, None] | (steps[:, None] == self.budget[None, :])
+        return results.scheduled(steps, self.cfg.eval_every, self.budget)
 
     def _capture_layer_targets(self) -> None:
         """Per-layer clamp with no fixed shares: each matrix keeps its share of ||W||^2 from now on."""
@@ -345,52 +334,14 @@ class Trainer:
         return self.results()
 
     # ---------------------------------------------------------------- results
-    def _ends(self) -> np.ndarray:
-        """(M,) each model's last evaluated step: where it stopped, else its latest own evaluation."""
-        steps = np.asarray(self.records.steps)
-        own = self._scheduled(steps)                                    # (T, M); step 0 is everyone's
-        latest = steps[own.shape[0] - 1 - np.argmax(own[::-1], axis=0)]
-        return np.where(self.records.stop >= 0, self.records.stop, latest)
-
     def results(self) -> pd.DataFrame:
-        r, cfg = self.records, self.cfg
-        ev = np.stack(r.evals)                                  # (T, M, N_EVAL)
-        steps = np.asarray(r.steps)
-        ends = self._ends()
-        rows = []
-        for i, row in enumerate(self.table):
-            tg = int(r.t_grok[i])
-            last = ev[np.searchsorted(steps, ends[i])]          # (M, N_EVAL) at this model's last step
-            # L at grok: the model's own evaluation at T_grok (every evaluation computes L), so it does
-            # not depend on how long the batch ran; the study's cell-level rule (L at the logged step
-            # nearest the cell's median T_grok) is analysis.cell_logit_scale's, from the curves
-            at_grok = ev[np.searchsorted(steps, tg), i] if tg >= 0 else np.full(ev.shape[2], np.nan)  # (N_EVAL,)
-            rows.append({**{k: v for k, v in row.items() if k not in ROW_ONLY},
-                         **{k: self.per[k][i] for k in PER_MODEL}, "rho": row.get("rho"),
-                         "t_mem": int(r.t_mem[i]) if r.t_mem[i] >= 0 else None,
-                         "t_grok": tg if tg >= 0 else None, "logit_scale_at_grok": float(at_grok[I_LOGIT]),
-                         "test_loss_at_grok": float(at_grok[I_TEST_LOSS]),
-                         **{m: float(last[i, k]) for k, m in enumerate(EVAL_METRICS) if m != "logit_scale"},
-                         "diverged": bool(r.diverged[i]), "steps": int(ends[i])})
-        df = pd.DataFrame(rows)
-        for c in ("t_mem", "t_grok"):
-            df[c] = df[c].astype("Int64")
-        for c in ("norm_target", "rho"):
-            df[c] = df[c].astype("float64")
-        return df
+        """The models table: a row per model of the table (train.results.models_table)."""
+        return results.models_table(self.records, self.table, self.per, self.budget, self.cfg.eval_every)
 
     def curves(self) -> pd.DataFrame:
-        r, cfg = self.records, self.cfg
-        ev = np.stack(r.evals)                                  # (T, M, N_EVAL)
-        T, M, K_ = ev.shape
-        steps = np.repeat(np.asarray(r.steps), M * K_).reshape(T, M, K_)
-        ids = np.array([row["model"] for row in self.table])
-        model = np.broadcast_to(ids[None, :, None], (T, M, K_))
-        metric = np.broadcast_to(np.arange(K_)[None, None, :], (T, M, K_))
-        own = self._scheduled(np.asarray(r.steps))[:, :, None]        # (T, M, 1)
-        keep = ((metric != I_LOGIT) | (steps % cfg.logit_every == 0)) & (steps <= self._ends()[None, :, None]) & own
-        return pd.DataFrame({"model": model[keep], "step": steps[keep],
-                             "metric": np.asarray(self.metrics)[metric[keep]], "value": ev[keep]})
+        """The curves table, long: a row per model, evaluation and metric (train.results.curves_table)."""
+        return results.curves_table(self.records, self.table, self.metrics, self.budget, self.cfg.eval_every,
+                                    self.cfg.logit_every)
 
     def write_results(self) -> None:
         if not self.records.evals:
