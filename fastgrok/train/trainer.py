@@ -32,9 +32,9 @@ import pandas as pd
 import torch
 
 from fastgrok import store
-from fastgrok.config import PER_MODEL, ConfigError, TrainConfig, with_defaults, without_defaults
+from fastgrok.config import ConfigError, TrainConfig, with_defaults
 from fastgrok.core.step import EVAL_METRICS, build_step_fns, use_compile
-from fastgrok.train import results, snapshots
+from fastgrok.train import checkpoints, results, snapshots
 from fastgrok.train.progress_bar import ProgressBar
 from fastgrok.train.signals import Interrupted, StopSignals
 from fastgrok.train.memory import check_fits
@@ -46,11 +46,6 @@ I_TRAIN_ACC, I_TEST_ACC = EVAL_METRICS.index("train_acc"), EVAL_METRICS.index("t
 PROGRESS_EVERY_S = 2.0
 """progress.json (what `fastgrok status` shows) is rewritten at the first evaluation this long after the
 last write, besides at every checkpoint: a live view at the cost of one small atomic write per interval."""
-
-
-def _checkpoint_rows(ck: dict, M: int) -> np.ndarray:
-    """The table rows a checkpoint's state holds (all M when it predates compaction)."""
-    return np.asarray(ck["rows"]) if ck.get("rows") is not None else np.arange(M)
 
 
 class Trainer:
@@ -93,26 +88,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint(self) -> None:
-        tensors = {k: v.detach().cpu() for k, v in self.state.items() if isinstance(v, torch.Tensor)}
-        store.save_checkpoint(self.run_dir, {
-            "step": self.step_idx, "state": tensors, "records": self.records.to_payload(len(self.metrics)),
-            "done": self.done, "capture_shares": self.capture_shares, "rows": torch.as_tensor(self.rows),
-            "fingerprint": self.fingerprint,
-            "snapshots": self.snapshots.written if self.snapshots is not None else None})
+        """The checkpoint (train.checkpoints.payload), then the results tables and progress.json."""
+        store.save_checkpoint(self.run_dir, checkpoints.payload(
+            self.step_idx, self.state, self.records, len(self.metrics), self.done, self.capture_shares, self.rows,
+            self.fingerprint, self.snapshots.written if self.snapshots is not None else None))
         self.write_results()
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """sha256 of what determines this batch's results: the config and the models' table, less what
-        only says how or how long it runs (device, kernels, compile, checkpoint interval; the step
-        budgets, which a run may extend)."""
-        cfg = {k: v for k, v in without_defaults(self.cfg.to_dict()).items() if k not in store.HOW_FIELDS}
-        # a row's per-model value equal to the config's one value is left out, as rows were written
-        # before these fields were per model (a checkpoint of then still resumes)
-        same = {k: v for k, v in self.cfg.to_dict().items() if k in PER_MODEL and not isinstance(v, tuple)}
-        table = [{k: v for k, v in r.items() if k != "budget" and not (k in same and v == same[k])}
-                 for r in self.table]
-        return store.fingerprint({"config": cfg, "table": table})
+        """What determines this batch's results (train.checkpoints.batch_fingerprint)."""
+        return checkpoints.batch_fingerprint(self.cfg, self.table)
 
     @functools.cached_property
     def run_id(self) -> str:
@@ -121,28 +106,10 @@ class Trainer:
         `fingerprint` when it trains a given table (a grid batch)."""
         return self.fingerprint if self.independent else store.config_fingerprint(self.cfg.to_dict())
 
-    def check_checkpoint(self, ck: dict) -> None:
-        """A StateError naming the checkpoint unless it belongs to this run: its fingerprint, or (a
-        checkpoint written before fingerprints) its tensors' and records' shapes."""
-        path = self.run_dir / store.CHECKPOINT
-        fp = ck.get("fingerprint")
-        if fp is not None and fp != self.fingerprint:
-            raise store.state_error(path, "its configuration fingerprint is not this run's (a checkpoint of "
-                                          "another run, or the run's config.json or spec was edited)")
-        M, P = len(self.table), self.model.layout.n_params
-        rows = _checkpoint_rows(ck, M)
-        try:
-            flat, rec = ck["state"]["flat"], ck["records"]
-            ok = (tuple(flat.shape) == (len(rows), P) and len(rec["t_grok"]) == M and len(rec["t_mem"]) == M
-                  and len(rec["steps"]) == len(rec["evals"]) and (len(rows) == 0 or int(rows.max()) < M))
-        except (KeyError, AttributeError, TypeError):
-            ok = False
-        if not ok:
-            raise store.state_error(path, f"a checkpoint of another run (its tensors are not those of {M} "
-                                          f"model(s) of {P} parameters)")
-
     def restore(self, ck: dict) -> None:
-        self.check_checkpoint(ck)
+        """Continue from checkpoint ck (checked to be this run's: train.checkpoints.check)."""
+        checkpoints.check(ck, self.run_dir / store.CHECKPOINT, self.fingerprint, len(self.table),
+                          self.model.layout.n_params)
         for k, v in ck["state"].items():
             self.state[k] = v.to(self.device)
         self.step_idx, self.records, self.done = ck["step"], Records.from_payload(ck["records"]), ck["done"]
@@ -150,13 +117,8 @@ class Trainer:
         if self.snapshots is not None:
             self.snapshots.restore(ck.get("snapshots"), self.run_dir / store.CHECKPOINT, ck["step"])
         self.capture_shares = ck["capture_shares"]
-        if self.records.stop is None:               # a checkpoint from before per-model stopping
-            self.records.stop = np.full(len(self.table), -1)
-        # a checkpoint from before test_loss (6 metrics) or the progress measures: NaN there
-        n = len(self.metrics)
-        self.records.evals = [e if e.shape[1] == n else np.concatenate([e, np.full((e.shape[0], n - e.shape[1]), np.nan)], 1)
-                              for e in self.records.evals]
-        rows = _checkpoint_rows(ck, len(self.table))
+        checkpoints.upgrade_records(self.records, len(self.table), len(self.metrics))
+        rows = checkpoints.rows_of(ck, len(self.table))
         if len(rows) < len(self.table):             # the state was saved compacted: compact the batch too
             self.batch = select_batch(self.batch, torch.as_tensor(rows, device=self.device))
         self.rows = rows
