@@ -101,7 +101,18 @@ class Cluster:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """SIGTERM each daemon by its PID (slurmd, slurmctld, munged), then SIGKILL what is left."""
+        """Cancel every job still queued or running (a failed test leaves them; their job steps outlive
+        the daemons otherwise), then SIGTERM each daemon by its PID (slurmd, slurmctld, munged) and
+        SIGKILL what is left."""
+        if self.pids.get("slurmctld") is not None and self.pids["slurmctld"].poll() is None:
+            subprocess.run(["scancel", "--full", "--signal=KILL", "--user", "root"], env=self.env,
+                           capture_output=True, timeout=30)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 15:
+                q = subprocess.run(["squeue", "-h"], env=self.env, capture_output=True, text=True)
+                if q.returncode != 0 or not q.stdout.strip():
+                    break
+                time.sleep(0.5)
         for name in reversed(DAEMONS):
             p = self.pids.get(name)
             if p is not None and p.poll() is None:
