@@ -235,9 +235,19 @@ class TrainConfig:
         help="label-noise fraction(s): that share of each model's train labels replaced by random ones; several make cells")
     """The fraction of a model's train labels replaced by labels uniform over the p classes, drawn from its
     own split generator after its split (data.make_task); test labels untouched; 0 is off."""
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
+    beta1: float | tuple[float, ...] = per_model(
+        0.9, rule="in [0, 1)", ok=lambda v: _number(v) and 0.0 <= v < 1.0, added=False, axis_added=True,
+        help="Adam's beta1 (first-moment decay); several make cells")
+    """Adam's first-moment decay (AdamW, Adam, Muon's AdamW part); several make cells."""
+    beta2: float | tuple[float, ...] = per_model(
+        0.999, rule="in [0, 1)", ok=lambda v: _number(v) and 0.0 <= v < 1.0, added=False, axis_added=True,
+        help="Adam's beta2 (second-moment decay); several make cells")
+    """Adam's second-moment decay; several make cells (Lee et al.'s Grokfast runs: 0.98)."""
+    eps: float | tuple[float, ...] = per_model(
+        1e-8, rule="finite and > 0", ok=lambda v: _number(v) and v > 0, added=False, axis_added=True,
+        help="Adam's eps, added to sqrt(v); several make cells (Prieto et al.'s StableMax runs: 1e-25)")
+    """Adam's eps, added to sqrt(v) (torch's placement); several make cells. Saved in every config all
+    along (axis_added: calibration keys and results tables of before read it at 1e-8)."""
 
     # --- readouts ---
     eval_every: int = 25
@@ -340,13 +350,8 @@ class TrainConfig:
             raise ConfigError(f"logit_every ({self.logit_every}) must be a multiple of eval_every ({self.eval_every})")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if _not_number(self.eps) or not math.isfinite(self.eps) or self.eps <= 0:
-            raise ConfigError(f"eps must be finite and > 0, got {self.eps!r}")
         if not isinstance(self.restricted_loss, bool):
             raise ConfigError(f"restricted_loss must be true or false, got {self.restricted_loss!r}")
-        for name in ("beta1", "beta2"):
-            if not (0.0 <= getattr(self, name) < 1.0):
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.layer_fracs:
             if any(f <= 0 for f in self.layer_fracs) or abs(sum(self.layer_fracs) - 1.0) > 1e-6:
                 raise ConfigError(f"layer_fracs must be positive and sum to 1, got {self.layer_fracs!r}")

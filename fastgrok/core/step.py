@@ -65,6 +65,9 @@ class Batch:
     orthograd: torch.Tensor | None = None     # (M,) bool: ⊥Grad on; None = no model uses it
     gf_alpha: torch.Tensor | None = None      # (M, 1) Grokfast-EMA decay; None = no model uses Grokfast
     gf_lambda: torch.Tensor | None = None     # (M, 1) Grokfast-EMA gain (0 = off)
+    beta1: torch.Tensor | None = None         # (M,) float64 Adam's beta1; None = every model the config's
+    beta2: torch.Tensor | None = None         # (M,) float64 Adam's beta2; None = every model the config's
+    eps: torch.Tensor | None = None           # (M,) float64 Adam's eps; None = every model the config's
     train_weight: torch.Tensor | None = None  # (M, n_train) bool, False on padding; None = no padding
     valid: torch.Tensor | None = None         # (M, N) bool, the pairs of each model's task; None = all
     plan: dict | None = None  # the model's index plan for the train rows (`ensure_plan`), else None
@@ -99,6 +102,12 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x.amax(1)) & torch.isfinite(x.amin(1))
 
 
+def adam_hyper(cfg: TrainConfig, batch: Batch) -> dict:
+    """beta1, beta2, eps for the optimizer: each the config's float (the study's code path) unless the
+    batch holds per-model values ((M,) float64, which give a model the same bits as its float alone)."""
+    return {k: getattr(cfg, k) if getattr(batch, k) is None else getattr(batch, k) for k in ("beta1", "beta2", "eps")}
+
+
 def train_step(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch) -> torch.Tensor:
     """One optimizer step for all M models, in place on `state`. Returns the train loss (M,)."""
     flat, m, v, t, alive = state["flat"], state["m"], state["v"], state["t"], state["alive"]
@@ -114,8 +123,8 @@ def train_step(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch)
         grad, ema_new = grokfast_ema(grad, state["ema"], t, batch.gf_alpha, batch.gf_lambda)
     # AdamW (decay on matrices only)
     t_new = t + 1
-    new, m_new, v_new = adamw(flat, grad, m, v, t_new, lr=batch.lr, beta1=cfg.beta1, beta2=cfg.beta2,
-                              eps=cfg.eps, lr_wd=batch.lr_wd, n_mat=model.layout.n_mat)
+    new, m_new, v_new = adamw(flat, grad, m, v, t_new, lr=batch.lr, lr_wd=batch.lr_wd, n_mat=model.layout.n_mat,
+                              **adam_hyper(cfg, batch))
     # divergence: a model whose loss, update or second moment is non-finite stops updating, the others go on
     # (v >= 0: its row maximum is finite iff every entry is, NaN included)
     ok = alive & torch.isfinite(loss) & finite_rows(new) & torch.isfinite(v_new.amax(1))

@@ -162,6 +162,9 @@ def build_state(cfg: TrainConfig, table: list[dict] | None = None) -> TrainState
         # kinds, bit for bit), else a kernel code per model (kernels.LOSS_KINDS)
         kind=None if set(per["loss"]) <= {cfg.loss} and cfg.loss in ("ce", "mse") else
         torch.tensor([K.LOSS_KINDS[loss] for loss in per["loss"]], dtype=torch.int64, device=dev))
+    for k in ("beta1", "beta2", "eps"):      # per-model tensors only where some model differs from the config's one value
+        if isinstance(getattr(cfg, k), tuple) or any(x != getattr(cfg, k) for x in per[k]):
+            setattr(batch, k, torch.tensor(per[k], dtype=torch.float64, device=dev))
     cells = None
     if cfg.init == "study":     # each model's cell: its first seed and seed count (train: seed0, seeds)
         cells = [(r.get("cell_seed0", cfg.seed0), r.get("cell_seeds", cfg.seeds)) for r in table]
