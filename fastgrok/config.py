@@ -26,6 +26,13 @@ LOSS_INFO = {"ce": ("CE", "softmax cross-entropy on z/tau, the study's"),
 """Each loss: its label in tables and figures, and what it is (the CLI's help). Its code in the kernels is
 kernels.LOSS_KINDS (a test holds the two lists of names equal)."""
 LOSSES = tuple(LOSS_INFO)
+OPTIMIZER_INFO = {
+    "adamw": "the study's AdamW (decoupled decay on the matrices, after the Adam update)",
+    "adam": "torch.optim.Adam: coupled L2 decay, wd P added to the gradient of every parameter",
+    "sgd": "torch.optim.SGD with --momentum (dampening 0, not Nesterov), coupled L2 decay on every parameter",
+    "muon": "Muon (Keller Jordan) on the hidden matrices at --muon-lr with --momentum, torch's AdamW on the rest"}
+"""Each optimizer (core.optim) and what it is (the CLI's help)."""
+OPTIMIZERS = tuple(OPTIMIZER_INFO)
 DTYPES = ("float32", "float64")
 DTYPE_MAX = {"float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}
 """The largest finite value of each dtype (torch.finfo(...).max; here without importing torch)."""
@@ -72,6 +79,8 @@ class PerModel:
     added: bool = False
     """A field added after runs were saved without it: its default is the value such runs had
     (`with_defaults`), and at that value it is left out of their fingerprints (`without_defaults`)."""
+    integer: bool = False
+    """An integer setting (the CLI parses its values as integers)."""
     axis_added: bool = False
     """Made per model after grids were run: the calibration keys (grid.plan.calib_key) and results tables
     (store.with_added_columns) of such runs lack it, so a key names it only off its default and an old
@@ -80,10 +89,10 @@ class PerModel:
 
 
 def per_model(default, *, rule: str, ok, help: str, choices: tuple = (), added: bool = False,
-              axis_added: bool | None = None):
+              axis_added: bool | None = None, integer: bool = False):
     """A TrainConfig field holding one value per model (or several: cells), with its PerModel metadata
     (axis_added: `added` unless given)."""
-    meta = PerModel(rule, ok, help, choices, added, added if axis_added is None else axis_added)
+    meta = PerModel(rule, ok, help, choices, added, integer, added if axis_added is None else axis_added)
     return field(default=default, metadata={"per_model": meta})
 
 
@@ -248,6 +257,28 @@ class TrainConfig:
         help="Adam's eps, added to sqrt(v); several make cells (Prieto et al.'s StableMax runs: 1e-25)")
     """Adam's eps, added to sqrt(v) (torch's placement); several make cells. Saved in every config all
     along (axis_added: calibration keys and results tables of before read it at 1e-8)."""
+    optimizer: str | tuple[str, ...] = per_model(
+        "adamw", choices=OPTIMIZERS, rule="one of " + ", ".join(OPTIMIZERS), ok=lambda v: v in OPTIMIZERS,
+        added=True, help="optimizer(s): " + "; ".join(f"{k}: {v}" for k, v in OPTIMIZER_INFO.items())
+        + "; several make cells (one batch)")
+    """`adamw` (the study's), `adam` (torch.optim.Adam's coupled L2 decay), `sgd` (with `momentum`) or `muon`
+    (Muon on the hidden matrices, AdamW on the rest; core.optim); several make cells, one batch, each
+    optimizer's update computed for its own models only (docs/training.md)."""
+    momentum: float | tuple[float, ...] = per_model(
+        0.95, rule="in [0, 1)", ok=lambda v: _number(v) and 0.0 <= v < 1.0, added=True,
+        help="momentum of sgd and muon (muon's reference: 0.95; torch's SGD without momentum: 0); several make cells")
+    """SGD's momentum (torch's buffer) and Muon's (Nesterov); unused by adamw and adam."""
+    muon_lr: float | tuple[float, ...] = per_model(
+        0.02, rule="finite and > 0", ok=lambda v: _number(v) and v > 0, added=True,
+        help="muon's lr on the hidden matrices (the reference's 0.02; --lr is its AdamW part's); several make cells")
+    """Muon's learning rate on the matrices it orthogonalizes (the reference's 0.02); the other parameters
+    take `lr` with AdamW. Unused by the other optimizers."""
+    warmup: int | tuple[int, ...] = per_model(
+        0, rule="an integer in [0, 10^18]", ok=lambda v: steps_problem(v, 0) is None, added=True, integer=True,
+        help="linear lr warm-up over this many steps (Lee et al.: 10); 0 = off; several make cells")
+    """A linear warm-up of the lr (and muon_lr) over this many steps, as torch's LambdaLR(min(u / W, 1))
+    stepped after each optimizer step (core.optim.warmup: the first step at lr 0, step W + 1 at full lr);
+    0 is off."""
 
     # --- readouts ---
     eval_every: int = 25
