@@ -279,6 +279,15 @@ class TrainConfig:
     """A linear warm-up of the lr (and muon_lr) over this many steps, as torch's LambdaLR(min(u / W, 1))
     stepped after each optimizer step (core.optim.warmup: the first step at lr 0, step W + 1 at full lr);
     0 is off."""
+    batch_size: int | None | tuple[int, ...] = per_model(
+        None, rule="an integer >= 1 (none: full batch)", integer=True, added=True,
+        ok=lambda v: v is None or (steps_problem(v, 1) is None),
+        help="minibatch size(s): each model draws its own minibatches, reshuffled every epoch (default: full "
+             "batch, the study's); several make cells")
+    """Each model's minibatch size: at every step it trains on the next B of its own train rows, reshuffled
+    each epoch by its own generator as a DataLoader with shuffle=True, drop_last=False would
+    (train.minibatches); None is full batch (the study's). A step is one optimizer step on one minibatch,
+    an epoch ceil(n_train / B) steps; `steps` and the evaluations count steps."""
 
     # --- readouts ---
     eval_every: int = 25

@@ -139,3 +139,54 @@ def test_the_study_batch_has_no_optimizer_dispatch():
     assert b.opt_groups is None and b.optimizer is None and b.warmup is None and b.lr64 is None
     b = build_state(TrainConfig(**TINY, warmup=5)).batch
     assert b.opt_groups == (("adamw", None),) and b.warmup.tolist() == [5, 5]
+
+
+# ----------------------------------------------------------------------------- minibatches
+@pytest.mark.parametrize("n,B", [(40, 16), (40, 8), (37, 50)])
+def test_a_models_minibatches_are_a_shuffled_dataloaders(n, B):
+    """Model rows step by step equal torch's DataLoader(range(n), B, shuffle=True, drop_last=False) with a
+    generator seeded shuffle_seed(seed), epoch after epoch (the last batch the rest); and asked again from
+    an earlier step (a resume) the same."""
+    from torch.utils.data import DataLoader
+    from fastgrok.train.minibatches import Minibatches, shuffle_seed
+    mb = Minibatches([n], [B], [7])
+    loader = DataLoader(range(n), batch_size=B, shuffle=True, drop_last=False,
+                        generator=torch.Generator().manual_seed(shuffle_seed(7)))
+    want = [b.tolist() for _ in range(4) for b in loader]
+    got = [mb.rows(0, s).tolist() for s in range(len(want))]
+    assert got == want and len({tuple(sorted(x)) for x in got[:mb.steps_per_epoch(0)]}) == mb.steps_per_epoch(0)
+    late = len(want) - 1
+    assert [Minibatches([n], [B], [7]).rows(0, s).tolist() for s in (late, 2)] == [want[late], want[2]]
+    assert mb.rows(0, 1).tolist() == want[1]                     # back to an earlier epoch
+
+
+def test_full_batch_models_read_no_minibatch():
+    st = build_state(TrainConfig(**TINY))
+    assert st.minibatches is None and st.batch.mb_idx is None
+    st = build_state(TrainConfig(**TINY, batch_size=(4, 1000)))
+    assert st.minibatches is not None and st.batch.mb_idx.shape[1] % 16 == 0
+    assert main(["train", "--p", "11", "--steps", "2", "--quiet", "--batch-size", "0", "--out", "/nonexistent/x"]) == 2
+
+
+def test_minibatch_models_train_as_alone_in_a_mixed_batch(tmp_path):
+    """batch sizes 32, 100, full and 50 with another lr and train fraction, in one batch (padded rows,
+    different epochs): each model's curves equal its solo run bit for bit."""
+    import pandas as pd
+    from fastgrok.config import quick_cpu
+    from fastgrok.train.trainer import Trainer
+    torch.set_num_threads(1)
+    cfg = TrainConfig(**{**quick_cpu().to_dict(), "steps": 150, "eval_every": 25, "logit_every": 50})
+    knobs = [{"batch_size": 32}, {"batch_size": 100}, {}, {"batch_size": 50, "lr": 3e-3, "train_frac": 0.45},
+             {"batch_size": 32, "optimizer": "adam", "wd": 0.0, "warmup": 10}]
+    rows = [{"model": i, "cell": i, "seed": i % 2, "tau": 1.0, "norm_target": None, **k} for i, k in enumerate(knobs)]
+    batch = Trainer(cfg, tmp_path / "batch", table=rows, progress=False)
+    models, curves = batch.run(), batch.curves()
+    firsts = []
+    for i, r in enumerate(rows):
+        alone = Trainer(cfg, tmp_path / f"solo{i}", table=[{**r, "model": 0}], progress=False)
+        alone.run()
+        mine = curves[curves.model == i].drop(columns="model").reset_index(drop=True)
+        theirs = alone.curves().drop(columns="model").reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, theirs, check_exact=True)
+        firsts.append(mine[mine.metric == "weight_norm"].value.iloc[-1])
+    assert len(set(firsts)) == len(firsts)          # they trained differently

@@ -78,6 +78,8 @@ class Batch:
     momentum: torch.Tensor | None = None
     muon_lr: torch.Tensor | None = None
     warmup: torch.Tensor | None = None        # None also when no model warms up
+    mb_idx: torch.Tensor | None = None        # (M, B) int64 this step's minibatch: indices into each model's
+    mb_weight: torch.Tensor | None = None     # train rows, and False on padding (train.minibatches); None = full batch
     train_weight: torch.Tensor | None = None  # (M, n_train) bool, False on padding; None = no padding
     valid: torch.Tensor | None = None         # (M, N) bool, the pairs of each model's task; None = all
     plan: dict | None = None  # the model's index plan for the train rows (`ensure_plan`), else None
@@ -167,9 +169,14 @@ def train_step(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch)
     """One optimizer step for all M models, in place on `state`. Returns the train loss (M,)."""
     flat, m, v, t, alive = state["flat"], state["m"], state["v"], state["t"], state["alive"]
     # forward, fused loss with readouts, backward (hand-written for the MLP, autograd otherwise)
-    lossfn = make_lossfn(loss_name(cfg, batch), backend, batch.tau, batch.train_weight, batch.kind)
-    kw = {} if batch.plan is None else {"plan": batch.plan}
-    loss, grad, _ = model.loss_and_grads(flat, batch.train_a, batch.train_b, batch.train_y, lossfn, **kw)
+    if batch.mb_idx is None:                    # full batch: every train row (the study's)
+        a, b, y, w = batch.train_a, batch.train_b, batch.train_y, batch.train_weight
+        kw = {} if batch.plan is None else {"plan": batch.plan}
+    else:                                       # each model's minibatch of its train rows
+        a, b, y = (torch.gather(x, 1, batch.mb_idx) for x in (batch.train_a, batch.train_b, batch.train_y))
+        w, kw = batch.mb_weight, {}
+    lossfn = make_lossfn(loss_name(cfg, batch), backend, batch.tau, w, batch.kind)
+    loss, grad, _ = model.loss_and_grads(flat, a, b, y, lossfn, **kw)
     # gradient transforms, per model: ⊥Grad, then Grokfast-EMA (its filter h is state, checkpointed)
     if batch.orthograd is not None:
         off = model.layout.offsets
@@ -251,7 +258,7 @@ def ensure_plan(model, batch: Batch) -> Batch:
     """Attach the model's index plan for the batch's train rows (once; rebuilt if the rows are replaced).
 
     The plan is the compiled step's (see models.MLP.plan): the eager step does better without it."""
-    if not hasattr(model, "plan"):
+    if not hasattr(model, "plan") or batch.mb_idx is not None:     # (minibatches: rows change every step)
         return batch
     plan = batch.plan
     if plan is None or plan["a"] is not batch.train_a or plan["b"] is not batch.train_b:

@@ -20,6 +20,7 @@ from fastgrok.core.data import PAD_ROWS, Task, make_task
 from fastgrok.core.models import build_model
 from fastgrok.core.step import Batch, eval_metrics, optimizer_groups, strict_float32
 from fastgrok.train.memory import check_fits
+from fastgrok.train.minibatches import Minibatches
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 """config.DTYPES as torch dtypes."""
@@ -118,6 +119,7 @@ class TrainState:
     records: "Records"
     rows: np.ndarray                    # (M_batch,) table row of each batch row
     capture_shares: bool               # a per-layer clamp that takes its shares at the clamp's first step
+    minibatches: Minibatches | None = None  # each model's minibatch rows (batch_size); None = all full batch
 
 
 def build_state(cfg: TrainConfig, table: list[dict] | None = None) -> TrainState:
@@ -172,6 +174,13 @@ def build_state(cfg: TrainConfig, table: list[dict] | None = None) -> TrainState
         batch.opt_groups = optimizer_groups(batch.optimizer.tolist(), dev)
         batch.lr64, batch.wd64, batch.momentum, batch.muon_lr = (f64(per[k]) for k in ("lr", "wd", "momentum", "muon_lr"))
         batch.warmup = torch.tensor(per["warmup"], device=dev) if any(per["warmup"]) else None
+    minibatches = None
+    if any(bs is not None for bs in per["batch_size"]):  # minibatches: the step reads batch.mb_idx/mb_weight
+        n_rows = [task.train_idx.shape[1]] * M if task.train_weight is None else task.train_weight.sum(1).tolist()
+        minibatches = Minibatches(n_rows, per["batch_size"], seeds)
+        batch.mb_idx = torch.zeros(M, minibatches.width, dtype=torch.int64, device=dev)
+        batch.mb_weight = torch.zeros(M, minibatches.width, dtype=torch.bool, device=dev)
+        minibatches.fill(batch.mb_idx, batch.mb_weight, 0, range(M))
     cells = None
     if cfg.init == "study":     # each model's cell: its first seed and seed count (train: seed0, seeds)
         cells = [(r.get("cell_seed0", cfg.seed0), r.get("cell_seeds", cfg.seeds)) for r in table]
@@ -189,7 +198,7 @@ def build_state(cfg: TrainConfig, table: list[dict] | None = None) -> TrainState
     records = Records([], [], np.full(M, -1), np.full(M, -1), np.zeros(M, bool), np.full(M, -1))
     return TrainState(cfg=cfg, table=table, device=device, dtype=dtype, backend=backend, per=per, budget=budget,
                       task=task, model=model, metrics=eval_metrics(model, cfg), batch=batch, tensors=tensors,
-                      records=records, rows=np.arange(M), capture_shares=capture)
+                      records=records, rows=np.arange(M), capture_shares=capture, minibatches=minibatches)
 
 
 _SHARED = ("a", "b", "y")
