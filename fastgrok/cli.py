@@ -47,7 +47,7 @@ def _per_model_kwargs(name: str) -> dict:
         return dict(type=_on_off, nargs="*", metavar="on|off", help=meta.help)
     if meta.choices:
         return dict(choices=meta.choices, nargs="+", metavar=name.upper(), help=meta.help)
-    return dict(type=float, nargs="+", help=meta.help)
+    return dict(type=int if meta.integer else float, nargs="+", help=meta.help)
 
 
 # flag -> (TrainConfig field, argparse kwargs). Defaults come from the preset (TrainConfig() unless

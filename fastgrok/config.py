@@ -26,6 +26,13 @@ LOSS_INFO = {"ce": ("CE", "softmax cross-entropy on z/tau, the study's"),
 """Each loss: its label in tables and figures, and what it is (the CLI's help). Its code in the kernels is
 kernels.LOSS_KINDS (a test holds the two lists of names equal)."""
 LOSSES = tuple(LOSS_INFO)
+OPTIMIZER_INFO = {
+    "adamw": "the study's AdamW (decoupled decay on the matrices, after the Adam update)",
+    "adam": "torch.optim.Adam: coupled L2 decay, wd P added to the gradient of every parameter",
+    "sgd": "torch.optim.SGD with --momentum (dampening 0, not Nesterov), coupled L2 decay on every parameter",
+    "muon": "Muon (Keller Jordan) on the hidden matrices at --muon-lr with --momentum, torch's AdamW on the rest"}
+"""Each optimizer (core.optim) and what it is (the CLI's help)."""
+OPTIMIZERS = tuple(OPTIMIZER_INFO)
 DTYPES = ("float32", "float64")
 DTYPE_MAX = {"float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}
 """The largest finite value of each dtype (torch.finfo(...).max; here without importing torch)."""
@@ -72,6 +79,8 @@ class PerModel:
     added: bool = False
     """A field added after runs were saved without it: its default is the value such runs had
     (`with_defaults`), and at that value it is left out of their fingerprints (`without_defaults`)."""
+    integer: bool = False
+    """An integer setting (the CLI parses its values as integers)."""
     axis_added: bool = False
     """Made per model after grids were run: the calibration keys (grid.plan.calib_key) and results tables
     (store.with_added_columns) of such runs lack it, so a key names it only off its default and an old
@@ -80,10 +89,10 @@ class PerModel:
 
 
 def per_model(default, *, rule: str, ok, help: str, choices: tuple = (), added: bool = False,
-              axis_added: bool | None = None):
+              axis_added: bool | None = None, integer: bool = False):
     """A TrainConfig field holding one value per model (or several: cells), with its PerModel metadata
     (axis_added: `added` unless given)."""
-    meta = PerModel(rule, ok, help, choices, added, added if axis_added is None else axis_added)
+    meta = PerModel(rule, ok, help, choices, added, integer, added if axis_added is None else axis_added)
     return field(default=default, metadata={"per_model": meta})
 
 
@@ -235,9 +244,50 @@ class TrainConfig:
         help="label-noise fraction(s): that share of each model's train labels replaced by random ones; several make cells")
     """The fraction of a model's train labels replaced by labels uniform over the p classes, drawn from its
     own split generator after its split (data.make_task); test labels untouched; 0 is off."""
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
+    beta1: float | tuple[float, ...] = per_model(
+        0.9, rule="in [0, 1)", ok=lambda v: _number(v) and 0.0 <= v < 1.0, added=False, axis_added=True,
+        help="Adam's beta1 (first-moment decay); several make cells")
+    """Adam's first-moment decay (AdamW, Adam, Muon's AdamW part); several make cells."""
+    beta2: float | tuple[float, ...] = per_model(
+        0.999, rule="in [0, 1)", ok=lambda v: _number(v) and 0.0 <= v < 1.0, added=False, axis_added=True,
+        help="Adam's beta2 (second-moment decay); several make cells")
+    """Adam's second-moment decay; several make cells (Lee et al.'s Grokfast runs: 0.98)."""
+    eps: float | tuple[float, ...] = per_model(
+        1e-8, rule="finite and > 0", ok=lambda v: _number(v) and v > 0, added=False, axis_added=True,
+        help="Adam's eps, added to sqrt(v); several make cells (Prieto et al.'s StableMax runs: 1e-25)")
+    """Adam's eps, added to sqrt(v) (torch's placement); several make cells. Saved in every config all
+    along (axis_added: calibration keys and results tables of before read it at 1e-8)."""
+    optimizer: str | tuple[str, ...] = per_model(
+        "adamw", choices=OPTIMIZERS, rule="one of " + ", ".join(OPTIMIZERS), ok=lambda v: v in OPTIMIZERS,
+        added=True, help="optimizer(s): " + "; ".join(f"{k}: {v}" for k, v in OPTIMIZER_INFO.items())
+        + "; several make cells (one batch)")
+    """`adamw` (the study's), `adam` (torch.optim.Adam's coupled L2 decay), `sgd` (with `momentum`) or `muon`
+    (Muon on the hidden matrices, AdamW on the rest; core.optim); several make cells, one batch, each
+    optimizer's update computed for its own models only (docs/training.md)."""
+    momentum: float | tuple[float, ...] = per_model(
+        0.95, rule="in [0, 1)", ok=lambda v: _number(v) and 0.0 <= v < 1.0, added=True,
+        help="momentum of sgd and muon (muon's reference: 0.95; torch's SGD without momentum: 0); several make cells")
+    """SGD's momentum (torch's buffer) and Muon's (Nesterov); unused by adamw and adam."""
+    muon_lr: float | tuple[float, ...] = per_model(
+        0.02, rule="finite and > 0", ok=lambda v: _number(v) and v > 0, added=True,
+        help="muon's lr on the hidden matrices (the reference's 0.02; --lr is its AdamW part's); several make cells")
+    """Muon's learning rate on the matrices it orthogonalizes (the reference's 0.02); the other parameters
+    take `lr` with AdamW. Unused by the other optimizers."""
+    warmup: int | tuple[int, ...] = per_model(
+        0, rule="an integer in [0, 10^18]", ok=lambda v: steps_problem(v, 0) is None, added=True, integer=True,
+        help="linear lr warm-up over this many steps (Lee et al.: 10); 0 = off; several make cells")
+    """A linear warm-up of the lr (and muon_lr) over this many steps, as torch's LambdaLR(min(u / W, 1))
+    stepped after each optimizer step (core.optim.warmup: the first step at lr 0, step W + 1 at full lr);
+    0 is off."""
+    batch_size: int | None | tuple[int, ...] = per_model(
+        None, rule="an integer >= 1 (none: full batch)", integer=True, added=True,
+        ok=lambda v: v is None or (steps_problem(v, 1) is None),
+        help="minibatch size(s): each model draws its own minibatches, reshuffled every epoch (default: full "
+             "batch, the study's); several make cells")
+    """Each model's minibatch size: at every step it trains on the next B of its own train rows, reshuffled
+    each epoch by its own generator as a DataLoader with shuffle=True, drop_last=False would
+    (train.minibatches); None is full batch (the study's). A step is one optimizer step on one minibatch,
+    an epoch ceil(n_train / B) steps; `steps` and the evaluations count steps."""
 
     # --- readouts ---
     eval_every: int = 25
@@ -340,13 +390,8 @@ class TrainConfig:
             raise ConfigError(f"logit_every ({self.logit_every}) must be a multiple of eval_every ({self.eval_every})")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if _not_number(self.eps) or not math.isfinite(self.eps) or self.eps <= 0:
-            raise ConfigError(f"eps must be finite and > 0, got {self.eps!r}")
         if not isinstance(self.restricted_loss, bool):
             raise ConfigError(f"restricted_loss must be true or false, got {self.restricted_loss!r}")
-        for name in ("beta1", "beta2"):
-            if not (0.0 <= getattr(self, name) < 1.0):
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.layer_fracs:
             if any(f <= 0 for f in self.layer_fracs) or abs(sum(self.layer_fracs) - 1.0) > 1e-6:
                 raise ConfigError(f"layer_fracs must be positive and sum to 1, got {self.layer_fracs!r}")

@@ -69,10 +69,14 @@ def test_each_model_stops_at_its_t_grok_with_l_from_that_evaluation(batch_and_so
 
 # ----------------------------------------------------------------------------- per-model knobs
 BASE = dict(op="add", train_frac=0.6, lr=1e-2, wd=1.0, init_scale=1.0, orthograd=False, grokfast_alpha=0.98,
-            grokfast_lambda=0.0, loss="ce", label_noise=0.0)
+            grokfast_lambda=0.0, loss="ce", label_noise=0.0, beta1=0.9, beta2=0.999, eps=1e-8,
+            optimizer="adamw", momentum=0.95, muon_lr=0.02, warmup=0)
 KNOBS = [{}, {"lr": 5e-3}, {"wd": 0.3}, {"init_scale": 1.5}, {"train_frac": 0.45}, {"op": "div"},
          {"orthograd": True}, {"grokfast_lambda": 2.0}, {"grokfast_lambda": 5.0, "grokfast_alpha": 0.9},
-         {"loss": "stablemax"}, {"loss": "mse", "lr": 3e-3}, {"label_noise": 0.15},
+         {"loss": "stablemax"}, {"loss": "mse", "lr": 3e-3}, {"label_noise": 0.15}, {"eps": 1e-25},
+         {"beta1": 0.8, "beta2": 0.98}, {"warmup": 10}, {"optimizer": "adam", "wd": 0.005, "lr": 3e-3},
+         {"optimizer": "sgd", "lr": 0.3, "wd": 0.0, "momentum": 0.9}, {"optimizer": "muon", "wd": 0.1},
+         {"optimizer": "adam", "warmup": 10, "beta2": 0.98, "wd": 0.005},
          {"op": "sub", "train_frac": 0.5, "lr": 2e-2, "wd": 0.5, "init_scale": 0.7, "orthograd": True,
           "grokfast_lambda": 1.0, "label_noise": 0.1}]
 """The quick preset's model, then one knob changed at a time, then all at once."""

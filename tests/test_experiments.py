@@ -63,7 +63,8 @@ def test_builtin_spec_loads_expands_and_plans(name):
         assert cfg.p == c["p"] and cfg.model == c["model"]
         assert c["budget"] == spec.budget.at(c["rho"]) or c["arm"] is not None
     calib = {tuple(sorted(k["shape"].items())) for k in plan["calibrations"]}
-    settings = {tuple(sorted((a, c[a]) for a in CALIB_AXES)) for c in cells if c["rho"] is not None}
+    settings = {tuple(sorted((a, c[a]) for a in CALIB_AXES if c[a] is not None))    # None: the default (batch_size)
+                for c in cells if c["rho"] is not None}
     assert calib == settings                   # one free control per clamped setting, dtype aside
 
 

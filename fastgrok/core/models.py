@@ -58,6 +58,10 @@ class ParamLayout:
         """Offsets of the matrix segments (S + 1 entries, S = number of matrices)."""
         return self.offsets[: self.n_matrices + 1]
 
+    def spans(self, names) -> list[tuple[int, int, int]]:
+        """(lo, rows, cols) of the named matrices: flat[:, lo:lo + rows * cols] viewed as (rows, cols)."""
+        return [(self.offsets[self.names.index(n)], *self.shapes[self.names.index(n)]) for n in names]
+
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         M = flat.shape[0]
         off = self.offsets
@@ -256,6 +260,8 @@ class MLP:
         self.layout = ParamLayout(names=("E", "W1", "W2", "b1", "b2"),
                                   shapes=((p, d), (2 * d, H), (H, p), (H,), (p,)), n_matrices=3,
                                   fans=(d, 2 * d, H))              # the study's code: E / sqrt(d), not sqrt(p)
+        self.hidden = ("W1",)
+        """The hidden matrices (Muon's; the embedding E and the output layer W2 are not)."""
 
     def plan(self, a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None) -> dict:
         """Index plan of loss_and_grads' backward for fixed rows a, b (M, N); build it once per split.
@@ -348,6 +354,8 @@ class Transformer:
         # outweighed the tokens 4.5x in the residual stream and halved the speed of memorisation.
         fans = tuple(D if n in ("W_E", "W_pos") else shape[0] for n, shape in zip(names[:n_mat], shapes[:n_mat]))
         self.layout = ParamLayout(names=tuple(names), shapes=tuple(shapes), n_matrices=n_mat, fans=fans)
+        self.hidden = tuple(n for n in names[:n_mat] if n not in ("W_E", "W_pos", "W_U"))
+        """The hidden matrices: every block's attention and MLP matrices (Muon's; not the embeddings or W_U)."""
 
     def _norm(self, x, P, name):
         if not self.ln:

@@ -6,7 +6,8 @@ Per-model settings: tau (M,), lr and lr * wd (M, 1), target (M, S) clamp targets
 t_clamp (M,); each model's task (labels, train rows and their weights, test rows; data.py).
 
 `train_step` = forward for all M models -> fused loss and dL/dz -> backward -> per-model gradient
-transforms (⊥Grad, Grokfast-EMA) -> AdamW -> clamp, with a
+transforms (⊥Grad, Grokfast-EMA) -> AdamW (or each model's optimizer and warm-up: `optimizer_update`)
+-> clamp, with a
 model that diverges frozen (alive = False) so the others are unaffected; the trainer records it as diverged
 at its next evaluation. Diverged: its loss, its updated parameters or its updated Adam second moment v is
 not finite. v overflows first (a gradient entry above ~1.8e19 in float32, whose square is past the dtype's
@@ -27,8 +28,8 @@ import torch
 
 import fastgrok.kernels as K
 
-from fastgrok.config import TrainConfig
-from fastgrok.core.optim import adamw, grokfast_ema, orthograd
+from fastgrok.config import OPTIMIZERS, TrainConfig
+from fastgrok.core.optim import adam, adamw, grokfast_ema, muon, orthograd, sgd, warmup
 from fastgrok.core.measures import embedding, fourier_stats, matrix_norms, metric_names, restricted_excluded
 
 EVAL_METRICS = ("train_loss", "train_acc", "test_acc", "sc_rate", "logit_scale", "weight_norm", "test_loss")
@@ -65,6 +66,20 @@ class Batch:
     orthograd: torch.Tensor | None = None     # (M,) bool: ⊥Grad on; None = no model uses it
     gf_alpha: torch.Tensor | None = None      # (M, 1) Grokfast-EMA decay; None = no model uses Grokfast
     gf_lambda: torch.Tensor | None = None     # (M, 1) Grokfast-EMA gain (0 = off)
+    beta1: torch.Tensor | None = None         # (M,) float64 Adam's beta1; None = every model the config's
+    beta2: torch.Tensor | None = None         # (M,) float64 Adam's beta2; None = every model the config's
+    eps: torch.Tensor | None = None           # (M,) float64 Adam's eps; None = every model the config's
+    # the peers' optimizers and warm-up (optimizer_update): all None when every model runs the study's
+    # AdamW without warm-up (today's code path, bit for bit)
+    optimizer: torch.Tensor | None = None     # (M,) int64 index into config.OPTIMIZERS
+    opt_groups: tuple | None = None           # ((name, rows (K,) int64 or None = all), ...): `optimizer_groups`
+    lr64: torch.Tensor | None = None          # (M,) float64 lr, wd, momentum, muon lr, warm-up steps (int64)
+    wd64: torch.Tensor | None = None
+    momentum: torch.Tensor | None = None
+    muon_lr: torch.Tensor | None = None
+    warmup: torch.Tensor | None = None        # None also when no model warms up
+    mb_idx: torch.Tensor | None = None        # (M, B) int64 this step's minibatch: indices into each model's
+    mb_weight: torch.Tensor | None = None     # train rows, and False on padding (train.minibatches); None = full batch
     train_weight: torch.Tensor | None = None  # (M, n_train) bool, False on padding; None = no padding
     valid: torch.Tensor | None = None         # (M, N) bool, the pairs of each model's task; None = all
     plan: dict | None = None  # the model's index plan for the train rows (`ensure_plan`), else None
@@ -99,13 +114,69 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x.amax(1)) & torch.isfinite(x.amin(1))
 
 
+def adam_hyper(cfg: TrainConfig, batch: Batch) -> dict:
+    """beta1, beta2, eps for the optimizer: each the config's float (the study's code path) unless the
+    batch holds per-model values ((M,) float64, which give a model the same bits as its float alone)."""
+    return {k: getattr(cfg, k) if getattr(batch, k) is None else getattr(batch, k) for k in ("beta1", "beta2", "eps")}
+
+
+def optimizer_groups(codes: list[int], device) -> tuple:
+    """The models of each optimizer: ((name, rows), ...) in OPTIMIZERS order, rows None when one optimizer
+    holds the whole batch (no selection), else (K,) int64 on the device."""
+    present = sorted(set(codes))
+    if len(present) == 1:
+        return ((OPTIMIZERS[present[0]], None),)
+    return tuple((OPTIMIZERS[c], torch.tensor([i for i, x in enumerate(codes) if x == c], dtype=torch.int64,
+                                              device=device)) for c in present)
+
+
+def optimizer_update(model, cfg: TrainConfig, batch: Batch, flat, grad, m, v, t_new):
+    """Each model's update by its own optimizer (core.optim) at its lr (warmed up where it has a warm-up):
+    every optimizer runs on its own models only (index_select on the model axis, its rows put back with
+    index_copy; one optimizer alone runs on the whole batch), so a model's bits are its solo run's.
+    Hyperparameters are (M,) float64, rounded inside the optimizers as the scalar code rounds a float.
+    adamw decays the matrices (the study's); adam, sgd and muon decay every parameter, as torch does."""
+    lr = batch.lr64 if batch.warmup is None else warmup(batch.lr64, t_new, batch.warmup)
+    mlr = batch.muon_lr if batch.warmup is None else warmup(batch.muon_lr, t_new, batch.warmup)
+    hyper, P = adam_hyper(cfg, batch), flat.shape[1]
+    outs = []
+    for name, rows in batch.opt_groups:
+        def sel(x):
+            return x if rows is None or not isinstance(x, torch.Tensor) else x.index_select(0, rows)
+        h = {k: sel(x) for k, x in hyper.items()}
+        wd = sel(batch.wd64) if batch.lr_wd is not None else None       # None: no model decays
+        args = (sel(flat), sel(grad), sel(m), sel(v), sel(t_new))
+        if name == "adamw":
+            lr_wd = None if wd is None else (sel(lr) * wd)[:, None].to(flat.dtype)
+            out = adamw(*args, lr=sel(lr)[:, None].to(flat.dtype), lr_wd=lr_wd, n_mat=model.layout.n_mat, **h)
+        elif name == "adam":
+            out = adam(*args, lr=sel(lr), wd=wd, n_decay=P, **h)
+        elif name == "sgd":
+            out = sgd(*args, lr=sel(lr), momentum=sel(batch.momentum), wd=wd, n_decay=P)
+        else:
+            out = muon(*args, lr=sel(lr), muon_lr=sel(mlr), momentum=sel(batch.momentum), wd=wd,
+                       mats=model.layout.spans(model.hidden), n_decay=P, **h)
+        if rows is None:
+            return out
+        outs.append((rows, out))
+    res = [torch.empty_like(x) for x in (flat, m, v)]
+    for rows, out in outs:
+        res = [r.index_copy(0, rows, o) for r, o in zip(res, out)]
+    return tuple(res)
+
+
 def train_step(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch) -> torch.Tensor:
     """One optimizer step for all M models, in place on `state`. Returns the train loss (M,)."""
     flat, m, v, t, alive = state["flat"], state["m"], state["v"], state["t"], state["alive"]
     # forward, fused loss with readouts, backward (hand-written for the MLP, autograd otherwise)
-    lossfn = make_lossfn(loss_name(cfg, batch), backend, batch.tau, batch.train_weight, batch.kind)
-    kw = {} if batch.plan is None else {"plan": batch.plan}
-    loss, grad, _ = model.loss_and_grads(flat, batch.train_a, batch.train_b, batch.train_y, lossfn, **kw)
+    if batch.mb_idx is None:                    # full batch: every train row (the study's)
+        a, b, y, w = batch.train_a, batch.train_b, batch.train_y, batch.train_weight
+        kw = {} if batch.plan is None else {"plan": batch.plan}
+    else:                                       # each model's minibatch of its train rows
+        a, b, y = (torch.gather(x, 1, batch.mb_idx) for x in (batch.train_a, batch.train_b, batch.train_y))
+        w, kw = batch.mb_weight, {}
+    lossfn = make_lossfn(loss_name(cfg, batch), backend, batch.tau, w, batch.kind)
+    loss, grad, _ = model.loss_and_grads(flat, a, b, y, lossfn, **kw)
     # gradient transforms, per model: ⊥Grad, then Grokfast-EMA (its filter h is state, checkpointed)
     if batch.orthograd is not None:
         off = model.layout.offsets
@@ -114,8 +185,11 @@ def train_step(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch)
         grad, ema_new = grokfast_ema(grad, state["ema"], t, batch.gf_alpha, batch.gf_lambda)
     # AdamW (decay on matrices only)
     t_new = t + 1
-    new, m_new, v_new = adamw(flat, grad, m, v, t_new, lr=batch.lr, beta1=cfg.beta1, beta2=cfg.beta2,
-                              eps=cfg.eps, lr_wd=batch.lr_wd, n_mat=model.layout.n_mat)
+    if batch.opt_groups is None:                # the study's AdamW, today's code
+        new, m_new, v_new = adamw(flat, grad, m, v, t_new, lr=batch.lr, lr_wd=batch.lr_wd,
+                                  n_mat=model.layout.n_mat, **adam_hyper(cfg, batch))
+    else:
+        new, m_new, v_new = optimizer_update(model, cfg, batch, flat, grad, m, v, t_new)
     # divergence: a model whose loss, update or second moment is non-finite stops updating, the others go on
     # (v >= 0: its row maximum is finite iff every entry is, NaN included)
     ok = alive & torch.isfinite(loss) & finite_rows(new) & torch.isfinite(v_new.amax(1))
@@ -184,7 +258,7 @@ def ensure_plan(model, batch: Batch) -> Batch:
     """Attach the model's index plan for the batch's train rows (once; rebuilt if the rows are replaced).
 
     The plan is the compiled step's (see models.MLP.plan): the eager step does better without it."""
-    if not hasattr(model, "plan"):
+    if not hasattr(model, "plan") or batch.mb_idx is not None:     # (minibatches: rows change every step)
         return batch
     plan = batch.plan
     if plan is None or plan["a"] is not batch.train_a or plan["b"] is not batch.train_b:

@@ -8,17 +8,19 @@ loop over such a state; bench, benchmarks and a fork's arms build and use one di
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import fastgrok.kernels as K
-from fastgrok.config import PER_MODEL, ConfigError, TrainConfig, default_lr
+from fastgrok.config import OPTIMIZERS, PER_MODEL, ConfigError, TrainConfig, default_lr
 from fastgrok.core.data import PAD_ROWS, Task, make_task
 from fastgrok.core.models import build_model
-from fastgrok.core.step import Batch, eval_metrics, strict_float32
+from fastgrok.core.step import Batch, eval_metrics, optimizer_groups, strict_float32
 from fastgrok.train.memory import check_fits
+from fastgrok.train.minibatches import Minibatches
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 """config.DTYPES as torch dtypes."""
@@ -117,6 +119,7 @@ class TrainState:
     records: "Records"
     rows: np.ndarray                    # (M_batch,) table row of each batch row
     capture_shares: bool               # a per-layer clamp that takes its shares at the clamp's first step
+    minibatches: Minibatches | None = None  # each model's minibatch rows (batch_size); None = all full batch
 
 
 def build_state(cfg: TrainConfig, table: list[dict] | None = None) -> TrainState:
@@ -162,6 +165,22 @@ def build_state(cfg: TrainConfig, table: list[dict] | None = None) -> TrainState
         # kinds, bit for bit), else a kernel code per model (kernels.LOSS_KINDS)
         kind=None if set(per["loss"]) <= {cfg.loss} and cfg.loss in ("ce", "mse") else
         torch.tensor([K.LOSS_KINDS[loss] for loss in per["loss"]], dtype=torch.int64, device=dev))
+    for k in ("beta1", "beta2", "eps"):      # per-model tensors only where some model differs from the config's one value
+        if isinstance(getattr(cfg, k), tuple) or any(x != getattr(cfg, k) for x in per[k]):
+            setattr(batch, k, torch.tensor(per[k], dtype=torch.float64, device=dev))
+    if set(per["optimizer"]) != {"adamw"} or any(per["warmup"]):   # the peers' optimizers or a warm-up
+        f64 = functools.partial(torch.tensor, dtype=torch.float64, device=dev)
+        batch.optimizer = torch.tensor([OPTIMIZERS.index(o) for o in per["optimizer"]], device=dev)
+        batch.opt_groups = optimizer_groups(batch.optimizer.tolist(), dev)
+        batch.lr64, batch.wd64, batch.momentum, batch.muon_lr = (f64(per[k]) for k in ("lr", "wd", "momentum", "muon_lr"))
+        batch.warmup = torch.tensor(per["warmup"], device=dev) if any(per["warmup"]) else None
+    minibatches = None
+    if any(bs is not None for bs in per["batch_size"]):  # minibatches: the step reads batch.mb_idx/mb_weight
+        n_rows = [task.train_idx.shape[1]] * M if task.train_weight is None else task.train_weight.sum(1).tolist()
+        minibatches = Minibatches(n_rows, per["batch_size"], seeds)
+        batch.mb_idx = torch.zeros(M, minibatches.width, dtype=torch.int64, device=dev)
+        batch.mb_weight = torch.zeros(M, minibatches.width, dtype=torch.bool, device=dev)
+        minibatches.fill(batch.mb_idx, batch.mb_weight, 0, range(M))
     cells = None
     if cfg.init == "study":     # each model's cell: its first seed and seed count (train: seed0, seeds)
         cells = [(r.get("cell_seed0", cfg.seed0), r.get("cell_seeds", cfg.seeds)) for r in table]
@@ -179,7 +198,7 @@ def build_state(cfg: TrainConfig, table: list[dict] | None = None) -> TrainState
     records = Records([], [], np.full(M, -1), np.full(M, -1), np.zeros(M, bool), np.full(M, -1))
     return TrainState(cfg=cfg, table=table, device=device, dtype=dtype, backend=backend, per=per, budget=budget,
                       task=task, model=model, metrics=eval_metrics(model, cfg), batch=batch, tensors=tensors,
-                      records=records, rows=np.arange(M), capture_shares=capture)
+                      records=records, rows=np.arange(M), capture_shares=capture, minibatches=minibatches)
 
 
 _SHARED = ("a", "b", "y")
@@ -197,6 +216,8 @@ def select_batch(batch: Batch, idx: torch.Tensor) -> Batch:
             kw[f.name] = v.index_select(0, idx)
         else:
             kw[f.name] = None
+    if kw["optimizer"] is not None:             # each optimizer's models among the rows kept
+        kw["opt_groups"] = optimizer_groups(kw["optimizer"].tolist(), kw["optimizer"].device)
     w = kw["train_weight"]
     if w is not None and w.shape[0]:
         # padding no kept model needs: drop whole blocks of 16 past the most real rows left (bit for bit the

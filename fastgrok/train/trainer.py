@@ -2,7 +2,7 @@
 
 One screen of loop (`Trainer.run`): evaluate every `eval_every` steps (the only host sync), record
 T_mem/T_grok per model, checkpoint every `checkpoint_every` steps and on SIGINT/SIGTERM; each model
-stops (is frozen) when it has grokked or diverged, or at the budget, and the run ends when all have. Training is full batch and deterministic, so a
+stops (is frozen) when it has grokked or diverged, or at the budget, and the run ends when all have. Training is deterministic (full batch, or each model's own seeded minibatches), so a
 run resumed from its checkpoint ends with exactly the results of an uninterrupted one.
 
 `Trainer(cfg, dir)` trains cfg's product of cells x seeds, each model stopping at its own end (its
@@ -57,6 +57,7 @@ class Trainer:
         self.table, self.per, self.budget = st.table, st.per, st.budget
         self.task, self.model, self.metrics, self.batch = st.task, st.model, st.metrics, st.batch
         self.state, self.records, self.rows, self.capture_shares = st.tensors, st.records, st.rows, st.capture_shares
+        self.minibatches = st.minibatches
         self.step_idx = 0
         M = len(self.table)
         self.independent = table is not None        # per-cell stopping, per-model budgets, compaction
@@ -271,6 +272,8 @@ class Trainer:
                         raise Interrupted(f"stopped by signal {self._stop.signal} at step {s}")
                     if self.capture_shares and s + 1 >= cfg.t_clamp:
                         self._capture_layer_targets()
+                    if self.minibatches is not None:    # this step's rows of each model (its step s)
+                        self.minibatches.fill(self.batch.mb_idx, self.batch.mb_weight, s, self.rows)
                     self.step_fn(self.state, self.batch)
                     self.step_idx = s + 1
                     if self.step_idx % cfg.eval_every:
