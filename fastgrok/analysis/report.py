@@ -168,7 +168,8 @@ def several_taus(cells: pd.DataFrame) -> bool:
 
 def some_setting_sweeps_tau(cells: pd.DataFrame) -> bool:
     """Whether some setting's non-fork cells have several taus: a tau sweep was attempted."""
-    return any(several_taus(g) for _, g in A.setting_groups(cells.loc[~A.is_fork(cells)]))
+    plain = cells.loc[~A.is_fork(cells)]
+    return "tau" in plain.columns and bool((A.per_setting(plain, "tau", "nunique") > 1).any())
 
 
 def add_mediation(out: dict, cells: pd.DataFrame, models: pd.DataFrame, *, rho_high, baseline,
@@ -287,6 +288,8 @@ def collapse_skip_notes(cells: pd.DataFrame) -> list[str]:
     counting cells give no regression (`regressions.collapse_r2` needs >= 4 with an L at grok, spanning the
     grid)."""
     plain = cells.loc[~A.is_fork(cells)]
+    if not (A.has_values(plain, "rho") and A.has_values(plain, "tau")):    # no setting spans one
+        return []
     names = varying_setting_cols(plain)
     notes = []
     for keys, g in A.setting_groups(plain):
