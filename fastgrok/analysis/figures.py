@@ -221,15 +221,20 @@ def fig_phase(diagrams: list[dict], stem: Path) -> list[Path]:
 
 
 def fig_interventions(table: pd.DataFrame, models: pd.DataFrame, curves: pd.DataFrame, stem: Path) -> list[Path]:
-    """Mean test accuracy and SC rate over each arm's seeds against the step, one line per arm."""
-    c = A.cell_curves(models, curves, metrics=("test_acc", "sc_rate"))
+    """Mean test accuracy and SC rate over each arm's seeds against the step, one line per arm; of more than
+    MAX_LINES arms (an atlas's cells), MAX_LINES evenly spaced ones, and a legend for at most 12."""
+    if len(table) > MAX_LINES:
+        table = table.iloc[np.linspace(0, len(table) - 1, MAX_LINES).round().astype(int)]
+    c = A.cell_curves(models.loc[models["cell"].isin(table["cell"])], curves, metrics=("test_acc", "sc_rate"))
+    by = dict(tuple(c.groupby(["cell", "metric"], sort=False)))       # one pass, not a scan per arm
+    empty = c.iloc[:0]
     fig, axes = _panels(2)
     for ax, metric, label in zip(axes, ("test_acc", "sc_rate"), ("test accuracy", "SC rate (softmax readout)")):
         for row in table.itertuples():
-            x = c[(c["cell"] == row.cell) & (c["metric"] == metric)].sort_values("step")
+            x = by.get((row.cell, metric), empty).sort_values("step")
             ax.plot(x["step"], x["value"], label=row.arm or f"cell {row.cell}")
         ax.set_xlabel("step")
         ax.set_ylabel(label)
-    axes[0].legend(fontsize=7)
+    if len(table) <= 12:
+        axes[0].legend(fontsize=7)
     return _save(fig, stem)
-
