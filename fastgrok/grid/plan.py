@@ -102,9 +102,22 @@ def memory_budget(spec: ExperimentSpec, device: str) -> float:
     return min(0.25 * (total or 32 * 2**30), 8 * 2**30)
 
 
+SIZE_FREE_AXES = ("lr", "wd", "init_scale", "orthograd", "grokfast_alpha", "grokfast_lambda")
+"""Per-model axes that size no tensor (optimizer settings, a scalar per model): cells that differ only in them
+cost the same bytes, so `pack` sizes one of them (an atlas of 17,280 cells has 432 sizes to compute)."""
+
+
 def pack(spec: ExperimentSpec, cells: list[dict], budget_bytes: float) -> list[dict]:
     """Batches: cells of one shape in order, whole units (a cell, or a fork parent with its arms)
     added while the batch stays under the memory budget and engine.max_models."""
+    sizes: dict[tuple, int] = {}
+
+    def size(c: dict) -> int:
+        key = tuple(c.get(a) for a in CONFIG_AXES if a not in SIZE_FREE_AXES)     # what cell_config reads, less those
+        if key not in sizes:
+            sizes[key] = bytes_per_model(spec, c)
+        return sizes[key]
+
     units: dict[tuple, list[list[dict]]] = {}
     for c in cells:
         groups = units.setdefault(shape_of(c), [])
@@ -115,7 +128,7 @@ def pack(spec: ExperimentSpec, cells: list[dict], budget_bytes: float) -> list[d
     batches = []
     for groups in units.values():
         # a batch pads every model to its most train rows: the costliest cell's bytes for each
-        per_model = max(bytes_per_model(spec, c) for u in groups for c in u)
+        per_model = max(size(c) for u in groups for c in u)
         cur, m = [], 0
         for u in groups:
             n = sum(c["seeds"] for c in u)
