@@ -102,9 +102,10 @@ def memory_budget(spec: ExperimentSpec, device: str) -> float:
     return min(0.25 * (total or 32 * 2**30), 8 * 2**30)
 
 
-SIZE_FREE_AXES = ("lr", "wd", "init_scale", "orthograd", "grokfast_alpha", "grokfast_lambda")
-"""Per-model axes that size no tensor (optimizer settings, a scalar per model): cells that differ only in them
-cost the same bytes, so `pack` sizes one of them (an atlas of 17,280 cells has 432 sizes to compute)."""
+SIZE_FREE_AXES = ("lr", "wd", "init_scale")
+"""Per-model axes that size no tensor (optimizer scalars per model): cells that differ only in them cost the
+same bytes, so `pack` sizes one of them (an atlas of 17,280 cells has a few hundred sizes to compute). Kept
+to the axes a phase diagram sweeps: any other axis is sized cell by cell, as before."""
 
 
 def pack(spec: ExperimentSpec, cells: list[dict], budget_bytes: float) -> list[dict]:
