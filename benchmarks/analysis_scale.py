@@ -115,19 +115,25 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=10_000)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true", help="reuse the directory --out when it holds this grid already")
     args = ap.parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
-    write_s = write_dir(args.out, args.models)
+    if args.keep and (args.out / "plan.json").exists() and \
+            json.loads((args.out / "spec.json").read_text())["name"] == f"scale{args.models}":
+        write_s = None
+    else:
+        shutil.rmtree(args.out, ignore_errors=True)
+        write_s = write_dir(args.out, args.models)
     parts = args.out / "parts"
     size = sum(p.stat().st_size for p in (parts / "curves").iterdir())
     fg = [str(Path(sys.executable).with_name("fastgrok"))]
     row = {"bench": "analysis_scale", "models": args.models, "cells": args.models // SEEDS,
            "batches": len(list((parts / "models").iterdir())), "evals": EVALS, "metrics": len(METRICS),
-           "write_s": round(write_s, 1), "curves_bytes_on_disk": size,
+           "write_s": None if write_s is None else round(write_s, 1), "curves_bytes_on_disk": size,
            "curves_bytes_per_value": round(size / (args.models * EVALS * len(METRICS)), 3),
            "status": timed([*fg, "status", str(args.out)]),
            "analyze": timed([*fg, "analyze", str(args.out), "--out", str(args.out / "report")]),
-           "threads": os.environ.get("OMP_NUM_THREADS"), "host": platform.node(), "date": time.strftime("%Y-%m-%d")}
+           "threads": os.environ.get("OMP_NUM_THREADS"), "host": platform.node(), "load_avg": os.getloadavg(),
+           "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(row, indent=1))
     if args.json:
         args.json.write_text(json.dumps(row, indent=1) + "\n")

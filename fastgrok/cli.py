@@ -339,6 +339,7 @@ def cmd_run(args) -> int:
 
 def cmd_experiments(args) -> int:
     from fastgrok.grid.experiments import EXPERIMENTS, SPEC_DIR, apply_overrides, load_spec
+    from fastgrok.grid import sizes
     from fastgrok.grid.sizes import experiment_size, fmt_duration
     where = f"at p = {args.p}" if args.p is not None else "at each spec's own p"
     rows = []                                   # all sized first: a bad --p prints its error alone
@@ -348,14 +349,16 @@ def cmd_experiments(args) -> int:
             spec = apply_overrides(spec, p=args.p)
         z = experiment_size(spec)
         steps = f"{z['min_steps']:,}" + (f"-{z['max_steps']:,}" if z["max_steps"] != z["min_steps"] else "")
-        rows.append(f"{name:12s} {z['cells']:5d} {z['models']:6d} {steps:>16s} {fmt_duration(z['cpu_s']):>10s}  "
-                    f"{spec.description}")
-    print(f"{'name':12s} {'cells':>5s} {'models':>6s} {'steps (budget)':>16s} {'CPU time':>10s}  description")
+        rows.append(f"{name:12s} {z['cells']:6d} {z['models']:7d} {steps:>16s} {fmt_duration(z['cpu_s']):>10s} "
+                    f"{fmt_duration(z['gpu_s']):>10s}  {spec.description}")
+    print(f"{'name':12s} {'cells':>6s} {'models':>7s} {'steps (budget)':>16s} {'CPU time':>10s} {'GPU time*':>10s}  "
+          "description")
     print("\n".join(rows))
     print(f"({where}; models include the calibration controls; CPU time: every model to its budget on one "
           "thread of a 2-core CPU, from model-step times measured there (fastgrok/grid/sizes.py), compilation "
-          "included; runs are shorter where cells stop once their seeds grok, two threads are faster, and a "
-          "GPU is many times faster)")
+          "included; runs are shorter where cells stop once their seeds grok, and two threads are faster. "
+          f"*GPU time: an estimate, not a measurement: each batch's FLOPs at {sizes.GPU_UTIL:.0%} of an H100's "
+          f"float32 peak plus {sizes.GPU_STEP_S * 1e3:g} ms a batch step, both assumed until a GPU is measured)")
     return 0
 
 

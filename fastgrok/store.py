@@ -467,14 +467,19 @@ def _parquet_error(path: Path, e: Exception) -> StateError:
 def read_parquet(path: Path, columns: list[str] | None = None, required: tuple[str, ...] = (),
                  run_dir: Path | None = None) -> pd.DataFrame:
     """A parquet table, its seal checked (a StateError if it is damaged, cannot be read, lacks a
-    `required` column, or carries another run's fingerprint than run_dir's, when run_dir is given)."""
+    `required` column, or carries another run's fingerprint than run_dir's, when run_dir is given).
+    columns: read only those of these the file has (and the required ones), not every column."""
     import pyarrow.parquet as pq
     data = read_verified(path)
     try:
         buf = _buffer(data)
+        if run_dir is not None or columns is not None:
+            schema = pq.read_schema(buf)
         if run_dir is not None:
-            fp = (pq.read_schema(buf).metadata or {}).get(FINGERPRINT_KEY)
+            fp = (schema.metadata or {}).get(FINGERPRINT_KEY)
             check_identity(path, fp.decode() if fp is not None else None, run_dir)
+        if columns is not None:
+            columns = [c for c in dict.fromkeys([*required, *columns]) if c in schema.names]
         df = pd.read_parquet(buf, columns=columns)
     except StateError:
         raise
@@ -778,7 +783,8 @@ class Results:
 
     MODEL_COLUMNS = ("model", "cell", "seed")
 
-    def __init__(self, run_dir: Path, models_required: tuple[str, ...] = MODEL_COLUMNS, curves: bool = True):
+    def __init__(self, run_dir: Path, models_required: tuple[str, ...] = MODEL_COLUMNS, curves: bool = True,
+                 model_columns: tuple[str, ...] | None = None):
         self.run_dir = d = Path(run_dir)
         models = part_files(d, "models")
         self.from_parts = bool(models)
@@ -789,6 +795,7 @@ class Results:
         else:
             self.model_files = [d / MODELS] if (d / MODELS).exists() else []
             self.curve_files = [d / CURVES] if curves and (d / CURVES).exists() else []
+        self.model_columns = model_columns          # None: every column; else these (those present) and the required
         self._frames = [self._read(p, models_required) for p in self.model_files]
         self.wide, self.long, self.columns = [], [], set()
         for p in self.curve_files:
@@ -817,7 +824,8 @@ class Results:
         return schema
 
     def _read(self, path: Path, required) -> pd.DataFrame:
-        return with_added_columns(read_parquet(path, required=required, run_dir=self.run_dir))
+        df = read_parquet(path, columns=self.model_columns, required=required, run_dir=self.run_dir)
+        return with_added_columns(df) if self.model_columns is None else df
 
     def models(self) -> pd.DataFrame:
         """Every model's row, sorted by model id (as the consolidated models.parquet was)."""

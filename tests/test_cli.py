@@ -406,7 +406,7 @@ def test_experiments_shows_size_and_time_at_the_given_p():
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:-1]}
     assert list(rows) == ["mediation", "collapse", "dose", "mse", "float64", "samestate", "alloc", "transformer",
-                          "phase", "interventions"]
+                          "phase", "interventions", "atlas"]
     # mediation at one p: 6 cells x 12 seeds and one calibration of 12 free models; budgets 20k (rho 1) to 137k
     assert rows["mediation"][1:4] == ["6", "84", "20,000-137,000"]
     assert rows["mediation"][5] in ("min", "h")                             # a duration: "90 min"

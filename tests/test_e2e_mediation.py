@@ -61,7 +61,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_engine_run_then_analyze(run_dir):
-    models = pd.read_parquet(run_dir / "models.parquet")
+    models = store.Results(run_dir).models()          # the parts, as one table (no consolidated models.parquet)
     assert len(models) == 4 * 3 and models["model"].is_unique
     assert (run_dir / "calibration.json").exists()
     # the clamp held every clamped model at rho * w_c

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fastgrok import store
 from fastgrok.analysis import report as R
 from fastgrok.cli import main
 from fastgrok.grid.executors import run_experiment
@@ -52,7 +53,7 @@ def test_phase_grid_run_then_analyze(tmp_path):
     assert "train accuracy >= 0.95" in text                     # the run's own mem_threshold
 
     # the rule, written out again per seed (one seed per cell: its phase is the cell's)
-    m = pd.read_parquet(run / "models.parquet").sort_values("cell")
+    m = store.Results(run).models().sort_values("cell")     # the parts (no consolidated models.parquet)
     tm, tg = m["t_mem"].astype("float64").to_numpy(), m["t_grok"].astype("float64").to_numpy()
     want = []
     for a, b, train, div in zip(tm, tg, m["train_acc"], m["diverged"]):

@@ -25,7 +25,7 @@ from fastgrok.grid.experiments import (EXPERIMENTS, Budget, ExperimentSpec, appl
 from fastgrok.grid.plan import CALIB_AXES, cell_config, expand, make_plan, shape_of
 
 BUILT_IN = ("mediation", "collapse", "dose", "mse", "float64", "samestate", "alloc", "transformer", "phase",
-            "interventions")
+            "interventions", "atlas")
 SWEEP = (1.0, 1.15, 1.3, 1.5, 1.7)          # the mediation tau sweep of the paper notes
 
 
@@ -51,7 +51,7 @@ def test_experiments_command_lists_the_built_ins(capsys):
 @pytest.mark.parametrize("name", BUILT_IN)
 def test_builtin_spec_loads_expands_and_plans(name):
     spec, cells = _cells(name)
-    assert spec.name == name and spec.seeds == {"phase": 3, "interventions": 4}.get(name, 12)   # CPU-sized ones
+    assert spec.name == name and spec.seeds == {"phase": 3, "interventions": 4, "atlas": 6}.get(name, 12)   # CPU-sized ones
     plan = make_plan(spec, "cpu")
     assert [c["cell"] for c in cells] == list(range(len(cells)))
     assert [c["model0"] for c in cells] == [spec.seeds * i for i in range(len(cells))]
@@ -391,3 +391,35 @@ def test_cpu_time_charges_each_model_its_batchs_padded_rows_and_each_compiled_ba
                                         "train": {**base["train"], "compile": "off"}})
     z = sizes.experiment_size(clamped)
     assert z["models"] == 3 + 3 and z["model_steps"] > 3 * 4000                 # + the free controls for w_c
+
+
+def test_the_atlas_spans_the_fields_axes_with_100000_models():
+    """Issue 29, item 5: the built-in atlas has >= 100,000 models over ops, several p, lr x wd x train_frac,
+    tau, the optimizer and loss arms and seeds; free cells (no calibration); `fastgrok experiments` sizes it
+    in CPU and (estimated) GPU time."""
+    spec, cells = _cells("atlas")
+    assert sum(c["seeds"] for c in cells) >= 100_000 and spec.seeds >= 3
+    values = {a: {c[a] for c in cells} for a in ("p", "op", "lr", "wd", "train_frac", "tau", "loss", "orthograd",
+                                                 "grokfast_lambda")}
+    assert len(values["p"]) >= 3 and len(values["op"]) >= 4 and len(values["tau"]) >= 2
+    assert min(len(values[a]) for a in ("lr", "wd", "train_frac")) >= 4
+    assert values["loss"] == {"ce", "stablemax", "mse"} and values["orthograd"] == {False, True}
+    assert values["grokfast_lambda"] == {0.0, 2.0} and {c["rho"] for c in cells} == {None}
+    from fastgrok.grid import sizes
+    z = sizes.experiment_size(spec)
+    assert z["models"] == sum(c["seeds"] for c in cells) and z["cpu_s"] > z["gpu_s"] > 0
+
+
+def test_pack_sizes_a_cell_once_per_shape_of_its_tensors(monkeypatch):
+    """pack sizes one cell of those differing only in SIZE_FREE_AXES: their bytes are equal, and the batches
+    are those of sizing every cell."""
+    from fastgrok.grid import plan as P
+    spec, cells = _cells("atlas")
+    for c in cells[::997]:
+        for a, v in (("lr", 0.3), ("wd", 0.0), ("init_scale", 2.0)):
+            assert P.bytes_per_model(spec, {**c, a: v}) == P.bytes_per_model(spec, c), a
+    some = cells[::7]
+    budget = 300 * max(P.bytes_per_model(spec, c) for c in some)
+    shared = P.pack(spec, some, budget)
+    monkeypatch.setattr(P, "SIZE_FREE_AXES", ())                 # every cell sized on its own
+    assert P.pack(spec, some, budget) == shared and len(shared) > 3

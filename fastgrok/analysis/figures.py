@@ -149,25 +149,42 @@ PHASE_LETTERS = {"comprehension": "C", "grokking": "G", "memorization": "M", "co
 AXIS_NAMES = {"lr": "learning rate lr", "wd": "weight decay wd", "train_frac": "train fraction"}
 
 
+MAX_PANELS = 8
+"""The most phase diagrams `fig_phase` draws (the report's phase table holds every cell)."""
+MAX_LETTERS = 900
+"""A figure of phase diagrams with more cells than this (30 x 30) shows its phases by the boundaries alone: a
+letter per cell would be too small to read, and slow to draw (about 3 ms a letter)."""
+
+
+MAX_TICKS = 10
+"""The most tick labels on a phase diagram's axis (every k-th value beyond)."""
+
+
 def fig_phase(diagrams: list[dict], stem: Path) -> list[Path]:
     """One panel per phase diagram (`phases.phase_diagrams`): cells on categorical axes (the values in
     ascending order, log-spaced in the built-in spec), coloured by median T_grok on a log scale, hatched
     grey where fewer than half the seeds grokked (the study's rule for a cell to count), a letter per cell
-    for its phase, black lines between cells of different phase."""
+    for its phase (when the panels hold at most MAX_LETTERS cells in all), black lines between cells of
+    different phase. Of more than MAX_PANELS diagrams, MAX_PANELS evenly spaced ones."""
+    from matplotlib.collections import LineCollection, PatchCollection
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Rectangle
     from matplotlib.patheffects import withStroke
 
+    if len(diagrams) > MAX_PANELS:
+        diagrams = [diagrams[i] for i in np.linspace(0, len(diagrams) - 1, MAX_PANELS).round().astype(int)]
     fig, axes = _panels(len(diagrams), w=5.2, h=4.6)
+    letters = sum(len(dg["cells"]) for dg in diagrams) <= MAX_LETTERS
     for ax, dg in zip(axes, diagrams):
         c, y, x = dg["cells"], dg["y"], dg["x"]
         ys, xs = sorted(c[y].unique()), sorted(c[x].unique())
         T = np.full((len(ys), len(xs)), np.nan)                        # (Y, X) median T_grok
         phase = np.full((len(ys), len(xs)), None, dtype=object)       # (Y, X) the cell's phase
-        for _, r in c.iterrows():
-            i, j = ys.index(r[y]), xs.index(r[x])
-            counts = 2 * r["n_grok"] >= r["n"]                         # the study's rule for a cell's T_grok
-            T[i, j], phase[i, j] = r["T_grok"] if counts else np.nan, r["phase"]
+        i = pd.Index(ys).get_indexer(c[y])                              # each cell's row and column
+        j = pd.Index(xs).get_indexer(c[x])
+        counts = 2 * c["n_grok"].to_numpy() >= c["n"].to_numpy()        # the study's rule for a cell's T_grok
+        T[i, j] = np.where(counts, c["T_grok"].to_numpy(dtype="float64"), np.nan)
+        phase[i, j] = c["phase"].to_numpy(dtype=object)
         ok = np.isfinite(T) & (T > 0)
         if ok.any():
             im = ax.imshow(np.where(ok, T, np.nan), origin="lower", aspect="auto", cmap="viridis",
@@ -175,22 +192,27 @@ def fig_phase(diagrams: list[dict], stem: Path) -> list[Path]:
             fig.colorbar(im, ax=ax, label="median T_grok")
         else:
             ax.imshow(np.full(T.shape, np.nan), origin="lower", aspect="auto")
-        for i in range(len(ys)):
-            for j in range(len(xs)):
-                if phase[i, j] is None:
-                    continue
-                if not ok[i, j]:
-                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.85", hatch="//",
-                                           edgecolor="0.6", lw=0))
-                ax.text(j, i, PHASE_LETTERS[phase[i, j]], ha="center", va="center", fontsize=9,
+        has = phase != None                                             # noqa: E711 (elementwise)
+        hi, hj = np.nonzero(has & ~ok)
+        if len(hi):
+            ax.add_collection(PatchCollection([Rectangle((b - 0.5, a - 0.5), 1, 1) for a, b in zip(hi, hj)],
+                                              facecolor="0.85", hatch="//", edgecolor="0.6", lw=0))
+        if letters:
+            for a, b in zip(*np.nonzero(has)):
+                ax.text(b, a, PHASE_LETTERS[phase[a, b]], ha="center", va="center", fontsize=9,
                         fontweight="bold", path_effects=[withStroke(linewidth=2.5, foreground="white")])
-                # boundaries: to the right and above, where the neighbouring cell's phase differs
-                if j + 1 < len(xs) and phase[i, j + 1] is not None and phase[i, j + 1] != phase[i, j]:
-                    ax.plot([j + 0.5, j + 0.5], [i - 0.5, i + 0.5], color="black", lw=2)
-                if i + 1 < len(ys) and phase[i + 1, j] is not None and phase[i + 1, j] != phase[i, j]:
-                    ax.plot([j - 0.5, j + 0.5], [i + 0.5, i + 0.5], color="black", lw=2)
-        ax.set_xticks(range(len(xs)), [format_value(v) for v in xs])
-        ax.set_yticks(range(len(ys)), [format_value(v) for v in ys])
+        # boundaries: to the right and above, where the neighbouring cell's phase differs
+        right = has[:, :-1] & has[:, 1:] & (phase[:, :-1] != phase[:, 1:])
+        above = has[:-1, :] & has[1:, :] & (phase[:-1, :] != phase[1:, :])
+        segs = [[(b + 0.5, a - 0.5), (b + 0.5, a + 0.5)] for a, b in zip(*np.nonzero(right))]
+        segs += [[(b - 0.5, a + 0.5), (b + 0.5, a + 0.5)] for a, b in zip(*np.nonzero(above))]
+        if segs:
+            ax.add_collection(LineCollection(segs, colors="black", linewidths=2))
+        for set_ticks, vals in ((ax.set_xticks, xs), (ax.set_yticks, ys)):     # at most MAX_TICKS labels an axis
+            k = -(-len(vals) // MAX_TICKS)
+            set_ticks(range(0, len(vals), k), [format_value(v) for v in vals[::k]])
+        if len(xs) > MAX_TICKS:
+            ax.tick_params(axis="x", labelrotation=45)
         ax.set(xlim=(-0.5, len(xs) - 0.5), ylim=(-0.5, len(ys) - 0.5), xlabel=AXIS_NAMES.get(x, x),
                ylabel=AXIS_NAMES.get(y, y))
         fixed, v = dg["fixed"]
@@ -199,15 +221,20 @@ def fig_phase(diagrams: list[dict], stem: Path) -> list[Path]:
 
 
 def fig_interventions(table: pd.DataFrame, models: pd.DataFrame, curves: pd.DataFrame, stem: Path) -> list[Path]:
-    """Mean test accuracy and SC rate over each arm's seeds against the step, one line per arm."""
-    c = A.cell_curves(models, curves, metrics=("test_acc", "sc_rate"))
+    """Mean test accuracy and SC rate over each arm's seeds against the step, one line per arm; of more than
+    MAX_LINES arms (an atlas's cells), MAX_LINES evenly spaced ones, and a legend for at most 12."""
+    if len(table) > MAX_LINES:
+        table = table.iloc[np.linspace(0, len(table) - 1, MAX_LINES).round().astype(int)]
+    c = A.cell_curves(models.loc[models["cell"].isin(table["cell"])], curves, metrics=("test_acc", "sc_rate"))
+    by = dict(tuple(c.groupby(["cell", "metric"], sort=False)))       # one pass, not a scan per arm
+    empty = c.iloc[:0]
     fig, axes = _panels(2)
     for ax, metric, label in zip(axes, ("test_acc", "sc_rate"), ("test accuracy", "SC rate (softmax readout)")):
         for row in table.itertuples():
-            x = c[(c["cell"] == row.cell) & (c["metric"] == metric)].sort_values("step")
+            x = by.get((row.cell, metric), empty).sort_values("step")
             ax.plot(x["step"], x["value"], label=row.arm or f"cell {row.cell}")
         ax.set_xlabel("step")
         ax.set_ylabel(label)
-    axes[0].legend(fontsize=7)
+    if len(table) <= 12:
+        axes[0].legend(fontsize=7)
     return _save(fig, stem)
-

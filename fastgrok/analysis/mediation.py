@@ -13,7 +13,7 @@ import pandas as pd
 
 from fastgrok.analysis.display import for_setting, format_value
 from fastgrok.analysis.statistics import (ATOL, N_BOOT, nanmedian, need_rho, numeric, cell_table, has_values, is_fork,
-                                          match_value, paired_bootstrap, seed_matrix, setting_groups,
+                                          match_value, paired_bootstrap, per_setting, seed_matrix, setting_groups,
                                           varying_setting_cols)
 
 STUDY_RHO_HIGH = 1.15
@@ -163,7 +163,8 @@ def several_taus(cells: pd.DataFrame) -> bool:
 
 def some_setting_sweeps_tau(cells: pd.DataFrame) -> bool:
     """Whether some setting's non-fork cells have several taus: a tau sweep was attempted."""
-    return any(several_taus(g) for _, g in setting_groups(cells.loc[~is_fork(cells)]))
+    plain = cells.loc[~is_fork(cells)]
+    return "tau" in plain.columns and bool((per_setting(plain, "tau", "nunique") > 1).any())
 
 
 def choose_rho_high(cells: pd.DataFrame, *, baseline_rho: float = 1.0) -> tuple[float | None, str | None]:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from fastgrok.analysis.statistics import (CELL_COLS, SETTING_COLS, cell_value, nanmedian, numeric, check_models, has_values,
-                               is_fork)
+from fastgrok.analysis.statistics import CELL_COLS, SETTING_COLS, CellGroups, numeric, check_models, has_values, is_fork
 
 PHASES = ("comprehension", "grokking", "memorization", "confusion")
 """Liu et al.'s four phases, in their order along the Goldilocks zone."""
@@ -66,20 +65,27 @@ def phase_table(models: pd.DataFrame, *, mem_threshold: float = 0.99, grok_thres
     m = models.loc[~is_fork(models)]
     ph = seed_phases(m, mem_threshold=mem_threshold, ratio=ratio)
     desc = [c for c in CELL_COLS if has_values(m, c) and c not in ("arm", "fork_step")]
-    rows = []
-    for cell, g in m.assign(_phase=ph).groupby("cell", sort=True):
-        tg, tm = numeric(g["t_grok"]), numeric(g["t_mem"])
-        row = {"cell": cell, **{c: cell_value(g[c]) for c in desc}, "n": len(g),
-               "n_mem": int(np.isfinite(tm).sum()), "n_grok": int(np.isfinite(tg).sum()),
-               "T_mem": float(nanmedian(tm)), "T_grok": float(nanmedian(tg)),
-               "delay": float(nanmedian(tg - tm)),
-               "train_acc": float(nanmedian(numeric(g["train_acc"]))) if "train_acc" in g else np.nan,
-               "test_acc": float(nanmedian(numeric(g["test_acc"]))) if "test_acc" in g else np.nan}
-        row.update({f"n_{p}": int((g["_phase"] == p).sum()) for p in PHASES})
-        row.update(phase=majority_phase(g["_phase"].to_numpy()), mem_threshold=float(mem_threshold),
-                   grok_threshold=float(grok_threshold))
-        rows.append(row)
-    return pd.DataFrame(rows)
+    if m.empty:
+        return pd.DataFrame()
+    G = CellGroups(m)                                       # per cell, from whole columns (exact: see CellGroups)
+    tg, tm = G.col("t_grok"), G.col("t_mem")
+    code = pd.Index(PHASES).get_indexer(ph[G.order])        # each seed's phase as its index in PHASES
+    counts = np.zeros((len(G), len(PHASES)), np.int64)     # (K, 4) seeds per phase
+    np.add.at(counts, (G.codes, code), 1)
+    top = counts.max(axis=1, keepdims=True)
+    ties = [PHASES.index(p) for p in PHASE_TIES]
+    majority = np.asarray(PHASE_TIES)[np.argmax(counts[:, ties] == top, axis=1)]
+    nan = [np.nan] * len(G)
+    cols = {"cell": G.ids.tolist(), **{c: G.values(c) for c in desc}, "n": G.sizes.tolist(),
+            "n_mem": G.count(np.isfinite(tm)).tolist(), "n_grok": G.count(np.isfinite(tg)).tolist(),
+            "T_mem": G.median(tm).tolist(), "T_grok": G.median(tg).tolist(), "delay": G.median(tg - tm).tolist(),
+            "train_acc": G.median(G.col("train_acc")).tolist() if "train_acc" in m else nan,
+            "test_acc": G.median(G.col("test_acc")).tolist() if "test_acc" in m else nan,
+            **{f"n_{p}": counts[:, i].tolist() for i, p in enumerate(PHASES)},
+            "phase": majority.tolist(), "mem_threshold": [float(mem_threshold)] * len(G),
+            "grok_threshold": [float(grok_threshold)] * len(G)}
+    # a row per cell, as a list of dicts: the columns' dtypes inferred as the per-cell table's always were
+    return pd.DataFrame([dict(zip(cols, r)) for r in zip(*cols.values())])
 
 
 def phase_diagrams(table: pd.DataFrame) -> list[dict]:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from fastgrok.analysis.statistics import (ATOL, need_rho, numeric, counting_cells, has_values, is_fork, match_value,
-                               setting_groups)
+                               per_setting, setting_groups)
 
 COLLAPSE_JUMP = 2.5
 """Dose law: the collapse onset is the first cell (ascending rho) whose L at grok exceeds this many
@@ -73,9 +73,10 @@ def with_norm(cells: pd.DataFrame) -> pd.DataFrame:
 
 def dose_groups(cells: pd.DataFrame):
     """(keys, cells with W) per setting and tau that spans >= 3 distinct ‖W‖ (see `with_norm`)."""
-    for keys, g in setting_groups(with_norm(cells), extra=("tau",)):
-        if g["W"].round(9).nunique() >= 3:
-            yield keys, g
+    c = with_norm(cells)
+    c = c.loc[per_setting(c.assign(W9=c["W"].round(9)), "W9", "nunique", extra=("tau",)).to_numpy() >= 3]
+    if len(c):
+        yield from setting_groups(c, extra=("tau",))    # only the settings that qualify: one grouped pass
 
 
 def collapse_free_cells(cells: pd.DataFrame) -> pd.DataFrame:

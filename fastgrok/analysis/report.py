@@ -97,7 +97,7 @@ INTERVENTIONS_TEXT = (
     "fraction of train rows whose softmax(z/τ)_y is exactly 1 (the softmax readout for every loss: a "
     "StableMax model with large logits reads as collapsed although its own probabilities are not), "
     "test_loss the median final loss over the test rows. The figure: mean test accuracy and SC rate over "
-    "the seeds against the step, one line per arm.")
+    "the seeds against the step, one line per arm (of more than 200 arms, 200 evenly spaced).")
 
 
 def run_thresholds(run_dir, config: dict) -> dict:
@@ -203,6 +203,8 @@ def collapse_skip_notes(cells: pd.DataFrame) -> list[str]:
     counting cells give no regression (`regressions.collapse_r2` needs >= 4 with an L at grok, spanning the
     grid)."""
     plain = cells.loc[~A.is_fork(cells)]
+    if not (A.has_values(plain, "rho") and A.has_values(plain, "tau")):    # no setting spans one
+        return []
     names = A.varying_setting_cols(plain)
     notes = []
     for keys, g in A.setting_groups(plain):

@@ -122,6 +122,15 @@ def is_fork(df: pd.DataFrame) -> np.ndarray:
     return df["arm"].notna().to_numpy() if "arm" in df.columns else np.zeros(len(df), bool)
 
 
+def per_setting(df: pd.DataFrame, col: str, how: str, extra: tuple[str, ...] = ()) -> pd.Series:
+    """For each row of df, `how` ("nunique", "size", ...) of `col` over the rows of its setting (the groups
+    of `setting_groups`), in one grouped pass: which settings a loop over `setting_groups` needs to visit."""
+    keys = [c for c in (*SETTING_COLS, *extra) if c in df.columns]
+    if not keys:
+        return pd.Series(getattr(df[col], how)(), index=df.index)
+    return df.groupby(keys, dropna=False, sort=False)[col].transform(how)
+
+
 def setting_groups(df: pd.DataFrame, extra: tuple[str, ...] = ()):
     """Yield (keys dict, sub-frame) per setting (SETTING_COLS + extra present in df)."""
     keys = [c for c in (*SETTING_COLS, *extra) if c in df.columns]
@@ -189,29 +198,89 @@ def values_at(models: pd.DataFrame, curves, metric: str, col: str = "t_grok") ->
     return at.merge(w.assign(step=w["step"].astype("float64")), on=["model", "step"])
 
 
+class CellGroups:
+    """A models table's rows grouped by cell, in one pass: cells in ascending id (as groupby("cell")), each
+    cell's rows in table order. Per-cell reductions run on whole columns (numpy, pandas' grouped median), so
+    a table of 100,000 models costs a few vectorised passes, not a pandas group per cell; each gives exactly
+    the value of the per-cell computation it replaces (a median is the middle value or the mean of the two,
+    a mean is np.nanmean of the cell's own values, a describing value is `cell_value`'s)."""
+
+    def __init__(self, df: pd.DataFrame):
+        self.df = df
+        self.ids, codes = np.unique(df["cell"].to_numpy(), return_inverse=True)
+        codes = codes.reshape(-1)
+        self.order = np.argsort(codes, kind="stable")           # rows by cell, table order within a cell
+        self.codes = codes[self.order]
+        self.sizes = np.bincount(codes, minlength=len(self.ids))
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def col(self, name: str) -> np.ndarray:
+        """A column as float64 (`numeric`), rows in group order."""
+        return numeric(self.df[name])[self.order]
+
+    def count(self, mask_sorted: np.ndarray) -> np.ndarray:
+        """Per cell: how many of its rows the mask (in group order) holds."""
+        return np.bincount(self.codes, weights=mask_sorted, minlength=len(self.ids)).round().astype(np.int64)
+
+    def median(self, x_sorted: np.ndarray) -> np.ndarray:
+        """Per cell: the median of its finite values and infinities, NaN left out (`nanmedian`); NaN for a
+        cell with none."""
+        return pd.Series(x_sorted).groupby(self.codes, sort=True).median().reindex(
+            range(len(self.ids))).to_numpy(dtype="float64")
+
+    def split(self, x_sorted: np.ndarray) -> list[np.ndarray]:
+        """Per cell: its rows of x (in group order)."""
+        return np.split(x_sorted, self.starts[1:])
+
+    def values(self, name: str) -> list:
+        """Per cell: `cell_value` of the column (its shared non-null value, else the median or the first),
+        computed on whole columns; a cell whose values differ goes through `cell_value` itself."""
+        s = self.df[name]
+        notna = s.notna().to_numpy()[self.order]
+        raw = s.to_numpy(dtype=object)[self.order]
+        rows = np.flatnonzero(notna)                             # non-null rows, group order
+        g = self.codes[rows]
+        out = [np.nan] * len(self.ids)
+        if rows.size == 0:
+            return out
+        first_cells, first_at = np.unique(g, return_index=True)  # each cell's first non-null row
+        firsts = raw[rows[first_at]]
+        same = raw[rows] == firsts[np.searchsorted(first_cells, g)]
+        differs = set(g[~np.asarray(same, dtype=bool)].tolist())
+        first_vals = s.iloc[self.order[rows[first_at]]].tolist() if len(first_at) else []
+        for k, v in zip(first_cells.tolist(), first_vals):
+            out[k] = v
+        for k in differs:                                        # rare: a describing value that varies
+            out[k] = cell_value(s.iloc[self.order[self.starts[k]:self.starts[k] + self.sizes[k]]])
+        return out
+
+
 def cell_table(models: pd.DataFrame, curves=None) -> pd.DataFrame:
     """One row per cell: describing columns, n_seeds, n_grokked, n_diverged, counts, T_mem,
     T_grok, delay, L_grok, sc_rate (mean final), W_final (median final ‖W‖) and W_grok (median
     over grokked seeds of ‖W‖ at their T_grok: w_c when the cell is a free control)."""
     check_models(models)
     desc = [c for c in CELL_COLS if has_values(models, c)]
-    rows = []
-    for cell, g in models.groupby("cell", sort=True):
-        tg, tm = numeric(g["t_grok"]), numeric(g["t_mem"])
-        n, n_grok = len(g), int(np.isfinite(tg).sum())
-        row = {"cell": cell, **{c: cell_value(g[c]) for c in desc}}
-        row.update(
-            n_seeds=n, n_grokked=n_grok,
-            n_diverged=int(np.nansum(numeric(g["diverged"]))) if "diverged" in g else 0,
-            counts=bool(2 * n_grok >= n),                       # the study's n_grokked >= 0.5 n
-            T_mem=float(nanmedian(tm)), T_grok=float(nanmedian(tg)))
-        row["delay"] = row["T_grok"] - row["T_mem"]
-        row["sc_rate"] = float(_nanmean(numeric(g["sc_rate"]))) if "sc_rate" in g and n else np.nan
-        if "test_loss" in g:                                    # runs from before it have none
-            row["test_loss"] = float(nanmedian(numeric(g["test_loss"])))
-        row["W_final"] = float(nanmedian(numeric(g["weight_norm"]))) if "weight_norm" in g else np.nan
-        rows.append(row)
-    cells = pd.DataFrame(rows)
+    G = CellGroups(models)
+    tg, tm = G.col("t_grok"), G.col("t_mem")
+    n_grok = G.count(np.isfinite(tg))
+    T_mem, T_grok = G.median(tm), G.median(tg)
+    cols = {"cell": G.ids.tolist(), **{c: G.values(c) for c in desc},
+            "n_seeds": G.sizes.tolist(), "n_grokked": n_grok.tolist(),
+            "n_diverged": (G.count(np.nan_to_num(G.col("diverged"))).tolist() if "diverged" in models
+                           else [0] * len(G)),
+            "counts": (2 * n_grok >= G.sizes).tolist(),              # the study's n_grokked >= 0.5 n
+            "T_mem": T_mem.tolist(), "T_grok": T_grok.tolist(), "delay": (T_grok - T_mem).tolist(),
+            "sc_rate": ([float(_nanmean(x)) for x in G.split(G.col("sc_rate"))] if "sc_rate" in models
+                        else [np.nan] * len(G))}
+    if "test_loss" in models:                                   # runs from before it have none
+        cols["test_loss"] = G.median(G.col("test_loss")).tolist()
+    cols["W_final"] = G.median(G.col("weight_norm")).tolist() if "weight_norm" in models else [np.nan] * len(G)
+    # a row per cell, as a list of dicts: the columns' dtypes inferred as the per-cell table's always were
+    cells = pd.DataFrame([dict(zip(cols, r)) for r in zip(*cols.values())])
     cells["L_grok"], cells["W_grok"] = np.nan, np.nan
     tail = ["sc_rate", *(["test_loss"] if "test_loss" in cells else []), "W_final", "W_grok"]
     order = [c for c in cells.columns if c not in tail] + tail
@@ -219,16 +288,36 @@ def cell_table(models: pd.DataFrame, curves=None) -> pd.DataFrame:
         return cells[order]
 
     # L at grok: the cell's L at the logged step nearest its median T_grok.
-    L = cell_logit_scale(models, curves)
-    by_cell = {c: g for c, g in L.groupby("cell")}
-    cells["L_grok"] = [
-        nearest_step_value(by_cell[c]["step"], by_cell[c]["L"], t) if c in by_cell else np.nan
-        for c, t in zip(cells["cell"], cells["T_grok"])]
+    cells["L_grok"] = nearest_step_values(cell_logit_scale(models, curves), cells["cell"], cells["T_grok"])
 
     # ‖W‖ at each grokked seed's own T_grok (an evaluation step, so an exact match).
     wg = values_at(models, curves, "weight_norm").groupby("cell")["value"].median()
     cells["W_grok"] = cells["cell"].map(wg).astype("float64")
     return cells[order]
+
+
+def nearest_step_values(L: pd.DataFrame, cell_ids, t) -> np.ndarray:
+    """Per cell of cell_ids: `nearest_step_value` of its rows of L (columns cell, step, L; a step once per
+    cell) at its t, for every cell at once; NaN for a cell without rows or a non-finite t."""
+    cell_ids = np.asarray(cell_ids)
+    t = np.asarray(t, dtype="float64")
+    out = np.full(len(cell_ids), np.nan)
+    if len(L) == 0:
+        return out
+    pos = pd.Series(np.arange(len(cell_ids)), index=cell_ids)
+    at = pos.reindex(L["cell"].to_numpy()).to_numpy()            # each row's index in cell_ids (NaN: none)
+    keep = ~np.isnan(at)
+    at = at[keep].astype(np.int64)
+    steps = L["step"].to_numpy(dtype="float64")[keep]
+    vals = L["L"].to_numpy(dtype="float64")[keep]
+    ok = np.isfinite(t[at])
+    at, steps, vals = at[ok], steps[ok], vals[ok]
+    d = np.abs(steps - t[at])
+    best = np.lexsort((steps, d, at))                           # per cell: nearest, then the earlier step
+    first = np.ones(len(best), bool)
+    first[1:] = at[best][1:] != at[best][:-1]
+    out[at[best][first]] = vals[best][first]
+    return out
 
 
 def memorization_table(cells: pd.DataFrame) -> pd.DataFrame:

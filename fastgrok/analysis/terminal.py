@@ -1,5 +1,5 @@
-"""An analysis result in the terminal (`fastgrok analyze`): its warnings, notes and tables with rich,
-every value whole at any terminal width: a wide table splits into several, a long value folds onto
+"""An analysis result in the terminal (`fastgrok analyze`): its warnings, notes and tables with rich (the
+first TERMINAL_ROWS rows of a longer table), every value whole at any terminal width: a wide table splits into several, a long value folds onto
 the next line, none is cut to an ellipsis. Numbers go through `display.format_value`, so the terminal
 shows the values of report.md.
 """
@@ -8,6 +8,12 @@ from __future__ import annotations
 import pandas as pd
 
 from fastgrok.analysis.display import TABLES, display_table, format_value
+
+
+TERMINAL_ROWS = 200
+"""The most rows of a table the terminal shows (rich lays a table out at about a millisecond a row; a grid of
+25,000 cells would take minutes and scroll out of sight): the first ones, then a line saying how many
+there are; report.md has them all."""
 
 
 def render_terminal(result: dict, console=None) -> None:
@@ -40,9 +46,13 @@ def terminal_tables(df: pd.DataFrame, title: str, width: int) -> list:
     if len(df) == 1:
         return [field_value_table(df.iloc[0], title)]
     consts, shown = display_table(df)
+    cut = len(shown) > TERMINAL_ROWS
+    shown = shown.iloc[:TERMINAL_ROWS] if cut else shown
     groups = column_groups(shown, width)
     out = [rich_table(shown[cols], title if len(groups) == 1 else f"{title} ({i}/{len(groups)})")
            for i, cols in enumerate(groups, start=1)]
+    if cut:
+        out.append(Text(f"first {TERMINAL_ROWS:,} of {len(df):,} rows; every row is in report.md"))
     if consts:
         out.append(Text("all rows: " + "; ".join(f"{k} = {format_value(v)}" for k, v in consts.items())))
     return out

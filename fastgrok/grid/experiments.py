@@ -655,7 +655,7 @@ def load_experiment(experiment) -> ExperimentSpec:
 
 
 EXPERIMENTS = ("mediation", "collapse", "dose", "mse", "float64", "samestate", "alloc", "transformer", "phase",
-               "interventions")
+               "interventions", "atlas")
 
 
 def list_experiments() -> list[tuple[str, str]]:

@@ -101,9 +101,23 @@ def memory_budget(spec: ExperimentSpec, device: str) -> float:
     return min(0.25 * (total or 32 * 2**30), 8 * 2**30)
 
 
+SIZE_FREE_AXES = ("lr", "wd", "init_scale")
+"""Per-model axes that size no tensor (optimizer scalars per model): cells that differ only in them cost the
+same bytes, so `pack` sizes one of them (an atlas of 17,280 cells has a few hundred sizes to compute). Kept
+to the axes a phase diagram sweeps: any other axis is sized cell by cell, as before."""
+
+
 def pack(spec: ExperimentSpec, cells: list[dict], budget_bytes: float) -> list[dict]:
     """Batches: cells of one shape in order, whole units (a cell, or a fork parent with its arms)
     added while the batch stays under the memory budget and engine.max_models."""
+    sizes: dict[tuple, int] = {}
+
+    def size(c: dict) -> int:
+        key = tuple(c.get(a) for a in CONFIG_AXES if a not in SIZE_FREE_AXES)     # what cell_config reads, less those
+        if key not in sizes:
+            sizes[key] = bytes_per_model(spec, c)
+        return sizes[key]
+
     units: dict[tuple, list[list[dict]]] = {}
     for c in cells:
         groups = units.setdefault(shape_of(c), [])
@@ -114,7 +128,7 @@ def pack(spec: ExperimentSpec, cells: list[dict], budget_bytes: float) -> list[d
     batches = []
     for groups in units.values():
         # a batch pads every model to its most train rows: the costliest cell's bytes for each
-        per_model = max(bytes_per_model(spec, c) for u in groups for c in u)
+        per_model = max(size(c) for u in groups for c in u)
         cur, m = [], 0
         for u in groups:
             n = sum(c["seeds"] for c in u)

@@ -1,5 +1,7 @@
-"""What an experiment costs before it runs (`fastgrok experiments`): its cells, models, step budgets and a
-CPU time, every model trained to its budget (cells stop once their seeds grok, so runs are usually shorter).
+"""What an experiment costs before it runs (`fastgrok experiments`): its cells, models, step budgets, a
+CPU time and an estimated GPU time, every model trained to its budget (cells stop once their seeds grok, so
+runs are usually shorter). The CPU time is from measured model-step times; the GPU time is an estimate
+from FLOPs and an assumed utilisation (GPU_PEAK_FLOPS, GPU_UTIL, GPU_STEP_S), until a GPU measures it.
 
 The CPU time of one model-step is FIXED_S + WORK_S x (the step's FLOPs / the study MLP's at p = 59; core.models.step_flops), times
 EAGER for an uncompiled MLP (`--compile auto` runs of at most step.QUICK_STEPS steps), TRANSFORMER for the
@@ -27,6 +29,17 @@ FLOAT64 = 2.9
 COMPILE_S = 45.0
 """Seconds to compile one batch's step and evaluation on a CPU (p = 59 MLP; more at large train fractions)."""
 
+# GPU time: an estimate, not a measurement (no GPU has run fastgrok's grids yet; benchmarks/gpu_session.sh
+# measures it when one is lent): each batch's FLOPs (core.models.step_flops, every model to its budget)
+# at GPU_UTIL of an H100's float32 peak, plus GPU_STEP_S a batch step.
+GPU_PEAK_FLOPS = 67e12
+"""An H100 SXM's float32 (non-tensor-core) peak, FLOP/s (bench.sections.FP32_PEAK_TFLOPS)."""
+GPU_UTIL = 0.2
+"""The share of that peak assumed sustained by a packed step of many small models (assumed, not measured)."""
+GPU_STEP_S = 1e-3
+"""Seconds assumed per batch step whatever its size: the compiled step's launches, the evaluations amortised
+(assumed, not measured)."""
+
 
 REF_FLOPS = step_flops(TrainConfig())
 """The study MLP's step at p = 59: the unit of WORK_S."""
@@ -51,22 +64,24 @@ def experiment_size(spec: ExperimentSpec) -> dict:
     plan = make_plan(spec, "cpu")
     cells = {c["cell"]: c for c in plan["cells"]}
     mode = resolve_compile(spec, plan)
-    jobs = []                                         # (config, models, model-steps): one trainer each
+    jobs = []                                 # (config, models, model-steps, batch steps): one trainer each
     for b in plan["batches"]:
         members = [cells[i] for i in b["cells"]]
         jobs.append((batch_config(spec, members, compile=mode), sum(c["seeds"] for c in members),
-                     sum(c["seeds"] * c["budget"] for c in members)))
+                     sum(c["seeds"] * c["budget"] for c in members), max(c["budget"] for c in members)))
     n_cal = spec.calibration.seeds or spec.seeds
     for cal in plan["calibrations"]:                  # the free controls that set w_c, one batch per setting
-        jobs.append((spec.base_config(**cal["shape"], compile=mode), n_cal, n_cal * calibration_steps(spec)))
-    seconds = 0.0
-    for cfg, _, n in jobs:
+        jobs.append((spec.base_config(**cal["shape"], compile=mode), n_cal, n_cal * calibration_steps(spec),
+                     calibration_steps(spec)))
+    seconds = gpu = 0.0
+    for cfg, _, n, steps in jobs:
         comp = use_compile(cfg, torch.device("cpu"))
         seconds += n * model_step_seconds(cfg, comp) + (COMPILE_S if comp else 0.0)
+        gpu += steps * GPU_STEP_S + n * step_flops(cfg) / (GPU_UTIL * GPU_PEAK_FLOPS)
     models, model_steps = sum(j[1] for j in jobs), sum(j[2] for j in jobs)
     budgets = [c["budget"] for c in plan["cells"]]
     return {"cells": len(cells), "models": models, "min_steps": min(budgets), "max_steps": max(budgets),
-            "model_steps": model_steps, "cpu_s": seconds}
+            "model_steps": model_steps, "cpu_s": seconds, "gpu_s": gpu}
 
 
 def fmt_duration(s: float) -> str:
