@@ -3,6 +3,7 @@ tests)."""
 import pandas as pd
 
 from fastgrok.analysis import report as R
+from fastgrok.config import AXIS_ADDED_DEFAULTS
 
 
 def parse_tables(text):
@@ -56,7 +57,10 @@ def check_tables(result, text):
             assert len(row) == len(header)
             for col, s in zip(header, row):
                 same_number(s, df[col].iloc[i])
-        # every column is printed, but those null in every row of a multi-row table
+        # every column is printed, but those null in every row of a multi-row table and the settings added
+        # since the study at their default in every row (display.display_table)
         empty = {c for c in df.columns if len(df) > 1 and df[c].isna().all()}
-        assert not empty & (set(header) | set(consts))
-        assert set(df.columns) == set(header) | set(consts) | empty
+        at_default = {c for c in df.columns if c in AXIS_ADDED_DEFAULTS and (
+            df[c].isna().all() if AXIS_ADDED_DEFAULTS[c] is None else (df[c] == AXIS_ADDED_DEFAULTS[c]).all())}
+        assert not (empty | at_default) & (set(header) | set(consts))
+        assert set(df.columns) == set(header) | set(consts) | empty | at_default

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from fastgrok.config import AXIS_ADDED_DEFAULTS
+
 TABLES = (("calibration", "Clamp calibration: w_c per setting"), ("cells", "Cells"),
           ("mediation", "Mediation: τ sweep at ρ_high"),
           ("collapse", "Collapse grid: ln T_grok on L and ρ"), ("dose_law", "Dose law: ln T = c + α‖W‖"),
@@ -40,9 +42,14 @@ def format_value(x) -> str:
 
 
 def display_table(df: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
-    """Split a table for display: with several rows, columns null in every row are left out (they
-    say nothing, e.g. `arm` outside a fork experiment), columns holding one value in every row move
-    to a constants dict; the rest is shown as is."""
+    """Split a table for display: a per-model setting added since the study (config.AXIS_ADDED_DEFAULTS:
+    init_scale, the optimizers' knobs, label noise, ...) at its default in every row is left out (the
+    report of a study-like run reads as before they existed; docs/analysis.md says so); with several rows,
+    columns null in every row are left out (they say nothing, e.g. `arm` outside a fork experiment),
+    columns holding one value in every row move to a constants dict; the rest is shown as is."""
+    drop = [c for c in df.columns if c in AXIS_ADDED_DEFAULTS and _at_default(df[c], AXIS_ADDED_DEFAULTS[c])]
+    if drop:
+        df = df.drop(columns=drop)
     if len(df) <= 1:
         return {}, df
     consts, shown = {}, []
@@ -55,6 +62,12 @@ def display_table(df: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
         else:
             shown.append(c)
     return consts, df[shown]
+
+
+def _at_default(col: pd.Series, default) -> bool:
+    if default is None:
+        return bool(col.isna().all())
+    return bool(col.notna().all() and (col == default).all())
 
 
 def for_setting(keys: dict, names: list[str]) -> str:
