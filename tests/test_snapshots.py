@@ -153,7 +153,7 @@ def test_grid_snapshots_survive_the_batch_cleanup(tmp_path):
         "grid": [{"rho": ["free"], "tau": [1.0, 1.3]}]})
     out = run_experiment(spec, out=tmp_path / "grid", progress=False)
     assert not any((out / "batches").glob("*"))                 # checkpoints gone ...
-    models = pd.read_parquet(out / "models.parquet")
+    models = store.Results(out).models()                        # the grid's parts, as one table
     index = read_index(out / "snapshots")
     assert sorted({x["model"] for x in index}) == sorted(models["model"])          # ... snapshots kept
     assert {x["file"].split("/")[0] for x in index} == {"b000", "b001"}
