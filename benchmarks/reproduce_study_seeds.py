@@ -68,7 +68,7 @@ def check_calibration(out: Path) -> dict:
     spec.write_text(SPEC)
     _fastgrok("run", str(spec), "--out", str(out))
     (cal,) = store.read_json(out / "calibration.json").values()
-    tg, tm = per_seed(pd.read_parquet(out / "models.parquet"))
+    tg, tm = per_seed(store.Results(out).models())          # a grid's results are its parts
     return {"w_c": cal["w_c"], "calibration": cal, "t_grok": tg, "t_mem": tm,
             "match": abs(cal["w_c"] - W_C) < 5e-5 and tg == T_GROK and tm == T_MEM,
             "seconds": round(time.perf_counter() - t0, 1)}
