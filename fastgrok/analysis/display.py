@@ -18,6 +18,7 @@ TABLES = (("calibration", "Clamp calibration: w_c per setting"), ("cells", "Cell
           ("memorization", "Memorization control"),
           ("phase", "Phase diagrams: comprehension, grokking, memorization, confusion"),
           ("interventions", "Interventions side by side"),
+          ("claims", "The papers' claims, each in its own regime: do they reproduce?"),
           ("forks", "Same-state forks"))
 """Result keys that hold tables, in report order, with their section titles."""
 

@@ -88,7 +88,20 @@ def analyze_dir(run_dir, *, rho_high: float | None = None, baseline=(1.0, 1.0),
     if interventions.has_interventions(models):
         out["interventions"] = interventions.interventions_table(cells)
         out.setdefault("texts", {})["interventions"] = INTERVENTIONS_TEXT
+        claims = interventions.claims_table(models)
+        if len(claims):
+            out["claims"] = claims
+            out["texts"]["claims"] = CLAIMS_TEXT
     return out
+
+
+CLAIMS_TEXT = (
+    "One row per intervention cell of a run whose blocks name their regime (each paper's own setting): the "
+    "paper's claim, the test applied, and the medians over seeds of T_grok for the intervention, its baseline "
+    "(the same regime and lr without the intervention; for StableMax, softmax CE) and the lr-matched control "
+    "(the same without the intervention at the regime's other, highest lr). A seed that never groks counts as "
+    "later than its budget, so a median written '> N' is a lower bound. 'undetermined' says which cell or "
+    "budget the test lacked.")
 
 
 INTERVENTIONS_TEXT = (

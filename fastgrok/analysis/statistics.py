@@ -35,8 +35,9 @@ import pandas as pd
 from fastgrok import store
 from fastgrok.config import GRID_AXES
 
-SETTING_COLS = ("experiment", *("arch" if a == "model" else a for a in GRID_AXES if a != "dtype"), "dtype")
-"""Columns that define a setting; multi-cell analyses run once per distinct combination."""
+SETTING_COLS = ("experiment", "regime", *("arch" if a == "model" else a for a in GRID_AXES if a != "dtype"), "dtype")
+"""Columns that define a setting; multi-cell analyses run once per distinct combination (`regime`: a spec
+block's regime name, in runs whose blocks give one)."""
 CELL_COLS = SETTING_COLS + ("arm", "fork_step", "rho", "tau", "norm_target", "layer_fracs")
 """Columns that describe a cell (layer_fracs: the per-matrix clamp shares, e.g. "0.4,0.5,0.1");
 copied into the cell table when some model has a value in them."""

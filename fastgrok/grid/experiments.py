@@ -17,7 +17,19 @@ a free calibration run, see rundir.calibrate_from) or to an absolute `norm_targe
 
 Step budgets grow with rho: `budget(rho) = steps * (steps_ref / steps) ** ((rho - 1) / (rho_ref - 1))`
 for rho > 1 (20k at rho 1 and 137k at rho 1.15 by default, as in the study), `steps` for free cells and
-rho <= 1, all capped by `max_steps`. Every mistake raises `ConfigError` naming the field
+rho <= 1, all capped by `max_steps`.
+
+A `[[grid]]` block may also name its regime and set what its own cells train with, so one spec can run each
+paper's setting beside another's (the built-in `interventions`):
+
+    [[grid]]
+    regime = "Prieto et al. 2025: StableMax"     # a label, stored as the `regime` column
+    steps = 35000                                 # this block's budget.steps
+    loss = ["ce", "stablemax"]
+    [grid.train]                                  # TrainConfig fields over the spec's [train], this block only
+    eps = 1e-25
+
+Cells of blocks whose [grid.train] differ never share a batch (their shapes or steps may differ). Every mistake raises `ConfigError` naming the field
 (`grid[1].tau`, `train.hiden`, `fork.step`) before any training starts.
 """
 from __future__ import annotations
@@ -159,6 +171,33 @@ def _fracs(x) -> tuple[float, ...]:
     return f
 
 
+BLOCK_KEYS = ("regime", "steps", "train")
+"""What only a [[grid]] block may give besides the axes: its regime's name (the `regime` column), its step
+budget (budget.steps for its cells) and its [grid.train] (TrainConfig fields over the spec's [train])."""
+
+
+def _check_train(where: str, table: dict) -> None:
+    """A [train] table (the spec's, or a block's [grid.train]): known TrainConfig fields of the right type,
+    none of them an axis or set by the engine."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for k in sorted(table):
+        if k in AXES and k not in known:
+            raise _err(f"{where}.{k}", "is an axis: give it at the top level (before [train]) or in [[grid]]")
+        if k not in known:
+            raise _err(f"{where}.{k}", "unknown TrainConfig field")
+        if k in _NOT_IN_TRAIN:
+            raise _err(f"{where}.{k}", "is set per cell or by the engine: give it as an axis (top level or "
+                                       "[[grid]]), `seeds`, or [budget]")
+        bad = _train_type_error(k, table[k])
+        if bad:
+            raise _err(f"{where}.{k}", bad)
+
+
+def freeze(train: dict | None) -> str | None:
+    """A block's [grid.train] as a hashable key (sorted JSON), None for none."""
+    return json.dumps(train, sort_keys=True) if train else None
+
+
 def _train_type_error(name: str, v) -> str | None:
     """Why v cannot be TrainConfig.<name> (by the type of its default), or None."""
     default = getattr(TrainConfig(), name)
@@ -217,27 +256,38 @@ class _AxesMethods:
         if self.seeds is not None and (isinstance(self.seeds, bool) or not isinstance(self.seeds, int)
                                        or self.seeds < 1):
             raise _err(f"{self.where}.seeds", f"must be an integer >= 1, got {self.seeds!r}")
+        if self.regime is not None and (not isinstance(self.regime, str) or not self.regime.strip()):
+            raise _err(f"{self.where}.regime", f"must be a non-empty string, got {self.regime!r}")
+        if self.steps is not None:
+            _steps(f"{self.where}.steps", self.steps)
+        if self.train is not None:
+            self.train = dict(_table(f"{self.where}.train", self.train))
+            _check_train(f"{self.where}.train", self.train)
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "Axes":
-        unknown = sorted(set(d) - set(AXES) - {"seeds"})
+        block = BLOCK_KEYS if where != "spec" else ()
+        unknown = sorted(set(d) - set(AXES) - {"seeds", *block})
         if unknown:
-            raise _err(f"{where}.{unknown[0]}", f"unknown key (axes are {', '.join(AXES)}, seeds)")
+            extra = f", and in a [[grid]] block {', '.join(BLOCK_KEYS)}" if where == "spec" else f", {', '.join(block)}"
+            raise _err(f"{where}.{unknown[0]}", f"unknown key (axes are {', '.join(AXES)}, seeds{extra})")
         return cls(**d, where=where)
 
     def to_dict(self) -> dict:
         out = {}
-        for name in (*AXES, "seeds"):
+        for name in (*AXES, "seeds", *BLOCK_KEYS):
             v = getattr(self, name)
             if v is not None:
                 out[name] = [FREE if x is None else (list(x) if isinstance(x, tuple) else x) for x in v] \
-                    if isinstance(v, tuple) else v
+                    if isinstance(v, tuple) else dict(v) if isinstance(v, dict) else v
         return out
 
 
 Axes = dataclasses.make_dataclass(
     "Axes", [*((name, "tuple | None", field(default=None)) for name in AXES),
              ("seeds", "int | None", field(default=None)),
+             ("regime", "str | None", field(default=None)), ("steps", "int | None", field(default=None)),
+             ("train", "dict | None", field(default=None)),
              ("where", str, field(default="spec", repr=False, compare=False))],
     bases=(_AxesMethods,), kw_only=True)
 Axes.__module__, Axes.__doc__ = __name__, _AxesMethods.__doc__     # (make_dataclass's module= is 3.12+)
@@ -421,18 +471,7 @@ class ExperimentSpec:
         if not _is_int(self.seeds) or self.seeds < 1:
             raise _err("seeds", f"must be an integer >= 1, got {self.seeds!r}")
         self.grids = tuple(self.grids)
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        for k in sorted(self.train):
-            if k in AXES and k not in known:
-                raise _err(f"train.{k}", "is an axis: give it at the top level (before [train]) or in [[grid]]")
-            if k not in known:
-                raise _err(f"train.{k}", "unknown TrainConfig field")
-            if k in _NOT_IN_TRAIN:
-                raise _err(f"train.{k}", "is set per cell or by the engine: give it as an axis (top level or "
-                                         "[[grid]]), `seeds`, or [budget]")
-            bad = _train_type_error(k, self.train[k])
-            if bad:
-                raise _err(f"train.{k}", bad)
+        _check_train("train", self.train)
         ev = self.train.get("eval_every")
         if _is_int(ev) and ev >= 1 and "logit_every" not in self.train and \
                 logit_every_for(ev) != TrainConfig.logit_every:     # as `train --eval-every N` adapts it
@@ -493,15 +532,28 @@ class ExperimentSpec:
         """Yield (block index, dict of axis values) over every block's product, in order."""
         for i, b in enumerate(self.blocks()):
             vals = [self.resolve(b, n) for n in AXES]
+            extra = {k: v for k, v in (("regime", b.regime), ("train", b.train), ("steps", b.steps)) if v}
             for combo in itertools.product(*vals):
-                cell = dict(zip(AXES, combo), seeds=self.block_seeds(b))
+                cell = dict(zip(AXES, combo), seeds=self.block_seeds(b), **extra)
                 if cell["lr"] is None:                  # the study's lr for the cell's model
                     cell["lr"] = default_lr(cell["model"])
                 yield i, cell
 
+    def budget_at(self, rho: float | None, steps: int | None = None) -> int:
+        """A cell's step budget: budget.at(rho), or with a block's own `steps` as budget.steps."""
+        if steps is None:
+            return self.budget.at(rho)
+        return dataclasses.replace(self.budget, steps=steps, steps_ref=None).at(rho)
+
     def base_config(self, **shape) -> TrainConfig:
-        """The TrainConfig of a batch: the spec's train fields and one shape."""
+        """The TrainConfig of a batch: the spec's train fields and one shape (a block's [grid.train]
+        fields among them)."""
         return TrainConfig(**{**self.train, **shape})
+
+    @property
+    def has_regimes(self) -> bool:
+        """Whether a block names its regime (the results then carry a `regime` column)."""
+        return any(b.regime for b in self.grids)
 
     # ---------------------------------------------------------------- (de)serialisation
     @classmethod
@@ -578,13 +630,22 @@ def _check_block(spec: ExperimentSpec, b: Axes, layer: bool) -> None:
         raise _err(f"{w}.layer_fracs", "train.clamp_mode = 'layer' needs the shares of every matrix per cell")
     if not layer and fracs != (None,):
         raise _err(f"{w}.layer_fracs", "only applies with train.clamp_mode = 'layer'")
+    own = b.train or {}
+    if own and any(r is not None for r in spec.resolve(b, "rho")):
+        raise _err(f"{w}.rho", "a clamped cell (rho) is calibrated with the spec's [train]; a block with its own "
+                               "[grid.train] takes free cells or an absolute norm_target")
+    if b.steps is not None:
+        for rho in spec.resolve(b, "rho"):
+            if spec.budget_at(rho, b.steps) > MAX_STEPS:
+                raise _err(f"{w}.steps", f"the step budget at rho {rho:g} is over 10^18; lower steps or rho")
     for combo in itertools.product(*(spec.resolve(b, n) for n in CONFIG_AXES)):
         shape = dict(zip(CONFIG_AXES, combo))
         try:
-            cfg = spec.base_config(**shape)
+            cfg = spec.base_config(**own, **shape)
         except ConfigError as e:
             src = {a: w if getattr(b, a) is not None else "spec" for a in CONFIG_AXES}
-            raise _named(e, {**dict.fromkeys(spec.train, "train"), **src}, w) from None
+            raise _named(e, {**dict.fromkeys(spec.train, "train"), **dict.fromkeys(own, f"{w}.train"), **src},
+                         w) from None
         if layer:
             from fastgrok.core.models import build_model
             n = build_model(cfg).layout.n_matrices
@@ -684,5 +745,8 @@ def to_toml(d: dict) -> str:
         else:
             lines.append(f"{k} = {val(v)}")
     for head, t in tables:
-        lines += ["", head] + [f"{k} = {val(v)}" for k, v in t.items()]
+        lines += ["", head] + [f"{k} = {val(v)}" for k, v in t.items() if not isinstance(v, dict)]
+        for k, v in t.items():
+            if isinstance(v, dict):         # a block's [grid.train]: after its block's keys
+                lines += [f"[{head.strip('[]')}.{k}]"] + [f"{kk} = {val(vv)}" for kk, vv in v.items()]
     return "\n".join(lines) + "\n"

@@ -36,7 +36,8 @@ def batch_job(spec: ExperimentSpec, plan: dict, batch: dict, w_c: dict, run_dir:
         job["columns"][c["cell"]] = {"experiment": spec.name, **{a: c[a] for a in CONFIG_AXES
                                                                  if a != "model" and a in c},
                                      "arch": c["model"], "arm": c["arm"], "fork_step": c["fork_step"],
-                                     "budget": c["budget"], "layer_fracs": _fracs_str(c["layer_fracs"])}
+                                     "budget": c["budget"], "layer_fracs": _fracs_str(c["layer_fracs"]),
+                                     **({"regime": c.get("regime")} if spec.has_regimes else {})}
 
     def packed(c) -> dict:                  # the cell's per-model settings, carried by each of its rows
         return {a: c[a] for a in PACKED_AXES if c.get(a) is not None}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from fastgrok.train import snapshots
 from fastgrok.config import AXIS_ADDED_DEFAULTS, GRID_AXES, TrainConfig
-from fastgrok.grid.experiments import ARMS, CONFIG_AXES, PACKED_AXES, SHAPE_AXES, ExperimentSpec
+from fastgrok.grid.experiments import ARMS, CONFIG_AXES, PACKED_AXES, SHAPE_AXES, ExperimentSpec, freeze
 from fastgrok.core.step import QUICK_STEPS
 from fastgrok.train.memory import bytes_per_model as trainer_bytes_per_model, check_fits, device_memory
 from fastgrok.train.state import TORCH_DTYPES, kernel_backend, resolve_device
@@ -28,7 +28,8 @@ CALIB_AXES = tuple(a for a in GRID_AXES if a != "dtype")
 def cell_config(spec: ExperimentSpec, cell: dict, **kw) -> TrainConfig:
     """The TrainConfig of one cell: the spec's [train] with the cell's config axes (a plan written before
     an axis existed lacks it: the default)."""
-    return spec.base_config(**{a: cell[a] for a in CONFIG_AXES if cell.get(a) is not None}, **kw)
+    return spec.base_config(**(cell.get("train") or {}), **{a: cell[a] for a in CONFIG_AXES if cell.get(a) is not None},
+                            **kw)
 
 
 def batch_config(spec: ExperimentSpec, cells: list[dict], **kw) -> TrainConfig:
@@ -36,7 +37,7 @@ def batch_config(spec: ExperimentSpec, cells: list[dict], **kw) -> TrainConfig:
     (one value: a scalar, as a batch of one setting always had)."""
     shape = {a: cells[0][a] for a in SHAPE_AXES}
     packed = {a: tuple(dict.fromkeys(c[a] for c in cells)) for a in PACKED_AXES if cells[0].get(a) is not None}
-    return spec.base_config(**shape, **packed, **kw)
+    return spec.base_config(**(cells[0].get("train") or {}), **shape, **packed, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,11 +48,12 @@ def expand(spec: ExperimentSpec) -> list[dict]:
     global `cell` id and first model id `model0`; forks give one cell per arm (with `parent`)."""
     cells, seen, n_models, parent = [], set(), 0, 0
     for _, ax in spec.products():
-        key = tuple(sorted(ax.items()))
+        key = tuple(sorted((k, freeze(v) if isinstance(v, dict) else v) for k, v in ax.items()))
         if key in seen:
             continue
         seen.add(key)
-        base = {**ax, "budget": spec.budget.at(ax["rho"]), "arm": None, "fork_step": None, "factor": None,
+        steps = ax.pop("steps", None)                   # a block's own budget.steps
+        base = {**ax, "budget": spec.budget_at(ax["rho"], steps), "arm": None, "fork_step": None, "factor": None,
                 "parent": None}
         if spec.fork is None:
             variants = [base]
@@ -71,7 +73,9 @@ def expand(spec: ExperimentSpec) -> list[dict]:
 
 
 def shape_of(cell: dict) -> tuple:
-    return tuple(cell[a] for a in SHAPE_AXES)
+    """What a batch's cells share: the shape axes, and their block's [grid.train] if it has one."""
+    key = tuple(cell[a] for a in SHAPE_AXES)
+    return key + (freeze(cell["train"]),) if cell.get("train") else key
 
 
 def calib_key(cell: dict) -> str:
@@ -113,7 +117,7 @@ def pack(spec: ExperimentSpec, cells: list[dict], budget_bytes: float) -> list[d
     sizes: dict[tuple, int] = {}
 
     def size(c: dict) -> int:
-        key = tuple(c.get(a) for a in CONFIG_AXES if a not in SIZE_FREE_AXES)     # what cell_config reads, less those
+        key = (freeze(c.get("train")), *(c.get(a) for a in CONFIG_AXES if a not in SIZE_FREE_AXES))  # what cell_config reads, less those
         if key not in sizes:
             sizes[key] = bytes_per_model(spec, c)
         return sizes[key]
