@@ -451,8 +451,9 @@ def write_parquet(path: Path, df: pd.DataFrame, fingerprint: str | None = None,
     """df to path, sealed; `fingerprint` (the run's: `run_identity`) goes into the file's metadata
     (`read_fingerprint`). The footer's key-value metadata is pandas' (which gives the frame back, dtypes
     included) and fastgrok's keys, without ARROW:schema (a second, base64 copy of the schema and of pandas'
-    metadata: half a small table's bytes). keys: a small table's (a grid's models part): min/max statistics
-    for those columns only and no dictionary pages (per column, they cost more than a few rows' values)."""
+    metadata: half a small table's bytes) unless a column needs it (not `_plain`: a categorical, a
+    timestamp). keys: a small table's (a grid's models part): min/max statistics for those columns only and
+    no dictionary pages (per column, they cost more than a few rows' values)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     table = pa.Table.from_pandas(df, preserve_index=False)
@@ -461,12 +462,24 @@ def write_parquet(path: Path, df: pd.DataFrame, fingerprint: str | None = None,
         meta[FINGERPRINT_KEY] = fingerprint.encode()
     options = {} if keys is None else {"write_statistics": [k for k in keys if k in table.column_names],
                                        "use_dictionary": False}
-    _write_table(path, table.replace_schema_metadata(None), meta, store_schema=False, **options)
+    if all(_plain(f.type) for f in table.schema):
+        _write_table(path, table, meta, store_schema=False, **options)
+    else:                                   # a categorical, a timestamp: ARROW:schema gives it back
+        table = table.replace_schema_metadata(meta)
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp, **options), seal=True)
+
+
+def _plain(t) -> bool:
+    """An arrow type that parquet's own types (and pandas' metadata) give back as it was."""
+    import pyarrow as pa
+    return any(f(t) for f in (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean,
+                              pa.types.is_string, pa.types.is_large_string, pa.types.is_null))
 
 
 def _write_table(path: Path, table, meta: dict, **options) -> None:
     """An arrow table to path (one row group), sealed, with `meta` as the footer's key-value metadata."""
     import pyarrow.parquet as pq
+    table = table.replace_schema_metadata(None)
 
     def write(tmp):
         with pq.ParquetWriter(tmp, table.schema, **options) as w:
@@ -776,7 +789,7 @@ def write_curves_part(path: Path, curves: pd.DataFrame, fingerprint: str | None)
     meta = {SEAL_KEY.encode(): SEAL_PLACEHOLDER.encode(), b"fastgrok.layout": b"wide"}
     if fingerprint is not None:
         meta[FINGERPRINT_KEY] = fingerprint.encode()
-    _write_table(path, table.replace_schema_metadata(None), meta, **CURVES_WRITE)
+    _write_table(path, table, meta, **CURVES_WRITE)
 
 
 def with_added_columns(models: pd.DataFrame) -> pd.DataFrame:

@@ -91,7 +91,8 @@ def test_a_curves_part_file_is_lossless_sealed_and_compact(path, tmp_path):
 def test_a_models_table_without_arrow_schema_reads_back_the_same_frame(path, tmp_path):
     """store.write_parquet keeps pandas' metadata and fastgrok's keys but no ARROW:schema: tables written by
     earlier fastgrok (with it) come back as the same frame, dtypes included; a models part (keys) keeps
-    statistics for model, cell and seed only, and is smaller than the table of before."""
+    statistics for model, cell and seed only, and is smaller than the table of before; a table with a
+    categorical column keeps ARROW:schema and gives it back."""
     import pyarrow.parquet as pq
     df = pd.read_parquet(path)
     for keys in (None, ("model", "cell", "seed")):
@@ -104,6 +105,10 @@ def test_a_models_table_without_arrow_schema_reads_back_the_same_frame(path, tmp
     rg = md.row_group(0)
     assert [rg.column(i).path_in_schema for i in range(md.num_columns) if rg.column(i).is_stats_set] == \
         ["model", "cell", "seed"]
+    cat = df.assign(tag=pd.Categorical(["a", "b"] * (len(df) // 2) + ["a"] * (len(df) % 2)))
+    store.write_parquet(out, cat, keys=("model", "cell", "seed"))       # a type parquet's own cannot give back
+    pd.testing.assert_frame_equal(store.read_parquet(out), cat, check_exact=True)
+    assert b"ARROW:schema" in pq.ParquetFile(out).metadata.metadata
 
 
 def test_parts_of_the_first_wide_writer_still_read(grid, tmp_path):
