@@ -181,6 +181,27 @@ def test_a_poll_lists_one_directory_and_looks_up_no_file_per_job(tmp_path, monke
     assert got[7][0]["cell"].tolist() == [0] and got[7][1]["value"].tolist() == [1.0]
 
 
+def test_the_driver_drops_left_results_of_written_parts_only(tmp_path):
+    """A driver killed between writing a batch's part and dropping its result leaves the result in
+    DIR/slurm/results/; the next driver drops it (`_sweep`), and keeps the results of batches not written
+    yet and files being written."""
+    from fastgrok.grid import slurm as S
+    mapper = object.__new__(S.SlurmMapper)
+    mapper.run_dir = tmp_path
+    res = tmp_path / "slurm" / "results"
+    res.mkdir(parents=True)
+    (tmp_path / "parts" / "models").mkdir(parents=True)
+    (tmp_path / "parts" / "models" / "b000.parquet").write_bytes(b"")          # b000 is done
+    waiting = {"batch-b002": {"kind": "batch", "id": "b002", "dir": str(tmp_path / "batches" / "b002")}}
+    own = [p.name for p in S._result_paths(waiting["batch-b002"], tmp_path)]
+    left = [f"batch-b000-0123456789abcdef.{k}.parquet" for k in ("models", "curves")]
+    kept = ["batch-b001-0123456789abcdef.models.parquet", ".batch-b001-0123456789abcdef.curves.parquet.x.tmp", *own]
+    for name in left + kept:
+        (res / name).write_bytes(b"")
+    mapper._sweep(waiting)
+    assert sorted(p.name for p in res.iterdir()) == sorted(kept)
+
+
 # ------------------------------------------------------------------------------------------ interruptions
 def test_scancel_mid_batch_then_rerun(slurm_cluster, long_local, tmp_path):
     spec_path, run = _spec_file(tmp_path, LONG), tmp_path / "run"
