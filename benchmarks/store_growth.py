@@ -5,7 +5,8 @@ A spec of 1,000 free cells x 1 seed (p = 11, d_embed 8, hidden 16, 100 steps, co
 local executor, with two clocks around the library's own functions: `jobs.run_job` (training a batch)
 and `rundir.write_part` (storing it). Reported: wall time, time in training, the driver's time outside
 training (wall - training) and its share, the time in write_part, and the median time between two
-consecutive batches' parts in the first and the last quarter of the run (and their ratio).
+consecutive batches' parts in the first and the last quarter of the run (and their ratio), and the
+bytes of the curves parts per recorded curve value.
 
     OMP_NUM_THREADS=1 python benchmarks/store_growth.py --out /tmp/fg_growth --json benchmarks/results/store_growth_after.json
     # before: the same script against main's package (PYTHONPATH=<a checkout of main>)
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     import fastgrok
+    from fastgrok import store
     from fastgrok.grid import executors, jobs, rundir
 
     shutil.rmtree(args.out, ignore_errors=True)
@@ -90,12 +92,17 @@ def main() -> None:
     gaps = [b - a for a, b in zip(part_done, part_done[1:])]
     q = max(1, len(gaps) // 4)
     first, last = statistics.median(gaps[:q]), statistics.median(gaps[-q:])
+    run = args.out / "run"
+    n_values = len(store.Results(run).curves())                 # recorded curve values (the long table's rows)
+    sizes = {k: sum(p.stat().st_size for p in store.part_files(run, k).values()) for k in ("curves", "models")}
     row = {"bench": "store_growth", "package": os.path.dirname(fastgrok.__file__), "cells": args.cells,
            "batches": len(part_done), "wall_s": round(wall, 2), "train_s": round(train_s[0], 2),
            "outside_training_s": round(wall - train_s[0], 2),
            "outside_training_share": round((wall - train_s[0]) / wall, 4), "write_part_s": round(store_s[0], 2),
            "gap_median_first_quarter_s": round(first, 4), "gap_median_last_quarter_s": round(last, 4),
            "gap_ratio_last_over_first": round(last / first, 3),
+           "curve_values": n_values, "curves_parts_bytes": sizes["curves"], "models_parts_bytes": sizes["models"],
+           "curves_disk_bytes_per_value": round(sizes["curves"] / n_values, 2),
            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
            "threads": os.environ.get("OMP_NUM_THREADS"), "host": platform.node(),
            "date": time.strftime("%Y-%m-%d")}

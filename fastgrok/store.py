@@ -446,17 +446,46 @@ def read_config(path: Path) -> TrainConfig:
         raise state_error(path, f"not a valid run config ({why})") from None
 
 
-def write_parquet(path: Path, df: pd.DataFrame, fingerprint: str | None = None) -> None:
+def write_parquet(path: Path, df: pd.DataFrame, fingerprint: str | None = None,
+                  keys: tuple[str, ...] | None = None) -> None:
     """df to path, sealed; `fingerprint` (the run's: `run_identity`) goes into the file's metadata
-    (`read_fingerprint`)."""
+    (`read_fingerprint`). The footer's key-value metadata is pandas' (which gives the frame back, dtypes
+    included) and fastgrok's keys, without ARROW:schema (a second, base64 copy of the schema and of pandas'
+    metadata: half a small table's bytes) unless a column needs it (not `_plain`: a categorical, a
+    timestamp). keys: a small table's (a grid's models part): min/max statistics for those columns only and
+    no dictionary pages (per column, they cost more than a few rows' values)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     table = pa.Table.from_pandas(df, preserve_index=False)
     meta = {**(table.schema.metadata or {}), SEAL_KEY.encode(): SEAL_PLACEHOLDER.encode()}
     if fingerprint is not None:
         meta[FINGERPRINT_KEY] = fingerprint.encode()
-    table = table.replace_schema_metadata(meta)
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp), seal=True)
+    options = {} if keys is None else {"write_statistics": [k for k in keys if k in table.column_names],
+                                       "use_dictionary": False}
+    if all(_plain(f.type) for f in table.schema):
+        _write_table(path, table, meta, store_schema=False, **options)
+    else:                                   # a categorical, a timestamp: ARROW:schema gives it back
+        table = table.replace_schema_metadata(meta)
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp, **options), seal=True)
+
+
+def _plain(t) -> bool:
+    """An arrow type that parquet's own types (and pandas' metadata) give back as it was."""
+    import pyarrow as pa
+    return any(f(t) for f in (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean,
+                              pa.types.is_string, pa.types.is_large_string, pa.types.is_null))
+
+
+def _write_table(path: Path, table, meta: dict, **options) -> None:
+    """An arrow table to path (one row group), sealed, with `meta` as the footer's key-value metadata."""
+    import pyarrow.parquet as pq
+    table = table.replace_schema_metadata(None)
+
+    def write(tmp):
+        with pq.ParquetWriter(tmp, table.schema, **options) as w:
+            w.write_table(table, row_group_size=max(1, table.num_rows))
+            w.add_key_value_metadata(meta)
+    atomic_write(path, write, seal=True)
 
 
 def _parquet_error(path: Path, e: Exception) -> StateError:
@@ -743,18 +772,24 @@ def curves_to_long(table) -> pd.DataFrame:
                          "value": vals[r, k]})
 
 
+CURVES_WRITE = {"compression": "zstd", "compression_level": 9, "use_dictionary": False,
+                "column_encoding": {"model": "DELTA_BINARY_PACKED", "step": "DELTA_BINARY_PACKED"},
+                "write_statistics": list(CURVE_KEYS), "store_schema": False}
+"""How a wide curves part is written (benchmarks/curves_bytes.py measured each choice on real parts,
+benchmarks/RESULTS.md): no ARROW:schema copy of the schema in the footer (int64 and float64 columns
+need none), min/max statistics for the keys readers filter on only, the keys delta-encoded, the metrics
+PLAIN (no dictionary pages: float curves rarely repeat), zstd level 9; one row group. Values are the
+float64s given, bit for bit."""
+
+
 def write_curves_part(path: Path, curves: pd.DataFrame, fingerprint: str | None) -> None:
     """A wide curves part (from the long table, or already a wide arrow table), sealed and fingerprinted
-    (`write_parquet`'s seal and metadata; zstd)."""
-    import pyarrow.parquet as pq
+    (`write_parquet`'s seal and metadata; written as `CURVES_WRITE` says)."""
     table = curves if not isinstance(curves, pd.DataFrame) else curves_to_wide(curves)
     meta = {SEAL_KEY.encode(): SEAL_PLACEHOLDER.encode(), b"fastgrok.layout": b"wide"}
     if fingerprint is not None:
         meta[FINGERPRINT_KEY] = fingerprint.encode()
-    table = table.replace_schema_metadata(meta)
-    # statistics for the keys only: per-metric min/max in every small part's footer cost more than its values
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", write_statistics=list(CURVE_KEYS)),
-                 seal=True)
+    _write_table(path, table, meta, **CURVES_WRITE)
 
 
 def with_added_columns(models: pd.DataFrame) -> pd.DataFrame:

@@ -3,11 +3,13 @@ analyze_dir and write_report; the figures exist and every number in report.md is
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from fastgrok import store
 from fastgrok.analysis import figures
 from fastgrok.analysis import report as R
 from fastgrok.analysis.terminal import column_groups, column_width, render_terminal
@@ -65,6 +67,20 @@ MEDIATION = [dict(rho=1.0, tau=1.0, T=1000, L=20.0, Tm=175),
              dict(rho=1.15, tau=1.3, T=2000, L=24.0, Tm=200, no_grok=3),
              dict(rho=1.15, tau=1.5, T=1400, L=21.0, Tm=175),
              dict(rho=1.15, tau=1.7, T=900, L=18.0, Tm=200)]
+
+
+def test_analyze_then_report_reads_the_run_once(tmp_path, monkeypatch):
+    """write_report of analyze_dir's result reuses the run analyze_dir read (each results file's bytes read
+    and its seal checked once, not twice), and writes the report.md a fresh read of the directory writes."""
+    _write_run(tmp_path, MEDIATION, n_seeds=4)
+    reads, real = [], store.read_verified
+    monkeypatch.setattr(store, "read_verified", lambda p: reads.append(Path(p).name) or real(p))
+    result = R.analyze_dir(tmp_path, n_boot=200)
+    text = R.write_report(tmp_path, result).read_text()
+    assert reads.count("models.parquet") == 1 and reads.count("curves.parquet") == 1
+    monkeypatch.undo()
+    fresh = {k: v for k, v in result.items() if k != "run"}          # write_report reads the directory
+    assert R.write_report(tmp_path, fresh, out=tmp_path / "again").read_text() == text
 
 
 def test_mediation_run_report(tmp_path):

@@ -130,9 +130,76 @@ def test_slurm_grid_matches_local(slurm_cluster, tmp_path, capsys):
     assert sorted(p.relative_to(run / "parts").as_posix() for p in (run / "parts").rglob("*.parquet")) == \
         sorted(f"{k}/b00{i}.parquet" for i in range(3) for k in ("models", "curves"))
     assert not list(run.glob("batches/*/slurm-result-*"))            # every result moved into its part
+    assert not list((run / "slurm" / "results").iterdir())
     record = (run / "slurm" / "jobs.json").read_bytes()
     run_experiment(spec, out=run, executor="slurm", progress=False, slurm=opts)   # all done: nothing submitted
     assert (run / "slurm" / "jobs.json").read_bytes() == record
+
+
+def test_results_left_by_a_task_of_before_are_collected(slurm_cluster, tmp_path):
+    """A result a task left where tasks of before 2026-12-08 left it (beside the job's checkpoint) is
+    collected by the next driver, like one in DIR/slurm/results/: exactly the local results, and no
+    result file stays behind."""
+    spec = ExperimentSpec.from_dict(MED)
+    local = run_experiment(spec, out=tmp_path / "local", progress=False)
+    run, opts = tmp_path / "slurm", {"cpus_per_job": 1, "poll_s": 0.5}
+    with pytest.raises(Submitted):                                  # the calibration, not waited for
+        run_experiment(spec, out=run, executor="slurm", progress=False, slurm={**opts, "wait": False})
+    (key,) = json.loads((run / "slurm" / "jobs.json").read_text())["jobs"]
+    for _ in range(1200):                                           # the task leaves its result
+        staged = list((run / "slurm" / "results").glob(f"{key}-*.models.parquet"))
+        if staged:
+            break
+        time.sleep(0.1)
+    digest = staged[0].name[len(key) + 1:].split(".")[0]
+    job_dir = run / "calibration" / key.split("-", 1)[1]
+    job_dir.mkdir(parents=True, exist_ok=True)
+    for kind in ("curves", "models"):                               # models last, as a task writes them
+        (run / "slurm" / "results" / f"{key}-{digest}.{kind}.parquet").rename(
+            job_dir / f"slurm-result-{digest}.{kind}.parquet")
+    run_experiment(spec, out=run, executor="slurm", progress=False, slurm=opts)
+    assert_same_results(local, run)
+    assert not list(run.rglob("slurm-result-*")) and not list((run / "slurm" / "results").iterdir())
+
+
+def test_a_poll_lists_one_directory_and_looks_up_no_file_per_job(tmp_path, monkeypatch):
+    """The driver's poll: one listing of DIR/slurm/results/ (`_listed`), then `_staged` with it per waiting
+    job looks up none of the job's files; of 1,000 jobs, the one whose result is there is found."""
+    from fastgrok.grid import slurm as S
+    jobs = [{"kind": "batch", "id": f"b{i:03d}", "dir": str(tmp_path / "batches" / f"b{i:03d}")} for i in range(1000)]
+    m, c = S._result_paths(jobs[7], tmp_path)
+    store.write_parquet(c, pd.DataFrame({"model": [0], "step": [0], "metric": ["x"], "value": [1.0]}))
+    store.write_parquet(m, pd.DataFrame({"model": [0], "cell": [0], "seed": [0]}))
+    listings, lookups = [], []
+    real_scandir, real_exists = os.scandir, S.Path.exists
+    monkeypatch.setattr(S.os, "scandir", lambda p: listings.append(p) or real_scandir(p))
+    monkeypatch.setattr(S.Path, "exists", lambda self: lookups.append(self.name) or real_exists(self))
+    listed = S._listed(tmp_path)
+    got = [S._staged(job, tmp_path, listed) for job in jobs]
+    assert len(listings) == 1 and not [n for n in lookups if "batch-" in n or "slurm-result" in n]
+    assert [i for i, g in enumerate(got) if g is not None] == [7]
+    assert got[7][0]["cell"].tolist() == [0] and got[7][1]["value"].tolist() == [1.0]
+
+
+def test_the_driver_drops_left_results_of_written_parts_only(tmp_path):
+    """A driver killed between writing a batch's part and dropping its result leaves the result in
+    DIR/slurm/results/; the next driver drops it (`_sweep`), and keeps the results of batches not written
+    yet and files being written."""
+    from fastgrok.grid import slurm as S
+    mapper = object.__new__(S.SlurmMapper)
+    mapper.run_dir = tmp_path
+    res = tmp_path / "slurm" / "results"
+    res.mkdir(parents=True)
+    (tmp_path / "parts" / "models").mkdir(parents=True)
+    (tmp_path / "parts" / "models" / "b000.parquet").write_bytes(b"")          # b000 is done
+    waiting = {"batch-b002": {"kind": "batch", "id": "b002", "dir": str(tmp_path / "batches" / "b002")}}
+    own = [p.name for p in S._result_paths(waiting["batch-b002"], tmp_path)]
+    left = [f"batch-b000-0123456789abcdef.{k}.parquet" for k in ("models", "curves")]
+    kept = ["batch-b001-0123456789abcdef.models.parquet", ".batch-b001-0123456789abcdef.curves.parquet.x.tmp", *own]
+    for name in left + kept:
+        (res / name).write_bytes(b"")
+    mapper._sweep(waiting)
+    assert sorted(p.name for p in res.iterdir()) == sorted(kept)
 
 
 # ------------------------------------------------------------------------------------------ interruptions

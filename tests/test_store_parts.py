@@ -51,6 +51,88 @@ def test_wide_curves_give_back_the_long_table_exactly(path):
     assert back["value"].isna().sum() == ref["value"].isna().sum() >= 1
 
 
+@pytest.mark.parametrize("path", [LEGACY / "train_run" / "curves.parquet", LEGACY / "grid_run" / "curves.parquet",
+                                  ROOT / "docs" / "mediation_p31" / "curves.parquet"], ids=lambda p: p.parent.name)
+def test_a_curves_part_file_is_lossless_sealed_and_compact(path, tmp_path):
+    """write_curves_part's file gives the long table back bit for bit through the checked read; its footer
+    holds the seal, the fingerprint and the layout key, no ARROW:schema or pandas copy of the schema, and
+    min/max statistics for the keys only, in one row group; it is smaller than the same curves written as
+    a long part was until 2026-12-07 (pyarrow's defaults, ARROW:schema and pandas' metadata, sealed), and
+    a flipped byte is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    long = pd.read_parquet(path)
+    part, old = tmp_path / "wide.parquet", tmp_path / "long.parquet"
+    store.write_curves_part(part, long, fingerprint="f" * 64)
+    table = pa.Table.from_pandas(long, preserve_index=False)
+    table = table.replace_schema_metadata({**table.schema.metadata, store.FINGERPRINT_KEY: b"f" * 64,
+                                           store.SEAL_KEY.encode(): store.SEAL_PLACEHOLDER.encode()})
+    store.atomic_write(old, lambda tmp: pq.write_table(table, tmp), seal=True)
+    back = store.curves_to_long(pq.read_table(store._buffer(store.read_verified(part))))
+    ref = long.sort_values(["model", "step"], kind="stable").reset_index(drop=True)
+    pd.testing.assert_frame_equal(back, ref, check_exact=True)
+    assert np.array_equal(back["value"].to_numpy().view("u8"), ref["value"].to_numpy().view("u8"))
+    md = pq.ParquetFile(part).metadata
+    assert set(md.metadata) == {store.SEAL_KEY.encode(), store.FINGERPRINT_KEY, b"fastgrok.layout"}
+    assert store.read_fingerprint(part) == "f" * 64
+    rg = md.row_group(0)
+    assert md.num_row_groups == 1
+    assert [rg.column(i).path_in_schema for i in range(md.num_columns) if rg.column(i).is_stats_set] == ["model", "step"]
+    assert part.stat().st_size < old.stat().st_size
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 1
+    part.write_bytes(bytes(data))
+    with pytest.raises(store.StateError, match="damaged"):
+        store.read_verified(part)
+
+
+@pytest.mark.parametrize("path", [LEGACY / "train_run" / "models.parquet", LEGACY / "grid_run" / "models.parquet",
+                                  ROOT / "docs" / "mediation_p31" / "models.parquet"], ids=lambda p: p.parent.name)
+def test_a_models_table_without_arrow_schema_reads_back_the_same_frame(path, tmp_path):
+    """store.write_parquet keeps pandas' metadata and fastgrok's keys but no ARROW:schema: tables written by
+    earlier fastgrok (with it) come back as the same frame, dtypes included; a models part (keys) keeps
+    statistics for model, cell and seed only, and is smaller than the table of before; a table with a
+    categorical column keeps ARROW:schema and gives it back."""
+    import pyarrow.parquet as pq
+    df = pd.read_parquet(path)
+    for keys in (None, ("model", "cell", "seed")):
+        out = tmp_path / f"{keys is None}.parquet"
+        store.write_parquet(out, df, fingerprint="f" * 64, keys=keys)
+        pd.testing.assert_frame_equal(store.read_parquet(out), df, check_exact=True)
+        md = pq.ParquetFile(out).metadata
+        assert set(md.metadata) == {b"pandas", store.SEAL_KEY.encode(), store.FINGERPRINT_KEY}
+        assert out.stat().st_size < path.stat().st_size
+    rg = md.row_group(0)
+    assert [rg.column(i).path_in_schema for i in range(md.num_columns) if rg.column(i).is_stats_set] == \
+        ["model", "cell", "seed"]
+    cat = df.assign(tag=pd.Categorical(["a", "b"] * (len(df) // 2) + ["a"] * (len(df) % 2)))
+    store.write_parquet(out, cat, keys=("model", "cell", "seed"))       # a type parquet's own cannot give back
+    pd.testing.assert_frame_equal(store.read_parquet(out), cat, check_exact=True)
+    assert b"ARROW:schema" in pq.ParquetFile(out).metadata.metadata
+
+
+def test_parts_of_the_first_wide_writer_still_read(grid, tmp_path):
+    """A run whose curves parts were written as main wrote them on 2026-12-07 (pyarrow's defaults with
+    ARROW:schema, dictionaries, zstd level 3) beside parts written today reads as one dataset, equal to the
+    run written today throughout."""
+    import pyarrow.parquet as pq
+    d = tmp_path / "grid"
+    shutil.copytree(grid, d)
+    path = store.part_path(d, "b000", "curves")
+    table = pq.read_table(store._buffer(store.read_verified(path)))
+    meta = {**table.schema.metadata, store.SEAL_KEY.encode(): store.SEAL_PLACEHOLDER.encode()}
+    table = table.replace_schema_metadata(meta)
+    store.atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd",
+                                                        write_statistics=list(store.CURVE_KEYS)), seal=True)
+    assert b"ARROW:schema" in pq.ParquetFile(path).metadata.metadata      # the old writer's footer
+    new, old = store.Results(grid), store.Results(d)
+    pd.testing.assert_frame_equal(old.curves(), new.curves(), check_exact=True)
+    pd.testing.assert_frame_equal(old.models(), new.models(), check_exact=True)
+    cells = new.models()[["model", "cell"]]
+    pd.testing.assert_frame_equal(old.cell_means(cells, ["test_acc", "logit_scale"]),
+                                  new.cell_means(cells, ["test_acc", "logit_scale"]), check_exact=True)
+
+
 def test_the_analysis_from_the_dataset_equals_the_pandas_one():
     """cell_table by DuckDB's grouped queries (store.Results) equals the pandas analysis of the whole long
     table value for value, on the repository's mediation run (84 models); the per-cell mean curves (figures

@@ -54,13 +54,14 @@ def load_checked(d: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
 def analyze_dir(run_dir, *, rho_high: float | None = None, baseline=(1.0, 1.0),
                 n_boot: int = A.N_BOOT) -> dict:
     """All analyses that apply to the run's cells. Keys: dir, config, warnings, notes, cells, and
-    when present calibration, mediation, collapse, dose_law, memorization, forks (DataFrames).
+    when present calibration, mediation, collapse, dose_law, memorization, forks (DataFrames); "run", the
+    models table and store.Results it read (every part's seal checked once), which `write_report` reuses.
     rho_high: the mediation's raised dose; None picks it from the cells (`mediation.choose_rho_high`)."""
     d = Path(run_dir)
     models, curves, config = load_checked(d)
     cells = A.cell_table(models, curves)
     calibration = calibration_table(d)
-    out = {"dir": d, "config": config,
+    out = {"dir": d, "config": config, "run": (models, curves),
            "warnings": grid_progress_warnings(d, models) + calibration_warnings(calibration),
            "notes": [], "cells": cells}
     if len(calibration):
@@ -317,7 +318,10 @@ def write_report(run_dir, result: dict | None = None, out=None) -> Path:
     src = Path(run_dir)
     d = Path(out) if out is not None else src
     result = result if result is not None else analyze_dir(src)
-    models, curves, _ = A.open_run(src)
+    # the run analyze_dir read (its parts' seals checked, models read once); a result of another
+    # directory, or one without it, is read again
+    models, curves = (result["run"] if "run" in result and Path(result["dir"]) == src
+                      else A.open_run(src)[:2])
     cells, figs = result["cells"], {}
     (d / "figures").mkdir(parents=True, exist_ok=True)
     curves_c = A.cell_curves(models, curves)

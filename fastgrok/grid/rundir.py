@@ -205,7 +205,8 @@ def write_part(run_dir: Path, batch_id: str, models: pd.DataFrame, curves: pd.Da
     run_dir = Path(run_dir)
     fp = run_fingerprint(run_dir)
     store.write_curves_part(store.part_path(run_dir, batch_id, "curves"), curves, fingerprint=fp)
-    store.write_parquet(store.part_path(run_dir, batch_id, "models"), models, fingerprint=fp)
+    store.write_parquet(store.part_path(run_dir, batch_id, "models"), models, fingerprint=fp,
+                        keys=("model", "cell", "seed"))
     snapshots.write_grid_index(run_dir / "snapshots")
     shutil.rmtree(run_dir / "batches" / batch_id, ignore_errors=True)
 

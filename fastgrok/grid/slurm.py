@@ -1,12 +1,15 @@
 """The SLURM executor, through submitit: a grid's jobs (grid/jobs.py) as one SLURM job array.
 
 Each array task trains `batches_per_job` batches one after another (many models per task: sites cap array
-sizes and submission rates) and leaves each finished batch's results beside its checkpoint as two sealed
-parquet files (`<job dir>/slurm-result-<hash>.{curves,models}.parquet`; the hash is the job's, so a
+sizes and submission rates) and leaves each finished batch's results as two sealed parquet files in one
+directory (`DIR/slurm/results/<kind>-<id>-<hash>.{curves,models}.parquet`; the hash is the job's, so a
 changed job, say after a larger `--max-steps`, never takes an old result). The driver alone writes the
-run directory's parts (rundir.write_part) as those files appear, so each part has one writer.
+run directory's parts (rundir.write_part) as those files appear, so each part has one writer; it looks
+for them with one listing of that directory per poll, however many jobs it waits for. (Tasks of before
+2026-12-08 left them beside the batch's checkpoint, `<job dir>/slurm-result-<hash>.*`: collected too.)
 
     DIR/slurm/jobs.json            which SLURM job holds which batch (the driver's record, sealed)
+    DIR/slurm/results/             the results tasks left and the driver has not yet written as parts
     DIR/slurm/<job>_submitted.pkl  submitit's pickles: what each task runs, and its result; logs beside them
     DIR/slurm/locks/               one lock per batch, held by the task that trains it
 
@@ -44,6 +47,7 @@ from fastgrok.grid.experiments import SLURM_FIELDS, SlurmFields
 
 FOLDER = "slurm"
 RECORD = "jobs.json"
+RESULTS = "results"
 MAX_TIMEOUTS = 20
 """Requeues after a time limit per task (submitit's max_num_timeout): a task resumes where it stopped."""
 LIVE = {"PENDING", "RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD",
@@ -149,16 +153,38 @@ def _hash(job: dict) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _result_paths(job: dict) -> tuple[Path, Path]:
+def _result_paths(job: dict, run_dir: Path) -> tuple[Path, Path]:
+    base = Path(run_dir) / FOLDER / RESULTS / f"{_key(job)}-{_hash(job)}"
+    return Path(f"{base}.models.parquet"), Path(f"{base}.curves.parquet")
+
+
+def _legacy_result_paths(job: dict) -> tuple[Path, Path]:
+    """Where a task of before 2026-12-08 left a job's results: beside its checkpoint."""
     base = Path(job["dir"]) / f"slurm-result-{_hash(job)}"
     return Path(f"{base}.models.parquet"), Path(f"{base}.curves.parquet")
 
 
-def _staged(job: dict, run_dir: Path):
-    """(models, curves) a task left for this job, or None."""
-    models, curves = _result_paths(job)
-    if not models.exists():                   # written last: its presence marks a whole result
-        return None
+def _listed(run_dir: Path) -> set[str]:
+    """The names in DIR/slurm/results/: a poll's one look at every job's results."""
+    try:
+        with os.scandir(Path(run_dir) / FOLDER / RESULTS) as entries:
+            return {e.name for e in entries}
+    except FileNotFoundError:
+        return set()
+
+
+def _staged(job: dict, run_dir: Path, listed: set[str] | None = None, paths: tuple[Path, Path] | None = None):
+    """(models, curves) a task left for this job, or None. listed: the names `_listed` saw (a poll: no
+    file looked up per job); None: look this job's files up, those of a task of before too. paths: the
+    job's `_result_paths`, when the caller has them (a poll: no hash per job)."""
+    models, curves = paths or _result_paths(job, run_dir)
+    if listed is not None:
+        if models.name not in listed:         # written last: its presence marks a whole result
+            return None
+    elif not models.exists():
+        models, curves = _legacy_result_paths(job)
+        if not models.exists():
+            return None
     return store.read_parquet(models, run_dir=run_dir), store.read_parquet(curves, run_dir=run_dir)
 
 
@@ -198,7 +224,8 @@ class SlurmTask:
         out = []
         for job in jobs:
             with _batch_lock(run_dir, job):
-                if _collected(job, run_dir) or _result_paths(job)[0].exists():
+                if (_collected(job, run_dir) or _result_paths(job, run_dir)[0].exists()
+                        or _legacy_result_paths(job)[0].exists()):
                     out.append(f"{_key(job)}: done before")
                     continue
                 try:
@@ -208,7 +235,7 @@ class SlurmTask:
                     state.requeue_if_asked()          # USR2: submitit checkpoints this task and requeues it
                     return out + [f"{_key(job)}: {e}"]
                 fp = rundir.run_fingerprint(run_dir)
-                m_path, c_path = _result_paths(job)
+                m_path, c_path = _result_paths(job, run_dir)
                 store.write_parquet(c_path, curves, fingerprint=fp)
                 store.write_parquet(m_path, models, fingerprint=fp)       # last: marks the result whole
                 out.append(f"{_key(job)}: done")
@@ -304,6 +331,25 @@ class SlurmMapper:
         return [h.job_id for h in handles]
 
     # -------------------------------------------------------------- collect
+    def _sweep(self, waiting: dict) -> None:
+        """Drop the results of jobs whose part or calibration is already written (a driver killed between
+        writing a part and dropping its result leaves them; before, they went with the batch's directory)."""
+        mine = {p.name for job in waiting.values() for p in _result_paths(job, self.run_dir)}
+        done, cal = None, None
+        for name in _listed(self.run_dir) - mine:
+            if name.startswith(".") or not name.endswith(".parquet"):
+                continue                            # a file being written
+            kind, _, rest = name.partition("-")
+            job_id = rest.rsplit("-", 1)[0]
+            if kind == "batch":
+                done = rundir.done_batches(self.run_dir) if done is None else done
+                gone = job_id in done
+            else:
+                cal = store.read_calibration(self.run_dir) if cal is None else cal
+                gone = job_id in cal
+            if gone:
+                (self.run_dir / FOLDER / RESULTS / name).unlink(missing_ok=True)
+
     def __call__(self, jobs, progress, bar):
         if not jobs:
             return
@@ -317,7 +363,8 @@ class SlurmMapper:
             if got is not None:
                 del waiting[k]
                 yield job, got
-                _unstage(job)
+                _unstage(job, run_dir)
+        self._sweep(waiting)
         record = self._record()
         held = {k for k in waiting if record.get(k, {}).get("job") in queue
                 and queue[record[k]["job"]] in LIVE}
@@ -332,13 +379,15 @@ class SlurmMapper:
                             f"rerun the same command to collect their results (and submit the next stage)")
         failed, last, shown = {}, 0.0, None
         try:
+            paths = {k: _result_paths(job, run_dir) for k, job in waiting.items()}
             while waiting:
+                listed = _listed(run_dir)               # one listing per poll, not a look-up per job
                 for k, job in list(waiting.items()):
-                    got = _staged(job, run_dir)
+                    got = _staged(job, run_dir, listed, paths[k])
                     if got is not None:
                         del waiting[k]
                         yield job, got
-                        _unstage(job)
+                        _unstage(job, run_dir)
                 if not waiting or time.monotonic() - last < self.opts.poll_s:
                     time.sleep(min(1.0, self.opts.poll_s) if waiting else 0)
                     continue
@@ -354,7 +403,7 @@ class SlurmMapper:
                     if got is not None:
                         del waiting[k]
                         yield job, got
-                        _unstage(job)
+                        _unstage(job, run_dir)
                         continue
                     failed[k] = (jid, queue.get(jid, "ended"))
                     del waiting[k]
@@ -372,8 +421,8 @@ class SlurmMapper:
             raise JobsFailed(_failure_line(failed, self.folder))
 
 
-def _unstage(job: dict) -> None:
-    for p in _result_paths(job):
+def _unstage(job: dict, run_dir: Path) -> None:
+    for p in (*_result_paths(job, run_dir), *_legacy_result_paths(job)):
         p.unlink(missing_ok=True)
 
 
