@@ -308,3 +308,24 @@ def test_export_writes_the_peers_mlp_as_a_module(tmp_path, setting):
     got = module(torch.stack([a, b], 1))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert want.abs().max() > 0
+
+
+def test_runs_saved_before_the_mlp_fields_keep_their_fingerprint():
+    """A config saved without the MLP fields (every run before them) reads as the study's MLP and keeps its
+    fingerprint; a peers' MLP does not share it."""
+    from fastgrok.config import STUDY_MLP, with_defaults
+    from fastgrok.store import config_fingerprint
+    for cfg in (TrainConfig(), TrainConfig(model="transformer"), TrainConfig(p=31, lr=0.01)):
+        old = {k: v for k, v in cfg.to_dict().items() if k not in STUDY_MLP}
+        assert config_fingerprint(old) == config_fingerprint(cfg.to_dict())
+        assert TrainConfig.from_dict(old) == cfg and with_defaults(old) == with_defaults(cfg.to_dict())
+    assert config_fingerprint(TrainConfig(mlp_layers=2).to_dict()) != config_fingerprint(TrainConfig().to_dict())
+
+
+def test_d_embed_on_the_one_hot_mlp_is_said_to_be_ignored(tmp_path, capsys):
+    from fastgrok.cli import main
+    torch.set_num_threads(1)
+    assert main(["train", "--quiet", "--p", "5", "--seeds", "1", "--steps", "2", "--eval-every", "1", "--no-compile",
+                 "--train-frac", "0.6", "--mlp-input", "onehot", "--d-embed", "8", "--out", str(tmp_path / "r")]) == 0
+    assert "--d-embed sets the embedding's width; the one-hot MLP (--mlp-input onehot) has none: ignored" in \
+        capsys.readouterr().err
