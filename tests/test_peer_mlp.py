@@ -249,7 +249,8 @@ def test_step_flops_counts_each_layer():
 
 # ----------------------------------------------------------------------------- batched == solo
 KNOBS = [{}, {"train_frac": 0.6}, {"loss": "stablemax", "eps": 1e-25}, {"orthograd": True},
-         {"lr": 3e-3, "train_frac": 0.5}]
+         {"lr": 3e-3, "train_frac": 0.5}, {"optimizer": "muon", "wd": 0.1}, {"norm_target": 20.0, "t_clamp": 30}]
+"""Prieto et al.'s setting, then one thing changed (Muon: its hidden matrix W2; a clamp on W1, W2, W3)."""
 BASE = dict(op="add", train_frac=0.8, lr=1e-2, wd=0.0, init_scale=1.0, orthograd=False, grokfast_alpha=0.98,
             grokfast_lambda=0.0, loss="ce", label_noise=0.0, beta1=0.9, beta2=0.999, eps=1e-8,
             optimizer="adamw", momentum=0.95, muon_lr=0.02, warmup=0, batch_size=None)
@@ -257,15 +258,16 @@ BASE = dict(op="add", train_frac=0.8, lr=1e-2, wd=0.0, init_scale=1.0, orthograd
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_prietos_mlp_trains_bit_for_bit_as_alone(tmp_path, dtype):
-    """Prieto et al.'s MLP and draw, seeds 0-4 each with other settings (train fractions that pad its rows,
-    StableMax with eps 1e-25, ⊥Grad, another lr) in one batch: every curve of each model equals its solo run's,
-    bitwise."""
+    """Prieto et al.'s MLP and draw, seeds 0-6 each with other settings (train fractions that pad its rows,
+    StableMax with eps 1e-25, ⊥Grad, another lr, Muon, the clamp) in one batch: every curve of each model equals
+    its solo run's, bitwise."""
     from fastgrok.train.trainer import Trainer
     torch.set_num_threads(1)
     cfg = TrainConfig(p=23, steps=120, eval_every=10, logit_every=40, compile="off", seeds=1,
                       dtype=dtype, init="prieto", **{**PRIETO, "hidden": 64})
     rows = [{"model": i, "cell": i, "seed": i, "tau": 1.0, "norm_target": None, **BASE, **k}
             for i, k in enumerate(KNOBS)]
+    clamped = KNOBS.index({"norm_target": 20.0, "t_clamp": 30})
     batch = Trainer(cfg, tmp_path / "batch", table=rows, progress=False)
     models = batch.run()
     curves = batch.curves()
@@ -277,6 +279,9 @@ def test_prietos_mlp_trains_bit_for_bit_as_alone(tmp_path, dtype):
         theirs = alone.curves().drop(columns="model").reset_index(drop=True)
         assert len(mine) > 20 and mine[["step", "metric"]].equals(theirs[["step", "metric"]])
         assert (mine.value.to_numpy() == theirs.value.to_numpy()).all(), KNOBS[i]
+        if i == clamped:                                        # the clamp holds ||W|| over W1, W2, W3 at 20
+            norm = mine[(mine.metric == "weight_norm") & (mine.step >= 30)].value
+            assert len(norm) > 5 and abs(norm - 20.0).max() < 1e-3
         for c in ("t_mem", "t_grok", "steps"):
             a, b = models.iloc[i][c], alone_models.iloc[0][c]
             assert (pd.isna(a) and pd.isna(b)) or a == b, (KNOBS[i], c)
