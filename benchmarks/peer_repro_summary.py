@@ -47,7 +47,8 @@ def fastgrok(run: Path) -> dict:
     curves = pd.read_parquet(run / "curves.parquet")
     out = {"config": {k: v for k, v in json.loads((run / "config.json").read_text()).items()
                       if k in ("p", "train_frac", "lr", "wd", "loss", "orthograd", "eps", "beta1", "beta2", "steps",
-                               "eval_every", "d_embed", "hidden", "seeds", "dtype")}, "models": []}
+                               "eval_every", "d_embed", "hidden", "seeds", "dtype", "mlp_input", "mlp_layers",
+                               "mlp_act", "mlp_bias", "init")}, "models": []}
     for _, m in models.iterrows():
         c = curves[curves.model == m.model]
         w = c[(c.metric == "weight_norm") & (c.step == 22000)].value

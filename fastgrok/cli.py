@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from fastgrok.store import Locked
-from fastgrok.config import (COMPILE, DEVICES, DTYPES, INITS, KERNELS, MODELS, PER_MODEL, PER_MODEL_META, PRESETS,
+from fastgrok.config import (COMPILE, DEVICES, DTYPES, INITS, KERNELS, MLP_ACTS, MLP_INPUTS, MODELS, PER_MODEL,
+                             PER_MODEL_META, PRESETS,
                      ConfigError, TrainConfig, logit_every_for, small_test_set_warning, tiny_tau_warning)
 
 
@@ -69,8 +70,14 @@ _TRAIN_FLAGS = {
     "--d-model": ("d_model", dict(type=int, help="transformer width")),
     "--n-heads": ("n_heads", dict(type=int)),
     "--d-mlp": ("d_mlp", dict(type=int, help="transformer MLP width")),
-    "--init": ("init", dict(choices=INITS, help="initial weights: model (each from its own seed) or study "
-                                               "(the study's cell-level draw: seed for seed its weights)")),
+    "--mlp-input": ("mlp_input", dict(choices=MLP_INPUTS, help="MLP input: embed (the study's embedding E) or "
+                                                               "onehot (a and b one-hot, 2p inputs; Prieto et al.)")),
+    "--mlp-layers": ("mlp_layers", dict(type=int, help="MLP hidden layers, each --hidden wide (Prieto et al.: 2)")),
+    "--mlp-act": ("mlp_act", dict(choices=MLP_ACTS, help="MLP activation (Prieto et al.: relu)")),
+    "--mlp-bias": ("mlp_bias", dict(type=_on_off, metavar="on|off", help="MLP biases (Prieto et al.: off)")),
+    "--init": ("init", dict(choices=INITS, help="initial weights: model (each from its own seed), study "
+                                               "(the study's cell-level draw: seed for seed its weights) or prieto "
+                                               "(Prieto et al.'s split and nn.Linear init per seed; one-hot MLP)")),
     "--layernorm": ("layernorm", dict(action="store_const", const=True, help="transformer: pre-LayerNorm")),
     "--dtype": ("dtype", dict(choices=DTYPES)),
     "--device": ("device", dict(choices=DEVICES)),
@@ -154,7 +161,8 @@ def _config_from_args(args) -> TrainConfig:
     return dataclasses.replace(base, **given)
 
 
-_MODEL_ONLY = {"mlp": ("d_embed", "hidden"), "transformer": ("d_model", "n_heads", "d_mlp", "layernorm")}
+_MODEL_ONLY = {"mlp": ("d_embed", "hidden", "mlp_input", "mlp_layers", "mlp_act", "mlp_bias"),
+               "transformer": ("d_model", "n_heads", "d_mlp", "layernorm")}
 
 
 def _ignored_options(args, cfg: TrainConfig) -> list[str]:
@@ -166,6 +174,8 @@ def _ignored_options(args, cfg: TrainConfig) -> list[str]:
         unused = [flag[f] for f in fields if f in given and cfg.model != model]
         if unused:
             out.append(f"{', '.join(unused)} set the {model}'s size; this run trains the {cfg.model}: ignored")
+    if "d_embed" in given and cfg.model == "mlp" and cfg.mlp_input == "onehot":
+        out.append("--d-embed sets the embedding's width; the one-hot MLP (--mlp-input onehot) has none: ignored")
     if given & {"clamp_mode", "clamp_from"} and not cfg.norm_targets:
         out.append("--clamp-mode/--clamp-from without --norm-target: no model is clamped")
     return out

@@ -40,7 +40,12 @@ DEVICES = ("auto", "cpu", "cuda")
 KERNELS = ("auto", "triton", "torch")
 CLAMP_MODES = ("total", "layer")
 COMPILE = ("auto", "on", "off")
-INITS = ("model", "study")
+INITS = ("model", "study", "prieto")
+MLP_INPUTS = ("embed", "onehot")
+MLP_ACTS = ("gelu", "relu")
+STUDY_MLP = {"mlp_input": "embed", "mlp_layers": 1, "mlp_act": "gelu", "mlp_bias": True}
+"""The peers' MLP fields (issue 30) at the study's MLP, and the value every run saved before them had: at
+these the MLP is the study's table-form, hand-written one (core.models.MLP), bit for bit."""
 
 
 class ConfigError(ValueError):
@@ -118,12 +123,12 @@ def n_train_of(p: int, op: str, train_frac: float) -> int:
 
 def with_defaults(d: dict) -> dict:
     """A saved config dict with the fields added since filled in (so an old run compares equal)."""
-    return {**ADDED_DEFAULTS, **ADDED_READOUTS, **d}
+    return {**ADDED_DEFAULTS, **ADDED_READOUTS, **STUDY_MLP, **d}
 
 
 def without_defaults(d: dict) -> dict:
     """A config dict less the added fields at their old value (fingerprints of old runs stay valid)."""
-    added = {**ADDED_DEFAULTS, **ADDED_READOUTS}
+    added = {**ADDED_DEFAULTS, **ADDED_READOUTS, **STUDY_MLP}
     return {k: v for k, v in d.items() if not (k in added and v == added[k])}
 
 
@@ -187,7 +192,21 @@ class TrainConfig:
     init: str = "model"
     """Initial weights: `model` draws each model from its own seed (its weights depend on its seed
     alone); `study` is the study's cell-level draw (one generator seeded with the cell's first seed draws
-    all its seeds' matrices; the weights depend on the cell's seed0 and seed count). See models.py."""
+    all its seeds' matrices; the weights depend on the cell's seed0 and seed count); `prieto` is Prieto et
+    al.'s code's draw for the one-hot MLP: one generator seeded with the model's seed draws its split
+    (their random_split) and then every layer as torch's nn.Linear does, so split and weights are theirs
+    seed for seed. See models.py."""
+
+    # --- the peers' MLP (issue 30): shape fields, one value per batch; at STUDY_MLP the study's MLP ---
+    mlp_input: str = "embed"
+    """MLP input: `embed` (the study's: a shared embedding E of width d_embed for a and b, concatenated) or
+    `onehot` (one-hot of a and of b concatenated, 2p inputs, Prieto et al.'s; no E, d_embed unused)."""
+    mlp_layers: int = 1
+    """MLP: hidden layers, each of width `hidden` (the study's: 1; Prieto et al.'s: 2)."""
+    mlp_act: str = "gelu"
+    """MLP: the hidden layers' activation, `gelu` (exact erf; the study's) or `relu` (Prieto et al.'s)."""
+    mlp_bias: bool = True
+    """MLP: a bias on every layer (the study's) or none (Prieto et al.'s)."""
 
     # --- cells and seeds ---
     seeds: int = 12
@@ -335,6 +354,16 @@ class TrainConfig:
         _choice("clamp_mode", self.clamp_mode, CLAMP_MODES)
         _choice("compile", self.compile, COMPILE)
         _choice("init", self.init, INITS)
+        _choice("mlp_input", self.mlp_input, MLP_INPUTS)
+        _choice("mlp_act", self.mlp_act, MLP_ACTS)
+        if isinstance(self.mlp_layers, bool) or not isinstance(self.mlp_layers, int) or self.mlp_layers < 1:
+            raise ConfigError(f"mlp_layers must be an integer >= 1 (hidden layers), got {self.mlp_layers!r}")
+        if not isinstance(self.mlp_bias, bool):
+            raise ConfigError(f"mlp_bias must be true or false, got {self.mlp_bias!r}")
+        if self.init == "prieto" and (self.model != "mlp" or self.mlp_input != "onehot"):
+            raise ConfigError("init 'prieto' (Prieto et al.'s draw: their split, then torch's nn.Linear init) needs "
+                              f"the one-hot MLP (model mlp, mlp_input onehot), got model {self.model!r}, "
+                              f"mlp_input {self.mlp_input!r}")
         if isinstance(self.p, bool) or not isinstance(self.p, int) or self.p < 2:
             raise ConfigError(f"p must be an integer >= 2, got {self.p!r}")
         for op in self.values("op"):
@@ -404,6 +433,11 @@ class TrainConfig:
         if name == "lr":
             v = tuple(default_lr(self.model) if x is None else x for x in v)
         return v
+
+    @property
+    def study_mlp(self) -> bool:
+        """The study's MLP (model mlp, its peers' fields at STUDY_MLP): the table-form, hand-written one."""
+        return self.model == "mlp" and all(getattr(self, k) == v for k, v in STUDY_MLP.items())
 
     @property
     def n_pairs(self) -> int:
@@ -571,4 +605,15 @@ def quick_cpu() -> TrainConfig:
     return TrainConfig(p=31, train_frac=0.6, lr=1e-2, seeds=4, steps=5000, d_embed=64, hidden=128, compile="off")
 
 
-PRESETS = {"quick": quick_cpu, "study": study_mlp_p59}
+def prieto_mlp_p31() -> TrainConfig:
+    """Prieto et al.'s StableMax run at p = 31: their one-hot MLP, split, init, Adam eps 1e-25, wd 0.
+
+    Their MLP (one-hot input, two hidden ReLU layers of 200, no biases) with their draw (`init = "prieto"`),
+    lr 0.01, wd 0, train fraction 0.8, StableMax, eps 1e-25, 35,000 steps, evaluated every 100, seeds 0-2;
+    their code reaches test accuracy 0.90 at steps 24,300, 30,400, 22,000 (docs/fidelity.md)."""
+    return TrainConfig(p=31, train_frac=0.8, lr=0.01, wd=0.0, loss="stablemax", eps=1e-25, seeds=3, steps=35000,
+                       eval_every=100, logit_every=200, mlp_input="onehot", mlp_layers=2, hidden=200, mlp_act="relu",
+                       mlp_bias=False, init="prieto", compile="off")
+
+
+PRESETS = {"quick": quick_cpu, "study": study_mlp_p59, "prieto": prieto_mlp_p31}

@@ -9,8 +9,8 @@
         model K of a `fastgrok train` run (its final weights from the checkpoint, or those of a snapshot)
         as a TransformerLens HookedTransformer: OUT/config.json (HookedTransformerConfig's fields) and
         OUT/state_dict.pt; `load_transformer_lens(OUT)` builds it. The MLP has no TransformerLens form: it
-        is written as a plain torch.nn.Module (`ExportedMLP`, tokens (N, 2) -> logits (N, p)), read back
-        by `load_mlp(OUT)`. Both give fastgrok's logits on all p^2 inputs to float32 rounding.
+        is written as a plain torch.nn.Module (`ExportedMLP`, the study's or the peers' MLP, its shape fields
+        in OUT/config.json; tokens (N, 2) -> logits (N, p)), read back by `load_mlp(OUT)`. Both give fastgrok's logits on all p^2 inputs to float32 rounding.
 
 Mapping onto TransformerLens: tokens [a, b, =] with "=" the token p (d_vocab p + 1, n_ctx 3, d_vocab_out
 p), learned positions, causal attention scaled by 1/sqrt(d_head), fastgrok's exact-erf GeLU ("gelu"),
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from fastgrok.train import snapshots
 from fastgrok import store
-from fastgrok.config import ConfigError
+from fastgrok.config import STUDY_MLP, ConfigError
 from fastgrok.train.tracking import need
 
 FORMATS = ("safetensors", "transformer-lens")
@@ -161,9 +161,10 @@ def to_transformer_lens(run_dir: Path, model: int, out: Path, step: int | None =
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; give a directory to export into")
     if cfg.model == "mlp":
-        module = ExportedMLP(cfg.p, cfg.d_embed, cfg.hidden)
+        shape = {"p": cfg.p, "d_embed": cfg.d_embed, "hidden": cfg.hidden, **{k: getattr(cfg, k) for k in STUDY_MLP}}
+        module = ExportedMLP(**shape)
         module.load_state_dict(P)
-        config, sd = {"model": "mlp", "p": cfg.p, "d_embed": cfg.d_embed, "hidden": cfg.hidden}, module.state_dict()
+        config, sd = {"model": "mlp", **shape}, module.state_dict()
     else:
         config = tl_config(cfg)
         tl = _tl_model(config)
@@ -194,23 +195,37 @@ def load_transformer_lens(directory: Path):
 def load_mlp(directory: Path):
     """The ExportedMLP `fastgrok export --to transformer-lens` wrote for an MLP run."""
     c = store.read_json(Path(directory) / "config.json")
-    module = ExportedMLP(c["p"], c["d_embed"], c["hidden"])
+    module = ExportedMLP(c["p"], c["d_embed"], c["hidden"], **{k: c.get(k, v) for k, v in STUDY_MLP.items()})
     module.load_state_dict(torch.load(Path(directory) / "state_dict.pt", weights_only=True))
     return module
 
 
 class ExportedMLP(torch.nn.Module):
-    """fastgrok's MLP as a plain module: logits = GeLU([E[a], E[b]] W1 + b1) W2 + b2; forward(tokens
-    (N, 2) of a, b) -> (N, p). Parameters named as fastgrok's (E, W1, W2, b1, b2)."""
+    """fastgrok's MLP as a plain module, parameters named as fastgrok's: the study's (E, W1, W2, b1, b2),
+    logits = GeLU([E[a], E[b]] W1 + b1) W2 + b2, or the peers' (config.STUDY_MLP's fields: mlp_input
+    onehot drops E and W1 takes 2p inputs, mlp_layers hidden layers W1 .. WL, mlp_act, mlp_bias).
+    forward(tokens (N, 2) of a, b) -> (N, p)."""
 
-    def __init__(self, p: int, d_embed: int, hidden: int):
+    def __init__(self, p: int, d_embed: int, hidden: int, mlp_input: str = "embed", mlp_layers: int = 1,
+                 mlp_act: str = "gelu", mlp_bias: bool = True):
         super().__init__()
-        self.E = torch.nn.Parameter(torch.zeros(p, d_embed))
-        self.W1 = torch.nn.Parameter(torch.zeros(2 * d_embed, hidden))
-        self.W2 = torch.nn.Parameter(torch.zeros(hidden, p))
-        self.b1 = torch.nn.Parameter(torch.zeros(hidden))
-        self.b2 = torch.nn.Parameter(torch.zeros(p))
+        self.p, self.onehot, self.layers = p, mlp_input == "onehot", mlp_layers
+        self.act = F.relu if mlp_act == "relu" else F.gelu
+        if not self.onehot:
+            self.E = torch.nn.Parameter(torch.zeros(p, d_embed))
+        widths = [2 * p if self.onehot else 2 * d_embed] + [hidden] * mlp_layers + [p]
+        for i in range(mlp_layers + 1):
+            setattr(self, f"W{i + 1}", torch.nn.Parameter(torch.zeros(widths[i], widths[i + 1])))
+        for i in range(mlp_layers + 1) if mlp_bias else ():
+            setattr(self, f"b{i + 1}", torch.nn.Parameter(torch.zeros(widths[i + 1])))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.E[tokens].flatten(-2)                               # (N, 2 d_embed)
-        return F.gelu(x @ self.W1 + self.b1) @ self.W2 + self.b2
+        if self.onehot:                                              # (N, 2p): one-hot of a, then of b
+            x = torch.cat([F.one_hot(tokens[:, 0], self.p), F.one_hot(tokens[:, 1], self.p)], -1).to(self.W1.dtype)
+        else:
+            x = self.E[tokens].flatten(-2)                           # (N, 2 d_embed)
+        for i in range(1, self.layers + 2):
+            x = (self.act(x) if i > 1 else x) @ getattr(self, f"W{i}")
+            if hasattr(self, f"b{i}"):
+                x = x + getattr(self, f"b{i}")
+        return x

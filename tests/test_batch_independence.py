@@ -168,7 +168,8 @@ def _padded_and_unpadded_grads(model_cfg, per_model, threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("kind", ["mlp", "transformer", "transformer-2-layers-layernorm-per-model-rows"])
+@pytest.mark.parametrize("kind", ["mlp", "transformer", "transformer-2-layers-layernorm-per-model-rows",
+                                  "peer-mlp-embed-2-layers", "peer-mlp-onehot-relu-per-model-rows"])
 def test_rows_padded_with_zero_gradient_change_no_bit_of_the_gradient(kind, threads):
     """The property batched == solo rests on: a padded model (its rows followed by rows weighted 0) gets
     bitwise the gradient of its own rows. Sums over rows are blocks of 256 rows added in order
@@ -178,7 +179,10 @@ def test_rows_padded_with_zero_gradient_change_no_bit_of_the_gradient(kind, thre
     cfg = {"mlp": TrainConfig(p=59, d_embed=64, hidden=128),
            "transformer": TrainConfig(model="transformer", p=59, d_model=64, d_mlp=256),
            "transformer-2-layers-layernorm-per-model-rows": TrainConfig(model="transformer", p=59, d_model=64,
-                                                                         d_mlp=256, n_layers=2, layernorm=True)}[kind]
+                                                                         d_mlp=256, n_layers=2, layernorm=True),
+           "peer-mlp-embed-2-layers": TrainConfig(p=59, d_embed=64, hidden=128, mlp_layers=2),
+           "peer-mlp-onehot-relu-per-model-rows": TrainConfig(p=59, hidden=128, mlp_input="onehot", mlp_layers=2,
+                                                              mlp_act="relu")}[kind]
     m, g_solo, g_padded = _padded_and_unpadded_grads(cfg, per_model=kind.endswith("rows"), threads=threads)
     assert g_solo.abs().min() < g_solo.abs().max() and g_solo.abs().max() > 0
     for name, x in m.layout.views(g_solo).items():

@@ -396,8 +396,9 @@ def test_help_says_what_a_preset_sets():
     r = fastgrok("train", "--help")
     assert r.returncode == 0
     text = " ".join(r.stdout.split())                       # argparse wraps lines
-    assert "modulus (default 59; --preset quick: 31)" in text
-    assert "(--preset quick: 0.01)" in text and "step budget (default 20000; --preset quick: 5000)" in text
+    assert "modulus (default 59; --preset prieto: 31; --preset quick: 31)" in text
+    assert "(--preset prieto: 0.01; --preset quick: 0.01)" in text
+    assert "step budget (default 20000; --preset prieto: 35000; --preset quick: 5000)" in text
     assert "quick: A configuration that groks in seconds on a 2-core CPU (see README) (sets --p 31" in text
 
 

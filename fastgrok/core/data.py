@@ -101,9 +101,11 @@ def split_indices(n_pairs: int, n_train: int, seeds: list[int]) -> torch.Tensor:
 
 
 def make_task(p: int, ops: str | list[str], train_fracs: float | list[float], seeds: list[int],
-              device: torch.device | str = "cpu", label_noise: float | list[float] = 0.0) -> Task:
+              device: torch.device | str = "cpu", label_noise: float | list[float] = 0.0,
+              split_offset: int = SPLIT_SEED_OFFSET) -> Task:
     """The batch's task for models with these seeds, ops, train fractions and label-noise fractions (one
-    value: all models)."""
+    value: all models). split_offset: each split generator is seeded split_offset + seed (the study's 1000;
+    0 for `init = "prieto"`: Prieto et al.'s random_split under torch.manual_seed(seed), the same permutation)."""
     M = len(seeds)
     ops = [ops] * M if isinstance(ops, str) else list(ops)
     fracs = [train_fracs] * M if isinstance(train_fracs, (int, float)) else list(train_fracs)
@@ -119,7 +121,7 @@ def make_task(p: int, ops: str | list[str], train_fracs: float | list[float], se
     for seed, op, f, fn in zip(seeds, ops, fracs, noise):
         oa, ob, oy = all_pairs(p, op)                                # the model's own pairs
         rows = torch.arange(N) if op == universe else oa * p + ob   # its pairs' rows in the batch's list
-        g = torch.Generator().manual_seed(SPLIT_SEED_OFFSET + int(seed))
+        g = torch.Generator().manual_seed(split_offset + int(seed))
         perm = torch.randperm(oa.shape[0], generator=g)[: n_train_of(p, op, f)]
         idx.append(rows[perm])
         y = torch.zeros(N, dtype=torch.int64)

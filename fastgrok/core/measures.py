@@ -56,8 +56,9 @@ def metric_names(model, restricted: bool) -> tuple[str, ...]:
 
 
 def embedding(model, P: dict) -> torch.Tensor:
-    """(M, p, d) the token embedding: E (MLP) or the first p rows of W_E (transformer)."""
-    return (P["E"] if "E" in P else P["W_E"])[:, : model.p]
+    """(M, p, d) the token embedding: E (MLP), the first p rows of W_E (transformer), or on one-hot inputs
+    the first p rows of W1 (the rows the one-hot of a picks; d = its hidden width)."""
+    return (P["E"] if "E" in P else P["W_E"] if "W_E" in P else P["W1"])[:, : model.p]
 
 
 def fourier_power(E: torch.Tensor) -> torch.Tensor:

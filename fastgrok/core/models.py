@@ -13,8 +13,13 @@ study's code's: E (p x d) / sqrt(d), the embedding WIDTH, W1 / sqrt(2d), W2 / sq
   all S seeds of the cell at once, `randn(S, *shape)` in layout order, each divided by its scale; the
   model with seed seed0 + s takes slice s. Its weights depend on its cell (seed0, S), never on the batch.
 
-The MLP has a hand-written backward (exact algebra, one screen): it keeps the training step a plain
-tensor program that torch.compile traces whole. The transformer uses autograd.
+The study's MLP has a hand-written backward (exact algebra, one screen): it keeps the training step a
+plain tensor program that torch.compile traces whole. The peers' MLP (other inputs, depths, activations,
+biases: `PeerMLP`) and the transformer use autograd.
+
+A third draw, `init = "prieto"` (the one-hot PeerMLP only): Prieto et al.'s code's, per model from its seed:
+their split's randperm, then each layer as torch's nn.Linear initialises it, U(+-1/sqrt(fan_in)), weight then
+bias (`ParamLayout._linear_draw`).
 """
 from __future__ import annotations
 
@@ -72,11 +77,19 @@ class ParamLayout:
         return torch.cat([tensors[n].reshape(M, -1) for n in self.names], 1)
 
     def init(self, seeds: list[int], dtype: torch.dtype, device, *,
-             cells: list[tuple[int, int]] | None = None, scales: list[float] | None = None) -> torch.Tensor:
+             cells: list[tuple[int, int]] | None = None, scales: list[float] | None = None,
+             linear_after: list[int] | None = None) -> torch.Tensor:
         """(M, P) initial parameters of the models with these seeds. `cells`: None draws each model from
         its own seed (`init = "model"`); else, per model, its cell's (first seed, number of seeds), and
-        the study's cell-level draw is used (`init = "study"`, see the module docstring). `scales`: per
-        model, a factor on every matrix (the init scale alpha; None = 1)."""
+        the study's cell-level draw is used (`init = "study"`, see the module docstring). `linear_after`:
+        per model, the pairs its split permuted (`init = "prieto"`, `_linear_draw`). `scales`: per model, a
+        factor on every matrix (the init scale alpha; None = 1)."""
+        if linear_after is not None:
+            rows = [self._linear_draw(int(s), n) for s, n in zip(seeds, linear_after)]
+            tensors = {k: torch.stack([r[k] for r in rows]) for k in self.names}
+            mats = [tensors[k] for k in self.names[: self.n_matrices]]
+            vecs = [tensors[k] for k in self.names[self.n_matrices:]]
+            return self._flat(mats, vecs, len(seeds), scales, dtype, device)
         if cells is None:
             rows = [self._matrices(torch.Generator().manual_seed(int(s)), ()) for s in seeds]
             mats = [torch.stack([r[i] for r in rows]) for i in range(self.n_matrices)]      # (M, *shape)
@@ -90,13 +103,34 @@ class ParamLayout:
             mats = [torch.stack([draws[c][i][s - c[0]] for s, c in zip(seeds, cells)])
                     for i in range(self.n_matrices)]
         M = len(seeds)
+        vecs = [_vector_init(n, shape).expand(M, *shape)
+                for n, shape in zip(self.names[self.n_matrices:], self.shapes[self.n_matrices:])]
+        return self._flat(mats, vecs, M, scales, dtype, device)
+
+    def _flat(self, mats, vecs, M, scales, dtype, device) -> torch.Tensor:
+        """(M, P): the matrices times each model's alpha (float64, rounded once), then the vectors."""
         if scales is not None and any(a != 1.0 for a in scales):
             alpha = torch.tensor(scales, dtype=torch.float64)
             mats = [(w.double() * alpha.view(-1, *([1] * (w.dim() - 1)))).float() for w in mats]
-        vecs = [_vector_init(n, shape).expand(M, *shape)
-                for n, shape in zip(self.names[self.n_matrices:], self.shapes[self.n_matrices:])]
         flat = torch.cat([t.reshape(M, -1) for t in mats + vecs], 1)
         return flat.to(device=device, dtype=dtype)
+
+    def _linear_draw(self, seed: int, n_pairs: int) -> dict[str, torch.Tensor]:
+        """Prieto et al.'s code's draw: `torch.manual_seed(seed)`, their split (random_split: a randperm of
+        the n_pairs pairs, data.make_task), then each layer W{i} (in, out) as torch's nn.Linear(in, out)
+        initialises it, weight (out, in) then bias, from the same generator."""
+        g = torch.Generator().manual_seed(seed)
+        torch.randperm(n_pairs, generator=g)                # the split draws first (data.make_task keeps it)
+        out = {}
+        for name, (n_in, n_out) in zip(self.names[: self.n_matrices], self.shapes[: self.n_matrices]):
+            w = torch.empty(n_out, n_in)
+            torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)    # nn.Linear.reset_parameters
+            out[name] = w.t()
+            bias = "b" + name[1:]
+            if bias in self.names:
+                out[bias] = torch.nn.init.uniform_(torch.empty(n_out), -1 / math.sqrt(n_in), 1 / math.sqrt(n_in),
+                                                   generator=g)
+        return out
 
     def _matrices(self, g: torch.Generator, lead: tuple[int, ...]) -> list[torch.Tensor]:
         """Each matrix drawn from g in layout order, shape lead + its shape, divided by sqrt(its fan)."""
@@ -396,18 +430,73 @@ class Transformer:
         return loss, grad, stats
 
 
+class PeerMLP:
+    """The peers' MLP (issue 30): input, depth, activation and biases set by the config's mlp_* fields.
+
+    z = act(... act(x W1 + b1) ...) W{L+1} + b{L+1}: L = mlp_layers hidden layers of width `hidden`, x the
+    study's embedding [E[a], E[b]] (2 d_embed inputs) or the one-hot of a and of b concatenated (2p inputs;
+    x W1 = W1[a] + W1[p + b], the rows a one-hot product picks). Prieto et al.'s MLP is one-hot, L = 2,
+    hidden 200, ReLU, no biases. Autograd backward; each product's dW is taken by `row_linear` and each
+    lookup's by `_Lookup`, so a padded model's zero rows change no bit (as the study's MLP). The study's own
+    setting (config.STUDY_MLP) is built as `MLP`, never as this class.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        p, H, L = cfg.p, cfg.hidden, cfg.mlp_layers
+        self.p, self.n_layers, self.onehot = p, L, cfg.mlp_input == "onehot"
+        self.act = F.relu if cfg.mlp_act == "relu" else F.gelu
+        names, shapes, fans = [], [], []
+        if not self.onehot:
+            names, shapes, fans = ["E"], [(p, cfg.d_embed)], [cfg.d_embed]    # the study's E / sqrt(d)
+        widths = [2 * p if self.onehot else 2 * cfg.d_embed] + [H] * L + [p]
+        for i in range(L + 1):                      # W{i+1}: (in, out), N(0, 1) / sqrt(in) (init "model")
+            names.append(f"W{i + 1}")
+            shapes.append((widths[i], widths[i + 1]))
+            fans.append(widths[i])
+        n_mat = len(names)
+        if cfg.mlp_bias:
+            names += [f"b{i + 1}" for i in range(L + 1)]
+            shapes += [(w,) for w in widths[1:]]
+        self.layout = ParamLayout(names=tuple(names), shapes=tuple(shapes), n_matrices=n_mat, fans=tuple(fans))
+        self.hidden = tuple(f"W{i + 1}" for i in range(1 if self.onehot else 0, L))
+        """The hidden matrices (Muon's): W1 .. WL after an embedding; W2 .. WL on one-hot inputs, where W1
+        is the input embedding (a one-hot row picks a row of it). Never E or the output layer."""
+
+    def logits(self, flat, a, b):
+        P = self.layout.views(flat)
+        if self.onehot:
+            x = _Lookup.apply(P["W1"], a) + _Lookup.apply(P["W1"], b + self.p)    # (M, N, H)
+        else:
+            x = row_linear(torch.cat([_Lookup.apply(P["E"], a), _Lookup.apply(P["E"], b)], -1), P["W1"])
+        for i in range(1, self.n_layers + 2):
+            if i > 1:
+                x = row_linear(self.act(x), P[f"W{i}"])                         # (M, N, H) or (M, N, V)
+            if f"b{i}" in P:
+                x = x + P[f"b{i}"][:, None]
+        return x                                                                # (M, N, V)
+
+    loss_and_grads = Transformer.loss_and_grads
+    """Forward, loss, autograd backward over this class's `logits` (the transformer's step)."""
+
+
 def build_model(cfg: TrainConfig):
-    return MLP(cfg) if cfg.model == "mlp" else Transformer(cfg)
+    """The study's MLP (table form, hand-written backward) at config.STUDY_MLP, else the peers' MLP; or
+    the transformer."""
+    if cfg.model != "mlp":
+        return Transformer(cfg)
+    return MLP(cfg) if cfg.study_mlp else PeerMLP(cfg)
 
 
 def step_flops(cfg: TrainConfig) -> float:
     """Nominal FLOPs of one model's training step in the direct form (no table tricks): per train pair,
     forward and backward, 3 products with each weight matrix it uses (2 FLOPs a multiply-add): the MLP's
-    2d x H and H x V, the transformer's attention and MLP on its 3 tokens and the unembedding on the last.
+    2d x H (2p x H on one-hot inputs), its other hidden layers' H x H and H x V, the transformer's attention
+    and MLP on its 3 tokens and the unembedding on the last.
     The one cost model of time: `fastgrok experiments` scales its CPU time by it (grid.sizes) and
     `fastgrok bench` reports FLOP/s against it (bench.sections)."""
     if cfg.model == "mlp":
-        per_pair = 2 * cfg.d_embed * cfg.hidden + cfg.hidden * cfg.p
+        n_in = 2 * cfg.p if cfg.mlp_input == "onehot" else 2 * cfg.d_embed
+        per_pair = n_in * cfg.hidden + (cfg.mlp_layers - 1) * cfg.hidden ** 2 + cfg.hidden * cfg.p
     else:
         d = cfg.d_model
         per_pair = 3 * (4 * d * d + 2 * d * cfg.d_mlp) * cfg.n_layers + d * cfg.p

@@ -296,11 +296,11 @@ step costs ~45 s, about what compiling saves over 1,000-2,000 steps (benchmarks/
 
 
 def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
-    """`auto`: compile on CUDA, and on a CPU for MLP runs longer than QUICK_STEPS (measured faster there;
-    the transformer was not)."""
+    """`auto`: compile on CUDA, and on a CPU for runs of the study's MLP longer than QUICK_STEPS (measured
+    faster there; the transformer was not, the peers' MLP, autograd as the transformer, not measured)."""
     if cfg.compile != "auto":
         return cfg.compile == "on"
-    return device.type == "cuda" or (cfg.model == "mlp" and cfg.steps > QUICK_STEPS)
+    return device.type == "cuda" or (cfg.study_mlp and cfg.steps > QUICK_STEPS)
 
 
 def build_step_fns(model, cfg: TrainConfig, backend: str, compile_step: bool):
@@ -315,8 +315,8 @@ def build_step_fns(model, cfg: TrainConfig, backend: str, compile_step: bool):
     ev = functools.partial(evaluate, model, cfg, backend)
     if not compile_step:
         return step, ev
-    inner = torch.compile(step, fullgraph=cfg.model == "mlp", dynamic=False)
-    ev = torch.compile(ev, fullgraph=cfg.model == "mlp", dynamic=False)
+    inner = torch.compile(step, fullgraph=cfg.study_mlp, dynamic=False)
+    ev = torch.compile(ev, fullgraph=cfg.study_mlp, dynamic=False)
 
     def compiled_step(state: dict, batch: Batch) -> torch.Tensor:
         return inner(state, ensure_plan(model, batch))

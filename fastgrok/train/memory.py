@@ -49,8 +49,8 @@ def bytes_per_model(cfg: TrainConfig) -> int:
     """An upper bound of the bytes one model of cfg adds at the peak (`estimate_bytes` less the fixed cost)."""
     P = build_model(cfg).layout.n_params
     N, V = cfg.n_pairs, cfg.p
-    if cfg.model == "mlp":
-        rows = MLP_H * cfg.hidden + (MLP_V + (RESTRICTED_V if cfg.restricted_loss else 0)) * V
+    if cfg.model == "mlp":                      # the peers' MLP: MLP_H per hidden layer (estimated, not measured)
+        rows = MLP_H * cfg.hidden * cfg.mlp_layers + (MLP_V + (RESTRICTED_V if cfg.restricted_loss else 0)) * V
     else:
         rows = 3 * (TF_D * cfg.d_model + TF_MLP * cfg.d_mlp + TF_ATT * 3 * cfg.n_heads) + TF_V * V
     dsize = 8 if cfg.dtype == "float64" else 4

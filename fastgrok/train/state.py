@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import fastgrok.kernels as K
-from fastgrok.config import OPTIMIZERS, PER_MODEL, ConfigError, TrainConfig, default_lr
+from fastgrok.config import OPTIMIZERS, PER_MODEL, SPLIT_SEED_OFFSET, ConfigError, TrainConfig, default_lr, n_pairs_of
 from fastgrok.core.data import PAD_ROWS, Task, make_task
 from fastgrok.core.models import build_model
 from fastgrok.core.step import Batch, eval_metrics, optimizer_groups, strict_float32
@@ -139,7 +139,8 @@ def build_state(cfg: TrainConfig, table: list[dict] | None = None) -> TrainState
     budget = np.array([r.get("budget", cfg.steps) for r in table], dtype=np.int64)
     seeds = [r["seed"] for r in table]
     dev = device
-    task = make_task(cfg.p, per["op"], per["train_frac"], seeds, dev, label_noise=per["label_noise"])
+    task = make_task(cfg.p, per["op"], per["train_frac"], seeds, dev, label_noise=per["label_noise"],
+                     split_offset=0 if cfg.init == "prieto" else SPLIT_SEED_OFFSET)
     model = build_model(cfg)
     lay = model.layout
     tgt = torch.tensor([r["norm_target"] or 0.0 for r in table], dtype=torch.float64)
@@ -184,7 +185,8 @@ def build_state(cfg: TrainConfig, table: list[dict] | None = None) -> TrainState
     cells = None
     if cfg.init == "study":     # each model's cell: its first seed and seed count (train: seed0, seeds)
         cells = [(r.get("cell_seed0", cfg.seed0), r.get("cell_seeds", cfg.seeds)) for r in table]
-    flat = lay.init(seeds, dtype, dev, cells=cells, scales=per["init_scale"])
+    after = [n_pairs_of(cfg.p, op) for op in per["op"]] if cfg.init == "prieto" else None   # their split first
+    flat = lay.init(seeds, dtype, dev, cells=cells, scales=per["init_scale"], linear_after=after)
     tensors = {
         "flat": flat, "m": torch.zeros_like(flat), "v": torch.zeros_like(flat),
         "t": torch.zeros(M, dtype=torch.int64, device=dev),

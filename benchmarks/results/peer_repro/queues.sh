@@ -49,3 +49,12 @@ run grokfast_none_s2 --label s2 --seed 2 --weight_decay 0.005 --budget 3000 &
 run grokfast_none_wd0_s0 --label s0 --seed 0 --budget 3000 &
 wait
 echo DONE > $R/queue_gf3.done
+#!/bin/bash
+# issue 30 item 3: Prieto et al.'s MLP and draw in fastgrok (fg_run.py's PRIETO), branch peer-mlp, 2026-12-07;
+# run directories copied to fastgrok_mlp_* here (checkpoints left out)
+export OMP_NUM_THREADS=1
+cd benchmarks/results/peer_repro
+PY=.venv/bin/python; O=/tmp/fgruns
+nice -n 5 $PY fg_run.py mlp_stablemax_f08 '{"prieto":true,"train_frac":0.8,"loss":"stablemax","eps":1e-25,"seeds":3,"steps":35000,"eval_every":100}' $O > $O/mlp_stablemax_f08.log 2>&1
+nice -n 5 $PY fg_run.py mlp_orthograd_f06 '{"prieto":true,"train_frac":0.6,"orthograd":true,"seeds":3,"steps":2000,"eval_every":10}' $O > $O/mlp_orthograd_f06.log 2>&1
+nice -n 5 $PY fg_run.py mlp_ce32_f08 '{"prieto":true,"train_frac":0.8,"loss":"ce","eps":1e-25,"seeds":2,"steps":15000,"eval_every":250,"logit_every":500}' $O > $O/mlp_ce32_f08.log 2>&1
