@@ -100,7 +100,7 @@ CLAIMS_TEXT = (
     "One row per intervention cell of a run whose blocks name their regime (each paper's own setting): the "
     "paper's claim, the test applied, and the medians over seeds of T_grok for the intervention, its baseline "
     "(the same regime and lr without the intervention; for StableMax, softmax CE) and the lr-matched control "
-    "(the same without the intervention at the regime's other, highest lr). A seed that never groks counts as "
+    "(the same without the intervention at the regime's other lr nearest 1.40x the intervention's: Grokfast's step under Adam). A seed that never groks counts as "
     "later than its budget, so a median written '> N' is a lower bound. 'undetermined' says which cell or "
     "budget the test lacked.")
 
