@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fastgrok.store import Locked
 from fastgrok.config import (COMPILE, DEVICES, DTYPES, INITS, KERNELS, MODELS, PER_MODEL, PER_MODEL_META, PRESETS,
-                     ConfigError, TrainConfig, logit_every_for, small_test_set_warning, tiny_tau_warning)
+                     TF_CONVENTIONS, ConfigError, TrainConfig, logit_every_for, small_test_set_warning, tiny_tau_warning)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,6 +72,10 @@ _TRAIN_FLAGS = {
     "--init": ("init", dict(choices=INITS, help="initial weights: model (each from its own seed) or study "
                                                "(the study's cell-level draw: seed for seed its weights)")),
     "--layernorm": ("layernorm", dict(action="store_const", const=True, help="transformer: pre-LayerNorm")),
+    "--n-layers": ("n_layers", dict(type=int, help="transformer blocks")),
+    **{f"--{k.replace('_', '-')}": (k, dict(choices=v, help="transformer convention ("
+                                            "docs/training.md: the peers' transformers)"))
+       for k, v in TF_CONVENTIONS.items()},
     "--dtype": ("dtype", dict(choices=DTYPES)),
     "--device": ("device", dict(choices=DEVICES)),
     "--kernels": ("kernels", dict(choices=KERNELS, help="loss/clamp implementation: auto (Triton on CUDA), triton, torch")),
@@ -154,7 +158,8 @@ def _config_from_args(args) -> TrainConfig:
     return dataclasses.replace(base, **given)
 
 
-_MODEL_ONLY = {"mlp": ("d_embed", "hidden"), "transformer": ("d_model", "n_heads", "d_mlp", "layernorm")}
+_MODEL_ONLY = {"mlp": ("d_embed", "hidden"),
+               "transformer": ("d_model", "n_heads", "d_mlp", "layernorm", "n_layers", *TF_CONVENTIONS)}
 
 
 def _ignored_options(args, cfg: TrainConfig) -> list[str]:
