@@ -374,6 +374,9 @@ class TrainConfig:
         if self.tf_block != "pre" and not self.layernorm:
             raise ConfigError(f"tf_block {self.tf_block!r} passes the residual stream through LayerNorm: it needs "
                               f"layernorm (--layernorm)")
+        if self.restricted_loss and self.model == "transformer" and self.tf_unembed != "p":
+            raise ConfigError("restricted_loss reads p logits a row: it needs tf_unembed 'p', got "
+                              f"{self.tf_unembed!r}")
         if isinstance(self.p, bool) or not isinstance(self.p, int) or self.p < 2:
             raise ConfigError(f"p must be an integer >= 2, got {self.p!r}")
         for op in self.values("op"):

@@ -239,3 +239,8 @@ def test_nanda_init_is_their_scales():
 def test_a_bad_convention_is_one_error_naming_it(field, value):
     with pytest.raises(ConfigError, match=f"^{field} must be one of .*; got {value!r}$"):
         TrainConfig(model="transformer", **{field: value})
+
+
+def test_restricted_loss_with_logits_over_the_vocabulary_is_one_error():
+    with pytest.raises(ConfigError, match="^restricted_loss reads p logits a row: it needs tf_unembed 'p', got 'vocab'$"):
+        TrainConfig(model="transformer", tf_unembed="vocab", restricted_loss=True)
