@@ -8,10 +8,12 @@ LAMBDA 2 is Grokfast-EMA (alpha 0.98, lambda 2), 0 the baseline. Trains through 
 (the run directory OUT_ROOT/NAME holds models.parquet and curves.parquet), then prints a JSON line per model:
 the first evaluated step with test (their "validation") accuracy >= 0.95, and the accuracies every 500 steps.
 grok_threshold 0.95 makes each model stop at that step (T_grok), as every fastgrok run stops at its own end.
+A run directory that already holds the run is resumed and extended to STEPS (train(..., resume=True)).
 """
 import json
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 
@@ -26,9 +28,10 @@ cfg = TrainConfig(model="transformer", **TF_PRESETS["lee"], p=97, op="mul", trai
                   grok_threshold=0.95, dtype="float32", compile="off", device="cpu")
 print("CONFIG", json.dumps(cfg.to_dict()), flush=True)
 t = time.time()
-res = train(cfg, f"{root}/{name}", progress=True)
+resume = (Path(root) / name / "config.json").exists()
+res = train(cfg, f"{root}/{name}", progress=True, resume=resume)
 wall = time.time() - t
-print("WALL", wall, flush=True)
+print("WALL", wall, "resumed" if resume else "", flush=True)
 curves = pd.read_parquet(f"{root}/{name}/curves.parquet")
 curves = curves[curves.metric.isin(["train_acc", "test_acc"])].pivot_table(
     index=["model", "step"], columns="metric", values="value").reset_index()
