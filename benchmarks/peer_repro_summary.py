@@ -48,7 +48,9 @@ def fastgrok(run: Path) -> dict:
     out = {"config": {k: v for k, v in json.loads((run / "config.json").read_text()).items()
                       if k in ("p", "train_frac", "lr", "wd", "loss", "orthograd", "eps", "beta1", "beta2", "steps",
                                "eval_every", "d_embed", "hidden", "seeds", "dtype", "mlp_input", "mlp_layers",
-                               "mlp_act", "mlp_bias", "init")}, "models": []}
+                               "mlp_act", "mlp_bias", "init", "model", "op", "optimizer", "batch_size", "warmup",
+                               "grokfast_alpha", "grokfast_lambda", "n_layers", "tf_block", "grok_threshold")},
+           "models": []}
     for _, m in models.iterrows():
         c = curves[curves.model == m.model]
         w = c[(c.metric == "weight_norm") & (c.step == 22000)].value

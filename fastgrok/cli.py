@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fastgrok.store import Locked
 from fastgrok.config import (COMPILE, DEVICES, DTYPES, INITS, KERNELS, MLP_ACTS, MLP_INPUTS, MODELS, PER_MODEL,
-                             PER_MODEL_META, PRESETS,
+                             PER_MODEL_META, PRESETS, TF_CONVENTIONS,
                      ConfigError, TrainConfig, logit_every_for, small_test_set_warning, tiny_tau_warning)
 
 
@@ -79,6 +79,10 @@ _TRAIN_FLAGS = {
                                                "(the study's cell-level draw: seed for seed its weights) or prieto "
                                                "(Prieto et al.'s split and nn.Linear init per seed; one-hot MLP)")),
     "--layernorm": ("layernorm", dict(action="store_const", const=True, help="transformer: pre-LayerNorm")),
+    "--n-layers": ("n_layers", dict(type=int, help="transformer blocks")),
+    **{f"--{k.replace('_', '-')}": (k, dict(choices=v, help="transformer convention ("
+                                            "docs/training.md: the peers' transformers)"))
+       for k, v in TF_CONVENTIONS.items()},
     "--dtype": ("dtype", dict(choices=DTYPES)),
     "--device": ("device", dict(choices=DEVICES)),
     "--kernels": ("kernels", dict(choices=KERNELS, help="loss/clamp implementation: auto (Triton on CUDA), triton, torch")),
@@ -162,7 +166,7 @@ def _config_from_args(args) -> TrainConfig:
 
 
 _MODEL_ONLY = {"mlp": ("d_embed", "hidden", "mlp_input", "mlp_layers", "mlp_act", "mlp_bias"),
-               "transformer": ("d_model", "n_heads", "d_mlp", "layernorm")}
+               "transformer": ("d_model", "n_heads", "d_mlp", "layernorm", "n_layers", *TF_CONVENTIONS)}
 
 
 def _ignored_options(args, cfg: TrainConfig) -> list[str]:

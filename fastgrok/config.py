@@ -105,6 +105,19 @@ def _number(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
+TF_CONVENTIONS = {"tf_tokens": ("a b =", "a op b ="), "tf_unembed": ("p", "vocab"), "tf_act": ("gelu", "relu"),
+                  "tf_bias": ("none", "mlp", "all"), "tf_block": ("pre", "lee"),
+                  "tf_init": ("fastgrok", "nanda", "torch")}
+"""The transformer's conventions (TrainConfig's tf_* fields) and their values, the first the default (fastgrok's
+own model, and the value of every run saved before them: `with_defaults` fills it in, `without_defaults`
+leaves it out of fingerprints)."""
+TF_PRESETS = {"nanda": dict(tf_tokens="a b =", tf_unembed="vocab", tf_act="relu", tf_bias="mlp", tf_init="nanda",
+                            layernorm=False, n_layers=1, d_model=128, n_heads=4, d_mlp=512),
+              "lee": dict(tf_tokens="a op b =", tf_unembed="vocab", tf_act="gelu", tf_bias="all", tf_block="lee",
+                          tf_init="torch", layernorm=True, n_layers=2, d_model=128, n_heads=4, d_mlp=512)}
+"""The peers' transformers as TrainConfig fields: Nanda et al.'s (progress-measures-paper's transformers.py)
+and Lee et al.'s (ironjr/grokfast's main.py Decoder). docs/training.md lists what differs."""
+ADDED_TF = {k: v[0] for k, v in TF_CONVENTIONS.items()}
 ADDED_READOUTS = {"restricted_loss": False, "snapshots": 0, "snapshot_cap_gib": 2.0}
 """Fields added since that change what is recorded, not how a model trains (not axes, no calibration of
 their own), and the value a run saved before them had; `with_defaults` and `without_defaults` treat them
@@ -123,12 +136,12 @@ def n_train_of(p: int, op: str, train_frac: float) -> int:
 
 def with_defaults(d: dict) -> dict:
     """A saved config dict with the fields added since filled in (so an old run compares equal)."""
-    return {**ADDED_DEFAULTS, **ADDED_READOUTS, **STUDY_MLP, **d}
+    return {**ADDED_DEFAULTS, **ADDED_READOUTS, **STUDY_MLP, **ADDED_TF, **d}
 
 
 def without_defaults(d: dict) -> dict:
     """A config dict less the added fields at their old value (fingerprints of old runs stay valid)."""
-    added = {**ADDED_DEFAULTS, **ADDED_READOUTS, **STUDY_MLP}
+    added = {**ADDED_DEFAULTS, **ADDED_READOUTS, **STUDY_MLP, **ADDED_TF}
     return {k: v for k, v in d.items() if not (k in added and v == added[k])}
 
 
@@ -189,6 +202,27 @@ class TrainConfig:
     """Transformer: MLP hidden width."""
     layernorm: bool = False
     """Transformer: LayerNorm before attention, MLP and unembedding."""
+    # --- transformer conventions (the peers' transformers as settings: docs/training.md, "The peers'
+    # transformers"); each default is fastgrok's own model, and a run saved before them had it ---
+    tf_tokens: str = "a b ="
+    """Transformer: the input sequence. `a b =` (vocabulary p + 1, "=" is token p; Nanda et al.) or
+    `a op b =` (vocabulary p + 2, "=" is p, the op token p + 1; Lee et al.)."""
+    tf_unembed: str = "p"
+    """Transformer: the unembedding's outputs. `p` (the answers only) or `vocab` (a logit per token of the
+    vocabulary, the softmax over all of them: Lee et al.'s p + 2, Nanda et al.'s p + 1)."""
+    tf_act: str = "gelu"
+    """Transformer: the MLP's activation, `gelu` (exact erf) or `relu` (Nanda et al.)."""
+    tf_bias: str = "none"
+    """Transformer: biases. `none`; `mlp` (b_in, b_out; Nanda et al.); `all` (also b_Q, b_K, b_V, b_O: Lee
+    et al.'s nn.MultiheadAttention and nn.Linear). Biases are vectors: no decoupled decay, no clamp."""
+    tf_block: str = "pre"
+    """Transformer with LayerNorm: `pre` (x + f(LN(x))) or `lee` (Lee et al.'s Block: x = LN1(x), then
+    x + attn(x), so the residual stream itself passes through LN1; the MLP's is pre-LN)."""
+    tf_init: str = "fastgrok"
+    """Transformer: initial weights. `fastgrok` (embeddings N(0, 1/d_model), the rest N(0, 1/fan_in));
+    `nanda` (progress-measures-paper: every matrix N(0, 1/d_model), W_U N(0, 1/d_vocab)); `torch` (Lee et
+    al.'s PyTorch defaults: embeddings N(0, 1), nn.Linear U(+-1/sqrt(fan_in)) with its bias alike,
+    nn.MultiheadAttention's in-projection Xavier-uniform with zero biases)."""
     init: str = "model"
     """Initial weights: `model` draws each model from its own seed (its weights depend on its seed
     alone); `study` is the study's cell-level draw (one generator seeded with the cell's first seed draws
@@ -364,6 +398,14 @@ class TrainConfig:
             raise ConfigError("init 'prieto' (Prieto et al.'s draw: their split, then torch's nn.Linear init) needs "
                               f"the one-hot MLP (model mlp, mlp_input onehot), got model {self.model!r}, "
                               f"mlp_input {self.mlp_input!r}")
+        for name, allowed in TF_CONVENTIONS.items():
+            _choice(name, getattr(self, name), allowed)
+        if self.tf_block != "pre" and not self.layernorm:
+            raise ConfigError(f"tf_block {self.tf_block!r} passes the residual stream through LayerNorm: it needs "
+                              f"layernorm (--layernorm)")
+        if self.restricted_loss and self.model == "transformer" and self.tf_unembed != "p":
+            raise ConfigError("restricted_loss reads p logits a row: it needs tf_unembed 'p', got "
+                              f"{self.tf_unembed!r}")
         if isinstance(self.p, bool) or not isinstance(self.p, int) or self.p < 2:
             raise ConfigError(f"p must be an integer >= 2, got {self.p!r}")
         for op in self.values("op"):

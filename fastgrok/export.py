@@ -14,7 +14,10 @@
 
 Mapping onto TransformerLens: tokens [a, b, =] with "=" the token p (d_vocab p + 1, n_ctx 3, d_vocab_out
 p), learned positions, causal attention scaled by 1/sqrt(d_head), fastgrok's exact-erf GeLU ("gelu"),
-pre-LayerNorm (eps 1e-5, as torch's layer_norm) only when the run had it, all biases zero. A head's
+pre-LayerNorm (eps 1e-5, as torch's layer_norm) only when the run had it, all biases zero. The peers'
+conventions (tf_*) map too: [a, op, b, =] (n_ctx 4, d_vocab p + 2), logits over the vocabulary
+(d_vocab_out), ReLU, the biases the model has; Lee et al.'s block (tf_block lee) has no TransformerLens
+form and is refused in one line. A head's
 columns of W_Q/W_K/W_V are its slice h*d_head:(h+1)*d_head, as in fastgrok's unflatten(-1, (heads, d_head)).
 """
 from __future__ import annotations
@@ -124,16 +127,18 @@ def grid_model_config(run_dir: Path, model: int):
 # ------------------------------------------------------------------ TransformerLens
 def tl_config(cfg) -> dict:
     """HookedTransformerConfig's fields for a fastgrok transformer config."""
-    return dict(n_layers=cfg.n_layers, d_model=cfg.d_model, n_ctx=3, d_head=cfg.d_model // cfg.n_heads,
-                n_heads=cfg.n_heads, d_mlp=cfg.d_mlp, d_vocab=cfg.p + 1, d_vocab_out=cfg.p, act_fn="gelu",
+    op = cfg.tf_tokens == "a op b ="                            # the op token: one more token and position
+    return dict(n_layers=cfg.n_layers, d_model=cfg.d_model, n_ctx=3 + op, d_head=cfg.d_model // cfg.n_heads,
+                n_heads=cfg.n_heads, d_mlp=cfg.d_mlp, d_vocab=cfg.p + 1 + op,
+                d_vocab_out=cfg.p + 1 + op if cfg.tf_unembed == "vocab" else cfg.p, act_fn=cfg.tf_act,
                 normalization_type="LN" if cfg.layernorm else None, eps=1e-5, attention_dir="causal",
                 positional_embedding_type="standard", default_prepend_bos=False,
                 original_architecture="fastgrok", seed=0)
 
 
 def tl_state_dict(cfg, P: dict) -> dict:
-    """fastgrok's named parameters as TransformerLens's (shapes per head; the biases it has are left to
-    the caller's zeros)."""
+    """fastgrok's named parameters as TransformerLens's (shapes per head; the biases fastgrok's model
+    lacks (tf_bias) are left to the caller's zeros)."""
     D, Nh = cfg.d_model, cfg.n_heads
     dh = D // Nh
     sd = {"embed.W_E": P["W_E"], "pos_embed.W_pos": P["W_pos"], "unembed.W_U": P["W_U"]}
@@ -142,6 +147,12 @@ def tl_state_dict(cfg, P: dict) -> dict:
             sd[f"blocks.{i}.attn.W_{c}"] = P[f"W_{c}{i}"].view(D, Nh, dh).permute(1, 0, 2)
         sd[f"blocks.{i}.attn.W_O"] = P[f"W_O{i}"].view(Nh, dh, D)
         sd[f"blocks.{i}.mlp.W_in"], sd[f"blocks.{i}.mlp.W_out"] = P[f"W_in{i}"], P[f"W_out{i}"]
+        if f"b_Q{i}" in P:                                          # (D,) -> (Nh, dh); b_O stays (D,)
+            for c in "QKV":
+                sd[f"blocks.{i}.attn.b_{c}"] = P[f"b_{c}{i}"].view(Nh, dh)
+            sd[f"blocks.{i}.attn.b_O"] = P[f"b_O{i}"]
+        if f"b_in{i}" in P:
+            sd[f"blocks.{i}.mlp.b_in"], sd[f"blocks.{i}.mlp.b_out"] = P[f"b_in{i}"], P[f"b_out{i}"]
         if cfg.layernorm:
             for ln, src in (("ln1", f"ln1_{i}"), ("ln2", f"ln2_{i}")):
                 sd[f"blocks.{i}.{ln}.w"], sd[f"blocks.{i}.{ln}.b"] = P[src + "_g"], P[src + "_b"]
@@ -165,12 +176,15 @@ def to_transformer_lens(run_dir: Path, model: int, out: Path, step: int | None =
         module = ExportedMLP(**shape)
         module.load_state_dict(P)
         config, sd = {"model": "mlp", **shape}, module.state_dict()
+    elif cfg.tf_block != "pre":
+        raise ConfigError(f"tf_block {cfg.tf_block!r} (Lee et al.'s block: the residual stream through LN1) has "
+                          "no TransformerLens form; export --to safetensors instead")
     else:
         config = tl_config(cfg)
         tl = _tl_model(config)
         sd = tl.state_dict()
         ours = tl_state_dict(cfg, P)
-        for k, v in sd.items():         # every bias zero (fastgrok's transformer has none); buffers kept
+        for k, v in sd.items():         # every bias fastgrok's transformer lacks zero; buffers kept
             if k in ours:
                 sd[k] = ours[k]
             elif k.rsplit(".", 1)[-1].startswith("b_"):

@@ -151,7 +151,7 @@ def _padded_and_unpadded_grads(model_cfg, per_model, threads):
     flat = torch.randn(M, m.layout.n_params, generator=g) * 0.1
     shape = (M, n + pad) if per_model else (n + pad,)
     a, b = torch.randint(0, p, shape, generator=g), torch.randint(0, p, shape, generator=g)
-    dz = torch.randn(M, n + pad, p, generator=g)
+    dz = torch.randn(M, n + pad, m.n_out if hasattr(m, "n_out") else p, generator=g)
     dz[:, n:] = 0
 
     def grad(N):
@@ -169,14 +169,18 @@ def _padded_and_unpadded_grads(model_cfg, per_model, threads):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("kind", ["mlp", "transformer", "transformer-2-layers-layernorm-per-model-rows",
+                                  "transformer-lee-per-model-rows", "transformer-nanda",
                                   "peer-mlp-embed-2-layers", "peer-mlp-onehot-relu-per-model-rows"])
 def test_rows_padded_with_zero_gradient_change_no_bit_of_the_gradient(kind, threads):
     """The property batched == solo rests on: a padded model (its rows followed by rows weighted 0) gets
     bitwise the gradient of its own rows. Sums over rows are blocks of 256 rows added in order
     (models._row_product, the transformer's row_linear and lookup); one BLAS call over all the rows
     broke this for the MLP's W2 (benchmarks/padding_sums.py) and for every transformer matrix."""
-    from fastgrok.config import TrainConfig
+    from fastgrok.config import TF_PRESETS, TrainConfig
+    small = dict(model="transformer", p=59, d_model=64, d_mlp=256)
     cfg = {"mlp": TrainConfig(p=59, d_embed=64, hidden=128),
+           "transformer-lee-per-model-rows": TrainConfig(**{**TF_PRESETS["lee"], **small}),
+           "transformer-nanda": TrainConfig(**{**TF_PRESETS["nanda"], **small}),
            "transformer": TrainConfig(model="transformer", p=59, d_model=64, d_mlp=256),
            "transformer-2-layers-layernorm-per-model-rows": TrainConfig(model="transformer", p=59, d_model=64,
                                                                          d_mlp=256, n_layers=2, layernorm=True),
@@ -208,16 +212,10 @@ def test_the_transformer_blocked_backward_is_the_gradient():
                                    torch.autograd.grad(ref, T, d)[0], rtol=1e-12, atol=1e-12)
 
 
-def test_a_padded_transformer_trains_bit_for_bit_as_alone(tmp_path):
-    """The transformer with per-model train fractions (padded rows) and lr: every curve of each model
-    equals its solo run's, bitwise (end to end; at this size one BLAS call per sum also matched here: the
-    gradient-level test above is the one that fails without the blocked sums)."""
-    from fastgrok.config import TrainConfig
+def _each_curve_as_alone(cfg, knobs, tmp_path):
+    """Models with these knobs (lr 1e-3 unless given) trained in one batch: each one's curves equal, bitwise,
+    those of the same model trained alone."""
     from fastgrok.train.trainer import Trainer
-    torch.set_num_threads(1)
-    knobs = [{}, {"train_frac": 0.3}, {"train_frac": 0.45, "lr": 2e-3}]
-    cfg = TrainConfig(model="transformer", p=31, d_model=32, d_mlp=64, n_heads=2, steps=40, eval_every=10,
-                      compile="off", seeds=1)
     rows = _knob_rows([{"lr": 1e-3, **k} for k in knobs])
     batch = Trainer(cfg, tmp_path / "batch", table=rows, progress=False)
     batch.run()
@@ -229,3 +227,30 @@ def test_a_padded_transformer_trains_bit_for_bit_as_alone(tmp_path):
         theirs = alone.curves().drop(columns="model").reset_index(drop=True)
         assert len(mine) > 20 and mine[["step", "metric"]].equals(theirs[["step", "metric"]])
         assert (mine.value.to_numpy() == theirs.value.to_numpy()).all(), knobs[i]
+
+
+def test_a_padded_transformer_trains_bit_for_bit_as_alone(tmp_path):
+    """The transformer with per-model train fractions (padded rows) and lr: every curve of each model
+    equals its solo run's, bitwise (end to end; at this size one BLAS call per sum also matched here: the
+    gradient-level test above is the one that fails without the blocked sums)."""
+    from fastgrok.config import TrainConfig
+    torch.set_num_threads(1)
+    knobs = [{}, {"train_frac": 0.3}, {"train_frac": 0.45, "lr": 2e-3}]
+    cfg = TrainConfig(model="transformer", p=31, d_model=32, d_mlp=64, n_heads=2, steps=40, eval_every=10,
+                      compile="off", seeds=1)
+    _each_curve_as_alone(cfg, knobs, tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["lee", "nanda"])
+def test_the_peers_transformers_train_bit_for_bit_as_alone(tmp_path, preset):
+    """The peers' transformers (config.TF_PRESETS: biases, the op token, logits over the vocabulary, ReLU,
+    Lee et al.'s block, torch's init) with the per-model settings of their regimes (minibatches, Adam with
+    coupled decay, warm-up, Grokfast, train fraction): every curve of each model equals its solo run's, bitwise."""
+    from fastgrok.config import TF_PRESETS, TrainConfig
+    torch.set_num_threads(1)
+    knobs = [{"optimizer": "adam", "wd": 0.005, "batch_size": 64, "warmup": 10, "grokfast_lambda": 2.0},
+             {"train_frac": 0.3, "optimizer": "adam", "wd": 0.005, "batch_size": 100},
+             {"train_frac": 0.45, "lr": 2e-3}]
+    cfg = TrainConfig(**{**TF_PRESETS[preset], "n_layers": 2, "d_model": 32, "d_mlp": 64, "n_heads": 2},
+                      model="transformer", p=31, steps=40, eval_every=10, compile="off", seeds=1)
+    _each_curve_as_alone(cfg, knobs, tmp_path)

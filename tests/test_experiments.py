@@ -54,14 +54,16 @@ def test_builtin_spec_loads_expands_and_plans(name):
     assert spec.name == name and spec.seeds == {"phase": 3, "interventions": 4, "atlas": 6}.get(name, 12)   # CPU-sized ones
     plan = make_plan(spec, "cpu")
     assert [c["cell"] for c in cells] == list(range(len(cells)))
-    assert [c["model0"] for c in cells] == [spec.seeds * i for i in range(len(cells))]
+    assert [c["model0"] for c in cells] == list(np.cumsum([0] + [c["seeds"] for c in cells])[:-1])
+    assert {c["seeds"] for c in cells} >= {spec.seeds} or all(b.seeds for b in spec.grids)
     assert sorted(i for b in plan["batches"] for i in b["cells"]) == list(range(len(cells)))
     for b in plan["batches"]:                  # a batch holds one shape only
         assert len({shape_of(cells[i]) for i in b["cells"]}) == 1
     for c in cells:
         cfg = cell_config(spec, c)
         assert cfg.p == c["p"] and cfg.model == c["model"]
-        assert c["budget"] == spec.budget.at(c["rho"]) or c["arm"] is not None
+        assert c["budget"] == spec.budget.at(c["rho"]) or c["arm"] is not None or \
+            c["budget"] in {spec.budget_at(c["rho"], b.steps) for b in spec.grids if b.steps}
     calib = {tuple(sorted(k["shape"].items())) for k in plan["calibrations"]}
     settings = {tuple(sorted((a, c[a]) for a in CALIB_AXES if c[a] is not None))    # None: the default (batch_size)
                 for c in cells if c["rho"] is not None}

@@ -162,3 +162,46 @@ def test_a_grid_models_snapshot_exports_as_its_cells_transformer(tmp_path):
         ref = build_model(cfg).logits(torch.from_numpy(z["flat"][k:k + 1]), a, b)[0]
         got = load_transformer_lens(tmp_path / "t")(torch.stack([a, b, torch.full_like(a, 11)], 1))[:, -1]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+PEER_FLAGS = {"nanda": ["--tf-act", "relu", "--tf-bias", "mlp", "--tf-unembed", "vocab", "--tf-init", "nanda"],
+              "op-token-biases-ln": ["--tf-tokens", "a op b =", "--tf-bias", "all", "--tf-unembed", "vocab",
+                                     "--tf-init", "torch", "--layernorm", "--n-layers", "2"]}
+
+
+@pytest.mark.parametrize("name", list(PEER_FLAGS))
+def test_the_peers_conventions_export_to_transformer_lens(tmp_path, name):
+    """The tf_* conventions TransformerLens can express (the op token, logits over the vocabulary, ReLU,
+    biases; issue 30): trained through the CLI flags, exported, its logits on all p^2 inputs are fastgrok's."""
+    from fastgrok.export import load_transformer_lens
+    torch.set_num_threads(1)
+    assert fastgrok("train", "--model", "transformer", "--p", 11, "--d-model", 16, "--n-heads", 2, "--d-mlp", 32,
+                    "--steps", 100, "--eval-every", 50, "--no-compile", "--seeds", 1, "--quiet",
+                    *PEER_FLAGS[name], "--out", tmp_path / "run") == 0
+    assert fastgrok("export", tmp_path / "run", "--model", 0, "--to", "transformer-lens", tmp_path / "tl") == 0
+    tl = load_transformer_lens(tmp_path / "tl")
+    cfg = store.read_config(tmp_path / "run" / store.CONFIG)
+    op = cfg.tf_tokens == "a op b ="
+    assert tl.cfg.n_ctx == 3 + op and tl.cfg.d_vocab == tl.cfg.d_vocab_out == 12 + op and tl.cfg.act_fn == cfg.tf_act
+    biases = {k: v for k, v in tl.state_dict().items() if k.rsplit(".", 1)[-1] in ("b_Q", "b_O", "b_in", "b_out")}
+    assert any((v != 0).any() for v in biases.values())                 # trained biases came across
+    a, b = all_inputs(11)
+    eq = torch.full_like(a, 11)
+    tokens = torch.stack([a, torch.full_like(a, 12), b, eq] if op else [a, b, eq], 1)
+    with torch.no_grad():
+        got = tl(tokens)[:, -1]
+    ref = fastgrok_logits(tmp_path / "run", 0)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_lee_block_is_refused_in_one_line(tmp_path, capsys):
+    assert fastgrok("train", "--model", "transformer", "--p", 11, "--d-model", 16, "--n-heads", 2, "--d-mlp", 32,
+                    "--steps", 20, "--eval-every", 10, "--no-compile", "--seeds", 1, "--quiet", "--layernorm",
+                    "--tf-block", "lee", "--out", tmp_path / "run") == 0
+    capsys.readouterr()
+    assert fastgrok("export", tmp_path / "run", "--model", 0, "--to", "transformer-lens", tmp_path / "tl") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tf_block 'lee'" in err and "no TransformerLens form" in err, err
+    assert fastgrok("train", "--model", "transformer", "--p", 11, "--tf-block", "lee", "--out", tmp_path / "x") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs layernorm" in err, err

@@ -38,6 +38,10 @@ class ParamLayout:
     shapes: tuple[tuple[int, ...], ...]
     n_matrices: int            # the first n_matrices entries are matrices
     fans: tuple[int, ...]      # matrix i starts as N(0, 1) / sqrt(fans[i])
+    uniform: tuple = ()
+    """Optional, per entry (matrices, then vectors): None (a matrix: N(0, 1) / sqrt(its fan); a vector:
+    ones or zeros) or a bound c > 0, U(-c, c) (torch's nn.Linear and Xavier draws). Entries drawn at
+    random come from the generator in layout order, the matrices' first. Empty: every entry None."""
 
     @property
     def sizes(self) -> list[int]:
@@ -92,7 +96,7 @@ class ParamLayout:
             return self._flat(mats, vecs, len(seeds), scales, dtype, device)
         if cells is None:
             rows = [self._matrices(torch.Generator().manual_seed(int(s)), ()) for s in seeds]
-            mats = [torch.stack([r[i] for r in rows]) for i in range(self.n_matrices)]      # (M, *shape)
+            mats = [torch.stack([r[i] for r in rows]) for i in range(len(rows[0]))]         # (M, *shape)
         else:
             draws = {}
             for c0, S in set(cells):
@@ -101,10 +105,11 @@ class ParamLayout:
                 if not 0 <= s - c0 < S:
                     raise ValueError(f"seed {s} is not one of its cell's seeds {c0}..{c0 + S - 1}")
             mats = [torch.stack([draws[c][i][s - c[0]] for s, c in zip(seeds, cells)])
-                    for i in range(self.n_matrices)]
+                    for i in range(len(next(iter(draws.values()))))]
         M = len(seeds)
-        vecs = [_vector_init(n, shape).expand(M, *shape)
-                for n, shape in zip(self.names[self.n_matrices:], self.shapes[self.n_matrices:])]
+        drawn_vecs, mats = mats[self.n_matrices:], mats[: self.n_matrices]
+        vecs = [drawn_vecs.pop(0) if self._bound(self.n_matrices + i) else _vector_init(n, shape).expand(M, *shape)
+                for i, (n, shape) in enumerate(zip(self.names[self.n_matrices:], self.shapes[self.n_matrices:]))]
         return self._flat(mats, vecs, M, scales, dtype, device)
 
     def _flat(self, mats, vecs, M, scales, dtype, device) -> torch.Tensor:
@@ -132,10 +137,17 @@ class ParamLayout:
                                                    generator=g)
         return out
 
+    def _bound(self, i: int):
+        return self.uniform[i] if self.uniform else None
+
     def _matrices(self, g: torch.Generator, lead: tuple[int, ...]) -> list[torch.Tensor]:
-        """Each matrix drawn from g in layout order, shape lead + its shape, divided by sqrt(its fan)."""
-        return [torch.randn(lead + shape, generator=g) / math.sqrt(fan)
-                for shape, fan in zip(self.shapes[: self.n_matrices], self.fans)]
+        """Each matrix drawn from g in layout order, shape lead + its shape, divided by sqrt(its fan) (or
+        U(-c, c) where `uniform` gives c), then the vectors `uniform` gives a bound."""
+        out = [torch.randn(lead + shape, generator=g) / math.sqrt(fan) if self._bound(i) is None
+               else (torch.rand(lead + shape, generator=g) * 2 - 1) * self._bound(i)
+               for i, (shape, fan) in enumerate(zip(self.shapes[: self.n_matrices], self.fans))]
+        return out + [(torch.rand(lead + self.shapes[i], generator=g) * 2 - 1) * self._bound(i)
+                      for i in range(self.n_matrices, len(self.names)) if self._bound(i)]
 
 
 def _vector_init(name: str, shape) -> torch.Tensor:
@@ -360,34 +372,66 @@ class MLP:
 
 
 class Transformer:
-    """1-layer (n_layers) attention-only-then-MLP transformer on tokens [a, b, =], no biases.
+    """Transformer on tokens [a, b, =] (or [a, op, b, =]): n_layers blocks of causal attention then an MLP,
+    learned positions, a residual stream, a separate unembedding read at the last position.
 
-    Learned positions, residual stream, GeLU MLP, separate unembedding read at the last position;
-    optional pre-LayerNorm (gains/biases are vectors: no decay, no clamp). Causal attention. Init: token
-    and position embeddings / sqrt(d_model), the rest / sqrt(fan_in) (see `fans` below).
+    fastgrok's own (every tf_* setting at its default): no biases, GeLU, optional pre-LayerNorm (gains
+    and biases are vectors: no decay, no clamp), init token and position embeddings / sqrt(d_model), the
+    rest / sqrt(fan_in) (see `fans` below). The tf_* settings give the peers' conventions (config.py,
+    TF_PRESETS; docs/training.md): the op token, logits over the whole vocabulary, ReLU, biases, Lee et
+    al.'s block (the residual stream through LN1) and PyTorch's or Nanda et al.'s initial weights.
     """
 
     def __init__(self, cfg: TrainConfig):
         p, D, Hm, L = cfg.p, cfg.d_model, cfg.d_mlp, cfg.n_layers
         self.p, self.D, self.heads, self.n_layers, self.ln = p, D, cfg.n_heads, L, cfg.layernorm
-        names, shapes = ["W_E", "W_pos"], [(p + 1, D), (3, D)]
+        self.op_token = cfg.tf_tokens == "a op b ="
+        self.T = 4 if self.op_token else 3                              # sequence length
+        self.vocab = p + 1 + self.op_token                              # "=" is token p, the op p + 1
+        self.n_out = self.vocab if cfg.tf_unembed == "vocab" else p
+        self.act = F.relu if cfg.tf_act == "relu" else F.gelu
+        self.bias, self.lee = cfg.tf_bias, cfg.tf_block == "lee"
+        names, shapes = ["W_E", "W_pos"], [(self.vocab, D), (self.T, D)]
         for i in range(L):
             names += [f"W_Q{i}", f"W_K{i}", f"W_V{i}", f"W_O{i}", f"W_in{i}", f"W_out{i}"]
             shapes += [(D, D)] * 4 + [(D, Hm), (Hm, D)]
         names.append("W_U")
-        shapes.append((D, p))
+        shapes.append((D, self.n_out))
         n_mat = len(names)
+        for i in range(L):
+            if self.bias == "all":
+                names += [f"b_Q{i}", f"b_K{i}", f"b_V{i}", f"b_O{i}"]
+                shapes += [(D,)] * 4
+            if self.bias != "none":
+                names += [f"b_in{i}", f"b_out{i}"]
+                shapes += [(Hm,), (D,)]
         if self.ln:
             for i in range(L):
                 names += [f"ln1_{i}_g", f"ln1_{i}_b", f"ln2_{i}_g", f"ln2_{i}_b"]
                 shapes += [(D,)] * 4
             names += ["lnf_g", "lnf_b"]
             shapes += [(D,)] * 2
-        # token and position embeddings N(0, 1)/sqrt(d_model), as the MLP's E and the grokking transformers
-        # (Nanda et al.); every other matrix N(0, 1)/sqrt(fan_in). Positions drawn / sqrt(3) (their rows)
-        # outweighed the tokens 4.5x in the residual stream and halved the speed of memorisation.
-        fans = tuple(D if n in ("W_E", "W_pos") else shape[0] for n, shape in zip(names[:n_mat], shapes[:n_mat]))
-        self.layout = ParamLayout(names=tuple(names), shapes=tuple(shapes), n_matrices=n_mat, fans=fans)
+        uniform = ()
+        if cfg.tf_init == "nanda":
+            # progress-measures-paper: every matrix N(0, 1)/sqrt(d_model), W_U N(0, 1)/sqrt(d_vocab)
+            fans = tuple(self.n_out if n == "W_U" else D for n in names[:n_mat])
+        else:
+            # token and position embeddings N(0, 1)/sqrt(d_model), as the MLP's E and the grokking transformers
+            # (Nanda et al.); every other matrix N(0, 1)/sqrt(fan_in). Positions drawn / sqrt(3) (their rows)
+            # outweighed the tokens 4.5x in the residual stream and halved the speed of memorisation.
+            fans = tuple(D if n in ("W_E", "W_pos") else shape[0] for n, shape in zip(names[:n_mat], shapes[:n_mat]))
+        if cfg.tf_init == "torch":
+            # Lee et al.'s PyTorch defaults: nn.Embedding N(0, 1); nn.MultiheadAttention's in_proj_weight
+            # (3D, D) Xavier-uniform, sqrt(6 / (D + 3D)), its biases 0; out_proj and the nn.Linear layers
+            # kaiming_uniform(a=sqrt(5)), U(+-1/sqrt(fan_in)), nn.Linear's bias alike; LayerNorm 1, 0
+            fans = tuple(1 if n in ("W_E", "W_pos") else f for n, f in zip(names, fans))
+            xavier = math.sqrt(6.0 / (4 * D))
+            fan_in = {"W_in": D, "W_out": Hm, "b_in": D, "b_out": Hm}
+            uniform = tuple(None if n in ("W_E", "W_pos") or n.startswith("ln") or n[:3] in ("b_Q", "b_K", "b_V", "b_O")
+                            else xavier if n[:3] in ("W_Q", "W_K", "W_V")
+                            else 1 / math.sqrt(fan_in.get(n.rstrip("0123456789"), D)) for n in names)
+        self.layout = ParamLayout(names=tuple(names), shapes=tuple(shapes), n_matrices=n_mat, fans=fans,
+                                  uniform=uniform)
         self.hidden = tuple(n for n in names[:n_mat] if n not in ("W_E", "W_pos", "W_U"))
         """The hidden matrices: every block's attention and MLP matrices (Muon's; not the embeddings or W_U)."""
 
@@ -398,28 +442,41 @@ class Transformer:
         g, b = P[name + "_g"].view(shape), P[name + "_b"].view(shape)
         return F.layer_norm(x, x.shape[-1:]) * g + b
 
+    def _linear(self, x, P, w, b):
+        """row_linear(x, P[w]) plus the bias P[b] where the model has it."""
+        y = row_linear(x, P[w])
+        return y + P[b].view((y.shape[0],) + (1,) * (y.dim() - 2) + (y.shape[-1],)) if b in P else y
+
+    def tokens(self, a, b):
+        """The input sequences: (N, T) or (M, N, T) token ids."""
+        eq = torch.full_like(a, self.p)
+        if self.op_token:
+            return torch.stack([a, torch.full_like(a, self.p + 1), b, eq], -1)
+        return torch.stack([a, b, eq], -1)
+
     def logits(self, flat, a, b):
         P = self.layout.views(flat)
-        M = flat.shape[0]
-        eq = torch.full_like(a, self.p)
-        tok = torch.stack([a, b, eq], -1)                               # (N, 3) or (M, N, 3)
+        M, T = flat.shape[0], self.T
+        tok = self.tokens(a, b)                                         # (N, T) or (M, N, T)
         idx = tok.reshape(-1) if tok.dim() == 2 else tok.reshape(M, -1)
-        x = _Lookup.apply(P["W_E"], idx).view(M, -1, 3, self.D)         # (M, N, 3, D)
-        x = x + P["W_pos"][:, None]                                     # (M, N, 3, D)
+        x = _Lookup.apply(P["W_E"], idx).view(M, -1, T, self.D)         # (M, N, T, D)
+        x = x + P["W_pos"][:, None]                                     # (M, N, T, D)
         Nh, dh = self.heads, self.D // self.heads
-        causal = torch.ones(3, 3, dtype=torch.bool, device=flat.device).tril()
+        causal = torch.ones(T, T, dtype=torch.bool, device=flat.device).tril()
         for i in range(self.n_layers):
             h = self._norm(x, P, f"ln1_{i}")
-            q, k, v = (row_linear(h, P[f"W_{c}{i}"]).unflatten(-1, (Nh, dh)).transpose(2, 3)
-                       for c in "QKV")                                  # (M, N, Nh, 3, dh)
-            att = (q @ k.transpose(-1, -2)) / math.sqrt(dh)             # (M, N, Nh, 3, 3)
+            if self.lee:                                                # Lee et al.: x = ln_1(x); x = x + attn(x)
+                x = h
+            q, k, v = (self._linear(h, P, f"W_{c}{i}", f"b_{c}{i}").unflatten(-1, (Nh, dh)).transpose(2, 3)
+                       for c in "QKV")                                  # (M, N, Nh, T, dh)
+            att = (q @ k.transpose(-1, -2)) / math.sqrt(dh)             # (M, N, Nh, T, T)
             att = att.masked_fill(~causal, float("-inf")).softmax(-1)
-            o = (att @ v).transpose(2, 3).flatten(-2)                   # (M, N, 3, D)
-            x = x + row_linear(o, P[f"W_O{i}"])
+            o = (att @ v).transpose(2, 3).flatten(-2)                   # (M, N, T, D)
+            x = x + self._linear(o, P, f"W_O{i}", f"b_O{i}")
             h = self._norm(x, P, f"ln2_{i}")
-            x = x + row_linear(F.gelu(row_linear(h, P[f"W_in{i}"])), P[f"W_out{i}"])
+            x = x + self._linear(self.act(self._linear(h, P, f"W_in{i}", f"b_in{i}")), P, f"W_out{i}", f"b_out{i}")
         x = self._norm(x[:, :, -1], P, "lnf")                           # (M, N, D)
-        return row_linear(x, P["W_U"])                                  # (M, N, V)
+        return row_linear(x, P["W_U"])                                  # (M, N, n_out)
 
     def loss_and_grads(self, flat, a, b, y, lossfn):
         with torch.enable_grad():

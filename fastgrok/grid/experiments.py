@@ -220,7 +220,8 @@ def _per_model(name: str):
     """A per-model setting's converter, from its declaration (config.PerModel): the type of its default,
     then its rule."""
     meta, default = PER_MODEL_META[name], TrainConfig.__dataclass_fields__[name].default
-    kind = _bool if isinstance(default, bool) else _choice(meta.choices) if meta.choices else _float
+    kind = _bool if isinstance(default, bool) else _choice(meta.choices) if meta.choices else \
+        _int if meta.integer else _float
 
     def conv(x):
         x = kind(x)

@@ -34,7 +34,8 @@ PARAM_COPIES = 10
 MLP_H, MLP_V = 6, 10
 """(M, N, H) and (M, N, V) tensors alive at the peak (measured, then rounded up)."""
 TF_D, TF_MLP, TF_ATT, TF_V = 16, 6, 8, 10
-"""Transformer: (M, N, 3, D), (M, N, 3, d_mlp), (M, N, Nh, 3, 3) and (M, N, V) tensors alive at the peak."""
+"""Transformer: (M, N, T, D), (M, N, T, d_mlp), (M, N, Nh, T, T) and (M, N, V) tensors alive at the peak (T = 3
+tokens, or 4 with the op token)."""
 RESTRICTED_V = 12
 """More (M, N, V) tensors alive at the evaluation's peak with `restricted_loss` (MLP): measured 9.3 at p = 97
 (90 vs 57 MiB per model, `benchmarks/memory_peak.py --case mlp 97 10 off --restricted-loss`), rounded up."""
@@ -47,12 +48,14 @@ subprocesses (the largest ~630 MiB, torch imported: benchmarks/RESULTS.md)."""
 
 def bytes_per_model(cfg: TrainConfig) -> int:
     """An upper bound of the bytes one model of cfg adds at the peak (`estimate_bytes` less the fixed cost)."""
-    P = build_model(cfg).layout.n_params
+    model = build_model(cfg)
+    P = model.layout.n_params
     N, V = cfg.n_pairs, cfg.p
     if cfg.model == "mlp":                      # the peers' MLP: MLP_H per hidden layer (estimated, not measured)
         rows = MLP_H * cfg.hidden * cfg.mlp_layers + (MLP_V + (RESTRICTED_V if cfg.restricted_loss else 0)) * V
-    else:
-        rows = 3 * (TF_D * cfg.d_model + TF_MLP * cfg.d_mlp + TF_ATT * 3 * cfg.n_heads) + TF_V * V
+    else:                                   # T tokens a row (4 with Lee et al.'s op token), n_out logits
+        T, V = model.T, model.n_out
+        rows = T * (TF_D * cfg.d_model + TF_MLP * cfg.d_mlp + TF_ATT * T * cfg.n_heads) + TF_V * V
     dsize = 8 if cfg.dtype == "float64" else 4
     index = 3 * 8 * cfg.n_train + cfg.n_pairs                      # train rows a, b, y (int64), train mask
     return dsize * (PARAM_COPIES * P + N * rows) + 3 * index
