@@ -548,13 +548,16 @@ def step_flops(cfg: TrainConfig) -> float:
     """Nominal FLOPs of one model's training step in the direct form (no table tricks): per train pair,
     forward and backward, 3 products with each weight matrix it uses (2 FLOPs a multiply-add): the MLP's
     2d x H (2p x H on one-hot inputs), its other hidden layers' H x H and H x V, the transformer's attention
-    and MLP on its 3 tokens and the unembedding on the last.
+    and MLP on its 3 tokens (4 with an op token) and the unembedding on the last; per step, on a minibatch's
+    rows where the models draw minibatches (batch_size), else on every train pair.
     The one cost model of time: `fastgrok experiments` scales its CPU time by it (grid.sizes) and
     `fastgrok bench` reports FLOP/s against it (bench.sections)."""
     if cfg.model == "mlp":
         n_in = 2 * cfg.p if cfg.mlp_input == "onehot" else 2 * cfg.d_embed
         per_pair = n_in * cfg.hidden + (cfg.mlp_layers - 1) * cfg.hidden ** 2 + cfg.hidden * cfg.p
     else:
-        d = cfg.d_model
-        per_pair = 3 * (4 * d * d + 2 * d * cfg.d_mlp) * cfg.n_layers + d * cfg.p
-    return 6.0 * cfg.n_train * per_pair
+        d, tokens = cfg.d_model, len(cfg.tf_tokens.split())
+        per_pair = tokens * (4 * d * d + 2 * d * cfg.d_mlp) * cfg.n_layers + d * cfg.p
+    # the rows a step trains: a minibatch (the batch's largest) or every train pair
+    rows = max(cfg.n_train if b is None else min(b, cfg.n_train) for b in cfg.values("batch_size"))
+    return 6.0 * rows * per_pair
