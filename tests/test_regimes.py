@@ -179,3 +179,17 @@ def test_claims_verdicts_from_hand_made_medians():
 ])
 def test_claim_verdict_rules(kind, n, t_i, t_b, t_o, want):
     assert interventions.claim_verdict(kind, n, 3, t_i, t_b, t_o) == want
+
+
+def test_interventions_figure_has_a_row_per_regime_its_arms_labelled_without_it():
+    from fastgrok.analysis.figures import MAX_REGIME_ROWS, regime_rows
+    models = pd.DataFrame({"cell": [0, 0, 1, 2, 3], "regime": ["A: x", "A: x", "A: x", "B", "B"]})
+    table = pd.DataFrame({"cell": [0, 1, 2, 3], "arm": ["A: x, CE", "A: x, StableMax", "B, CE", "B"]})
+    rows = regime_rows(table, models)
+    assert [name for name, _ in rows] == ["A: x", "B"]
+    assert [list(t["label"]) for _, t in rows] == [["CE", "StableMax"], ["CE", "cell 3"]]
+    one = regime_rows(table, models.assign(regime="A: x"))                      # one regime: one row, arms as named
+    assert len(one) == 1 and one[0][0] == "" and list(one[0][1]["label"]) == list(table["arm"])
+    assert len(regime_rows(table, models.drop(columns="regime"))) == 1
+    many = pd.DataFrame({"cell": range(MAX_REGIME_ROWS + 1), "regime": [f"r{i}" for i in range(MAX_REGIME_ROWS + 1)]})
+    assert len(regime_rows(many.assign(arm=many["regime"]), many)) == 1           # too many regimes: one row

@@ -220,21 +220,46 @@ def fig_phase(diagrams: list[dict], stem: Path) -> list[Path]:
     return _save(fig, stem)
 
 
+MAX_REGIME_ROWS = 8
+"""The interventions figure's most rows of panels, one per regime (more regimes: one row of every arm)."""
+
+
+def regime_rows(table: pd.DataFrame, models: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The interventions figure's rows: (regime, its arms with a `label` column: the arm without the regime)
+    per regime in the table's order when the run names 2 to MAX_REGIME_ROWS, else one row ("", every arm)."""
+    regime = (models.drop_duplicates("cell").set_index("cell")["regime"].reindex(table["cell"]).fillna("")
+              if "regime" in models else pd.Series("", index=table["cell"])).to_numpy()
+    names = list(dict.fromkeys(regime)) if 1 < len(set(regime)) <= MAX_REGIME_ROWS else [""]
+    rows = []
+    for name in names:
+        t = table.loc[regime == name].copy() if name else table.copy()
+        arms = [a.removeprefix(name).removeprefix(", ") if name else a for a in t["arm"]]
+        t["label"] = [a or f"cell {c}" for a, c in zip(arms, t["cell"])]
+        rows.append((name, t))
+    return rows
+
+
 def fig_interventions(table: pd.DataFrame, models: pd.DataFrame, curves: pd.DataFrame, stem: Path) -> list[Path]:
     """Mean test accuracy and SC rate over each arm's seeds against the step, one line per arm; of more than
-    MAX_LINES arms (an atlas's cells), MAX_LINES evenly spaced ones, and a legend for at most 12."""
+    MAX_LINES arms (an atlas's cells), MAX_LINES evenly spaced ones, and a legend for at most 12 a row. A run
+    whose blocks name regimes (the papers' settings, each with its own step budget) gets one row of panels
+    per regime, titled by it, its arms labelled without it."""
     if len(table) > MAX_LINES:
         table = table.iloc[np.linspace(0, len(table) - 1, MAX_LINES).round().astype(int)]
     c = A.cell_curves(models.loc[models["cell"].isin(table["cell"])], curves, metrics=("test_acc", "sc_rate"))
     by = dict(tuple(c.groupby(["cell", "metric"], sort=False)))       # one pass, not a scan per arm
     empty = c.iloc[:0]
-    fig, axes = _panels(2)
-    for ax, metric, label in zip(axes, ("test_acc", "sc_rate"), ("test accuracy", "SC rate (softmax readout)")):
-        for row in table.itertuples():
-            x = by.get((row.cell, metric), empty).sort_values("step")
-            ax.plot(x["step"], x["value"], label=row.arm or f"cell {row.cell}")
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-    if len(table) <= 12:
-        axes[0].legend(fontsize=7)
+    rows = regime_rows(table, models)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(9.0, 3.5 * len(rows)), squeeze=False)
+    for (name, t), pair in zip(rows, axes):
+        for ax, metric, label in zip(pair, ("test_acc", "sc_rate"), ("test accuracy", "SC rate (softmax readout)")):
+            for row in t.itertuples():
+                x = by.get((row.cell, metric), empty).sort_values("step")
+                ax.plot(x["step"], x["value"], label=row.label)
+            ax.set_xlabel("step")
+            ax.set_ylabel(label)
+        if name:
+            pair[0].set_title(name, loc="left")
+        if len(t) <= 12:
+            pair[0].legend(fontsize=7)
     return _save(fig, stem)
