@@ -2,9 +2,10 @@
 (config.TF_PRESETS["lee"]), Adam with coupled L2 decay 0.005, lr 1e-3, betas (0.9, 0.98), a 10-step linear
 warm-up, minibatches of 512, evaluated every 10 steps; seeds 0, 1, 2 in one batch.
 
-    OMP_NUM_THREADS=1 python benchmarks/results/peer_repro/fg_lee.py NAME STEPS LAMBDA [OUT_ROOT]
+    OMP_NUM_THREADS=1 python benchmarks/results/peer_repro/fg_lee.py NAME STEPS LAMBDA [OUT_ROOT [WD]]
 
-LAMBDA 2 is Grokfast-EMA (alpha 0.98, lambda 2), 0 the baseline. Trains through fastgrok.train.trainer.train
+LAMBDA 2 is Grokfast-EMA (alpha 0.98, lambda 2), 0 the baseline. WD (default 0.005, their README's Grokfast
+command) is the coupled L2 decay: 0 is their README's baseline command, which has no --weight_decay. Trains through fastgrok.train.trainer.train
 (the run directory OUT_ROOT/NAME holds models.parquet and curves.parquet), then prints a JSON line per model:
 the first evaluated step with test (their "validation") accuracy >= 0.95, and the accuracies every 100 steps.
 grok_threshold 0.95 makes each model stop at that step (T_grok), as every fastgrok run stops at its own end.
@@ -25,6 +26,7 @@ from fastgrok.train.trainer import Trainer, load_config, train
 
 name, steps, lam = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 root = sys.argv[4] if len(sys.argv) > 4 else "benchmarks/results/peer_repro"
+wd = float(sys.argv[5]) if len(sys.argv) > 5 else 0.005
 if steps == 0:                                  # a stopped run: its checkpoint's records
     cfg = load_config(f"{root}/{name}")
     trainer = Trainer(cfg, f"{root}/{name}", progress=False)
@@ -35,7 +37,7 @@ if steps == 0:                                  # a stopped run: its checkpoint'
     print("STOPPED", "at step", ck["step"], flush=True)
 else:
     cfg = TrainConfig(model="transformer", **TF_PRESETS["lee"], p=97, op="mul", train_frac=0.5, seeds=3, seed0=0,
-                      optimizer="adam", lr=1e-3, wd=0.005, beta1=0.9, beta2=0.98, warmup=10, batch_size=512,
+                      optimizer="adam", lr=1e-3, wd=wd, beta1=0.9, beta2=0.98, warmup=10, batch_size=512,
                       grokfast_alpha=0.98, grokfast_lambda=lam, steps=steps, eval_every=10, logit_every=200,
                       grok_threshold=0.95, dtype="float32", compile="off", device="cpu")
     print("CONFIG", json.dumps(cfg.to_dict()), flush=True)
