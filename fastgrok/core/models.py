@@ -242,6 +242,43 @@ class _Lookup(torch.autograd.Function):
         return _scatter_rows(grad_rows, idx, ctx.n_rows), None
 
 
+def _row_sum(rows: torch.Tensor) -> torch.Tensor:
+    """The sum over the rows: (M, N, H) -> (M, 1, H), by elementwise adds only, so each model's sum has the
+    same bits whatever M (a bmm with a column of ones, `_row_product(ones, rows)`, did not: one model's
+    1-row product went another BLAS path than three's) and whatever zero rows follow its own: blocks of
+    exactly ROW_BLOCK rows (the last padded with zero rows), each summed as a halving tree, the block sums
+    added in order."""
+    M, N, H = rows.shape
+    n_blocks = -(-N // ROW_BLOCK)
+    x = F.pad(rows, (0, 0, 0, n_blocks * ROW_BLOCK - N)).view(M, n_blocks, ROW_BLOCK, H)
+    w = ROW_BLOCK
+    while w > 1:
+        w //= 2
+        x = x[:, :, :w] + x[:, :, w:2 * w]
+    out = x[:, 0]
+    for j in range(1, n_blocks):
+        out = out + x[:, j]
+    return out                                                      # (M, 1, H)
+
+
+class _Broadcast(torch.autograd.Function):
+    """A row per model used by every sample: row (M, 1, H), n -> (M, n, H) (an expand). Its backward sums
+    the n rows' gradients by `_row_sum`, so rows appended with a zero gradient (a padded model's) change no
+    bit of the row's gradient, nor does the number of models."""
+
+    @staticmethod
+    def forward(row, n):
+        return row.expand(-1, n, -1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        return _row_sum(grad_rows), None
+
+
 def row_linear(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """x (M, ..., A) @ W (M, A, B) -> (M, ..., B), every leading index of x after M a row (`_RowLinear`)."""
     M, A = x.shape[0], x.shape[-1]
@@ -455,6 +492,80 @@ class Transformer:
         return torch.stack([a, b, eq], -1)
 
     def logits(self, flat, a, b):
+        """Logits (M, N, n_out), by two exact rewrites of `_logits_full`. Block 0's input at position t is
+        W_E[tok_t] + W_pos[t], a function of the token at t alone: its LN1, Q, K, V (and Lee's residual
+        ln_1(x)) are tables over the tokens that can appear there (p rows at a and b, one row per model at
+        the op and "="), gathered per sample. The last block's output is read at the last position only:
+        K and V at every position, Q, the attention, W_O, LN2 and the MLP at the last."""
+        P = self.layout.views(flat)
+        T, D, L, p = self.T, self.D, self.n_layers, self.p
+        varying = {0: a, T - 2: b}                                      # positions of a and b; the rest constant
+        const = {T - 1: p, 1: p + 1} if self.op_token else {T - 1: p}   # "=" and the op token
+        qs, ks, vs, xs = [], [], [], []
+        for t in range(T):
+            E = P["W_E"][:, :p] if t in varying else P["W_E"][:, const[t]:const[t] + 1]
+            x0 = E + P["W_pos"][:, t:t + 1]                             # (M, R, D): R = p, or 1 for a constant
+            h = self._norm(x0, P, "ln1_0")
+            cols = [self._linear(h, P, f"W_{c}0", f"b_{c}0") for c in "KV"]
+            full = L > 1 or t == T - 1                                  # position t's output is read
+            if full:
+                cols += [self._linear(h, P, "W_Q0", "b_Q0"), h if self.lee else x0]
+            table = torch.cat(cols, -1)
+            rows = (_Lookup.apply(table, varying[t]) if t in varying
+                    else _Broadcast.apply(table, a.shape[-1])).split(D, -1)     # each (M, N, D)
+            ks.append(rows[0])
+            vs.append(rows[1])
+            if full:
+                qs.append(rows[2])
+                xs.append(rows[3])
+        k, v = torch.stack(ks, 2), torch.stack(vs, 2)                   # (M, N, T, D)
+        if L == 1:
+            x = self._block_last(qs[0], k, v, xs[0], P, 0)              # (M, N, D)
+        else:
+            x = self._block_all(torch.stack(qs, 2), k, v, torch.stack(xs, 2), P, 0)
+        for i in range(1, L):
+            h = self._norm(x, P, f"ln1_{i}")
+            if self.lee:                                                # Lee et al.: x = ln_1(x); x = x + attn(x)
+                x = h
+            k, v = (self._linear(h, P, f"W_{c}{i}", f"b_{c}{i}") for c in "KV")
+            if i == L - 1:
+                q = self._linear(h[:, :, -1], P, f"W_Q{i}", f"b_Q{i}")
+                x = self._block_last(q, k, v, x[:, :, -1], P, i)        # (M, N, D)
+            else:
+                x = self._block_all(self._linear(h, P, f"W_Q{i}", f"b_Q{i}"), k, v, x, P, i)
+        x = self._norm(x, P, "lnf")                                     # (M, N, D)
+        return row_linear(x, P["W_U"])                                  # (M, N, n_out)
+
+    def _block_all(self, q, k, v, x, P, i):
+        """Block i after its Q, K, V (M, N, T, D) at every position: causal attention, W_O, LN2 and the MLP
+        on the residual x (M, N, T, D)."""
+        T, Nh, dh = q.shape[2], self.heads, self.D // self.heads
+        q, k, v = (y.unflatten(-1, (Nh, dh)).transpose(2, 3) for y in (q, k, v))    # (M, N, Nh, T, dh)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(dh)                 # (M, N, Nh, T, T)
+        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+        o = (att @ v).transpose(2, 3).flatten(-2)                       # (M, N, T, D)
+        return self._block_out(o, x, P, i)
+
+    def _block_last(self, q, k, v, x, P, i):
+        """Block i at the last position only: q (M, N, D) attends to k, v (M, N, T, D) (every position, no
+        mask needed); W_O, LN2 and the MLP on its residual x (M, N, D)."""
+        Nh, dh = self.heads, self.D // self.heads
+        q = q.unflatten(-1, (Nh, dh)).unsqueeze(-2)                     # (M, N, Nh, 1, dh)
+        k, v = (y.unflatten(-1, (Nh, dh)).transpose(2, 3) for y in (k, v))          # (M, N, Nh, T, dh)
+        att = ((q @ k.transpose(-1, -2)) / math.sqrt(dh)).softmax(-1)   # (M, N, Nh, 1, T)
+        o = (att @ v).flatten(-3)                                       # (M, N, D)
+        return self._block_out(o, x, P, i)
+
+    def _block_out(self, o, x, P, i):
+        """The residual stream after block i's attention output o: x + o W_O, then + MLP(LN2(x))."""
+        x = x + self._linear(o, P, f"W_O{i}", f"b_O{i}")
+        h = self._norm(x, P, f"ln2_{i}")
+        return x + self._linear(self.act(self._linear(h, P, f"W_in{i}", f"b_in{i}")), P, f"W_out{i}", f"b_out{i}")
+
+    def _logits_full(self, flat, a, b):
+        """The direct computation `logits` rewrites: every block at every position, block 0 on the gathered
+        rows W_E[tok] + W_pos (the reference of tests/test_transformer_tables.py)."""
         P = self.layout.views(flat)
         M, T = flat.shape[0], self.T
         tok = self.tokens(a, b)                                         # (N, T) or (M, N, T)
