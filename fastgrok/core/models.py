@@ -498,31 +498,27 @@ class Transformer:
         the op and "="), gathered per sample. The last block's output is read at the last position only:
         K and V at every position, Q, the attention, W_O, LN2 and the MLP at the last."""
         P = self.layout.views(flat)
-        T, D, L, p = self.T, self.D, self.n_layers, self.p
+        T, L, p, N = self.T, self.n_layers, self.p, a.shape[-1]
         varying = {0: a, T - 2: b}                                      # positions of a and b; the rest constant
         const = {T - 1: p, 1: p + 1} if self.op_token else {T - 1: p}   # "=" and the op token
-        qs, ks, vs, xs = [], [], [], []
-        for t in range(T):
+        x0, idx, off = [], [], 0
+        for t in range(T):                  # block 0's input rows, position after position: p rows or 1
             E = P["W_E"][:, :p] if t in varying else P["W_E"][:, const[t]:const[t] + 1]
-            x0 = E + P["W_pos"][:, t:t + 1]                             # (M, R, D): R = p, or 1 for a constant
-            h = self._norm(x0, P, "ln1_0")
-            cols = [self._linear(h, P, f"W_{c}0", f"b_{c}0") for c in "KV"]
-            full = L > 1 or t == T - 1                                  # position t's output is read
-            if full:
-                cols += [self._linear(h, P, "W_Q0", "b_Q0"), h if self.lee else x0]
-            table = torch.cat(cols, -1)
-            rows = (_Lookup.apply(table, varying[t]) if t in varying
-                    else _Broadcast.apply(table, a.shape[-1])).split(D, -1)     # each (M, N, D)
-            ks.append(rows[0])
-            vs.append(rows[1])
-            if full:
-                qs.append(rows[2])
-                xs.append(rows[3])
-        k, v = torch.stack(ks, 2), torch.stack(vs, 2)                   # (M, N, T, D)
-        if L == 1:
-            x = self._block_last(qs[0], k, v, xs[0], P, 0)              # (M, N, D)
+            x0.append(E + P["W_pos"][:, t:t + 1])
+            idx.append(varying[t] + off if t in varying else torch.full_like(a, off))
+            off += E.shape[1]
+        x0 = torch.cat(x0, 1)                                           # (M, R, D), R = 2p + T - 2
+        idx = torch.stack(idx, -1).flatten(-2)                          # (N T,) or (M, N T): each sample's rows
+        h = self._norm(x0, P, "ln1_0")
+        k, v = (_Lookup.apply(self._linear(h, P, f"W_{c}0", f"b_{c}0"), idx).unflatten(1, (N, T))
+                for c in "KV")                                          # (M, N, T, D)
+        res = h if self.lee else x0                                     # Lee et al.: x = ln_1(x)
+        if L == 1:                          # only "=" is read: its Q and residual, one row per model
+            q = _Broadcast.apply(self._linear(h[:, -1:], P, "W_Q0", "b_Q0"), N)     # (M, N, D)
+            x = self._block_last(q, k, v, _Broadcast.apply(res[:, -1:], N), P, 0)   # (M, N, D)
         else:
-            x = self._block_all(torch.stack(qs, 2), k, v, torch.stack(xs, 2), P, 0)
+            q = _Lookup.apply(self._linear(h, P, "W_Q0", "b_Q0"), idx).unflatten(1, (N, T))
+            x = self._block_all(q, k, v, _Lookup.apply(res, idx).unflatten(1, (N, T)), P, 0)
         for i in range(1, L):
             h = self._norm(x, P, f"ln1_{i}")
             if self.lee:                                                # Lee et al.: x = ln_1(x); x = x + attn(x)
@@ -549,12 +545,13 @@ class Transformer:
 
     def _block_last(self, q, k, v, x, P, i):
         """Block i at the last position only: q (M, N, D) attends to k, v (M, N, T, D) (every position, no
-        mask needed); W_O, LN2 and the MLP on its residual x (M, N, D)."""
+        mask needed; elementwise products and sums over dh and T, faster on a CPU than bmms of one row);
+        W_O, LN2 and the MLP on its residual x (M, N, D)."""
         Nh, dh = self.heads, self.D // self.heads
-        q = q.unflatten(-1, (Nh, dh)).unsqueeze(-2)                     # (M, N, Nh, 1, dh)
-        k, v = (y.unflatten(-1, (Nh, dh)).transpose(2, 3) for y in (k, v))          # (M, N, Nh, T, dh)
-        att = ((q @ k.transpose(-1, -2)) / math.sqrt(dh)).softmax(-1)   # (M, N, Nh, 1, T)
-        o = (att @ v).flatten(-3)                                       # (M, N, D)
+        q = q.unflatten(-1, (Nh, dh)).unsqueeze(2)                      # (M, N, 1, Nh, dh)
+        k, v = (y.unflatten(-1, (Nh, dh)) for y in (k, v))              # (M, N, T, Nh, dh)
+        att = ((q * k).sum(-1) / math.sqrt(dh)).softmax(2)              # (M, N, T, Nh)
+        o = (att.unsqueeze(-1) * v).sum(2).flatten(-2)                  # (M, N, D)
         return self._block_out(o, x, P, i)
 
     def _block_out(self, o, x, P, i):
