@@ -88,3 +88,23 @@ def test_row_sum_is_the_sum_and_ignores_padding_and_other_models():
     d = torch.randn(3, 700, 10, generator=g, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad(_Broadcast.apply(row, 700), row, d)[0],
                                torch.autograd.grad(row.expand(-1, 700, -1), row, d)[0], rtol=1e-13, atol=1e-13)
+
+
+def test_step_flops_counts_the_work_the_transformer_does():
+    """By hand (2 FLOPs a multiply-add, 3 products each): one layer, p = 59, d 128, MLP 512, 1,392 pairs:
+    per pair W_O, the MLP and W_U at "="; per step the K and V tables (2p + 1 rows) and "="'s Q. Two layers:
+    block 0's W_O and MLP at 3 tokens, block 1's K, V at 3 and Q, W_O, MLP at 1, its tables' Q on every row.
+    Lee's: 4 tokens, logits over the vocabulary (p + 2)."""
+    from fastgrok.core.models import step_flops
+    d, H, n = 128, 512, 1392
+    one = TrainConfig(model="transformer", p=59)
+    assert one.n_train == n
+    assert step_flops(one) == 6 * (n * (d * d + 2 * d * H + d * 59) + 119 * 2 * d * d + d * d)
+    two = TrainConfig(model="transformer", p=59, n_layers=2)
+    assert step_flops(two) == 6 * (n * (3 * (d * d + 2 * d * H) + 3 * 2 * d * d + 2 * d * d + 2 * d * H + d * 59)
+                                   + 119 * 3 * d * d)
+    lee = TrainConfig(model="transformer", p=59, **TF_PRESETS["lee"])
+    assert step_flops(lee) == 6 * (n * (4 * (d * d + 2 * d * H) + 4 * 2 * d * d + 2 * d * d + 2 * d * H + d * 61)
+                                   + 120 * 3 * d * d)
+    three = TrainConfig(model="transformer", p=59, n_layers=3)
+    assert step_flops(three) - step_flops(two) == 6 * n * 3 * (4 * d * d + 2 * d * H)
