@@ -504,7 +504,8 @@ class Transformer:
         W_E[tok_t] + W_pos[t], a function of the token at t alone: its LN1, Q, K, V (and Lee's residual
         ln_1(x)) are tables over the tokens that can appear there (p rows at a and b, one row per model at
         the op and "="), gathered per sample. The last block's output is read at the last position only:
-        K and V at every position, Q, the attention, W_O, LN2 and the MLP at the last."""
+        K and V at every position, Q, the attention, W_O, LN2 and the MLP at the last. In one layer that
+        query is "="'s, one row per model, so the scores are a table as well (every row's key against it)."""
         P = self.layout.views(flat)
         T, L, p, N = self.T, self.n_layers, self.p, a.shape[-1]
         varying = {0: a, T - 2: b}                                      # positions of a and b; the rest constant
