@@ -169,8 +169,8 @@ def _padded_and_unpadded_grads(model_cfg, per_model, threads):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("kind", ["mlp", "transformer", "transformer-2-layers-layernorm-per-model-rows",
-                                  "transformer-lee-per-model-rows", "transformer-nanda",
-                                  "peer-mlp-embed-2-layers", "peer-mlp-onehot-relu-per-model-rows"])
+                                  "transformer-lee-per-model-rows", "transformer-lee-1-layer-per-model-rows",
+                                  "transformer-nanda", "peer-mlp-embed-2-layers", "peer-mlp-onehot-relu-per-model-rows"])
 def test_rows_padded_with_zero_gradient_change_no_bit_of_the_gradient(kind, threads):
     """The property batched == solo rests on: a padded model (its rows followed by rows weighted 0) gets
     bitwise the gradient of its own rows. Sums over rows are blocks of 256 rows added in order
@@ -180,6 +180,7 @@ def test_rows_padded_with_zero_gradient_change_no_bit_of_the_gradient(kind, thre
     small = dict(model="transformer", p=59, d_model=64, d_mlp=256)
     cfg = {"mlp": TrainConfig(p=59, d_embed=64, hidden=128),
            "transformer-lee-per-model-rows": TrainConfig(**{**TF_PRESETS["lee"], **small}),
+           "transformer-lee-1-layer-per-model-rows": TrainConfig(**{**TF_PRESETS["lee"], **small, "n_layers": 1}),
            "transformer-nanda": TrainConfig(**{**TF_PRESETS["nanda"], **small}),
            "transformer": TrainConfig(model="transformer", p=59, d_model=64, d_mlp=256),
            "transformer-2-layers-layernorm-per-model-rows": TrainConfig(model="transformer", p=59, d_model=64,
@@ -241,8 +242,8 @@ def test_a_padded_transformer_trains_bit_for_bit_as_alone(tmp_path):
     _each_curve_as_alone(cfg, knobs, tmp_path)
 
 
-@pytest.mark.parametrize("preset", ["lee", "nanda"])
-def test_the_peers_transformers_train_bit_for_bit_as_alone(tmp_path, preset):
+@pytest.mark.parametrize("preset,n_layers", [("lee", 2), ("nanda", 2), ("lee", 1), ("nanda", 1)])
+def test_the_peers_transformers_train_bit_for_bit_as_alone(tmp_path, preset, n_layers):
     """The peers' transformers (config.TF_PRESETS: biases, the op token, logits over the vocabulary, ReLU,
     Lee et al.'s block, torch's init) with the per-model settings of their regimes (minibatches, Adam with
     coupled decay, warm-up, Grokfast, train fraction): every curve of each model equals its solo run's, bitwise."""
@@ -251,6 +252,6 @@ def test_the_peers_transformers_train_bit_for_bit_as_alone(tmp_path, preset):
     knobs = [{"optimizer": "adam", "wd": 0.005, "batch_size": 64, "warmup": 10, "grokfast_lambda": 2.0},
              {"train_frac": 0.3, "optimizer": "adam", "wd": 0.005, "batch_size": 100},
              {"train_frac": 0.45, "lr": 2e-3}]
-    cfg = TrainConfig(**{**TF_PRESETS[preset], "n_layers": 2, "d_model": 32, "d_mlp": 64, "n_heads": 2},
+    cfg = TrainConfig(**{**TF_PRESETS[preset], "n_layers": n_layers, "d_model": 32, "d_mlp": 64, "n_heads": 2},
                       model="transformer", p=31, steps=40, eval_every=10, compile="off", seeds=1)
     _each_curve_as_alone(cfg, knobs, tmp_path)

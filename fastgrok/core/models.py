@@ -242,6 +242,43 @@ class _Lookup(torch.autograd.Function):
         return _scatter_rows(grad_rows, idx, ctx.n_rows), None
 
 
+def _row_sum(rows: torch.Tensor) -> torch.Tensor:
+    """The sum over the rows: (M, N, H) -> (M, 1, H), by elementwise adds only, so each model's sum has the
+    same bits whatever M (a bmm with a column of ones, `_row_product(ones, rows)`, did not: one model's
+    1-row product went another BLAS path than three's) and whatever zero rows follow its own: blocks of
+    exactly ROW_BLOCK rows (the last padded with zero rows), each summed as a halving tree, the block sums
+    added in order."""
+    M, N, H = rows.shape
+    n_blocks = -(-N // ROW_BLOCK)
+    x = F.pad(rows, (0, 0, 0, n_blocks * ROW_BLOCK - N)).view(M, n_blocks, ROW_BLOCK, H)
+    w = ROW_BLOCK
+    while w > 1:
+        w //= 2
+        x = x[:, :, :w] + x[:, :, w:2 * w]
+    out = x[:, 0]
+    for j in range(1, n_blocks):
+        out = out + x[:, j]
+    return out                                                      # (M, 1, H)
+
+
+class _Broadcast(torch.autograd.Function):
+    """A row per model used by every sample: row (M, 1, H), n -> (M, n, H) (an expand). Its backward sums
+    the n rows' gradients by `_row_sum`, so rows appended with a zero gradient (a padded model's) change no
+    bit of the row's gradient, nor does the number of models."""
+
+    @staticmethod
+    def forward(row, n):
+        return row.expand(-1, n, -1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        return _row_sum(grad_rows), None
+
+
 def row_linear(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """x (M, ..., A) @ W (M, A, B) -> (M, ..., B), every leading index of x after M a row (`_RowLinear`)."""
     M, A = x.shape[0], x.shape[-1]
@@ -380,6 +417,14 @@ class Transformer:
     rest / sqrt(fan_in) (see `fans` below). The tf_* settings give the peers' conventions (config.py,
     TF_PRESETS; docs/training.md): the op token, logits over the whole vocabulary, ReLU, biases, Lee et
     al.'s block (the residual stream through LN1) and PyTorch's or Nanda et al.'s initial weights.
+
+    `logits` skips work whose value is the same or discarded (issue 31; exact algebra, so it equals the direct
+    computation, `_logits_full`, to float rounding: float64 within 1e-12 relative, float32 at rounding level):
+    block 0's LN1, Q, K and V are per-position tables over the tokens a position can hold (p rows at a and
+    b, one row per model at the op and "="), gathered per pair, and the last block runs its attention, W_O,
+    LN2 and MLP at the last position only (the one the unembedding reads). In one layer, per pair only the
+    attention mix (over tabled scores and values), W_O, the MLP and W_U run. Every new sum over rows keeps
+    batched == solo bitwise (`_Lookup`, `_Broadcast`).
     """
 
     def __init__(self, cfg: TrainConfig):
@@ -455,6 +500,84 @@ class Transformer:
         return torch.stack([a, b, eq], -1)
 
     def logits(self, flat, a, b):
+        """Logits (M, N, n_out), by two exact rewrites of `_logits_full`. Block 0's input at position t is
+        W_E[tok_t] + W_pos[t], a function of the token at t alone: its LN1, Q, K, V (and Lee's residual
+        ln_1(x)) are tables over the tokens that can appear there (p rows at a and b, one row per model at
+        the op and "="), gathered per sample. The last block's output is read at the last position only:
+        K and V at every position, Q, the attention, W_O, LN2 and the MLP at the last. In one layer that
+        query is "="'s, one row per model, so the scores are a table as well (every row's key against it)."""
+        P = self.layout.views(flat)
+        T, L, p, N = self.T, self.n_layers, self.p, a.shape[-1]
+        varying = {0: a, T - 2: b}                                      # positions of a and b; the rest constant
+        const = {T - 1: p, 1: p + 1} if self.op_token else {T - 1: p}   # "=" and the op token
+        x0, idx, off = [], [], 0
+        for t in range(T):                  # block 0's input rows, position after position: p rows or 1
+            E = P["W_E"][:, :p] if t in varying else P["W_E"][:, const[t]:const[t] + 1]
+            x0.append(E + P["W_pos"][:, t:t + 1])
+            idx.append(varying[t] + off if t in varying else torch.full_like(a, off))
+            off += E.shape[1]
+        x0 = torch.cat(x0, 1)                                           # (M, R, D), R = 2p + T - 2
+        idx = torch.stack(idx, -1).flatten(-2)                          # (N T,) or (M, N T): each sample's rows
+        h = self._norm(x0, P, "ln1_0")
+        k = self._linear(h, P, "W_K0", "b_K0")                          # (M, R, D)
+        v = _Lookup.apply(self._linear(h, P, "W_V0", "b_V0"), idx).unflatten(1, (N, T))  # (M, N, T, D)
+        res = h if self.lee else x0                                     # Lee et al.: x = ln_1(x)
+        if L == 1:
+            # only "=" is read: its query is one row per model, so the scores too are a table, each row's
+            # key against that query; the residual at "=", one row per model
+            q = _Broadcast.apply(self._linear(h[:, -1:], P, "W_Q0", "b_Q0"), k.shape[1])
+            s = _Lookup.apply(self._scores(q, k), idx).unflatten(1, (N, T))            # (M, N, T, Nh)
+            x = self._block_last(s, v, _Broadcast.apply(res[:, -1:], N), P, 0)        # (M, N, D)
+        else:
+            q, k = (_Lookup.apply(y, idx).unflatten(1, (N, T)) for y in (self._linear(h, P, "W_Q0", "b_Q0"), k))
+            x = self._block_all(q, k, v, _Lookup.apply(res, idx).unflatten(1, (N, T)), P, 0)
+        for i in range(1, L):
+            h = self._norm(x, P, f"ln1_{i}")
+            if self.lee:                                                # Lee et al.: x = ln_1(x); x = x + attn(x)
+                x = h
+            k, v = (self._linear(h, P, f"W_{c}{i}", f"b_{c}{i}") for c in "KV")
+            if i == L - 1:
+                q = self._linear(h[:, :, -1], P, f"W_Q{i}", f"b_Q{i}")                   # (M, N, D)
+                x = self._block_last(self._scores(q.unsqueeze(2), k), v, x[:, :, -1], P, i)   # (M, N, D)
+            else:
+                x = self._block_all(self._linear(h, P, f"W_Q{i}", f"b_Q{i}"), k, v, x, P, i)
+        x = self._norm(x, P, "lnf")                                     # (M, N, D)
+        return row_linear(x, P["W_U"])                                  # (M, N, n_out)
+
+    def _block_all(self, q, k, v, x, P, i):
+        """Block i after its Q, K, V (M, N, T, D) at every position: causal attention, W_O, LN2 and the MLP
+        on the residual x (M, N, T, D)."""
+        T, Nh, dh = q.shape[2], self.heads, self.D // self.heads
+        q, k, v = (y.unflatten(-1, (Nh, dh)).transpose(2, 3) for y in (q, k, v))    # (M, N, Nh, T, dh)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(dh)                 # (M, N, Nh, T, T)
+        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+        o = (att @ v).transpose(2, 3).flatten(-2)                       # (M, N, T, D)
+        return self._block_out(o, x, P, i)
+
+    def _scores(self, q, k):
+        """Attention scores q.k / sqrt(dh) per head, q broadcast against k (..., D) -> (..., Nh): elementwise
+        products and a sum over dh (on a CPU faster than bmms of one query row)."""
+        Nh, dh = self.heads, self.D // self.heads
+        return (q * k).unflatten(-1, (Nh, dh)).sum(-1) / math.sqrt(dh)
+
+    def _block_last(self, s, v, x, P, i):
+        """Block i at the last position only, from its scores s (M, N, T, Nh) against every position (no
+        mask needed) and the values v (M, N, T, D): the attention mix, W_O, LN2 and the MLP on its residual
+        x (M, N, D)."""
+        att = s.softmax(2).unsqueeze(-1)                                # (M, N, T, Nh, 1)
+        o = (att * v.unflatten(-1, (self.heads, self.D // self.heads))).sum(2).flatten(-2)   # (M, N, D)
+        return self._block_out(o, x, P, i)
+
+    def _block_out(self, o, x, P, i):
+        """The residual stream after block i's attention output o: x + o W_O, then + MLP(LN2(x))."""
+        x = x + self._linear(o, P, f"W_O{i}", f"b_O{i}")
+        h = self._norm(x, P, f"ln2_{i}")
+        return x + self._linear(self.act(self._linear(h, P, f"W_in{i}", f"b_in{i}")), P, f"W_out{i}", f"b_out{i}")
+
+    def _logits_full(self, flat, a, b):
+        """The direct computation `logits` rewrites: every block at every position, block 0 on the gathered
+        rows W_E[tok] + W_pos (the reference of tests/test_transformer_tables.py)."""
         P = self.layout.views(flat)
         M, T = flat.shape[0], self.T
         tok = self.tokens(a, b)                                         # (N, T) or (M, N, T)
@@ -545,19 +668,34 @@ def build_model(cfg: TrainConfig):
 
 
 def step_flops(cfg: TrainConfig) -> float:
-    """Nominal FLOPs of one model's training step in the direct form (no table tricks): per train pair,
-    forward and backward, 3 products with each weight matrix it uses (2 FLOPs a multiply-add): the MLP's
-    2d x H (2p x H on one-hot inputs), its other hidden layers' H x H and H x V, the transformer's attention
-    and MLP on its 3 tokens (4 with an op token) and the unembedding on the last; per step, on a minibatch's
-    rows where the models draw minibatches (batch_size), else on every train pair.
+    """Nominal FLOPs of one model's training step: forward and backward, 3 products with each weight matrix
+    it uses (2 FLOPs a multiply-add), per train pair, on a minibatch's rows where the models draw
+    minibatches (batch_size), else on every train pair. The MLPs in the direct form (no table tricks): 2d x H
+    (2p x H on one-hot inputs), the other hidden layers' H x H and H x V. The transformer as it runs
+    (`Transformer.logits`): per pair W_O and the MLP on its T tokens (3, 4 with an op token) in block 0
+    (only at the last in a 1-layer model), every product at every token in the middle blocks, K and V at
+    every token and Q, W_O and the MLP at the last in the last block, and the unembedding; per step,
+    block 0's Q, K, V tables (2p + T - 2 rows; Q only on "=" in a 1-layer model). The attention's scores
+    and mix (no weight matrix) are not counted.
     The one cost model of time: `fastgrok experiments` scales its CPU time by it (grid.sizes) and
     `fastgrok bench` reports FLOP/s against it (bench.sections)."""
+    per_step = 0
     if cfg.model == "mlp":
         n_in = 2 * cfg.p if cfg.mlp_input == "onehot" else 2 * cfg.d_embed
         per_pair = n_in * cfg.hidden + (cfg.mlp_layers - 1) * cfg.hidden ** 2 + cfg.hidden * cfg.p
     else:
-        d, tokens = cfg.d_model, len(cfg.tf_tokens.split())
-        per_pair = tokens * (4 * d * d + 2 * d * cfg.d_mlp) * cfg.n_layers + d * cfg.p
+        d, L, T = cfg.d_model, cfg.n_layers, len(cfg.tf_tokens.split())
+        mlp = 2 * d * cfg.d_mlp
+        n_out = cfg.p + T - 2 if cfg.tf_unembed == "vocab" else cfg.p       # the vocabulary: p, "=", the op
+        if L == 1:
+            per_pair = d * d + mlp                                      # W_O and the MLP at "="
+        else:
+            per_pair = (T * (d * d + mlp)                               # block 0: W_O, MLP at every token
+                        + (L - 2) * T * (4 * d * d + mlp)               # the middle blocks
+                        + T * 2 * d * d + 2 * d * d + mlp)              # last: K, V at every token; Q, W_O, MLP
+        per_pair += d * n_out                                           # the unembedding
+        table_rows = 2 * cfg.p + T - 2                                  # block 0's tables: a, b, "=" (, op)
+        per_step = table_rows * 2 * d * d + (table_rows if L > 1 else 1) * d * d          # K, V; Q
     # the rows a step trains: a minibatch (the batch's largest) or every train pair
     rows = max(cfg.n_train if b is None else min(b, cfg.n_train) for b in cfg.values("batch_size"))
-    return 6.0 * rows * per_pair
+    return 6.0 * (rows * per_pair + per_step)

@@ -10,7 +10,9 @@ tested (`tests/test_memory.py`). Its terms, per model, in elements of the workin
     the transformer's activations for its backward):
         MLP          (M, N, H) pre-activations, GeLU, gathers; (M, N, V) logits, softmax, grad
         transformer  (M, N, 3, D) residual, q/k/v, attention out; (M, N, Nh, 3, 3) scores;
-                     (M, N, 3, d_mlp) MLP in/out; (M, N, V) logits
+                     (M, N, 3, d_mlp) MLP in/out; (M, N, V) logits; in one layer (block 0 from tables,
+                     the rest at the last position only, issue 31) (M, N, 3, D) values and their mix,
+                     (M, N, 3, Nh) scores, (M, N, D) residual and attention out, (M, N, d_mlp) MLP in/out
     and, with the MLP's opt-in restricted and excluded losses, more (M, N, V) tensors at the evaluation (the
     logits gathered per residue, the key part per pair, the excluded logits and their loss pass)
 plus a fixed cost (allocator arenas, oneDNN buffers; torch.compile's compiler, when it compiles).
@@ -36,6 +38,11 @@ MLP_H, MLP_V = 6, 10
 TF_D, TF_MLP, TF_ATT, TF_V = 16, 6, 8, 10
 """Transformer: (M, N, T, D), (M, N, T, d_mlp), (M, N, Nh, T, T) and (M, N, V) tensors alive at the peak (T = 3
 tokens, or 4 with the op token)."""
+TF1_TD, TF1_D = 6, 10
+"""One layer (`Transformer.logits` runs only the values' mix at every token): (M, N, T, D) and (M, N, D)
+tensors alive at the peak, beside TF_MLP (M, N, d_mlp), TF_ATT (M, N, T, Nh) and TF_V (M, N, V) ones.
+Estimated from the two-layer terms, not measured term by term: at p = 43 the bound is 2.1x the measured
+cost of one more model (27.7 MiB, tests/test_memory.py), the old terms' 4.4x."""
 RESTRICTED_V = 12
 """More (M, N, V) tensors alive at the evaluation's peak with `restricted_loss` (MLP): measured 9.3 at p = 97
 (90 vs 57 MiB per model, `benchmarks/memory_peak.py --case mlp 97 10 off --restricted-loss`), rounded up."""
@@ -55,7 +62,10 @@ def bytes_per_model(cfg: TrainConfig) -> int:
         rows = MLP_H * cfg.hidden * cfg.mlp_layers + (MLP_V + (RESTRICTED_V if cfg.restricted_loss else 0)) * V
     else:                                   # T tokens a row (4 with Lee et al.'s op token), n_out logits
         T, V = model.T, model.n_out
-        rows = T * (TF_D * cfg.d_model + TF_MLP * cfg.d_mlp + TF_ATT * T * cfg.n_heads) + TF_V * V
+        if cfg.n_layers == 1:
+            rows = T * (TF1_TD * cfg.d_model + TF_ATT * cfg.n_heads) + TF1_D * cfg.d_model + TF_MLP * cfg.d_mlp + TF_V * V
+        else:
+            rows = T * (TF_D * cfg.d_model + TF_MLP * cfg.d_mlp + TF_ATT * T * cfg.n_heads) + TF_V * V
     dsize = 8 if cfg.dtype == "float64" else 4
     index = 3 * 8 * cfg.n_train + cfg.n_pairs                      # train rows a, b, y (int64), train mask
     return dsize * (PARAM_COPIES * P + N * rows) + 3 * index
