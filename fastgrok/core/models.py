@@ -584,20 +584,12 @@ class Transformer:
         idx = tok.reshape(-1) if tok.dim() == 2 else tok.reshape(M, -1)
         x = _Lookup.apply(P["W_E"], idx).view(M, -1, T, self.D)         # (M, N, T, D)
         x = x + P["W_pos"][:, None]                                     # (M, N, T, D)
-        Nh, dh = self.heads, self.D // self.heads
-        causal = torch.ones(T, T, dtype=torch.bool, device=flat.device).tril()
         for i in range(self.n_layers):
             h = self._norm(x, P, f"ln1_{i}")
             if self.lee:                                                # Lee et al.: x = ln_1(x); x = x + attn(x)
                 x = h
-            q, k, v = (self._linear(h, P, f"W_{c}{i}", f"b_{c}{i}").unflatten(-1, (Nh, dh)).transpose(2, 3)
-                       for c in "QKV")                                  # (M, N, Nh, T, dh)
-            att = (q @ k.transpose(-1, -2)) / math.sqrt(dh)             # (M, N, Nh, T, T)
-            att = att.masked_fill(~causal, float("-inf")).softmax(-1)
-            o = (att @ v).transpose(2, 3).flatten(-2)                   # (M, N, T, D)
-            x = x + self._linear(o, P, f"W_O{i}", f"b_O{i}")
-            h = self._norm(x, P, f"ln2_{i}")
-            x = x + self._linear(self.act(self._linear(h, P, f"W_in{i}", f"b_in{i}")), P, f"W_out{i}", f"b_out{i}")
+            q, k, v = (self._linear(h, P, f"W_{c}{i}", f"b_{c}{i}") for c in "QKV")   # (M, N, T, D)
+            x = self._block_all(q, k, v, x, P, i)
         x = self._norm(x[:, :, -1], P, "lnf")                           # (M, N, D)
         return row_linear(x, P["W_U"])                                  # (M, N, n_out)
 
