@@ -40,6 +40,13 @@ def _labels_2d(labels: torch.Tensor, M: int, N: int) -> torch.Tensor:
     return labels.expand(M, N) if labels.dim() == 1 else labels
 
 
+def _onehot(y: torch.Tensor, V: int, wdt) -> torch.Tensor:
+    """(..., V) in wdt: 1 at each label, 0 elsewhere. A compare, not F.one_hot, whose range checks sync the
+    host on CUDA and add a kernel (and its C++ build) to a compiled step. The tasks' labels are in [0, V)
+    by construction (fastgrok.core.data)."""
+    return (y[..., None] == torch.arange(V, device=y.device)).to(wdt)
+
+
 def _row_weights(mask: torch.Tensor | None, M: int, N: int, wdt, device) -> torch.Tensor:
     """(M, N) weight of each row in its model's mean: 1/count on masked rows, 0 elsewhere."""
     if mask is None:
@@ -58,7 +65,7 @@ def tempered_ce_reference(logits, labels, tau, mask=None, kind=None):
     s_y = s.gather(-1, y[..., None])[..., 0]                        # (M, N)
     w = _row_weights(mask, M, N, wdt, logits.device)                # (M, N)
     prob = torch.softmax(s, -1)                                     # (M, N, V)
-    onehot = torch.nn.functional.one_hot(y, V).to(wdt)
+    onehot = _onehot(y, V, wdt)
     if kind is None:                                                # every model softmax CE
         row = lse - s_y                                             # (M, N)
         dlds = prob - onehot                                        # (M, N, V)
@@ -108,7 +115,7 @@ def tempered_mse_reference(logits, labels, tau, mask=None):
     y = _labels_2d(labels, M, N).long()
     t = tau.to(wdt)[:, None, None]
     s = logits.to(wdt) / t
-    onehot = torch.nn.functional.one_hot(y, V).to(wdt)
+    onehot = _onehot(y, V, wdt)
     diff = s - onehot
     w = _row_weights(mask, M, N, wdt, logits.device)
     row = (diff * diff).sum(-1)

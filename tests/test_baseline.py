@@ -8,7 +8,7 @@ import torch
 
 from fastgrok.bench.baseline import BaselineCell, run_baseline
 from fastgrok.config import TrainConfig
-from fastgrok.core.models import MLP, _scatter_rows, _segment_sum, segment_plan
+from fastgrok.core.models import MLP, _scatter_rows, _segment_sum, flat_row_index, segment_plan
 from fastgrok.core.step import make_lossfn
 from fastgrok.train.trainer import Trainer
 
@@ -39,6 +39,48 @@ def test_run_baseline_counts_steps_and_readouts():
     assert res.steps == 20 and res.seeds == 3 and res.seconds > 0 and res.seed_steps_per_s > 0
     assert [e[0] for e in res.evals] == [0, 5, 10, 15, 20]
     assert [s for s, _ in res.logit_scale] == [0, 10, 20]
+
+
+def _sums_in_row_order(rows, idx, R, keep=None):
+    """The independent reference: each model's rows added one at a time, in row order, into its table."""
+    M, N, H = rows.shape
+    out = torch.zeros(M, R, H, dtype=rows.dtype)
+    for m in range(M):
+        for n in range(N):
+            if keep is None or keep[m, n]:
+                out[m, idx[m, n]] += rows[m, n]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scatter_rows_adds_in_row_order(dtype):
+    """`_scatter_rows` (index_add_ over the stacked tables) gives the bits of adding each row in turn, and
+    of scatter_add_ along N (what it replaced); with a flat index that leaves rows out, those rows' bits."""
+    g = torch.Generator().manual_seed(2)
+    M, N, R, H = 3, 97, 13, 37
+    idx = torch.randint(0, R, (M, N), generator=g)
+    idx[2] = idx[2].clamp_max(R - 3)                                    # values with no rows
+    rows = (torch.randn(M, N, H, generator=g) * torch.logspace(-3, 3, N)[None, :, None]).to(dtype)
+    ref = _sums_in_row_order(rows, idx, R)
+    got = _scatter_rows(rows, idx, R)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    scatter = rows.new_zeros(M, R, H).scatter_add_(1, idx[..., None].expand(-1, -1, H), rows)
+    torch.testing.assert_close(got, scatter, rtol=0, atol=0)
+    keep = torch.rand(M, N, generator=g) > 0.3
+    got = _scatter_rows(rows, idx, R, flat_row_index(idx, R, keep))
+    torch.testing.assert_close(got, _sums_in_row_order(rows, idx, R, keep), rtol=0, atol=0)
+
+
+def test_scatter_rows_compiled_is_eager():
+    """Under torch.compile the sums are the same ATen call (an operator of fastgrok's own), bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    M, N, R, H = 2, 59, 11, 16
+    idx = torch.randint(0, R, (M, N), generator=g)
+    rows = torch.randn(M, N, H, generator=g)
+    flat = flat_row_index(idx, R)
+    f = torch.compile(lambda r, i, fl: _scatter_rows(r * 1.5, i, R, fl), fullgraph=True)
+    torch.testing.assert_close(f(rows, idx, flat), _sums_in_row_order(rows * 1.5, idx, R), rtol=0, atol=0)
 
 
 def test_segment_plan_sums_like_scatter_add():
