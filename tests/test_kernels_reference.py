@@ -363,3 +363,20 @@ def test_loss_string_and_kind_checked():
         K.loss_and_grad(z, y, tau, mask, backend="torch", loss="mse", kind=torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="loss must be one of"):
         K.loss_and_stats(z, y, tau, mask, backend="torch", loss="stablemax")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lse_and_softmax_compiled_is_the_two_calls(dtype):
+    """The compiled twin's logsumexp and softmax from one exp pass (`_lse_and_softmax`) have the bits of
+    torch.logsumexp and torch.softmax compiled, for odd V, huge logits, a row with -inf and one at +inf."""
+    from fastgrok.kernels.reference import _lse_and_softmax
+    g = torch.Generator().manual_seed(5)
+    two = torch.compile(lambda s: (torch.logsumexp(s, -1), torch.softmax(s, -1)), fullgraph=True)
+    one = torch.compile(_lse_and_softmax, fullgraph=True)
+    for shape, scale in [((3, 50, 97), 1.0), ((2, 31, 113), 1e3), ((4, 10, 7), 30.0), ((2, 9, 59), 1e30)]:
+        s = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+        s[0, 0, 3] = -math.inf
+        s[1, 1, :] = -math.inf
+        s[1, 2, 0] = math.inf
+        for a, b in zip(two(s), one(s)):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
