@@ -174,7 +174,7 @@ def index_add_rows(rows: torch.Tensor, index: torch.Tensor, n_out: int) -> torch
     row order (index_add_'s documented order; on a CPU serial along the index, so deterministic).
 
     An operator of its own so that torch.compile calls ATen's kernel instead of lowering it: inductor's own
-    scatter is ~2x slower on a CPU, and the gather-and-add form (`_segment_sum`) compiles ~5 s longer. On
+    scatter is ~2x slower on a CPU, and the gather-and-add form (`_segment_sum`) compiles ~4 s longer. On
     CUDA index_add_ adds atomically, in no fixed order: the compiled CUDA step uses `_segment_sum`."""
     return rows.new_zeros(n_out, rows.shape[1]).index_add_(0, index, rows)
 
