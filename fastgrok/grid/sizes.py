@@ -16,17 +16,19 @@ from fastgrok.config import TrainConfig
 from fastgrok.core.models import step_flops
 from fastgrok.grid.experiments import ExperimentSpec
 
-WORK_S = 3.73e-3
+WORK_S = 3.64e-3
 """Seconds per model-step per unit of the study MLP's work at p = 59 (one thread, compiled)."""
-FIXED_S = 0.34e-3
+FIXED_S = 0.26e-3
 """Seconds per model-step whatever its size: the optimizer, the evaluations, per-row elementwise work."""
 TRANSFORMER = 3.6
-"""The transformer's model-step time over the MLP fit's at the same work (27.6 / 7.64 ms at p = 59, its work
+"""The transformer's model-step time over the MLP fit's at the same work (26.9 / 7.38 ms at p = 59, its work
 as `step_flops` counts it since issue 31's rewrites; before them 98.4 / 28.0 ms)."""
-EAGER = 2.1
-"""The uncompiled MLP's model-step time over the compiled one's (8.78 / 4.16 ms at p = 59)."""
-FLOAT64 = 2.9
-"""A float64 model-step's time over a float32 one's (10.31 / 3.51 ms, the study MLP at p = 59, compiled)."""
+EAGER = 1.9
+"""The uncompiled MLP's model-step time over the compiled one's (7.46 / 3.90 ms at p = 59; 8.78 / 4.16 before
+the table sums by index_add_)."""
+FLOAT64 = 2.4
+"""A float64 model-step's time over a float32 one's (9.28 / 3.90 ms, the study MLP at p = 59, compiled;
+10.31 / 3.51 before the table sums by index_add_)."""
 COMPILE_S = 45.0
 """Seconds to compile one batch's step and evaluation on a CPU (p = 59 MLP; more at large train fractions)."""
 
