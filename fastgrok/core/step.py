@@ -302,8 +302,11 @@ def keep_freed_memory() -> bool:
 
 
 QUICK_STEPS = 2000
-"""compile "auto" on a CPU stays eager for runs of at most this many steps: a cold compile of the p = 59
-step costs ~45 s, about what compiling saves over 1,000-2,000 steps (benchmarks/RESULTS.md)."""
+"""compile "auto" on a CPU stays eager for runs of at most this many steps. Measured 2026-12-07 (one thread,
+benchmarks/ensemble_vs_fastgrok.py, RESULTS.md): a cold compile of the p = 59 step and evaluation takes
+~11 s (~9 s at M = 1) after inductor's one-off ISA probe (~14 s a process); compiled, a step saves ~43 ms
+at M = 12 (46 vs 89 ms) but ~3 ms at M = 1 (3.3 vs 6.5): even at ~600 steps at M = 12, at ~7,000 at
+M = 1. 2,000 was set when compiling cost ~45 s; it is kept between the two."""
 
 
 def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
