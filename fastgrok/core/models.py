@@ -409,8 +409,9 @@ class MLP:
     def loss_and_grads(self, flat, a, b, y, lossfn, plan: dict | None = None):
         """Forward, fused loss, hand-written backward. Returns (loss (M,), grad (M, P), stats).
 
-        `plan` (from `self.plan(a, b)`, optional) replaces the scatter-adds of the backward; it pays
-        off under torch.compile only.
+        `plan` (from `self.plan(a, b)`, optional), built once per split: on a CPU the flat row indices of
+        the sums (`flat_row_index`), on CUDA the gathers that replace the atomic index_add_ (`_segment_sum`;
+        used by the compiled step).
         """
         P = self.layout.views(flat)
         d, M = self.d, flat.shape[0]
@@ -418,13 +419,15 @@ class MLP:
         TA, TB = self._tables(P)                                    # (M, p, H)
         pre = _rows(TA, a) + _rows(TB, b) + P["b1"][:, None]        # (M, N, H)
         h = F.gelu(pre)
-        # bmm, then the bias: the same bits as baddbmm, whose MKL path took 1.5x the bmm's time (6.1 vs
-        # 3.9 ms at p = 59, M = 12, 1 thread); compiled, the add fuses into the loss's kernel
+        # bmm, then the bias: the same bits as baddbmm (measured with MKL on an AVX-512 CPU, eager and
+        # compiled), whose path took 1.5x the bmm's time (6.1 vs 3.9 ms at p = 59, M = 12, 1 thread);
+        # compiled, the add fuses into the loss's kernel
         z = torch.bmm(h, P["W2"]) + P["b2"][:, None]                # (M, N, V)
         # fused loss: per-model mean, dL/dz and readouts in one call
         loss, dz, stats = lossfn(z, y)
         # backward
-        # as (dz^T h)^T: the same sums and bits as h^T dz, in 0.7x the time (MKL prefers this layout)
+        # as (dz^T h)^T: the same sums as h^T dz, in 0.7x the time (MKL prefers this layout; the same bits
+        # there, measured on an AVX-512 CPU: another BLAS may block the two layouts differently)
         dW2 = _row_product(dz, h).transpose(1, 2)                   # (M, H, V)
         db2 = dz.sum(1)                                             # (M, V)
         if torch.compiler.is_compiling():

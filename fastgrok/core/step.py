@@ -210,17 +210,18 @@ def train_step(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch)
 def evaluate(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch, pass_fn=None) -> torch.Tensor:
     """All pairs through every model: (M, n) float64 of `eval_metrics(model, cfg)`. The caller syncs once to
     read it. pass_fn: `evaluate_pass` compiled (build_step_fns); the weights' readouts stay eager."""
-    base, restricted = (pass_fn or functools.partial(evaluate_pass, model, cfg, backend))(state, batch)
+    base, fourier, restricted = (pass_fn or functools.partial(evaluate_pass, model, cfg, backend))(state, batch)
     flat = state["flat"]
-    fourier, _ = fourier_stats(embedding(model, model.layout.views(flat)))
+    if fourier is None:
+        fourier, _ = fourier_stats(embedding(model, model.layout.views(flat)))
     return torch.cat([base, fourier, matrix_norms(model, flat)] + ([restricted] if cfg.restricted_loss else []), 1)
 
 
 def evaluate_pass(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch):
-    """The pass over all pairs: (M, N_EVAL) float64 of EVAL_METRICS, and with cfg.restricted_loss (M, 2) the
-    restricted and excluded losses (else None). Compiled with the step; `evaluate` adds the readouts of
-    the weights alone (Fourier, norms), eager: a few small ops (~2.5 ms at p = 59, M = 12 on one CPU
-    thread) that compiled cost ~1.5 s of compilation."""
+    """The pass over all pairs: (M, N_EVAL) float64 of EVAL_METRICS; with cfg.restricted_loss (MLP) also the
+    Fourier columns whose key frequencies it uses, and (M, 2) the restricted and excluded losses (else None,
+    None). Compiled with the step; `evaluate` adds the readouts of the weights alone (Fourier, norms), eager:
+    a few small ops (~2.5 ms at p = 59, M = 12 on one CPU thread) that compiled cost ~1.5 s of compilation."""
     flat = state["flat"]
     z = model.logits(flat, batch.a, batch.b)                            # (M, N, V)
     mask = batch.train_mask
@@ -245,10 +246,10 @@ def evaluate_pass(model, cfg: TrainConfig, backend: str, state: dict, batch: Bat
         v = batch.valid.to(wdt)
         logit_scale = (st.logit_norm * v).sum(1) / v.sum(1)
     # (opt-in) the restricted and excluded losses of the MLP on a + b, at the embedding's key frequencies
-    restricted = None
+    fourier = restricted = None
     if cfg.restricted_loss:
         if cfg.model == "mlp":
-            _, key_freqs = fourier_stats(embedding(model, model.layout.views(flat)))
+            fourier, key_freqs = fourier_stats(embedding(model, model.layout.views(flat)))
             r = restricted_excluded(z, batch.a, batch.b, batch.y, key_freqs, batch.tau, mask, batch.valid,
                                     backend=backend, loss=loss_name(cfg, batch), kind=batch.kind)
             restricted = torch.stack(r, 1)
@@ -262,13 +263,14 @@ def evaluate_pass(model, cfg: TrainConfig, backend: str, state: dict, batch: Bat
         logit_scale.to(f64),
         wn.to(f64),
         test_loss.to(f64),
-    ], 1), restricted
+    ], 1), fourier, restricted
 
 
 def ensure_plan(model, batch: Batch) -> Batch:
     """Attach the model's index plan for the batch's train rows (once; rebuilt if the rows are replaced).
 
-    The plan is the compiled step's (see models.MLP.plan): the eager step does better without it."""
+    The plan is the compiled step's (see models.MLP.plan); eager, the CPU step forms its flat row indices
+    each step (a few (M, N) integer ops) and the CUDA step adds atomically."""
     if not hasattr(model, "plan") or batch.mb_idx is not None:     # (minibatches: rows change every step)
         return batch
     plan = batch.plan

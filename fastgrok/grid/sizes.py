@@ -30,7 +30,10 @@ FLOAT64 = 2.4
 """A float64 model-step's time over a float32 one's (9.28 / 3.90 ms, the study MLP at p = 59, compiled;
 10.31 / 3.51 before the table sums by index_add_)."""
 COMPILE_S = 45.0
-"""Seconds to compile one batch's step and evaluation on a CPU (p = 59 MLP; more at large train fractions)."""
+"""Seconds to compile one batch's step and evaluation on a CPU (p = 59 MLP; more at large train fractions).
+Set when that took ~45 s; kept, not re-measured through the trainer, after issue 31's cuts (a cold compile of
+the p = 59 step and evaluation ~11 s, plus inductor's ~14 s ISA probe once a process: benchmarks/RESULTS.md),
+so it now errs long."""
 
 # GPU time: an estimate, not a measurement (no GPU has run fastgrok's grids yet; benchmarks/gpu_session.sh
 # measures it when one is lent): each batch's FLOPs (core.models.step_flops, every model to its budget)
