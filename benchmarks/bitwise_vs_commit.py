@@ -88,7 +88,7 @@ def compare_step(name: str, old: Path, new: Path) -> None:
     from fastgrok.core.step import eval_metrics
     from fastgrok.config import TrainConfig
     from fastgrok.core.models import build_model
-    a, b = torch.load(old), torch.load(new)
+    a, b = torch.load(old, weights_only=True), torch.load(new, weights_only=True)
     same = torch.equal(a["flat"], b["flat"])
     print(f"{name} parameters ({tuple(a['flat'].shape)}): {'bitwise equal' if same else 'DIFFER'}"
           + ("" if same else f", max |diff| {(a['flat'] - b['flat']).abs().max().item():.3g}"))
