@@ -38,13 +38,11 @@ MLP_H, MLP_V = 6, 10
 TF_D, TF_MLP, TF_ATT, TF_V = 16, 6, 8, 10
 """Transformer: (M, N, T, D), (M, N, T, d_mlp), (M, N, Nh, T, T) and (M, N, V) tensors alive at the peak (T = 3
 tokens, or 4 with the op token)."""
-TF1_TD, TF1_D = 4, 10
+TF1_TD, TF1_D = 6, 10
 """One layer (`Transformer.logits` runs only the values' mix at every token): (M, N, T, D) and (M, N, D)
 tensors alive at the peak, beside TF_MLP (M, N, d_mlp), TF_ATT (M, N, T, Nh) and TF_V (M, N, V) ones.
-Estimated from the two-layer terms, not measured term by term: at p = 43 the bound was 2.1x the measured
-cost of one more model (27.7 MiB, tests/test_memory.py), the old terms' 4.4x. Since the table lookups'
-backward sums by index_add_ (no (M, N, D) int64 index per token, 2 float32 tensors' bytes) one more model
-costs 19.5 MiB there, and TF1_TD went from 6 to 4: the bound is 2.7x."""
+Estimated from the two-layer terms, not measured term by term: at p = 43 the bound is 2.1x the measured
+cost of one more model (27.7 MiB, tests/test_memory.py), the old terms' 4.4x."""
 RESTRICTED_V = 12
 """More (M, N, V) tensors alive at the evaluation's peak with `restricted_loss` (MLP): measured 9.3 at p = 97
 (90 vs 57 MiB per model, `benchmarks/memory_peak.py --case mlp 97 10 off --restricted-loss`), rounded up."""
