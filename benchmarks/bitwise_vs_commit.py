@@ -43,20 +43,21 @@ steps = 300
 def fastgrok(args: list[str], pythonpath: str | None, cwd: Path) -> None:
     """`python -m fastgrok ARGS` from cwd (not this checkout: `-m` puts the working directory first on
     sys.path, ahead of PYTHONPATH)."""
+    subprocess.run([sys.executable, "-m", "fastgrok", *args, "--quiet"], env=side_env(pythonpath, cwd), cwd=cwd,
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+def side_env(pythonpath: str | None, cwd: Path) -> dict:
+    """The environment of one side's subprocesses (one thread; its code first on PYTHONPATH), checked:
+    fastgrok and fastgrok.kernels import from the side's own code."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    check_imports(env, cwd, pythonpath)
-    subprocess.run([sys.executable, "-m", "fastgrok", *args, "--quiet"], env=env, cwd=cwd, check=True,
-                   stdout=subprocess.DEVNULL)
-
-
-def check_imports(env: dict, cwd: Path, pythonpath: str | None) -> None:
-    """fastgrok and fastgrok.kernels import from the side's own code."""
     out = subprocess.run([sys.executable, "-c", "import fastgrok, fastgrok.kernels as K; print(fastgrok.__file__); "
                           "print(K.__file__)"], env=env, cwd=cwd, capture_output=True, text=True, check=True)
     for f in out.stdout.split():
         assert f.startswith(pythonpath or str(ROOT)), f"imported from {f}"
+    return env
 
 
 STUDY_STEP = """
@@ -75,12 +76,8 @@ torch.save({"flat": st.tensors["flat"], "eval": ev(st.tensors, st.batch)}, out)
 
 
 def study_step(steps: int, compiled: bool, out: Path, pythonpath: str | None, cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    check_imports(env, cwd, pythonpath)
-    subprocess.run([sys.executable, "-c", STUDY_STEP, "1" if compiled else "0", str(steps), str(out)], env=env,
-                   cwd=cwd, check=True)
+    subprocess.run([sys.executable, "-c", STUDY_STEP, "1" if compiled else "0", str(steps), str(out)],
+                   env=side_env(pythonpath, cwd), cwd=cwd, check=True)
 
 
 def compare_step(name: str, old: Path, new: Path) -> None:
