@@ -2,6 +2,7 @@
 
     python benchmarks/ensemble_vs_fastgrok.py [--models 1,12,96] [--kinds mlp,transformer]
         [--steps-mlp 100] [--steps-transformer 50] [--device cpu] [--threads N] [--json out.json] [--warm-cache]
+        [--providers ensemble[,eager,study]]       # fastgrok compiled and the ensemble always; default all
     python benchmarks/ensemble_vs_fastgrok.py --profile [--models 12] [--threads N]   # where the steps' time goes
 
 The `ensemble` section of `fastgrok bench` (fastgrok/bench_ensemble.py: the three ways side by side in
@@ -31,7 +32,8 @@ from pathlib import Path    # noqa: E402
 import torch                # noqa: E402
 
 from fastgrok.bench.sections import meta  # noqa: E402
-from fastgrok.bench.ensemble import goal_lines, markdown, section_ensemble  # noqa: E402
+from fastgrok.bench.ensemble import (EAGER, ENSEMBLE, FASTGROK, PROVIDERS, STUDY, goal_lines,  # noqa: E402
+                                     markdown, section_ensemble)
 from fastgrok.core.step import keep_freed_memory  # noqa: E402
 from fastgrok.train.state import resolve_device  # noqa: E402
 
@@ -46,11 +48,23 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's; on a shared "
                                                               "CPU 1 keeps other jobs' load from stalling a thread team)")
+    ap.add_argument("--providers", default=None, help="which ways, comma-separated, among: fastgrok compiled, "
+                    "fastgrok eager, ensemble, study (default all; fastgrok compiled and ensemble always run), "
+                    "e.g. a study-length run of the two compiled ones: --steps-mlp 3675 --providers ensemble")
     ap.add_argument("--quick", action="store_true", help="the small --quick cells of `fastgrok bench`")
     ap.add_argument("--warm-cache", action="store_true", help="keep the inductor cache (default: an empty one)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--profile", action="store_true", help="profile the two compiled steps instead (first M)")
     args = ap.parse_args()
+    providers = None
+    if args.providers:
+        short = {"fastgrok compiled": FASTGROK, "fastgrok eager": EAGER, "eager": EAGER, "ensemble": ENSEMBLE,
+                 "study": STUDY}
+        bad = [x for x in args.providers.split(",") if x.strip() not in short]
+        if bad:
+            ap.error(f"--providers: unknown {', '.join(bad)} (known: {', '.join(short)})")
+        chosen = {FASTGROK, ENSEMBLE} | {short[x.strip()] for x in args.providers.split(",")}
+        providers = tuple(x for x in PROVIDERS if x in chosen)
     if args.profile:
         return profile(args)
 
@@ -79,7 +93,8 @@ def main() -> None:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=1))
-    rows = section_ensemble(dev, args.quick, models, steps=steps, kinds=tuple(args.kinds.split(",")), on_rows=save)
+    rows = section_ensemble(dev, args.quick, models, steps=steps, kinds=tuple(args.kinds.split(",")), on_rows=save,
+                            providers=providers)
     print("\n" + markdown(rows))
     goal_m, goal_x = (12, 2.0) if cpu else (96, 10.0)
     print(f"\ngoal: fastgrok >= {goal_x:g}x the compiled torch.func ensemble at M >= {goal_m}, end to end")

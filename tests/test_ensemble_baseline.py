@@ -109,3 +109,18 @@ def test_bench_ensemble_section_quick(tmp_path, capsys):
         accs = {(round(r["train_acc"], 4), round(r["test_acc"], 4)) for r in rows if r["model"] == kind}
         assert len(accs) == 1, accs
     assert "torch.func" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_ensemble_runs_only_the_providers_asked(one_thread):
+    """section_ensemble(providers=...): only those ways run, each its full run of steps; fastgrok compiled
+    and the ensemble, whose ratios the section reports, cannot be left out."""
+    from fastgrok.bench.ensemble import EAGER, ENSEMBLE, FASTGROK, STUDY, section_ensemble
+    rows = section_ensemble(torch.device("cpu"), quick=True, models=(1,), steps={"mlp": 3}, kinds=("mlp",),
+                            providers=(FASTGROK, STUDY, ENSEMBLE))
+    assert [r["provider"] for r in rows] == [FASTGROK, STUDY, ENSEMBLE]
+    assert all(r["steps"] == 3 and r["evals"] == 2 and r["wall_s"] > 0 for r in rows)
+    assert EAGER not in {r["provider"] for r in rows}
+    assert rows[0]["vs_ensemble"] > 0 and rows[0]["vs_study"] > 0
+    with pytest.raises(ValueError, match="must|subset"):
+        section_ensemble(torch.device("cpu"), quick=True, models=(1,), providers=(FASTGROK, STUDY))

@@ -38,6 +38,7 @@ from fastgrok.config import ConfigError, TrainConfig
 EVAL_EVERY = 25
 FASTGROK, EAGER = "fastgrok compiled", "fastgrok eager"
 ENSEMBLE, STUDY = "torch.func ensemble (compiled)", "study eager per-cell loop"
+PROVIDERS = (FASTGROK, EAGER, ENSEMBLE, STUDY)
 
 
 def ensemble_configs(quick: bool) -> dict[str, TrainConfig]:
@@ -111,7 +112,7 @@ def run_case(cfg: TrainConfig, M: int, steps: int, device, run_steps: int,
     """The ways (the study's loop for the MLP only; fastgrok eager on a CPU only) on M models of cfg for
     `steps` steps; one row each."""
     cfg = replace(cfg, seeds=M, device=device.type, eval_every=EVAL_EVERY, stop_when_grokked=False)
-    providers = providers or ((FASTGROK, EAGER, ENSEMBLE, STUDY) if device.type == "cpu" else (FASTGROK, ENSEMBLE, STUDY))
+    providers = providers or (PROVIDERS if device.type == "cpu" else (FASTGROK, ENSEMBLE, STUDY))
     builders = {FASTGROK: _fastgrok, EAGER: lambda c, d: _fastgrok(c, d, compiled=False), ENSEMBLE: _ensemble,
                 STUDY: _study}
     provs = [builders[name](cfg, device) for name in providers if not (name == STUDY and cfg.model != "mlp")]
@@ -161,10 +162,15 @@ def run_case(cfg: TrainConfig, M: int, steps: int, device, run_steps: int,
 
 
 def section_ensemble(device, quick: bool, models: tuple[int, ...] | None = None, steps: dict | None = None,
-                     kinds: tuple[str, ...] = ("mlp", "transformer"), on_rows=None) -> list[dict]:
+                     kinds: tuple[str, ...] = ("mlp", "transformer"), on_rows=None,
+                     providers: tuple[str, ...] | None = None) -> list[dict]:
     """Every (model kind, M) case; M that may not fit (three times fastgrok's memory estimate: the providers'
     states at once, the direct form's larger activations) and every larger one are skipped with a message.
-    steps: per kind (default MLP 100, transformer 50 on a CPU; 200 and 100 on a GPU; --quick 30)."""
+    steps: per kind (default MLP 100, transformer 50 on a CPU; 200 and 100 on a GPU; --quick 30).
+    providers: which of PROVIDERS run, in that order (default all of run_case's for the device); fastgrok
+    compiled and the ensemble must be among them (the section's ratios are theirs)."""
+    if providers is not None and not {FASTGROK, ENSEMBLE} <= set(providers) <= set(PROVIDERS):
+        raise ValueError(f"providers {providers}: a subset of {PROVIDERS} with {FASTGROK!r} and {ENSEMBLE!r}")
     from fastgrok.train.memory import device_memory, estimate_bytes
     Ms = models or ((1, 4) if quick else (1, 12, 96) if device.type == "cpu" else (1, 12, 96, 768))
     steps = steps or ({"mlp": 30, "transformer": 30} if quick else {"mlp": 100, "transformer": 50}
@@ -180,7 +186,7 @@ def section_ensemble(device, quick: bool, models: tuple[int, ...] | None = None,
                       f"{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB available")
                 break
             try:
-                rows += run_case(cfg, M, steps[kind], device, RUN_STEPS)
+                rows += run_case(cfg, M, steps[kind], device, RUN_STEPS, providers)
             except (torch.cuda.OutOfMemoryError, ConfigError) as e:
                 print(f"fastgrok bench: ensemble {kind} at M = {M} does not fit ({str(e)[:160]}); larger M skipped")
                 torch.cuda.empty_cache()
