@@ -89,13 +89,16 @@ def main() -> int:
                      build(ce._tempered_ce_kernel, sig, consts, nw)))
     for dt, S in [("fp32", 1), ("fp32", 3), ("fp32", 9), ("fp32", 27), ("bf16", 3)]:
         blk, nw = nc.clamp_config(88192, S, cuda)
-        consts = {"BLOCK": blk, "BLOCK_S": triton.next_power_of_2(S + 1)}
-        base = {"flat_ptr": f"*{dt}", "bounds_ptr": "*i32", "sumsq_ptr": "*fp32"}
-        tail = {"stride_m": "i32", "S": "i32", "n_chunks": "i32", "BLOCK": "constexpr", "BLOCK_S": "constexpr"}
-        for fn, mid in ((nc._sumsq_kernel, {}),
-                        (nc._rescale_kernel, {"target_ptr": "*fp32", "active_ptr": "*i1", "norms_ptr": "*fp32"})):
-            rows.append((f"{fn.__name__} {dt} S={S} (BLOCK {blk}, {nw} warps)", build(fn, {**base, **mid, **tail},
-                                                                                   consts, nw)))
+        # launch 2's BLOCK_C: the most chunks of one segment, at most all 88,192 columns in one
+        consts2 = {"BLOCK": blk, "BLOCK_C": max(2, triton.next_power_of_2(triton.cdiv(88192, blk)))}
+        sig1 = {"flat_ptr": f"*{dt}", "chunk_seg_ptr": "*i32", "chunk_col_ptr": "*i32", "bounds_ptr": "*i32",
+                "partial_ptr": "*fp32", "stride_m": "i32", "C": "i32", "BLOCK": "constexpr"}
+        sig2 = {"flat_ptr": f"*{dt}", "chunk_seg_ptr": "*i32", "chunk_col_ptr": "*i32", "bounds_ptr": "*i32",
+                "seg_first_ptr": "*i32", "seg_count_ptr": "*i32", "partial_ptr": "*fp32", "target_ptr": "*fp32",
+                "active_ptr": "*i1", "norms_ptr": "*fp32", "stride_m": "i32", "S": "i32", "C": "i32",
+                "BLOCK": "constexpr", "BLOCK_C": "constexpr"}
+        for fn, sig, consts in ((nc._sumsq_kernel, sig1, {"BLOCK": blk}), (nc._rescale_kernel, sig2, consts2)):
+            rows.append((f"{fn.__name__} {dt} S={S} (BLOCK {blk}, {nw} warps)", build(fn, sig, consts, nw)))
     spills = 0
     print(f"triton {triton.__version__}, sm_90")
     for name, u in rows:

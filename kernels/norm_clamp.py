@@ -6,19 +6,23 @@ Math, per model m and segment k (columns bounds[k] <= c < bounds[k+1]):
 Returns the norms before the clamp, (M, S) float32. Columns outside [bounds[0], bounds[-1]) are never
 read or written (the flat buffer's vectors live there).
 
-Two launches over the same one-axis grid of cdiv(L, BLOCK) · M programs (model-major; one axis, so M is
-not held to CUDA's 65,535 limit on the others), L = bounds[-1] − bounds[0], BLOCK columns each:
-    launch 1 (_sumsq_kernel): 1. load the chunk, square in float32;
-                              2. for each segment the chunk overlaps (usually one), atomic_add its
-                                 partial sum into sumsq (M, S), zeroed by the launcher.
-    launch 2 (_rescale_kernel): 1. program 0 of each model writes norms = sqrt(sumsq) (M, S);
-                                2. active models: for each segment the chunk overlaps, scale =
-                                   target/(norm+ε), multiply its columns in place (float32 product,
-                                   rounded once to flat's dtype).
-The bounds travel as a small int32 tensor cached per (bounds, device): the first call copies it to
-the device, later calls reuse it, so a captured CUDA graph or compiled step issues no host copy
-(warm up once outside capture). No host synchronisation. Atomic accumulation makes the last bit of a
-norm depend on the order chunks finish in.
+Each segment is cut into chunks of BLOCK columns (its last chunk shorter); C chunks in all, numbered segment
+by segment. Two launches over the same one-axis grid of C · M programs (model-major; one axis, so M is not
+held to CUDA's 65,535 limit on the others), one program per (model, chunk):
+    launch 1 (_sumsq_kernel): the chunk's sum of squares in float32, stored to partial (M, C);
+    launch 2 (_rescale_kernel): 1. the chunk's segment's sum of squares: its chunks' partials, loaded as one
+                                   zero-padded vector of BLOCK_C and summed by tl.sum; norm = sqrt of it;
+                                2. the segment's first chunk writes norms (M, S);
+                                3. active models: scale = target / (norm + ε), the chunk's columns
+                                   multiplied in place (float32 product, rounded once to flat's dtype).
+Deterministic: no atomics, so every sum is added in one fixed order, the same in every run, and the same
+for a model whatever the batch (the order depends on bounds and BLOCK alone; every program of a segment sums
+the same partials the same way, so they agree on its norm bit for bit). An earlier version added the
+partials with atomic_add, whose order, and so the last bit of a norm, followed the order chunks finished in.
+The layout (chunk -> segment, first column; segment -> first chunk, chunk count) travels as small int32
+tensors cached per (bounds, BLOCK, device): the first call copies them to the device, later calls reuse
+them, so a captured CUDA graph or compiled step issues no host copy (warm up once outside capture). No
+host synchronisation.
 """
 from __future__ import annotations
 
@@ -28,76 +32,72 @@ import triton.language as tl
 
 
 @triton.jit
-def _chunk(bounds_ptr, S, pid, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Chunk `pid`'s columns, which of them are in range, and the first and last segment it overlaps
-    (first = the number of interior bounds <= its first column)."""
-    ks = tl.arange(0, BLOCK_S)
-    b = tl.load(bounds_ptr + ks, mask=ks <= S, other=0)              # (BLOCK_S,) bounds, padded
-    lo = tl.load(bounds_ptr)
-    hi = tl.load(bounds_ptr + S)
-    c0 = lo + pid * BLOCK
-    cols = c0 + tl.arange(0, BLOCK)
-    inner = (ks >= 1) & (ks < S)
-    k_first = tl.sum((inner & (b <= c0)).to(tl.int32), 0)
-    k_last = tl.sum((inner & (b <= tl.minimum(c0 + BLOCK, hi) - 1)).to(tl.int32), 0)
-    return cols, cols < hi, k_first, k_last
-
-
-@triton.jit
-def _sumsq_kernel(flat_ptr, bounds_ptr, sumsq_ptr, stride_m, S, n_chunks,
-                  BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
-    m = tl.program_id(0) // n_chunks
-    pid = tl.program_id(0) % n_chunks
-    cols, ok, k_first, k_last = _chunk(bounds_ptr, S, pid, BLOCK, BLOCK_S)
-    # 1. the chunk, squared in float32
+def _sumsq_kernel(flat_ptr, chunk_seg_ptr, chunk_col_ptr, bounds_ptr, partial_ptr, stride_m, C,
+                  BLOCK: tl.constexpr):
+    m = tl.program_id(0) // C
+    c = tl.program_id(0) % C
+    k = tl.load(chunk_seg_ptr + c)
+    cols = tl.load(chunk_col_ptr + c) + tl.arange(0, BLOCK)
+    ok = cols < tl.load(bounds_ptr + k + 1)
     x = tl.load(flat_ptr + m.to(tl.int64) * stride_m + cols, mask=ok, other=0.0).to(tl.float32)
-    sq = x * x
-    # 2. one atomic per overlapped segment
-    for k in range(k_first, k_last + 1):
-        seg_lo = tl.load(bounds_ptr + k)
-        seg_hi = tl.load(bounds_ptr + k + 1)
-        part = tl.sum(tl.where((cols >= seg_lo) & (cols < seg_hi), sq, 0.0), 0)
-        tl.atomic_add(sumsq_ptr + m * S + k, part)
+    tl.store(partial_ptr + m.to(tl.int64) * C + c, tl.sum(x * x, 0))
 
 
 @triton.jit
-def _rescale_kernel(flat_ptr, bounds_ptr, sumsq_ptr, target_ptr, active_ptr, norms_ptr, stride_m, S, n_chunks,
-                    BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
-    m = tl.program_id(0) // n_chunks
-    pid = tl.program_id(0) % n_chunks
-    ks = tl.arange(0, BLOCK_S)
-    # 1. the norms before the clamp, written once per model
-    if pid == 0:
-        tl.store(norms_ptr + m * S + ks, tl.sqrt_rn(tl.load(sumsq_ptr + m * S + ks, mask=ks < S, other=0.0)),
-                 mask=ks < S)
-    # 2. active models: scale each column by its segment's target / (norm + 1e-12), segment by segment
-    #    over the (usually one) segments the chunk overlaps
+def _rescale_kernel(flat_ptr, chunk_seg_ptr, chunk_col_ptr, bounds_ptr, seg_first_ptr, seg_count_ptr,
+                    partial_ptr, target_ptr, active_ptr, norms_ptr, stride_m, S, C,
+                    BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    m = tl.program_id(0) // C
+    c = tl.program_id(0) % C
+    k = tl.load(chunk_seg_ptr + c)
+    # 1. the segment's sum of squares from its chunks' partials, in one fixed order
+    first = tl.load(seg_first_ptr + k)
+    j = tl.arange(0, BLOCK_C)
+    parts = tl.load(partial_ptr + m.to(tl.int64) * C + first + j, mask=j < tl.load(seg_count_ptr + k), other=0.0)
+    norm = tl.sqrt_rn(tl.sum(parts, 0))
+    # 2. the norm before the clamp, written once per (model, segment)
+    if c == first:
+        tl.store(norms_ptr + m * S + k, norm)
+    # 3. active models: the chunk's columns scaled to the segment's target
     if tl.load(active_ptr + m) != 0:
-        cols, ok, k_first, k_last = _chunk(bounds_ptr, S, pid, BLOCK, BLOCK_S)
+        cols = tl.load(chunk_col_ptr + c) + tl.arange(0, BLOCK)
+        ok = cols < tl.load(bounds_ptr + k + 1)
         ptrs = flat_ptr + m.to(tl.int64) * stride_m + cols
         x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-        out = x
-        for k in range(k_first, k_last + 1):
-            seg_lo = tl.load(bounds_ptr + k)
-            seg_hi = tl.load(bounds_ptr + k + 1)
-            scale = tl.div_rn(tl.load(target_ptr + m * S + k), tl.sqrt_rn(tl.load(sumsq_ptr + m * S + k)) + 1e-12)
-            out = tl.where((cols >= seg_lo) & (cols < seg_hi), x * scale, out)
-        tl.store(ptrs, out.to(flat_ptr.dtype.element_ty), mask=ok)
+        scale = tl.div_rn(tl.load(target_ptr + m * S + k), norm + 1e-12)
+        tl.store(ptrs, (x * scale).to(flat_ptr.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------------
 
-_BOUNDS_CACHE: dict[tuple, torch.Tensor] = {}
+_LAYOUT_CACHE: dict[tuple, tuple] = {}
 
 
-def _bounds_tensor(bounds: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    key = (bounds, str(device))
-    t = _BOUNDS_CACHE.get(key)
-    if t is None:
-        t = _BOUNDS_CACHE[key] = torch.tensor(bounds, dtype=torch.int32, device=device)
-    return t
+def chunk_layout(bounds: tuple[int, ...], block: int, device: torch.device) -> tuple:
+    """(bounds, chunk_seg, chunk_col, seg_first, seg_count) as int32 tensors on device, and C, BLOCK_C:
+    each segment cut into chunks of `block` columns (an empty segment has none), numbered segment by
+    segment; BLOCK_C, the most chunks of one segment rounded up to a power of two (>= 2). Cached per
+    (bounds, block, device)."""
+    key = (bounds, block, str(device))
+    hit = _LAYOUT_CACHE.get(key)
+    if hit is None:
+        seg, col, first, count = [], [], [], []
+        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            first.append(len(seg))
+            count.append(triton.cdiv(hi - lo, block))
+            seg += [k] * count[-1]
+            col += range(lo, hi, block)
+        as_t = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+        hit = _LAYOUT_CACHE[key] = (as_t(bounds), as_t(seg or [0]), as_t(col or [0]), as_t(first), as_t(count),
+                                    len(seg), max(2, triton.next_power_of_2(max(count))))
+    return hit
+
+
+MAX_CHUNKS = 1024
+"""The most chunks a segment is cut into by default (a longer segment gets a larger BLOCK): every program of
+launch 2 loads all its segment's partial sums."""
 
 
 def clamp_config(L: int, S: int, device: torch.device) -> tuple[int, int]:
@@ -134,21 +134,21 @@ def clamp_flat_triton_(flat: torch.Tensor, bounds, target: torch.Tensor, active:
 
     L = bounds[-1] - bounds[0]
     blk, num_warps = clamp_config(L, S, dev)
+    if block is None:                   # at most MAX_CHUNKS chunks a segment: launch 2 loads them all
+        longest = max(hi - lo for lo, hi in zip(bounds[:-1], bounds[1:]))
+        blk = min(2**17, max(blk, triton.next_power_of_2(triton.cdiv(longest, MAX_CHUNKS))))
     blk = block or blk
     if blk & (blk - 1) or blk > 2**17:
         raise ValueError(f"block must be a power of two <= 2**17, got {blk}")
-    b = _bounds_tensor(bounds, dev)                                    # (S + 1,) int32
     tgt = target.to(torch.float32).contiguous()                        # (M, S)
     act = active.contiguous()
-    sumsq = torch.zeros((M, S), dtype=torch.float32, device=dev)      # accumulated by atomics
-    norms = torch.empty((M, S), dtype=torch.float32, device=dev)
-    if M == 0:
+    norms = torch.zeros((M, S), dtype=torch.float32, device=dev)      # an empty segment's norm stays 0
+    b, seg, col, first, count, C, block_c = chunk_layout(bounds, blk, dev)
+    if M == 0 or C == 0:
         return norms
-    n_chunks = triton.cdiv(max(L, 1), blk)
-    grid = (n_chunks * M,)
-    block_s = triton.next_power_of_2(S + 1)
-    _sumsq_kernel[grid](flat, b, sumsq, flat.stride(0), S, n_chunks, BLOCK=blk, BLOCK_S=block_s,
-                        num_warps=num_warps)
-    _rescale_kernel[grid](flat, b, sumsq, tgt, act, norms, flat.stride(0), S, n_chunks,
-                          BLOCK=blk, BLOCK_S=block_s, num_warps=num_warps)
+    partial = torch.empty((M, C), dtype=torch.float32, device=dev)
+    grid = (C * M,)
+    _sumsq_kernel[grid](flat, seg, col, b, partial, flat.stride(0), C, BLOCK=blk, num_warps=num_warps)
+    _rescale_kernel[grid](flat, seg, col, b, first, count, partial, tgt, act, norms, flat.stride(0), S, C,
+                          BLOCK=blk, BLOCK_C=block_c, num_warps=num_warps)
     return norms

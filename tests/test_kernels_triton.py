@@ -568,6 +568,61 @@ def test_clamp_flat_matches_float64(M, P, bounds, kw):
     _check_clamp_once(M, P, bounds, **kw)
 
 
+def test_clamp_chunk_layout_by_hand():
+    """Segments [10, 300), [300, 300) (empty), [300, 310), [310, 1200) in chunks of 128 columns: 3, 0, 1 and 7
+    chunks, numbered segment by segment, each starting BLOCK columns after the last within its segment."""
+    b, seg, col, first, count, C, block_c = nc_mod.chunk_layout((10, 300, 300, 310, 1200), 128, torch.device("cpu"))
+    assert b.tolist() == [10, 300, 300, 310, 1200]
+    assert seg.tolist() == [0, 0, 0, 2] + [3] * 7
+    assert col.tolist() == [10, 138, 266, 300, 310, 438, 566, 694, 822, 950, 1078]
+    assert first.tolist() == [0, 3, 3, 4] and count.tolist() == [3, 0, 1, 7]
+    assert (C, block_c) == (11, 8)
+
+
+def test_clamp_kernels_add_without_atomics():
+    """Every sum of the Triton kernels is added in a fixed order: no atomic operation in any kernel (an
+    atomic_add's order, and so a sum's last bit, follows the order programs finish in on a GPU)."""
+    import ast
+    import inspect
+    for mod in (nc_mod, ce_mod):
+        calls = {f"{n.func.value.id}.{n.func.attr}" for n in ast.walk(ast.parse(inspect.getsource(mod)))
+                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)}
+        assert not {c for c in calls if c.startswith("tl.atomic")}, (mod.__name__, calls)
+        assert any(c.startswith("tl.") for c in calls)                  # the scan sees the kernels' calls
+
+
+@pytest.mark.parametrize("block", [64, None])
+def test_clamp_a_model_alone_and_in_a_batch_bitwise(block):
+    """A model's clamped parameters and norms are bit for bit the same clamped alone and in a batch of 5
+    (the sums' order depends on the segments and BLOCK alone)."""
+    g = torch.Generator().manual_seed(5)
+    bounds = [3, 200, 200, 451, 700]
+    flat = torch.randn(5, 710, generator=g)
+    target = torch.rand(5, 4, generator=g) + 0.5
+    act = torch.tensor([True, False, True, True, True])
+    batch = flat.clone().to(DEV)
+    norms = nc_mod.clamp_flat_triton_(batch, bounds, target.to(DEV), act.to(DEV), block=block)
+    for i in range(5):
+        one = flat[i:i + 1].clone().to(DEV)
+        n1 = nc_mod.clamp_flat_triton_(one, bounds, target[i:i + 1].to(DEV), act[i:i + 1].to(DEV), block=block)
+        assert torch.equal(one.cpu(), batch[i:i + 1].cpu()) and torch.equal(n1.cpu(), norms[i:i + 1].cpu())
+
+
+def test_clamp_a_long_segment_gets_a_larger_block(monkeypatch):
+    """By default a segment is cut into at most MAX_CHUNKS chunks (launch 2 loads all of its partial sums):
+    a longer one gets a larger BLOCK, and the clamp is still right."""
+    monkeypatch.setattr(nc_mod, "MAX_CHUNKS", 2)
+    monkeypatch.setattr(nc_mod, "clamp_config", lambda L, S, device: (64, 4))
+    g = torch.Generator().manual_seed(6)
+    flat = torch.randn(2, 1000, generator=g).to(DEV)
+    before = flat.double().cpu()
+    target = torch.tensor([[2.0], [3.0]], device=DEV)
+    norms = nc_mod.clamp_flat_triton_(flat, [0, 1000], target, torch.tensor([True, True], device=DEV))
+    assert (tuple([0, 1000]), 512, str(flat.device)) in nc_mod._LAYOUT_CACHE     # 1000 / 2 -> 512 columns a chunk
+    torch.testing.assert_close(norms.cpu().double(), before.norm(dim=1, keepdim=True), rtol=1e-6, atol=0)
+    torch.testing.assert_close(flat.cpu().double().norm(dim=1, keepdim=True), target.cpu().double(), rtol=1e-6, atol=0)
+
+
 def test_clamp_norm_list_dispatch():
     g = torch.Generator().manual_seed(3)
     M = 4
