@@ -45,7 +45,7 @@ without a kind tensor (HAS_KIND=False) the kernel is compiled with the softmax C
 
 Grid: one axis of cdiv(N, BLOCK_N) · M programs (model-major; one axis, so M is not held to CUDA's
 65,535 limit on the second and third); each program owns BLOCK_N rows of one model. Rows go to two (M, N)
-float32 buffers, row_loss and w · row (which the launcher sums: no atomics, deterministic). Layout: logits
+float32 buffers, row_loss and w · row (which the launcher sums by reference.row_sum: no atomics, one order). Layout: logits
 (M, N, V) contiguous, labels (N,) or (M, N), tau (M,), mask (M, N) bool, kind (M,) int32/int64. No host
 synchronisation anywhere: the launcher is CUDA-graph capturable. Labels must lie in [0, V); they are not
 checked (a check would need a sync), an out-of-range label is clamped for the one load of s_y and then
@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_ce_inputs
+from .reference import check_ce_inputs, row_sum
 
 
 @triton.jit
@@ -284,7 +284,7 @@ def tempered_ce_triton(logits: torch.Tensor, labels: torch.Tensor, tau: torch.Te
     collapsed = torch.empty((M, N), dtype=torch.bool, device=dev)
     norm = torch.empty((M, N), dtype=torch.float32, device=dev)
     if M * N == 0:
-        return w_loss.sum(1), grad, correct, collapsed, norm, row_loss
+        return row_sum(w_loss), grad, correct, collapsed, norm, row_loss
 
     n_blocks = triton.cdiv(N, bn)
     _tempered_ce_kernel[(n_blocks * M,)](
@@ -292,4 +292,4 @@ def tempered_ce_triton(logits: torch.Tensor, labels: torch.Tensor, tau: torch.Te
         N, V, stride_ym, n_blocks,
         HAS_MASK=mask is not None, HAS_KIND=kind is not None, BLOCK_N=bn, BLOCK_V=bv, SINGLE=bv >= V,
         WRITE_GRAD=write_grad, num_warps=num_warps)
-    return w_loss.sum(1), grad, correct, collapsed, norm, row_loss
+    return row_sum(w_loss), grad, correct, collapsed, norm, row_loss

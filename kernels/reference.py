@@ -38,6 +38,30 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+ROW_BLOCK = 256
+"""Rows per block of the sums over rows (`row_sum`; fastgrok.core.models' blocked products too)."""
+
+
+def row_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum over the rows, axis 1: (M, N, ...) -> (M, ...), in one order fixed by N alone: blocks of exactly
+    ROW_BLOCK rows (the last padded with zero rows), each summed as a halving tree of elementwise adds, the
+    block sums added in order. So a model's sum has the same bits whatever the number of models beside it
+    (a reduction's order can follow M: torch.compile's kernels, a GPU's launch configuration) and whatever
+    zero rows follow its own (a padded model's), eager or compiled, on any device."""
+    M, N = x.shape[:2]
+    n_blocks = max(1, -(-N // ROW_BLOCK))
+    pad = [0, 0] * (x.dim() - 2) + [0, n_blocks * ROW_BLOCK - N]
+    x = torch.nn.functional.pad(x, pad).view(M, n_blocks, ROW_BLOCK, *x.shape[2:])
+    w = ROW_BLOCK
+    while w > 1:
+        w //= 2
+        x = x[:, :, :w] + x[:, :, w:2 * w]
+    out = x[:, 0, 0]
+    for j in range(1, n_blocks):
+        out = out + x[:, j, 0]
+    return out
+
+
 def _labels_2d(labels: torch.Tensor, M: int, N: int) -> torch.Tensor:
     return labels.expand(M, N) if labels.dim() == 1 else labels
 
@@ -88,7 +112,7 @@ def tempered_ce_reference(logits, labels, tau, mask=None, kind=None):
         dlds = prob - onehot                                        # (M, N, V)
     else:
         row, dlds = _rows_by_kind(s, y, onehot, lse - s_y, prob - onehot, kind)
-    loss = (row * w).sum(1)                                         # (M,)
+    loss = row_sum(row * w)                                         # (M,)
     grad = (dlds * (w[..., None] / t)).to(logits.dtype)             # (M, N, V)
     correct = s.argmax(-1) == y
     collapsed = prob.gather(-1, y[..., None])[..., 0] == 1.0
@@ -136,7 +160,7 @@ def tempered_mse_reference(logits, labels, tau, mask=None):
     diff = s - onehot
     w = _row_weights(mask, M, N, wdt, logits.device)
     row = (diff * diff).sum(-1)
-    loss = (row * w).sum(1)
+    loss = row_sum(row * w)
     grad = (2.0 * diff * (w[..., None] / t)).to(logits.dtype)
     prob = torch.softmax(s, -1)
     correct = s.argmax(-1) == y

@@ -128,15 +128,20 @@ def test_stablemax_float32_keeps_the_correct_class_gradient_when_saturated():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_kind_none_is_the_code_before_kinds(dtype):
-    """kind=None: bit for bit the twins as they were before kinds (copied below); a kind tensor of all 0
-    (all 2) gives the CE (MSE) twin's outputs bit for bit too."""
+    """kind=None: bit for bit the twins as they were before kinds (copied below), but the loss, summed over
+    the rows since 2026-12-07 in `row_sum`'s fixed order (equal to the old sum to rounding); a kind tensor
+    of all 0 (all 2) gives the CE (MSE) twin's outputs bit for bit too."""
+    from fastgrok.kernels.reference import _row_weights, row_sum
     z, y, tau, mask = _inputs(3, 21, 59, seed=7, labels_2d=True, scale=30.0)
     z, tau = z.to(dtype), tau.to(dtype)
     for fn, before, code in ((tempered_ce_reference, _ce_before_kinds, 0),
                              (tempered_mse_reference, _mse_before_kinds, 2)):
         out, old = fn(z, y, tau, mask), before(z, y, tau, mask)
-        for a, b in zip(out, old):
+        for a, b in zip(out[1:], old[1:]):
             assert torch.equal(a, b)
+        w = _row_weights(mask, 3, 21, out[5].dtype, z.device)
+        assert torch.equal(out[0], row_sum(out[5] * w))             # the rows' losses, weighted, in one order
+        torch.testing.assert_close(out[0], old[0], rtol=1e-13 if dtype == torch.float64 else 1e-6, atol=0)
         same = tempered_ce_reference(z, y, tau, mask, torch.full((3,), code))
         for a, b in zip(out, same):
             assert torch.equal(a, b)

@@ -6,7 +6,7 @@ import torch
 
 from fastgrok.config import TrainConfig
 from fastgrok.core.models import MLP
-from fastgrok.core.optim import grokfast_ema, orthograd
+from fastgrok.core.optim import adamw, grokfast_ema, orthograd
 
 
 def _layout():
@@ -103,3 +103,43 @@ def test_finite_rows_is_isfinite_all(dtype):
     x[8] = float("nan")
     assert torch.equal(finite_rows(x), torch.isfinite(x).all(1))
     assert finite_rows(x).tolist() == [True, False, False, False, False, False, True, True, False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bias_correction_table_is_the_power_of_one_model_alone(dtype):
+    """Every value of the table is the 1 - beta^t `_adam_step`'s power gives one model alone (M = 1: the
+    scalar loop), at every step t from 0 past the table's end (where it stays exactly 1)."""
+    from fastgrok.core.optim import bias_correction_table
+    betas = [0.0, 0.9, 0.98, 0.999]
+    table = bias_correction_table(betas, dtype)
+    T = table.shape[1]
+    assert T > 17_000 and bool((table[:, -1] == 1.0).all()) and bool((table[:, 1] < 1.0)[1:].all())
+    for i, beta in enumerate(betas):
+        ts = list(range(0, T, 7 if beta == 0.999 else 1)) + [T - 2, T - 1, T, T + 5, 10 * T]  # every 7th for 0.999
+        alone = torch.cat([1.0 - torch.pow(beta, torch.tensor([[float(t)]], dtype=dtype))[0] for t in ts])
+        got = table[i, torch.tensor(ts).clamp(max=T - 1)]
+        assert torch.equal(got, alone), (beta, [t for t, a, b in zip(ts, alone, got) if a != b][:5])
+
+
+def test_adamw_gives_a_model_its_solo_bits_in_a_batch_wider_than_a_vector():
+    """40 models (wider than any CPU vector loop of torch.pow, 16 or 32 floats): with the batch's table of
+    bias corrections each model's 60 AdamW steps are bit for bit its steps alone (the power per step
+    rounded 1 - 0.999^t differently for the models in the vectorised part)."""
+    from fastgrok.core.optim import bias_correction_table
+    M, P = 40, 37
+    g = torch.Generator().manual_seed(4)
+    flat = torch.randn(M, P, generator=g)
+    grads = [torch.randn(M, P, generator=g) for _ in range(60)]
+    table = bias_correction_table([0.9, 0.999], torch.float32)
+    rows = torch.tensor([[0, 1]] * M)
+
+    def run(x, gs, rows):
+        m, v, t = torch.zeros_like(x), torch.zeros_like(x), torch.zeros(x.shape[0], dtype=torch.int64)
+        for gr in gs:
+            t = t + 1
+            x, m, v = adamw(x, gr, m, v, t, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, lr_wd=1e-2, n_mat=20,
+                            bias=(table, rows))
+        return x
+    batched = run(flat, grads, rows)
+    for i in range(M):
+        assert torch.equal(run(flat[i:i + 1], [gr[i:i + 1] for gr in grads], rows[i:i + 1]), batched[i:i + 1]), i

@@ -23,6 +23,8 @@ before; the others take lr and wd.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -50,9 +52,59 @@ def _moments(grad, m, v, beta1, beta2):
     return m_new, v_new
 
 
-def _adam_step(flat, lr, m_new, v_new, t, beta1, beta2, eps):
+BIAS_TABLE_MAX = 1 << 19
+"""The longest table of bias corrections `bias_correction_table` builds (~1 s on a CPU at this length): a beta
+above ~0.99993 needs more (0.9999: 173,251 values in float32, 374,282 in float64; the default 0.999: 17,322
+and 37,413, 0.06 and 0.12 s), and a batch with one keeps the power per step, whose bits can follow M."""
+_BIAS_TABLES: dict[tuple, torch.Tensor | None] = {}
+
+
+def bias_correction_table(betas: list[float], dtype: torch.dtype) -> torch.Tensor | None:
+    """(len(betas), T) on the CPU, row i: 1 - beta_i^t at t = 0 .. T - 1 in dtype, each value exactly the one
+    `_adam_step`'s power gives a model alone: torch.pow over at most 7 elements at a time, which every
+    CPU vector width leaves to its scalar loop (std::pow). T: from t = T - 1 on, beta^t is below half an ulp
+    of 1 and every value is exactly 1. None when a beta needs more than BIAS_TABLE_MAX.
+
+    Why a table: torch.pow's vectorised loop (a long tensor, or any compiled one) and its scalar loop (a
+    short one) round 1 - beta^t differently at some t (0.9: 28 of the first 20,000 steps; 0.999: 435),
+    so with the power taken per step a model's bits depended on the number of models beside it, eager
+    from M >= 16 or 32 (the vector width), compiled from M >= 2. A gather from the table is the same for
+    every M, on every device. Cached per (betas, dtype): do not write into the result."""
+    key = (tuple(betas), dtype)
+    if key not in _BIAS_TABLES:
+        _BIAS_TABLES[key] = _bias_table(betas, dtype)
+    return _BIAS_TABLES[key]
+
+
+def _bias_table(betas, dtype):
+    half_ulp = 2.0 ** (-25 if dtype != torch.float64 else -54)
+    rows, width = [], 1
+    for beta in betas:
+        n = 64 + (0 if beta == 0.0 else int(math.log(half_ulp) / math.log(beta)))    # past the last value < 1
+        if n > BIAS_TABLE_MAX:
+            return None
+        b = torch.tensor([beta], dtype=torch.float64).to(dtype)
+        vals = torch.cat([1.0 - torch.pow(b.repeat(min(7, n - lo)), torch.arange(lo, min(lo + 7, n), dtype=torch.float64)
+                                          .to(dtype)) for lo in range(0, n, 7)])
+        below = torch.nonzero(vals != 1.0)
+        last = int(below.max()) if len(below) else -1
+        if last >= n - 8:                                                   # not yet settled at 1: refuse
+            return None
+        rows.append(vals[:last + 2])
+        width = max(width, last + 2)
+    return torch.stack([torch.cat([r, r.new_ones(width - len(r))]) for r in rows])
+
+
+def _adam_step(flat, lr, m_new, v_new, t, beta1, beta2, eps, bias=None):
     """flat - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps), per model, in the study's order of
-    operations (lr times the corrected m, then divided)."""
+    operations (lr times the corrected m, then divided). bias: (table (R, T), rows (M, 2)) of
+    `bias_correction_table` and each model's rows of its beta1 and beta2: the corrections gathered (the
+    same bits for a model whatever the batch); None: the power taken here (bits that can follow M)."""
+    if bias is not None:
+        table, rows = bias
+        at = t.clamp(max=table.shape[1] - 1)[:, None].expand(-1, 2)    # (M, 2) each model's step
+        bc = table[rows, at]                                            # (M, 2)
+        return flat - lr * (m_new / bc[:, :1]) / (torch.sqrt(v_new / bc[:, 1:]) + _col(eps, m_new))
     tt = t.to(m_new.dtype)[:, None]                                 # (M, 1)
     # (2, M, 1); the max over a size-1 axis changes nothing but makes torch.compile compute the two
     # pows once per model instead of inlining them into every element's update (~2x the cost of the
@@ -68,24 +120,24 @@ def _decay_rows(x: torch.Tensor, n_decay: int, fn):
     return torch.cat([fn(x[:, :n_decay]), x[:, n_decay:]], 1)
 
 
-def adamw(flat, grad, m, v, t, *, lr, beta1, beta2, eps, lr_wd, n_mat: int):
+def adamw(flat, grad, m, v, t, *, lr, beta1, beta2, eps, lr_wd, n_mat: int, bias=None):
     """The study's AdamW. lr, lr_wd (M, 1) or floats; beta1, beta2, eps floats or (M,). lr_wd None: no
-    model decays."""
+    model decays. bias: the bias corrections' table and rows (`_adam_step`)."""
     m_new, v_new = _moments(grad, m, v, beta1, beta2)
-    new = _adam_step(flat, _col(lr, flat), m_new, v_new, t, beta1, beta2, eps)
+    new = _adam_step(flat, _col(lr, flat), m_new, v_new, t, beta1, beta2, eps, bias)
     if lr_wd is not None:
         new = _decay_rows(new, n_mat, lambda w: w - lr_wd * w)
     return new, m_new, v_new
 
 
-def adam(flat, grad, m, v, t, *, lr, beta1, beta2, eps, wd, n_decay: int):
+def adam(flat, grad, m, v, t, *, lr, beta1, beta2, eps, wd, n_decay: int, bias=None):
     """torch.optim.Adam(lr, betas, eps, weight_decay=wd) per model: the L2 term wd P is added to the
     gradient of the first n_decay columns (torch decays every parameter of its group: n_decay = P;
     fastgrok's matrices only: n_mat) before the moments see it. wd None: no model decays."""
     if wd is not None:
         grad = torch.cat([grad[:, :n_decay] + _col(wd, flat) * flat[:, :n_decay], grad[:, n_decay:]], 1)
     m_new, v_new = _moments(grad, m, v, beta1, beta2)
-    return _adam_step(flat, _col(lr, flat), m_new, v_new, t, beta1, beta2, eps), m_new, v_new
+    return _adam_step(flat, _col(lr, flat), m_new, v_new, t, beta1, beta2, eps, bias), m_new, v_new
 
 
 def sgd(flat, grad, m, v, t, *, lr, momentum, wd, n_decay: int):
@@ -114,7 +166,7 @@ def newton_schulz5(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 def muon(flat, grad, m, v, t, *, lr, muon_lr, momentum, beta1, beta2, eps, wd, mats, n_decay: int,
-         ns_steps: int = 5):
+         ns_steps: int = 5, bias=None):
     """Muon (Keller Jordan, github.com/KellerJordan/Muon, `SingleDeviceMuonWithAuxAdam`) per model: the
     matrices in `mats` take Muon's update, every other column torch.optim.AdamW's.
 
@@ -142,7 +194,7 @@ def muon(flat, grad, m, v, t, *, lr, muon_lr, momentum, beta1, beta2, eps, wd, m
     lr_c, mlr = _col(lr, flat), _col(muon_lr, flat)
     m_a, v_a = _moments(grad, m, v, beta1, beta2)
     base = flat if wd is None else _decay_rows(flat, n_decay, lambda w: w * _one_minus(lr * wd, flat))
-    adam_new = _adam_step(base, lr_c, m_a, v_a, t, beta1, beta2, eps)
+    adam_new = _adam_step(base, lr_c, m_a, v_a, t, beta1, beta2, eps, bias)
     news, ms, vs, pos = [], [], [], 0
     for lo, rows, cols in sorted(mats):
         hi = lo + rows * cols

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 import fastgrok.kernels as K
+from fastgrok.kernels.reference import row_sum
 
 from fastgrok.config import OPTIMIZERS, TrainConfig
 from fastgrok.core.optim import adam, adamw, grokfast_ema, muon, orthograd, sgd, warmup
@@ -83,6 +84,8 @@ class Batch:
     train_weight: torch.Tensor | None = None  # (M, n_train) bool, False on padding; None = no padding
     valid: torch.Tensor | None = None         # (M, N) bool, the pairs of each model's task; None = all
     plan: dict | None = None  # the model's index plan for the train rows (`ensure_plan`), else None
+    bias_table: torch.Tensor | None = None    # (R, T) Adam's bias corrections (optim.bias_correction_table),
+    bias_rows: torch.Tensor | None = None     # (M, 2) int64 each model's rows for its beta1, beta2; None: powers
 
 
 def strict_float32() -> None:
@@ -120,6 +123,12 @@ def adam_hyper(cfg: TrainConfig, batch: Batch) -> dict:
     return {k: getattr(cfg, k) if getattr(batch, k) is None else getattr(batch, k) for k in ("beta1", "beta2", "eps")}
 
 
+def bias_of(batch: Batch, sel=lambda x: x):
+    """The optimizers' `bias` argument: the batch's bias-correction table and its models' rows (sel: the
+    rows of one optimizer's models), or None."""
+    return None if batch.bias_table is None else (batch.bias_table, sel(batch.bias_rows))
+
+
 def optimizer_groups(codes: list[int], device) -> tuple:
     """The models of each optimizer: ((name, rows), ...) in OPTIMIZERS order, rows None when one optimizer
     holds the whole batch (no selection), else (K,) int64 on the device."""
@@ -146,16 +155,18 @@ def optimizer_update(model, cfg: TrainConfig, batch: Batch, flat, grad, m, v, t_
         h = {k: sel(x) for k, x in hyper.items()}
         wd = sel(batch.wd64) if batch.lr_wd is not None else None       # None: no model decays
         args = (sel(flat), sel(grad), sel(m), sel(v), sel(t_new))
+        bias = bias_of(batch, sel)
         if name == "adamw":
             lr_wd = None if wd is None else (sel(lr) * wd)[:, None].to(flat.dtype)
-            out = adamw(*args, lr=sel(lr)[:, None].to(flat.dtype), lr_wd=lr_wd, n_mat=model.layout.n_mat, **h)
+            out = adamw(*args, lr=sel(lr)[:, None].to(flat.dtype), lr_wd=lr_wd, n_mat=model.layout.n_mat,
+                        bias=bias, **h)
         elif name == "adam":
-            out = adam(*args, lr=sel(lr), wd=wd, n_decay=P, **h)
+            out = adam(*args, lr=sel(lr), wd=wd, n_decay=P, bias=bias, **h)
         elif name == "sgd":
             out = sgd(*args, lr=sel(lr), momentum=sel(batch.momentum), wd=wd, n_decay=P)
         else:
             out = muon(*args, lr=sel(lr), muon_lr=sel(mlr), momentum=sel(batch.momentum), wd=wd,
-                       mats=model.layout.spans(model.hidden), n_decay=P, **h)
+                       mats=model.layout.spans(model.hidden), n_decay=P, bias=bias, **h)
         if rows is None:
             return out
         outs.append((rows, out))
@@ -187,7 +198,7 @@ def train_step(model, cfg: TrainConfig, backend: str, state: dict, batch: Batch)
     t_new = t + 1
     if batch.opt_groups is None:                # the study's AdamW, today's code
         new, m_new, v_new = adamw(flat, grad, m, v, t_new, lr=batch.lr, lr_wd=batch.lr_wd,
-                                  n_mat=model.layout.n_mat, **adam_hyper(cfg, batch))
+                                  n_mat=model.layout.n_mat, bias=bias_of(batch), **adam_hyper(cfg, batch))
     else:
         new, m_new, v_new = optimizer_update(model, cfg, batch, flat, grad, m, v, t_new)
     # divergence: a model whose loss, update or second moment is non-finite stops updating, the others go on
@@ -230,7 +241,8 @@ def evaluate_pass(model, cfg: TrainConfig, backend: str, state: dict, batch: Bat
     # the test loss: the mean of the same pass's per-row losses over each model's test rows
     wdt = st.row_loss.dtype
     test_w = batch.test_mask.to(wdt)
-    test_loss = (st.row_loss * test_w).sum(1) / test_w.sum(1).clamp_min(1.0)
+    test_loss = row_sum(st.row_loss * test_w) / test_w.sum(1).clamp_min(1.0)     # sums over rows: row_sum's
+    # one order (a reduction compiled for M models can add them in another order than for one)
     f64 = torch.float64
     # the rates in float64: counts over counts, so an accuracy of exactly 0.9 (999 / 1110 at p = 43) is
     # 0.9 and passes the 0.90 threshold (in float32 it is 0.89999998 and would not)
@@ -241,10 +253,10 @@ def evaluate_pass(model, cfg: TrainConfig, backend: str, state: dict, batch: Bat
     bounds = state["bounds"]
     wn = flat[:, bounds[0]:bounds[-1]].to(wdt).square().sum(1).sqrt()
     if batch.valid is None:                                             # L: the mean over the model's pairs
-        logit_scale = st.logit_norm.mean(1)
+        logit_scale = row_sum(st.logit_norm) / st.logit_norm.shape[1]
     else:
         v = batch.valid.to(wdt)
-        logit_scale = (st.logit_norm * v).sum(1) / v.sum(1)
+        logit_scale = row_sum(st.logit_norm * v) / v.sum(1)
     # (opt-in) the restricted and excluded losses of the MLP on a + b, at the embedding's key frequencies
     fourier = restricted = None
     if cfg.restricted_loss:
@@ -269,8 +281,8 @@ def evaluate_pass(model, cfg: TrainConfig, backend: str, state: dict, batch: Bat
 def ensure_plan(model, batch: Batch) -> Batch:
     """Attach the model's index plan for the batch's train rows (once; rebuilt if the rows are replaced).
 
-    The plan is the compiled step's (see models.MLP.plan); eager, the CPU step forms its flat row indices
-    each step (a few (M, N) integer ops) and the CUDA step adds atomically."""
+    The plan is the compiled step's (see models.MLP.plan); eager, the step forms its flat row indices each
+    step (a few (M, N) integer ops) for index_add_ (on CUDA in deterministic mode: `models._index_add_rows`)."""
     if not hasattr(model, "plan") or batch.mb_idx is not None:     # (minibatches: rows change every step)
         return batch
     plan = batch.plan

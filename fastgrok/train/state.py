@@ -18,6 +18,7 @@ import fastgrok.kernels as K
 from fastgrok.config import OPTIMIZERS, PER_MODEL, SPLIT_SEED_OFFSET, ConfigError, TrainConfig, default_lr, n_pairs_of
 from fastgrok.core.data import PAD_ROWS, Task, make_task
 from fastgrok.core.models import build_model
+from fastgrok.core.optim import bias_correction_table
 from fastgrok.core.step import Batch, eval_metrics, optimizer_groups, strict_float32
 from fastgrok.train.memory import check_fits
 from fastgrok.train.minibatches import Minibatches
@@ -175,6 +176,14 @@ def build_state(cfg: TrainConfig, table: list[dict] | None = None) -> TrainState
         batch.opt_groups = optimizer_groups(batch.optimizer.tolist(), dev)
         batch.lr64, batch.wd64, batch.momentum, batch.muon_lr = (f64(per[k]) for k in ("lr", "wd", "momentum", "muon_lr"))
         batch.warmup = torch.tensor(per["warmup"], device=dev) if any(per["warmup"]) else None
+    # Adam's bias corrections as a table per distinct beta (optim.bias_correction_table): a model's bits
+    # the same whatever the batch; None (the power per step) for a beta whose table would be too long
+    distinct = sorted(set(per["beta1"]) | set(per["beta2"]))
+    corrections = bias_correction_table(distinct, dtype)
+    if corrections is not None:
+        batch.bias_table = corrections.to(dev)
+        batch.bias_rows = torch.tensor([[distinct.index(b1), distinct.index(b2)] for b1, b2 in
+                                        zip(per["beta1"], per["beta2"])], dtype=torch.int64, device=dev)
     minibatches = None
     if any(bs is not None for bs in per["batch_size"]):  # minibatches: the step reads batch.mb_idx/mb_weight
         n_rows = [task.train_idx.shape[1]] * M if task.train_weight is None else task.train_weight.sum(1).tolist()
@@ -212,7 +221,7 @@ def select_batch(batch: Batch, idx: torch.Tensor) -> Batch:
     kw = {}
     for f in dataclasses.fields(batch):
         v = getattr(batch, f.name)
-        if f.name in _SHARED and v.dim() == 1:
+        if (f.name in _SHARED and v.dim() == 1) or f.name == "bias_table":
             kw[f.name] = v
         elif isinstance(v, torch.Tensor):
             kw[f.name] = v.index_select(0, idx)
