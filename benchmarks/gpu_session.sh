@@ -9,6 +9,8 @@
 # 1. benchmarks/gpu_check.py: correctness vs float64, CUDA-graph capture, kernel timings vs copy bandwidth
 #    (the correctness that only a GPU can show comes first);
 # 2. benchmarks/gpu_trainer_check.py: the compiled Trainer step through the Triton kernels vs the eager twins;
+#    2b. its --determinism: two compiled runs bit for bit alike, a batch's model bit for bit its solo run
+#    (MLP, transformer), appended to gpu_trainer_check.txt;
 # 3. the kernel tests on CUDA (Triton kernels compiled, not interpreted);
 # 4. fastgrok bench: the training step at M = 768, 3072, then 12, and the 1,200-model phase diagram packed vs
 #    per cell (target >= 10x) (the GPU targets are at the best M;
@@ -63,6 +65,10 @@ echo "gpu_check exit $?"; tail -45 "$OUT/gpu_check.log"
 echo "== 2. compiled trainer, triton vs torch kernels ($(left 70) s)"
 $T "$(left 70)" $PY benchmarks/gpu_trainer_check.py > "$OUT/gpu_trainer_check.txt" 2>&1
 echo "gpu_trainer_check exit $?"; grep -E "wall|max|PASS|FAIL|Error" "$OUT/gpu_trainer_check.txt" | tail -8
+
+echo "== 2b. determinism: compiled runs bitwise run to run and batched vs solo, MLP and transformer ($(left 100) s)"
+$T "$(left 100)" $PY benchmarks/gpu_trainer_check.py --determinism --steps 60 >> "$OUT/gpu_trainer_check.txt" 2>&1
+echo "determinism exit $?"; grep -E "determinism|PASS|FAIL|Error" "$OUT/gpu_trainer_check.txt" | tail -4
 
 echo "== 3. kernel tests on CUDA ($(left 60) s)"
 $T "$(left 60)" $PY -m pytest -q -rfE -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels_reference.py \
