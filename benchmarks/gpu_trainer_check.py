@@ -47,14 +47,15 @@ def run(kernels: str, steps: int, device: str, compile_step: str, **over):
 
 
 def determinism(steps: int, device: str) -> tuple[list[str], bool]:
-    """Compiled, kernels=triton: each model trained twice bit for bit alike, and a batch's model bit for
-    bit its solo run (`--seeds 1 --seed0 1 --tau 1.3`), for the MLP (clamped: the clamp kernel's sums) and a
-    small transformer (its lookups' sums: index_add_ in deterministic mode). On a CPU both hold
-    (tests/test_batch_independence.py); on CUDA they test that no sum is added in the order threads happen
-    to run, and that no reduction's order follows the number of models."""
+    """Compiled, kernels=triton: each model trained twice bit for bit alike (two runs in this one process, so
+    inductor's choices are shared), and a batch's model bit for bit its solo run (`--seeds 1 --seed0 1 --tau
+    1.3`), for a small transformer first (its lookups' sums: CUDA's atomic index_add_) and the MLP (clamped:
+    the clamp kernel's sums). On a CPU both hold (tests/test_batch_independence.py); on CUDA they show whether
+    any sum is added in the order threads happen to run, or in an order that follows the number of models
+    (cuBLAS's and inductor's choices included: docs/training.md, On a GPU)."""
     lines, ok = [], True
-    cases = {"mlp": {}, "transformer": dict(model="transformer", p=23, d_model=32, d_mlp=64, n_heads=2,
-                                            norm_targets=(20.0,))}
+    cases = {"transformer": dict(model="transformer", p=23, d_model=32, d_mlp=64, n_heads=2, norm_targets=(20.0,)),
+             "mlp": {}}
     for name, over in cases.items():
         a = run("triton", steps, device, "on", **over)
         b = run("triton", steps, device, "on", **over)

@@ -21,6 +21,7 @@ import time
 import torch
 
 import fastgrok.core.models as models
+import fastgrok.kernels.reference as reference
 from fastgrok.core.models import _row_product
 
 
@@ -44,12 +45,12 @@ def cost(repeats: int = 15) -> None:
     try:
         for i in range(2 * repeats + 2):
             name = "blocked" if i % 2 == 0 else "one block"
-            models.ROW_BLOCK = blocks if name == "blocked" else N
+            models.ROW_BLOCK = reference.ROW_BLOCK = blocks if name == "blocked" else N   # products and sums
             dt = step()
             if i >= 2:                                              # the first of each: warm-up
                 times[name].append(dt)
     finally:
-        models.ROW_BLOCK = blocks
+        models.ROW_BLOCK = reference.ROW_BLOCK = blocks
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     print(f"transformer forward + backward, p = 59, d_model 128, M = {M}, {N} rows, {torch.get_num_threads()} "
           f"thread(s): blocked {med['blocked'] * 1e3:.0f} ms, one block {med['one block'] * 1e3:.0f} ms, "

@@ -223,7 +223,7 @@ def loss_and_stats(logits, labels, tau, mask=None, backend: str = "auto", loss: 
     """`loss_and_grad` without the gradient, for evaluations: (loss (M,), CEStats). The Triton kernel then
     skips its gradient pass (no (M, N, V) buffer written); the reference computes and drops it (a compiled
     evaluation never materialises it). CEStats.row_loss gives the loss over any other rows (a test split)
-    from the same pass: (row_loss * rows).sum(1) / rows.sum(1)."""
+    from the same pass: row_sum(row_loss * rows) / rows.sum(1) (reference.row_sum: the same order for any M)."""
     check_ce_inputs(logits, labels, tau, mask, kind, kind_values=check_kind)
     _check_loss(loss, kind)
     if resolve_backend(backend, logits.device, logits.dtype) == "triton":

@@ -140,6 +140,8 @@ def clamp_flat_triton_(flat: torch.Tensor, bounds, target: torch.Tensor, active:
     blk = block or blk
     if blk & (blk - 1) or blk > 2**17:
         raise ValueError(f"block must be a power of two <= 2**17, got {blk}")
+    if block is not None and triton.cdiv(max(hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])), blk) > MAX_CHUNKS:
+        raise ValueError(f"block {blk}: a segment would be cut into more than MAX_CHUNKS ({MAX_CHUNKS}) chunks")
     tgt = target.to(torch.float32).contiguous()                        # (M, S)
     act = active.contiguous()
     norms = torch.zeros((M, S), dtype=torch.float32, device=dev)      # an empty segment's norm stays 0

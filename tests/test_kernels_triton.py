@@ -621,6 +621,8 @@ def test_clamp_a_long_segment_gets_a_larger_block(monkeypatch):
     assert (tuple([0, 1000]), 512, str(flat.device)) in nc_mod._LAYOUT_CACHE     # 1000 / 2 -> 512 columns a chunk
     torch.testing.assert_close(norms.cpu().double(), before.norm(dim=1, keepdim=True), rtol=1e-6, atol=0)
     torch.testing.assert_close(flat.cpu().double().norm(dim=1, keepdim=True), target.cpu().double(), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="MAX_CHUNKS"):                 # a block given that cuts finer: refused
+        nc_mod.clamp_flat_triton_(flat, [0, 1000], target, torch.tensor([True, True], device=DEV), block=256)
 
 
 def test_clamp_norm_list_dispatch():

@@ -171,21 +171,8 @@ def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def _index_add_rows(rows: torch.Tensor, index: torch.Tensor, n_out: int) -> torch.Tensor:
     """rows (N, H), index (N,) in [0, n_out) -> (n_out, H): out[i] sums the rows whose index is i, added in
-    row order (index_add_'s documented order; on a CPU each row's sum in index order, so deterministic).
-    On CUDA index_add_ adds atomically, in whatever order its threads run, except in PyTorch's
-    deterministic mode, where it sorts the index stably and adds each output row's inputs in order: that
-    mode is on for this one call (and restored after), so the sums are the same in every run and for a
-    model whatever its batch, as on a CPU. Never traced: eager code calls it, compiled code through
-    `index_add_rows`."""
-    out = rows.new_zeros(n_out, rows.shape[1])
-    if not rows.is_cuda:
-        return out.index_add_(0, index, rows)
-    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        return out.index_add_(0, index, rows)
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+    row order (index_add_'s documented order; on a CPU each row's sum in index order, so deterministic)."""
+    return rows.new_zeros(n_out, rows.shape[1]).index_add_(0, index, rows)
 
 
 @torch.library.custom_op("fastgrok::index_add_rows", mutates_args=())
@@ -194,8 +181,9 @@ def index_add_rows(rows: torch.Tensor, index: torch.Tensor, n_out: int) -> torch
     instead of lowering it (inductor's own scatter is ~2x slower on a CPU, and the gather-and-add form,
     `_segment_sum`, compiles ~4 s longer). Eager code calls `_index_add_rows` itself: a process's first call
     of a Python-defined operator costs ~1.1 s and ~140 MiB (the machinery it loads; paid anyway once
-    torch.compile has run). On CUDA `_index_add_rows` sorts first (deterministic mode); the MLP's compiled
-    CUDA step uses its planned gathers (`_segment_sum`) instead, the transformer's lookups this operator."""
+    torch.compile has run). On CUDA index_add_ adds atomically, in no fixed order: the MLP's compiled CUDA
+    step uses its planned gathers (`_segment_sum`) instead; the transformer's lookups still go through this
+    operator there (docs/training.md, On a GPU)."""
     return _index_add_rows(rows, index, n_out)
 
 
@@ -222,9 +210,7 @@ def _scatter_rows(grad_rows: torch.Tensor, idx: torch.Tensor, R: int, flat: torc
     H = 256); `flat` (`flat_row_index`, optional) its row index, built once."""
     M, N, H = grad_rows.shape
     if idx.dim() == 1:
-        if not grad_rows.is_cuda:
-            return grad_rows.new_zeros(M, R, H).index_add_(1, idx, grad_rows)
-        idx = idx.expand(M, -1)         # CUDA: the sorted adds of `_index_add_rows` (the same sums, in order)
+        return grad_rows.new_zeros(M, R, H).index_add_(1, idx, grad_rows)
     if flat is None:
         flat = flat_row_index(idx, R)
     add = index_add_rows if torch.compiler.is_compiling() else _index_add_rows

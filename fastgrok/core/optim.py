@@ -55,21 +55,23 @@ def _moments(grad, m, v, beta1, beta2):
 BIAS_TABLE_MAX = 1 << 19
 """The longest table of bias corrections `bias_correction_table` builds (~1 s on a CPU at this length): a beta
 above ~0.99993 needs more (0.9999: 173,251 values in float32, 374,282 in float64; the default 0.999: 17,322
-and 37,413, 0.06 and 0.12 s), and a batch with one keeps the power per step, whose bits can follow M."""
+and 37,413, 0.15 and 0.3 s), and a batch with one keeps the power per step for all its models, whose bits can
+then follow M."""
 _BIAS_TABLES: dict[tuple, torch.Tensor | None] = {}
 
 
 def bias_correction_table(betas: list[float], dtype: torch.dtype) -> torch.Tensor | None:
     """(len(betas), T) on the CPU, row i: 1 - beta_i^t at t = 0 .. T - 1 in dtype, each value exactly the one
-    `_adam_step`'s power gives a model alone: torch.pow over at most 7 elements at a time, which every
-    CPU vector width leaves to its scalar loop (std::pow). T: from t = T - 1 on, beta^t is below half an ulp
+    `_adam_step`'s power gives a model alone: torch.pow over at most 3 elements at a time, which every
+    CPU vector loop (it starts at twice its vector width: 4 doubles on 128-bit NEON, more elsewhere) leaves
+    to its scalar loop (std::pow). T: from t = T - 1 on, beta^t is below half an ulp
     of 1 and every value is exactly 1. None when a beta needs more than BIAS_TABLE_MAX.
 
     Why a table: torch.pow's vectorised loop (a long tensor, or any compiled one) and its scalar loop (a
     short one) round 1 - beta^t differently at some t (0.9: 28 of the first 20,000 steps; 0.999: 435),
-    so with the power taken per step a model's bits depended on the number of models beside it, eager
-    from M >= 16 or 32 (the vector width), compiled from M >= 2. A gather from the table is the same for
-    every M, on every device. Cached per (betas, dtype): do not write into the result."""
+    so with the power taken per step a model's bits depended on the number of models beside it: eager
+    from twice the vector width on (on AVX-512 M >= 32 in float32, M >= 16 in float64), compiled from M >= 2.
+    A gather from the table is the same for every M, on every device (on CUDA these are a CPU's values). Cached per (betas, dtype): do not write into the result."""
     key = (tuple(betas), dtype)
     if key not in _BIAS_TABLES:
         _BIAS_TABLES[key] = _bias_table(betas, dtype)
@@ -84,8 +86,8 @@ def _bias_table(betas, dtype):
         if n > BIAS_TABLE_MAX:
             return None
         b = torch.tensor([beta], dtype=torch.float64).to(dtype)
-        vals = torch.cat([1.0 - torch.pow(b.repeat(min(7, n - lo)), torch.arange(lo, min(lo + 7, n), dtype=torch.float64)
-                                          .to(dtype)) for lo in range(0, n, 7)])
+        vals = torch.cat([1.0 - torch.pow(b.repeat(min(3, n - lo)), torch.arange(lo, min(lo + 3, n), dtype=torch.float64)
+                                          .to(dtype)) for lo in range(0, n, 3)])
         below = torch.nonzero(vals != 1.0)
         last = int(below.max()) if len(below) else -1
         if last >= n - 8:                                                   # not yet settled at 1: refuse

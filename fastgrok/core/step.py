@@ -281,8 +281,8 @@ def evaluate_pass(model, cfg: TrainConfig, backend: str, state: dict, batch: Bat
 def ensure_plan(model, batch: Batch) -> Batch:
     """Attach the model's index plan for the batch's train rows (once; rebuilt if the rows are replaced).
 
-    The plan is the compiled step's (see models.MLP.plan); eager, the step forms its flat row indices each
-    step (a few (M, N) integer ops) for index_add_ (on CUDA in deterministic mode: `models._index_add_rows`)."""
+    The plan is the compiled step's (see models.MLP.plan); eager, the CPU step forms its flat row indices
+    each step (a few (M, N) integer ops) and the CUDA step adds atomically."""
     if not hasattr(model, "plan") or batch.mb_idx is not None:     # (minibatches: rows change every step)
         return batch
     plan = batch.plan
