@@ -64,14 +64,15 @@ def bias_correction_table(betas: list[float], dtype: torch.dtype) -> torch.Tenso
     """(len(betas), T) on the CPU, row i: 1 - beta_i^t at t = 0 .. T - 1 in dtype, each value exactly the one
     `_adam_step`'s power gives a model alone: torch.pow over at most 3 elements at a time, which every
     CPU vector loop (it starts at twice its vector width: 4 doubles on 128-bit NEON, more elsewhere) leaves
-    to its scalar loop (std::pow). T: from t = T - 1 on, beta^t is below half an ulp
-    of 1 and every value is exactly 1. None when a beta needs more than BIAS_TABLE_MAX.
+    to its scalar loop (std::pow). T: from t = T - 1 on, beta^t is below half an ulp of 1 and every value is
+    exactly 1. None when a beta needs more than BIAS_TABLE_MAX.
 
     Why a table: torch.pow's vectorised loop (a long tensor, or any compiled one) and its scalar loop (a
     short one) round 1 - beta^t differently at some t (0.9: 28 of the first 20,000 steps; 0.999: 435),
     so with the power taken per step a model's bits depended on the number of models beside it: eager
     from twice the vector width on (on AVX-512 M >= 32 in float32, M >= 16 in float64), compiled from M >= 2.
-    A gather from the table is the same for every M, on every device (on CUDA these are a CPU's values). Cached per (betas, dtype): do not write into the result."""
+    A gather from the table is the same for every M, on every device (on CUDA these are a CPU's values).
+    Cached per (betas, dtype): do not write into the result."""
     key = (tuple(betas), dtype)
     if key not in _BIAS_TABLES:
         _BIAS_TABLES[key] = _bias_table(betas, dtype)
