@@ -107,14 +107,15 @@ def _adam_step(flat, lr, m_new, v_new, t, beta1, beta2, eps, bias=None):
         table, rows = bias
         at = t.clamp(max=table.shape[1] - 1)[:, None].expand(-1, 2)    # (M, 2) each model's step
         bc = table[rows, at]                                            # (M, 2)
-        return flat - lr * (m_new / bc[:, :1]) / (torch.sqrt(v_new / bc[:, 1:]) + _col(eps, m_new))
-    tt = t.to(m_new.dtype)[:, None]                                 # (M, 1)
-    # (2, M, 1); the max over a size-1 axis changes nothing but makes torch.compile compute the two
-    # pows once per model instead of inlining them into every element's update (~2x the cost of the
-    # whole update on a CPU)
-    bc = torch.stack([1.0 - torch.pow(_col(beta1, m_new), tt),
-                      1.0 - torch.pow(_col(beta2, m_new), tt)]).amax(-1, keepdim=True)
-    bc1, bc2 = bc[0], bc[1]                                         # (M, 1) each
+        bc1, bc2 = bc[:, :1], bc[:, 1:]                                 # (M, 1) each
+    else:
+        tt = t.to(m_new.dtype)[:, None]                                 # (M, 1)
+        # (2, M, 1); the max over a size-1 axis changes nothing but makes torch.compile compute the two
+        # pows once per model instead of inlining them into every element's update (~2x the cost of the
+        # whole update on a CPU)
+        bc = torch.stack([1.0 - torch.pow(_col(beta1, m_new), tt),
+                          1.0 - torch.pow(_col(beta2, m_new), tt)]).amax(-1, keepdim=True)
+        bc1, bc2 = bc[0], bc[1]                                         # (M, 1) each
     return flat - lr * (m_new / bc1) / (torch.sqrt(v_new / bc2) + _col(eps, m_new))
 
 
