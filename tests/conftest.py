@@ -10,6 +10,30 @@ if not torch.cuda.is_available():
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (the README's command): two workers share the cores, so each runs its in-process models on
+    # one intra-op thread (the CLI tests' subprocesses already get OMP_NUM_THREADS=1: tests/cli_runner.py)
+    torch.set_num_threads(1)
+
+
+ONE_WORKER = {f"tests/{m}.py": "clusters" for m in ("test_grid", "test_slurm", "test_reliability_inputs")}
+"""Test modules that run on one worker under `pytest -n 2`: those that start a local Ray or SLURM cluster."""
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`pytest -n 2` (the README's command) sends each test module whole to one worker, so its module-scoped
+    fixtures (whole training runs) are built once, and the modules of ONE_WORKER together (one local Ray or
+    SLURM cluster at a time). xdist's loadgroup would do this with marks, but pytest 9.2 ignores the test ids
+    it rewrites."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return ONE_WORKER.get(path, path)
+    return ByModule(config, log)
+
 
 @pytest.fixture
 def one_thread():
