@@ -29,6 +29,7 @@ clamp_flat_reference_(flat, bounds, target, active) -> norms
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,20 +43,34 @@ ROW_BLOCK = 256
 """Rows per block of the sums over rows (`row_sum`; fastgrok.core.models' blocked products too)."""
 
 
+def operator_under_compile(name: str, fake):
+    """Decorator: fn runs as itself in eager code, and as the operator fastgrok::<name> (torch.library.custom_op,
+    `fake` its output's shape for tracing) under torch.compile, whose graph then calls fn's own eager kernels
+    instead of tracing and lowering them (each use says why it pays). An eager call skips the operator: a
+    process's first call of a Python-defined operator costs ~1.1 s and ~140 MiB (the machinery it loads,
+    paid anyway once torch.compile has run). fn must return a new tensor, not a view of an input; the
+    result's `.op` is the operator (for register_autograd)."""
+    def wrap(fn):
+        op = torch.library.custom_op(f"fastgrok::{name}", fn, mutates_args=())
+        op.register_fake(fake)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return op(*args) if torch.compiler.is_compiling() else fn(*args)
+        call.op = op
+        return call
+    return wrap
+
+
+@operator_under_compile("row_sum", lambda x: x.new_empty(x.shape[:1] + x.shape[2:]))
 def row_sum(x: torch.Tensor) -> torch.Tensor:
     """The sum over the rows, axis 1: (M, N, ...) -> (M, ...), in one order fixed by N alone: blocks of exactly
     ROW_BLOCK rows (the last padded with zero rows), each summed as a halving tree of elementwise adds, the
     block sums added in order. So a model's sum has the same bits whatever the number of models beside it
     (a reduction's order can follow M: torch.compile's kernels, a GPU's launch configuration) and whatever
-    zero rows follow its own (a padded model's), eager or compiled, on any device. Compiled code calls it
-    as an operator of its own (`fastgrok::row_sum`): traced, its unrolled adds cost ~4 s more compilation
-    of the p = 59 evaluation."""
-    if torch.compiler.is_compiling():
-        return torch.ops.fastgrok.row_sum(x)
-    return _row_sum(x)
-
-
-def _row_sum(x: torch.Tensor) -> torch.Tensor:
+    zero rows follow its own (a padded model's), eager or compiled, on any device. An operator under
+    compile (`operator_under_compile`): traced, its unrolled adds cost ~4 s more compilation of the p = 59
+    evaluation."""
     M, N = x.shape[:2]
     n_blocks = max(1, -(-N // ROW_BLOCK))
     pad = [0, 0] * (x.dim() - 2) + [0, n_blocks * ROW_BLOCK - N]
@@ -64,20 +79,10 @@ def _row_sum(x: torch.Tensor) -> torch.Tensor:
     while w > 1:
         w //= 2
         x = x[:, :, :w] + x[:, :, w:2 * w]
-    out = x[:, 0, 0]
+    out = x[:, 0, 0].clone()                    # a tensor of its own (an operator's output may not be a view)
     for j in range(1, n_blocks):
         out = out + x[:, j, 0]
     return out
-
-
-@torch.library.custom_op("fastgrok::row_sum", mutates_args=())
-def _row_sum_op(x: torch.Tensor) -> torch.Tensor:
-    return _row_sum(x).clone()
-
-
-@_row_sum_op.register_fake
-def _(x):
-    return x.new_empty(x.shape[:1] + x.shape[2:])
 
 
 def _row_sum_backward(ctx, g):
@@ -88,7 +93,7 @@ def _row_sum_setup(ctx, inputs, output):
     ctx.shape = inputs[0].shape
 
 
-_row_sum_op.register_autograd(_row_sum_backward, setup_context=_row_sum_setup)
+row_sum.op.register_autograd(_row_sum_backward, setup_context=_row_sum_setup)
 
 
 def _labels_2d(labels: torch.Tensor, M: int, N: int) -> torch.Tensor:

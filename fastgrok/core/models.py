@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgrok.config import TrainConfig
-from fastgrok.kernels.reference import ROW_BLOCK, row_sum
+from fastgrok.kernels.reference import ROW_BLOCK, operator_under_compile, row_sum
 
 
 @dataclass(frozen=True)
@@ -169,27 +169,16 @@ def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(table, 1, idx[..., None].expand(-1, -1, table.shape[-1]))
 
 
-def _index_add_rows(rows: torch.Tensor, index: torch.Tensor, n_out: int) -> torch.Tensor:
-    """rows (N, H), index (N,) in [0, n_out) -> (n_out, H): out[i] sums the rows whose index is i, added in
-    row order (index_add_'s documented order; on a CPU each row's sum in index order, so deterministic)."""
-    return rows.new_zeros(n_out, rows.shape[1]).index_add_(0, index, rows)
-
-
-@torch.library.custom_op("fastgrok::index_add_rows", mutates_args=())
+@operator_under_compile("index_add_rows", lambda rows, index, n_out: rows.new_empty(n_out, rows.shape[1]))
 def index_add_rows(rows: torch.Tensor, index: torch.Tensor, n_out: int) -> torch.Tensor:
-    """`_index_add_rows` as an operator of its own, for torch.compile: the compiled graph calls ATen's kernel
-    instead of lowering it (inductor's own scatter is ~2x slower on a CPU, and the gather-and-add form,
-    `_segment_sum`, compiles ~4 s longer). Eager code calls `_index_add_rows` itself: a process's first call
-    of a Python-defined operator costs ~1.1 s and ~140 MiB (the machinery it loads; paid anyway once
-    torch.compile has run). On CUDA index_add_ adds atomically, in no fixed order: the MLP's compiled CUDA
+    """rows (N, H), index (N,) in [0, n_out) -> (n_out, H): out[i] sums the rows whose index is i, added in
+    row order (index_add_'s documented order; on a CPU each row's sum in index order, so deterministic).
+    An operator under compile (`operator_under_compile`): the compiled graph calls ATen's kernel instead of
+    lowering it (inductor's own scatter is ~2x slower on a CPU, and the gather-and-add form, `_segment_sum`,
+    compiles ~4 s longer). On CUDA index_add_ adds atomically, in no fixed order: the MLP's compiled CUDA
     step uses its planned gathers (`_segment_sum`) instead; the transformer's lookups still go through this
     operator there (docs/training.md, On a GPU)."""
-    return _index_add_rows(rows, index, n_out)
-
-
-@index_add_rows.register_fake
-def _(rows, index, n_out):
-    return rows.new_empty(n_out, rows.shape[1])
+    return rows.new_zeros(n_out, rows.shape[1]).index_add_(0, index, rows)
 
 
 def flat_row_index(idx: torch.Tensor, R: int, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -213,8 +202,7 @@ def _scatter_rows(grad_rows: torch.Tensor, idx: torch.Tensor, R: int, flat: torc
         return grad_rows.new_zeros(M, R, H).index_add_(1, idx, grad_rows)
     if flat is None:
         flat = flat_row_index(idx, R)
-    add = index_add_rows if torch.compiler.is_compiling() else _index_add_rows
-    out = add(grad_rows.reshape(M * N, H), flat, M * R + 1)                # + the left-out rows' row
+    out = index_add_rows(grad_rows.reshape(M * N, H), flat, M * R + 1)     # + the left-out rows' row
     return out[:M * R].view(M, R, H)
 
 
