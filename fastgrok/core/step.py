@@ -22,7 +22,7 @@ import ctypes
 import functools
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,15 +47,26 @@ def eval_metrics(model, cfg: TrainConfig) -> tuple[str, ...]:
     return EVAL_METRICS + metric_names(model, cfg.restricted_loss)
 
 
+def _without_model_axis(ndim: int, **kw):
+    """A Batch field with no model axis when it has ndim dimensions: shared by every model, kept whole by
+    train.state.select_batch (every other tensor field is selected along its first axis, the model axis)."""
+    return field(metadata={"no_model_axis_ndim": ndim}, **kw)
+
+
+def has_model_axis(f, value: torch.Tensor) -> bool:
+    """Whether Batch field f (a dataclasses.Field), holding value, has the leading model axis."""
+    return value.dim() != f.metadata.get("no_model_axis_ndim")
+
+
 @dataclass
 class Batch:
     """Everything per-model the step reads, on the device."""
     train_a: torch.Tensor   # (M, n_train)
     train_b: torch.Tensor
     train_y: torch.Tensor
-    a: torch.Tensor         # (N,) all pairs
-    b: torch.Tensor
-    y: torch.Tensor         # (N,), or (M, N) when the models' ops differ
+    a: torch.Tensor = _without_model_axis(1)    # (N,) all pairs
+    b: torch.Tensor = _without_model_axis(1)
+    y: torch.Tensor = _without_model_axis(1)    # (N,), or (M, N) when the models' ops differ
     train_mask: torch.Tensor  # (M, N) bool
     test_mask: torch.Tensor   # (M, N) bool
     tau: torch.Tensor       # (M,)
@@ -84,7 +95,8 @@ class Batch:
     train_weight: torch.Tensor | None = None  # (M, n_train) bool, False on padding; None = no padding
     valid: torch.Tensor | None = None         # (M, N) bool, the pairs of each model's task; None = all
     plan: dict | None = None  # the model's index plan for the train rows (`ensure_plan`), else None
-    bias_table: torch.Tensor | None = None    # (R, T) Adam's bias corrections (optim.bias_correction_table),
+    # (R, T) Adam's bias corrections, a row per distinct beta (optim.bias_correction_table), shared by the models
+    bias_table: torch.Tensor | None = _without_model_axis(2, default=None)
     bias_rows: torch.Tensor | None = None     # (M, 2) int64 each model's rows for its beta1, beta2; None: powers
 
 

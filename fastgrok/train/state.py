@@ -19,7 +19,7 @@ from fastgrok.config import OPTIMIZERS, PER_MODEL, SPLIT_SEED_OFFSET, ConfigErro
 from fastgrok.core.data import PAD_ROWS, Task, make_task
 from fastgrok.core.models import build_model
 from fastgrok.core.optim import bias_correction_table
-from fastgrok.core.step import Batch, eval_metrics, optimizer_groups, strict_float32
+from fastgrok.core.step import Batch, eval_metrics, has_model_axis, optimizer_groups, strict_float32
 from fastgrok.train.memory import check_fits
 from fastgrok.train.minibatches import Minibatches
 
@@ -212,19 +212,13 @@ def build_state(cfg: TrainConfig, table: list[dict] | None = None) -> TrainState
                       records=records, rows=np.arange(M), capture_shares=capture, minibatches=minibatches)
 
 
-_SHARED = ("a", "b", "y")
-"""Batch fields without a model axis (y has one when the models' ops differ)."""
-
-
 def select_batch(batch: Batch, idx: torch.Tensor) -> Batch:
     """The batch restricted to rows idx of the model axis (derived non-tensor fields are reset)."""
     kw = {}
     for f in dataclasses.fields(batch):
         v = getattr(batch, f.name)
-        if (f.name in _SHARED and v.dim() == 1) or f.name == "bias_table":
-            kw[f.name] = v
-        elif isinstance(v, torch.Tensor):
-            kw[f.name] = v.index_select(0, idx)
+        if isinstance(v, torch.Tensor):
+            kw[f.name] = v.index_select(0, idx) if has_model_axis(f, v) else v
         else:
             kw[f.name] = None
     if kw["optimizer"] is not None:             # each optimizer's models among the rows kept
