@@ -21,8 +21,12 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-@pytest.mark.parametrize("model,p,m1,m2,restricted", [("mlp", 97, 2, 10, False), ("mlp", 97, 2, 10, True),
-                                                      ("transformer", 43, 1, 3, False)])
+# M far apart (the MLP 2 and 18, was 10; the transformer 1 and 11, was 3): the peak at one M varies by up to
+# ~60 MiB from run to run (glibc's reuse of freed blocks), which over 8 and 2 models moved the slope enough
+# to fail the 3x bound now and then (the MLP 3.19x once, in CI; 2.0-2.6x in three reruns; the transformer
+# 2.2-2.7x and one failure in ten runs); over 16 and 10 models: 1.76-2.03x and 2.05-2.58x in four runs each
+@pytest.mark.parametrize("model,p,m1,m2,restricted", [("mlp", 97, 2, 18, False), ("mlp", 97, 2, 18, True),
+                                                      ("transformer", 43, 1, 11, False)])
 def test_estimate_bounds_the_measured_peak(model, p, m1, m2, restricted):
     """Sizes where the data, not the fixed cost, dominates; the per-model term must bound the measured
     cost of one more model (the slope between two batch sizes), and the total the whole peak; with the
